@@ -1,0 +1,49 @@
+"""Billing-cycle arithmetic: calendar months from the tenant's anchor, in UTC.
+
+Cycle k starts at the anchor moved k calendar months, with the day clamped to
+that month's length against the anchor's own day (SG-7): an anchor on Jan 31
+gives Feb 28 (Feb 29 in a leap year), then Mar 31. Cycles are half-open
+[start, end).
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import datetime
+
+from .clock import from_us, to_us
+
+
+@dataclass(frozen=True, slots=True)
+class Cycle:
+    start_us: int
+    end_us: int
+
+    def contains(self, instant_us: int) -> bool:
+        return self.start_us <= instant_us < self.end_us
+
+
+def _shift(anchor: datetime, months: int) -> datetime:
+    index = anchor.year * 12 + (anchor.month - 1) + months
+    year, month = divmod(index, 12)
+    month += 1
+    day = min(anchor.day, calendar.monthrange(year, month)[1])
+    return anchor.replace(year=year, month=month, day=day)
+
+
+def cycle_start(anchor_us: int, months: int) -> int:
+    """The start of the cycle `months` cycles after the one starting at the anchor."""
+    return to_us(_shift(from_us(anchor_us), months))
+
+
+def cycle_at(anchor_us: int, instant_us: int) -> Cycle:
+    """The cycle that contains `instant_us` (cycles extend before the anchor too)."""
+    anchor = from_us(anchor_us)
+    instant = from_us(instant_us)
+    k = (instant.year - anchor.year) * 12 + (instant.month - anchor.month)
+    while cycle_start(anchor_us, k) > instant_us:
+        k -= 1
+    while cycle_start(anchor_us, k + 1) <= instant_us:
+        k += 1
+    return Cycle(cycle_start(anchor_us, k), cycle_start(anchor_us, k + 1))

@@ -1,0 +1,122 @@
+"""The per-cycle dedupe filter: which contacts are certainly not active yet.
+
+One scalable bloom filter (rbloom layers, each twice the last and with half its
+false-positive rate) per tenant and cycle. It only speeds things up: "certainly
+new" skips a ledger look-up, "maybe active" is always confirmed in the ledger,
+so a false positive costs one look-up and never miscounts.
+
+A filter exists for a tenant and cycle only once it has been loaded from the
+ledger's rows for that cycle; until then every contact is "maybe active". The
+owner (the ledger's writer) is the only thread that touches it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rbloom import Bloom
+
+MIN_CAPACITY = 1024
+
+
+@dataclass(slots=True)
+class _Layer:
+    bloom: Bloom
+    capacity: int
+    items: int = 0
+
+
+@dataclass(slots=True)
+class CycleFilter:
+    """A scalable bloom filter of the contacts active in one tenant's cycle."""
+
+    fp_rate: float
+    layers: list[_Layer] = field(default_factory=list)
+
+    @classmethod
+    def sized(cls, capacity: int, fp_rate: float) -> CycleFilter:
+        f = cls(fp_rate)
+        f._grow(max(capacity, MIN_CAPACITY))
+        return f
+
+    def _grow(self, capacity: int) -> None:
+        rate = self.fp_rate / (2 ** len(self.layers))
+        self.layers.append(_Layer(Bloom(capacity, rate), capacity))
+
+    def add(self, contact_id: str) -> None:
+        layer = self.layers[-1]
+        if layer.items >= layer.capacity:
+            self._grow(layer.capacity * 2)
+            layer = self.layers[-1]
+        layer.bloom.add(contact_id)
+        layer.items += 1
+
+    def __contains__(self, contact_id: str) -> bool:
+        return any(contact_id in layer.bloom for layer in self.layers)
+
+    @property
+    def items(self) -> int:
+        return sum(layer.items for layer in self.layers)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(layer.bloom.size_in_bits // 8 for layer in self.layers)
+
+
+@dataclass(slots=True)
+class FilterStats:
+    lookups: int = 0
+    certainly_new: int = 0
+    confirmed_false_positives: int = 0
+
+
+class DedupeFilters:
+    """The filters of the most recent cycles of every tenant, least recently used evicted."""
+
+    def __init__(self, fp_rate: float = 0.001, max_filters: int = 100_000) -> None:
+        if not 0 < fp_rate < 1:
+            raise ValueError("fp_rate must be between 0 and 1")
+        self.fp_rate = fp_rate
+        self.max_filters = max_filters
+        self._filters: OrderedDict[tuple[str, int], CycleFilter] = OrderedDict()
+        self.stats = FilterStats()
+
+    def get(self, tenant_id: str, cycle_start_us: int) -> CycleFilter | None:
+        key = (tenant_id, cycle_start_us)
+        f = self._filters.get(key)
+        if f is not None:
+            self._filters.move_to_end(key)
+        return f
+
+    def load(self, tenant_id: str, cycle_start_us: int, contact_ids: Iterable[str], capacity: int) -> CycleFilter:
+        """Installs a filter holding exactly the given (ledger-confirmed) contacts."""
+        ids = contact_ids if isinstance(contact_ids, list) else list(contact_ids)
+        f = CycleFilter.sized(max(capacity, len(ids) * 5 // 4), self.fp_rate)
+        for contact_id in ids:
+            f.add(contact_id)
+        self._filters[(tenant_id, cycle_start_us)] = f
+        self._filters.move_to_end((tenant_id, cycle_start_us))
+        while len(self._filters) > self.max_filters:
+            self._filters.popitem(last=False)
+        return f
+
+    def forget(self, tenant_id: str | None = None) -> None:
+        """Drops filters (one tenant's, or all) so they are reloaded from the ledger."""
+        if tenant_id is None:
+            self._filters.clear()
+            return
+        for key in [k for k in self._filters if k[0] == tenant_id]:
+            del self._filters[key]
+
+    def __len__(self) -> int:
+        return len(self._filters)
+
+    @property
+    def items(self) -> int:
+        return sum(f.items for f in list(self._filters.values()))
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in list(self._filters.values()))

@@ -1,0 +1,681 @@
+"""The decision engine: plain values in, decisions and figures out.
+
+It imports nothing from grpc and reads time only from the injected clock.
+Every decision that counts runs inside one ledger transaction (`Ledger.transact`),
+so the decision and its counting are atomic and durable before the caller
+hears the answer; dry runs read committed state through an in-memory overlay
+that keeps what they would have written and throws it away.
+
+Metering, enforcement and message kinds are dispatched through small methods
+(`_decide_send`, `_limited`, `usage_of`) so the other meterings and policies
+of the contract slot in beside CYCLE_ACTIVE.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from decimal import Decimal, InvalidOperation
+
+from .clock import MICROS, Clock
+from .cycles import Cycle, cycle_at
+from .errors import InvalidArgument, NotFound, NotImplementedYet
+from .ledger import Ledger, LedgerReader, LedgerTx
+from .model import (
+    DEFAULT_MAX_QUEUE_US,
+    Activation,
+    ActivityKind,
+    ActivityOutcome,
+    AuditEntry,
+    BatchOutcome,
+    BillingInterval,
+    Channel,
+    ContactRecord,
+    ContactSource,
+    ContactState,
+    Counters,
+    Decision,
+    Enforcement,
+    MessageKind,
+    Metering,
+    OverlayState,
+    Plan,
+    Reason,
+    SendDecision,
+    SendOutcome,
+    SourcePolicy,
+    StoredPlan,
+    StoredResult,
+    Usage,
+    UsageState,
+    money,
+)
+
+MAX_ID_BYTES = 256
+MAX_BATCH = 10_000
+MAX_ACTIVITY_CONTACTS = 100_000
+MAX_PAGE_SIZE = 1_000
+DEFAULT_PAGE_SIZE = 100
+FUTURE_SKEW_US = 5 * 60 * MICROS
+DEFER_POLL_US = 5 * 60 * MICROS
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    tenant_id: str
+    contact_id: str
+    channel: Channel | None
+    kind: MessageKind | None
+    queued_since_us: int | None = None
+    dry_run: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    tenant_id: str
+    channel: Channel | None
+    kind: MessageKind | None
+    contact_ids: Sequence[str]
+    dry_run: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityRequest:
+    tenant_id: str
+    kind: ActivityKind | None
+    contact_ids: Sequence[str]
+    occurred_at_us: int | None = None
+    marketing: bool = False
+    source_type: str = ""
+    source_id: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInput:
+    """A plan as a caller gave it: None where a field was left unset."""
+
+    metering: Metering | None = None
+    enforcement: Enforcement | None = None
+    contact_limit: int = 0
+    plan_name: str = ""
+    addon_contacts: int = 0
+    grace_percent: int = 0
+    sends_limit: int = 0
+    sends_per_contact: int = 0
+    overage_unit_price: str = ""
+    currency: str = ""
+    cycle_anchor_us: int | None = None
+    billing_interval: BillingInterval | None = None
+    counted_kinds: Sequence[MessageKind] = ()
+    counted_activities: Sequence[ActivityKind] = ()
+    source_rules: Sequence[tuple[ContactSource, SourcePolicy]] = ()
+    max_queue_us: int | None = None
+    notify_thresholds: Sequence[float] = ()
+    renotify_interval_us: int | None = None
+    preset: str = ""
+
+
+def check_id(field: str, value: str, *, required: bool = True) -> None:
+    """Ids are opaque non-empty strings of at most 256 UTF-8 bytes, without NUL."""
+    if not value:
+        if required:
+            raise InvalidArgument(field, "must not be empty")
+        return
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise InvalidArgument(field, f"must be at most {MAX_ID_BYTES} bytes")
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain NUL")
+
+
+def _check_ids(field: str, ids: Sequence[str], maximum: int) -> None:
+    if not ids:
+        raise InvalidArgument(field, "must list at least one contact")
+    if len(ids) > maximum:
+        raise InvalidArgument(field, f"lists {len(ids)} contacts; at most {maximum:,} per call")
+    for i, contact_id in enumerate(ids):
+        check_id(f"{field}[{i}]", contact_id)
+
+
+def _required(field: str, value: object) -> None:
+    if value is None:
+        raise InvalidArgument(field, "is required")
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def validate_plan(tenant_id: str, given: PlanInput) -> None:
+    """Rejects a plan that is negative, contradictory or not implemented, naming the field."""
+    check_id("tenant_id", tenant_id)
+    if given.preset:
+        raise NotImplementedYet("plan.preset: presets are not available in this version")
+    _required("plan.metering", given.metering)
+    _required("plan.enforcement", given.enforcement)
+    if given.metering is Metering.HELD_CONTACTS:
+        raise NotImplementedYet("plan.metering: HELD_CONTACTS metering is not available in this version")
+    if len(given.plan_name.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument("plan.plan_name", f"must be at most {MAX_ID_BYTES} bytes")
+    for field in ("contact_limit", "addon_contacts", "sends_limit"):
+        if getattr(given, field) < 0:
+            raise InvalidArgument(f"plan.{field}", "must not be negative")
+    if given.contact_limit + given.addon_contacts <= 0:
+        raise InvalidArgument("plan.contact_limit", "the limit (contact_limit + addon_contacts) must be positive")
+    if given.grace_percent > 100:
+        raise InvalidArgument("plan.grace_percent", "must be at most 100")
+    if given.sends_limit and given.sends_per_contact:
+        raise InvalidArgument("plan.sends_per_contact", "give either sends_limit or sends_per_contact, not both")
+    if given.overage_unit_price:
+        try:
+            price = Decimal(given.overage_unit_price)
+        except InvalidOperation:
+            raise InvalidArgument("plan.overage_unit_price", "must be a decimal number such as 0.25") from None
+        if not price.is_finite() or price < 0:
+            raise InvalidArgument("plan.overage_unit_price", "must be a non-negative decimal")
+        if not given.currency:
+            raise InvalidArgument("plan.currency", "is required with overage_unit_price")
+    if given.currency and not (len(given.currency) == 3 and given.currency.isascii() and given.currency.isupper()):
+        raise InvalidArgument("plan.currency", "must be an ISO 4217 code such as EUR")
+    if given.metering is Metering.CYCLE_ACTIVE and not given.counted_kinds and not given.counted_activities:
+        raise InvalidArgument(
+            "plan.counted_kinds", "a CYCLE_ACTIVE plan must count at least one message kind or activity"
+        )
+    for name in ("max_queue_us", "renotify_interval_us"):
+        value = getattr(given, name)
+        if value is not None and value < 0:
+            raise InvalidArgument(f"plan.{name.removesuffix('_us')}", "must not be negative")
+    for t in given.notify_thresholds:
+        if not (0 < t <= 100):
+            raise InvalidArgument("plan.notify_thresholds", "each threshold must be a ratio above 0, e.g. 0.8")
+    sources = [s for s, _ in given.source_rules]
+    if len(sources) != len(set(sources)):
+        raise InvalidArgument("plan.source_rules", "names a source more than once")
+
+
+def state_of(plan: Plan, count: int, sends: int) -> UsageState:
+    limit, ceiling, sends_limit = plan.limit, plan.ceiling, plan.effective_sends_limit
+    if sends_limit and sends >= sends_limit:
+        return UsageState.BLOCKED
+    if ceiling is not None:
+        if plan.metering is Metering.CYCLE_ACTIVE and plan.enforcement is Enforcement.GRACE and count >= ceiling:
+            return UsageState.BLOCKED
+        if plan.metering is Metering.HELD_CONTACTS and count > ceiling:
+            return UsageState.BLOCKED
+    if plan.enforcement is Enforcement.OVERAGE and count > limit:
+        return UsageState.IN_OVERAGE
+    if plan.enforcement is Enforcement.GRACE and count > limit:
+        return UsageState.IN_GRACE
+    if count >= limit:
+        return UsageState.AT_LIMIT
+    if plan.notify_thresholds and count >= min(plan.notify_thresholds) * limit:
+        return UsageState.WARNING
+    return UsageState.OK
+
+
+def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, counters: Counters) -> Usage:
+    count = counters.active_contacts
+    limit = plan.limit
+    over = max(0, count - limit)
+    amount = Decimal(plan.overage_unit_price or "0") * over
+    return Usage(
+        tenant_id=tenant_id,
+        cycle_start_us=cycle.start_us,
+        cycle_end_us=cycle.end_us,
+        active_contacts=count,
+        contact_limit=limit,
+        usage_ratio=count / limit if limit else 0.0,
+        sends=counters.sends,
+        sends_limit=plan.effective_sends_limit,
+        state=state_of(plan, count, counters.sends),
+        overage_contacts=over,
+        overage_amount=money(amount),
+        currency=plan.currency,
+        plan_name=plan.plan_name,
+    )
+
+
+class _Overlay:
+    """A dry run's view: committed state plus what the run would have written."""
+
+    def __init__(self, base: LedgerReader) -> None:
+        self.base = base
+        self.state = OverlayState()
+
+    def plan(self, tenant_id: str) -> StoredPlan | None:
+        return self.base.plan(tenant_id)
+
+    def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
+        return None
+
+    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
+        found = self.state.counters.get((tenant_id, cycle_start_us))
+        return found if found is not None else self.base.counters(tenant_id, cycle_start_us)
+
+    def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
+        found = self.state.activations.get((tenant_id, cycle_start_us, contact_id))
+        return found if found is not None else self.base.activation(tenant_id, cycle_start_us, contact_id)
+
+    def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
+        return self.base.contact(tenant_id, contact_id)
+
+    def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
+        for a in activations:
+            self.state.activations[(tenant_id, cycle_start_us, a.contact_id)] = a
+        c = self.counters(tenant_id, cycle_start_us)
+        self.state.counters[(tenant_id, cycle_start_us)] = Counters(
+            c.active_contacts + len(activations), c.sends + sum(a.sends for a in activations)
+        )
+
+    def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
+        c = self.counters(tenant_id, cycle_start_us)
+        self.state.counters[(tenant_id, cycle_start_us)] = Counters(c.active_contacts, c.sends + sends)
+
+    def audit(self, entries: object) -> None:
+        return None
+
+
+def _decision_json(d: SendDecision) -> list[object]:
+    return [d.decision.value, d.reason.value, d.newly_active, d.retry_after_us]
+
+
+def _decision_from(raw: list) -> SendDecision:
+    return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
+
+
+def _usage_json(u: Usage) -> dict:
+    return asdict(u)
+
+
+def _usage_from(raw: dict) -> Usage:
+    return Usage(**{**raw, "state": UsageState(raw["state"])})
+
+
+class Engine:
+    """Decides and counts. One per process; thread-safe."""
+
+    def __init__(self, ledger: Ledger, clock: Clock) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self._plans: dict[str, tuple[str, Plan]] = {}
+
+    def _plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
+        stored = reader.plan(tenant_id)
+        if stored is None:
+            raise NotFound(f"tenant {tenant_id!r} has no plan")
+        cached = self._plans.get(tenant_id)
+        if cached is not None and cached[0] == stored.plan_json:
+            return cached[1]
+        plan = Plan.from_json(stored.plan_json)
+        self._plans[tenant_id] = (stored.plan_json, plan)
+        return plan
+
+    def _once(
+        self,
+        tx: LedgerTx,
+        tenant_id: str,
+        rpc: str,
+        request_id: str,
+        fingerprint: str,
+        decide: Callable[[], tuple[object, int]],
+        encode: Callable[[object], object],
+        decode: Callable[[object], object],
+    ) -> object:
+        """Runs `decide` once per request_id: a retry returns the first answer, counting nothing."""
+        if request_id:
+            stored = tx.stored_result(tenant_id, rpc, request_id)
+            if stored is not None:
+                if stored.fingerprint != fingerprint:
+                    raise InvalidArgument("request_id", f"was already used for a different {rpc} request")
+                return decode(json.loads(stored.response_json))
+        outcome, cycle_start_us = decide()
+        if request_id:
+            result = StoredResult(fingerprint, json.dumps(encode(outcome), separators=(",", ":")))
+            tx.store_result(tenant_id, rpc, request_id, cycle_start_us, result, self.clock.now_us())
+        return outcome
+
+    # -- the data plane -------------------------------------------------------------------
+
+    def check_send(self, req: SendRequest) -> SendOutcome:
+        check_id("tenant_id", req.tenant_id)
+        check_id("contact_id", req.contact_id)
+        _required("channel", req.channel)
+        _required("kind", req.kind)
+        check_id("request_id", req.request_id, required=False)
+
+        def decide(view: LedgerTx) -> tuple[SendOutcome, int]:
+            now = self.clock.now_us()
+            plan = self._plan(view, req.tenant_id)
+            cycle = cycle_at(plan.cycle_anchor_us, now)
+            audit: list[AuditEntry] = []
+            decision = self._decide_send(
+                view, plan, req.tenant_id, cycle, req.contact_id, req.kind, req.queued_since_us, now, audit,
+                "CheckSend", req.request_id,
+            )
+            view.audit(audit)
+            usage = usage_of(req.tenant_id, plan, cycle, view.counters(req.tenant_id, cycle.start_us))
+            return SendOutcome(decision, usage), cycle.start_us
+
+        if req.dry_run:
+            return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
+        fingerprint = _fingerprint(req.contact_id, req.channel, req.kind, req.queued_since_us)
+
+        def unit(tx: LedgerTx) -> SendOutcome:
+            return self._once(  # type: ignore[return-value]
+                tx, req.tenant_id, "CheckSend", req.request_id, fingerprint, lambda: decide(tx),
+                lambda o: {"d": _decision_json(o.decision), "u": _usage_json(o.usage)},
+                lambda raw: SendOutcome(_decision_from(raw["d"]), _usage_from(raw["u"])),
+            )
+
+        return self.ledger.transact(unit)
+
+    def check_send_batch(self, req: BatchRequest) -> BatchOutcome:
+        check_id("tenant_id", req.tenant_id)
+        _required("channel", req.channel)
+        _required("kind", req.kind)
+        _check_ids("contact_ids", req.contact_ids, MAX_BATCH)
+        check_id("request_id", req.request_id, required=False)
+
+        def decide(view: LedgerTx) -> tuple[BatchOutcome, int]:
+            now = self.clock.now_us()
+            plan = self._plan(view, req.tenant_id)
+            cycle = cycle_at(plan.cycle_anchor_us, now)
+            audit: list[AuditEntry] = []
+            first: dict[str, SendDecision] = {}
+            results: list[tuple[str, SendDecision]] = []
+            for contact_id in req.contact_ids:
+                earlier = first.get(contact_id)
+                if earlier is not None:
+                    results.append((contact_id, replace(earlier, newly_active=False)))
+                    continue
+                d = self._decide_send(
+                    view, plan, req.tenant_id, cycle, contact_id, req.kind, None, now, audit,
+                    "CheckSendBatch", req.request_id,
+                )
+                first[contact_id] = d
+                results.append((contact_id, d))
+            view.audit(audit)
+            allowed = sum(1 for _, d in results if d.decision is Decision.ALLOW)
+            outcome = BatchOutcome(
+                results=tuple(results),
+                allowed=allowed,
+                denied=len(results) - allowed,
+                newly_active=sum(1 for _, d in results if d.newly_active),
+                usage=usage_of(req.tenant_id, plan, cycle, view.counters(req.tenant_id, cycle.start_us)),
+            )
+            return outcome, cycle.start_us
+
+        if req.dry_run:
+            return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
+        fingerprint = _fingerprint(list(req.contact_ids), req.channel, req.kind)
+
+        def unit(tx: LedgerTx) -> BatchOutcome:
+            return self._once(  # type: ignore[return-value]
+                tx, req.tenant_id, "CheckSendBatch", req.request_id, fingerprint, lambda: decide(tx),
+                lambda o: {
+                    "r": [[c, *_decision_json(d)] for c, d in o.results],
+                    "a": o.allowed, "d": o.denied, "n": o.newly_active, "u": _usage_json(o.usage),
+                },
+                lambda raw: BatchOutcome(
+                    tuple((r[0], _decision_from(r[1:])) for r in raw["r"]),
+                    raw["a"], raw["d"], raw["n"], _usage_from(raw["u"]),
+                ),
+            )
+
+        return self.ledger.transact(unit)
+
+    def _decide_send(
+        self,
+        view: LedgerTx,
+        plan: Plan,
+        tenant_id: str,
+        cycle: Cycle,
+        contact_id: str,
+        kind: MessageKind,
+        queued_since_us: int | None,
+        now: int,
+        audit: list[AuditEntry],
+        rpc: str,
+        request_id: str,
+    ) -> SendDecision:
+        if plan.metering is not Metering.CYCLE_ACTIVE:
+            raise NotImplementedYet(f"{plan.metering.name} metering is not available in this version")
+        if not plan.counts_kind(kind):
+            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED)
+        counters = view.counters(tenant_id, cycle.start_us)
+        sends_limit = plan.effective_sends_limit
+        sends_left = not sends_limit or counters.sends < sends_limit
+        if view.activation(tenant_id, cycle.start_us, contact_id) is not None:
+            if not sends_left:
+                return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle)
+            view.add_sends(tenant_id, cycle.start_us, contact_id, 1)
+            audit.append(
+                AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", "ALREADY_ACTIVE",
+                           sends_delta=1, request_id=request_id)
+            )
+            return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE)
+        ceiling = plan.ceiling
+        if ceiling is not None and counters.active_contacts >= ceiling:
+            reason = Reason.OVER_GRACE if plan.enforcement is Enforcement.GRACE else Reason.CONTACT_LIMIT_REACHED
+            return self._limited(plan, kind, reason, queued_since_us, now, cycle)
+        if not sends_left:
+            return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle)
+        view.activate(tenant_id, cycle.start_us, [Activation(contact_id, now, kind.name, 1)])
+        overage = plan.enforcement is Enforcement.OVERAGE and counters.active_contacts + 1 > plan.limit
+        reason = Reason.OVERAGE if overage else Reason.NEW_CONTACT_COUNTED
+        audit.append(
+            AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", reason.name,
+                       active_delta=1, sends_delta=1, request_id=request_id)
+        )
+        return SendDecision(Decision.ALLOW, reason, newly_active=True)
+
+    @staticmethod
+    def _limited(
+        plan: Plan, kind: MessageKind, reason: Reason, queued_since_us: int | None, now: int, cycle: Cycle
+    ) -> SendDecision:
+        """A limit says no: DENY, or for automation e-mails DEFER until max_queue, then EXPIRED (AC-9)."""
+        if kind is not MessageKind.AUTOMATION:
+            return SendDecision(Decision.DENY, reason)
+        waited = now - (queued_since_us if queued_since_us is not None else now)
+        if waited >= plan.max_queue_us:
+            return SendDecision(Decision.EXPIRED, Reason.QUEUED_TOO_LONG)
+        retry = min(cycle.end_us - now, plan.max_queue_us - waited, DEFER_POLL_US)
+        return SendDecision(Decision.DEFER, reason, retry_after_us=max(retry, MICROS))
+
+    def record_activity(self, req: ActivityRequest) -> ActivityOutcome:
+        check_id("tenant_id", req.tenant_id)
+        _required("kind", req.kind)
+        _check_ids("contact_ids", req.contact_ids, MAX_ACTIVITY_CONTACTS)
+        check_id("source_type", req.source_type, required=False)
+        check_id("source_id", req.source_id, required=False)
+        check_id("request_id", req.request_id, required=False)
+        if req.occurred_at_us is not None:
+            if req.occurred_at_us > self.clock.now_us() + FUTURE_SKEW_US:
+                raise InvalidArgument("occurred_at", "is in the future; activity is recorded after it happened")
+            if req.occurred_at_us < 0:
+                raise InvalidArgument("occurred_at", "is before 1970")
+        fingerprint = _fingerprint(
+            req.kind, list(req.contact_ids), req.occurred_at_us, req.marketing, req.source_type, req.source_id
+        )
+
+        def decide(tx: LedgerTx) -> tuple[ActivityOutcome, int]:
+            now = self.clock.now_us()
+            at = req.occurred_at_us if req.occurred_at_us is not None else now
+            plan = self._plan(tx, req.tenant_id)
+            if plan.metering is not Metering.CYCLE_ACTIVE:
+                raise NotImplementedYet(f"{plan.metering.name} metering is not available in this version")
+            cycle = cycle_at(plan.cycle_anchor_us, at)
+            ids = list(dict.fromkeys(req.contact_ids))
+            audit: list[AuditEntry] = []
+            self._update_contacts(tx, req, ids, now, cycle, audit)
+            fresh: list[Activation] = []
+            if plan.counts_activity(req.kind):
+                for contact_id in ids:
+                    if tx.activation(req.tenant_id, cycle.start_us, contact_id) is None:
+                        fresh.append(Activation(contact_id, at, req.kind.name, 0))
+                tx.activate(req.tenant_id, cycle.start_us, fresh)
+                audit.extend(
+                    AuditEntry(now, req.tenant_id, cycle.start_us, "RecordActivity", a.contact_id, "RECORDED",
+                               req.kind.name, active_delta=1, request_id=req.request_id)
+                    for a in fresh
+                )
+            tx.audit(audit)
+            usage = usage_of(req.tenant_id, plan, cycle, tx.counters(req.tenant_id, cycle.start_us))
+            return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
+
+        def unit(tx: LedgerTx) -> ActivityOutcome:
+            return self._once(  # type: ignore[return-value]
+                tx, req.tenant_id, "RecordActivity", req.request_id, fingerprint, lambda: decide(tx),
+                lambda o: {"r": o.recorded, "n": o.newly_active, "u": _usage_json(o.usage)},
+                lambda raw: ActivityOutcome(raw["r"], raw["n"], _usage_from(raw["u"])),
+            )
+
+        return self.ledger.transact(unit)
+
+    @staticmethod
+    def _update_contacts(
+        tx: LedgerTx, req: ActivityRequest, ids: list[str], now: int, cycle: Cycle, audit: list[AuditEntry]
+    ) -> None:
+        """Keeps the held contacts and their marketing status (MK-5) current."""
+        kind = req.kind
+        if kind not in (ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET):
+            return
+        changed: list[ContactRecord] = []
+        for contact_id in ids:
+            before = tx.contact(req.tenant_id, contact_id) or ContactRecord(contact_id, held=False)
+            if kind is ActivityKind.CONTACT_CREATED:
+                after = replace(before, held=True)
+            elif kind is ActivityKind.CONTACT_DELETED:
+                after = replace(before, held=False)
+            elif req.marketing:
+                after = replace(before, held=True, marketing=True, marketing_until_next_update=False,
+                                marketing_source_type=req.source_type, marketing_source_id=req.source_id)
+            else:
+                after = replace(before, held=True, marketing_until_next_update=before.marketing,
+                                marketing_source_type=req.source_type, marketing_source_id=req.source_id)
+            changed.append(after)
+            if after.held != before.held:
+                audit.append(
+                    AuditEntry(now, req.tenant_id, cycle.start_us, "RecordActivity", contact_id, "RECORDED",
+                               kind.name, held_delta=1 if after.held else -1, request_id=req.request_id)
+                )
+        tx.put_contacts(req.tenant_id, changed, now)
+
+    def get_usage(self, tenant_id: str, at_us: int | None = None) -> Usage:
+        check_id("tenant_id", tenant_id)
+
+        def read(r: LedgerReader) -> Usage:
+            plan = self._plan(r, tenant_id)
+            cycle = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else self.clock.now_us())
+            return usage_of(tenant_id, plan, cycle, r.counters(tenant_id, cycle.start_us))
+
+        return self.ledger.read(read)
+
+    # -- the control plane ----------------------------------------------------------------
+
+    def put_plan(self, tenant_id: str, given: PlanInput) -> tuple[Plan, Usage]:
+        validate_plan(tenant_id, given)
+
+        def unit(tx: LedgerTx) -> tuple[Plan, Usage]:
+            now = self.clock.now_us()
+            stored = tx.plan(tenant_id)
+            anchor = given.cycle_anchor_us
+            if anchor is None:
+                anchor = Plan.from_json(stored.plan_json).cycle_anchor_us if stored else now
+            plan = Plan(
+                metering=given.metering,  # type: ignore[arg-type]
+                enforcement=given.enforcement,  # type: ignore[arg-type]
+                contact_limit=given.contact_limit,
+                cycle_anchor_us=anchor,
+                plan_name=given.plan_name,
+                addon_contacts=given.addon_contacts,
+                grace_percent=given.grace_percent,
+                sends_limit=given.sends_limit,
+                sends_per_contact=given.sends_per_contact,
+                overage_unit_price=given.overage_unit_price,
+                currency=given.currency,
+                billing_interval=given.billing_interval or BillingInterval.MONTHLY,
+                counted_kinds=tuple(sorted(set(given.counted_kinds))),
+                counted_activities=tuple(sorted(set(given.counted_activities))),
+                source_rules=tuple(given.source_rules),
+                max_queue_us=given.max_queue_us or DEFAULT_MAX_QUEUE_US,
+                notify_thresholds=tuple(sorted(set(given.notify_thresholds))),
+                renotify_interval_us=given.renotify_interval_us or 0,
+                preset=given.preset,
+            )
+            cycle = cycle_at(plan.cycle_anchor_us, now)
+            tx.put_plan(tenant_id, plan.to_json(), now)
+            tx.audit([AuditEntry(now, tenant_id, cycle.start_us, "PutPlan", "", "PLAN_SET", plan.plan_name)])
+            return plan, usage_of(tenant_id, plan, cycle, tx.counters(tenant_id, cycle.start_us))
+
+        plan, usage = self.ledger.transact(unit)
+        self.ledger.expect_contacts(tenant_id, plan.limit)
+        return plan, usage
+
+    def get_plan(self, tenant_id: str) -> Plan:
+        check_id("tenant_id", tenant_id)
+        return self.ledger.read(lambda r: self._plan(r, tenant_id))
+
+    def get_contact(self, tenant_id: str, contact_id: str) -> ContactState:
+        check_id("tenant_id", tenant_id)
+        check_id("contact_id", contact_id)
+
+        def read(r: LedgerReader) -> ContactState:
+            plan = self._plan(r, tenant_id)
+            cycle = cycle_at(plan.cycle_anchor_us, self.clock.now_us())
+            record = r.contact(tenant_id, contact_id)
+            active = r.activation(tenant_id, cycle.start_us, contact_id)
+            if record is None and active is None:
+                raise NotFound(f"tenant {tenant_id!r} has no contact {contact_id!r}")
+            record = record or ContactRecord(contact_id, held=False)
+            return ContactState(
+                tenant_id=tenant_id,
+                contact_id=contact_id,
+                held=record.held,
+                active_this_cycle=active is not None,
+                activated_at_us=active.activated_at_us if active else 0,
+                marketing=record.marketing,
+                marketing_until_next_update=record.marketing_until_next_update,
+                marketing_source_type=record.marketing_source_type,
+                marketing_source_id=record.marketing_source_id,
+            )
+
+        return self.ledger.read(read)
+
+    def list_active_contacts(
+        self, tenant_id: str, at_us: int | None, page_size: int, page_token: str
+    ) -> tuple[list[Activation], str]:
+        check_id("tenant_id", tenant_id)
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = ""
+        token_cycle: int | None = None
+        if page_token:
+            try:
+                raw = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                token_cycle, after = int(raw["c"]), str(raw["a"])
+            except (ValueError, KeyError, TypeError):
+                raise InvalidArgument("page_token", "is not a token this service returned") from None
+
+        def read(r: LedgerReader) -> tuple[list[Activation], str]:
+            plan = self._plan(r, tenant_id)
+            if token_cycle is not None and at_us is None:
+                start = token_cycle
+            else:
+                start = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else self.clock.now_us()).start_us
+                if token_cycle is not None and token_cycle != start:
+                    raise InvalidArgument("page_token", "belongs to another cycle")
+            rows = r.active_contacts(tenant_id, start, after, size + 1)
+            if len(rows) <= size:
+                return rows, ""
+            rows = rows[:size]
+            token = base64.urlsafe_b64encode(json.dumps({"c": start, "a": rows[-1].contact_id}).encode()).decode()
+            return rows, token
+
+        return self.ledger.read(read)

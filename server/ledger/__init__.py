@@ -1,0 +1,95 @@
+"""The ledger: the durable record behind every figure, behind one small interface.
+
+The engine reads through a `LedgerReader` and writes through a `LedgerTx`
+handed to it by `Ledger.transact`. A backend runs each unit of work inside a
+transaction and returns only once that transaction is durably committed, so a
+decision is acknowledged only after its effects are on disk. Backends may run
+several callers' units in one transaction (group commit) as long as each unit
+is isolated: a unit that raises leaves no trace, and a failed commit fails every
+unit in it with `LedgerUnavailable`.
+
+The SQLite backend (`sqlite.py`) is the embedded default; every backend must
+pass the same contract tests (tests/test_ledger_contract.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
+
+from ..model import Activation, AuditEntry, ContactRecord, Counters, StoredPlan, StoredResult
+
+T = TypeVar("T")
+
+
+class LedgerReader(Protocol):
+    def plan(self, tenant_id: str) -> StoredPlan | None: ...
+
+    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters: ...
+
+    def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None: ...
+
+    def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None: ...
+
+    def active_contacts(
+        self, tenant_id: str, cycle_start_us: int, after_contact_id: str, limit: int
+    ) -> list[Activation]:
+        """Activations of the cycle ordered by contact id, strictly after `after_contact_id`."""
+
+    def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None: ...
+
+
+class LedgerTx(LedgerReader, Protocol):
+    def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None: ...
+
+    def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
+        """Marks contacts active in the cycle (none may be active already) and
+        raises the cycle's active count and sends by their figures."""
+
+    def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
+        """Adds sends to a contact already active in the cycle, and to the cycle's figure."""
+
+    def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None: ...
+
+    def store_result(
+        self, tenant_id: str, rpc: str, request_id: str, cycle_start_us: int, result: StoredResult, at_us: int
+    ) -> None: ...
+
+    def audit(self, entries: Iterable[AuditEntry]) -> None: ...
+
+
+class Ledger(ABC):
+    """A durable store of plans, contacts, activations, figures, results and audit."""
+
+    @abstractmethod
+    def open(self) -> None:
+        """Creates or migrates the schema and makes the ledger ready for work."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finishes pending work, commits it and releases the store."""
+
+    @abstractmethod
+    def transact(self, work: Callable[[LedgerTx], T]) -> T:
+        """Runs `work` in a write transaction; returns once it is durably committed."""
+
+    @abstractmethod
+    def read(self, work: Callable[[LedgerReader], T]) -> T:
+        """Runs `work` against a consistent snapshot of committed state."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """True once open (and any in-memory accelerator loaded) and not failing."""
+
+    def expect_contacts(self, tenant_id: str, count: int) -> None:
+        """A sizing hint from the tenant's plan; backends without accelerators ignore it."""
+
+
+def open_ledger(url: str, **options: object) -> Ledger:
+    """A ledger for a `--ledger` URL: `sqlite:///path`, or a bare file path."""
+    from .sqlite import SQLiteLedger, sqlite_path
+
+    path = sqlite_path(url)
+    return SQLiteLedger(path, **options)  # type: ignore[arg-type]

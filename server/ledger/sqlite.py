@@ -1,0 +1,533 @@
+"""The embedded SQLite ledger: WAL mode, group commit, a dedupe filter in front.
+
+One writer thread owns the write connection. Callers hand it units of work;
+it takes every unit pending, runs each inside its own savepoint of one
+`BEGIN IMMEDIATE` transaction, commits once, and only then answers the
+callers: concurrent decisions share one fsync, and none is acknowledged before
+it is durable. Readers use their own connections and see committed state.
+
+A lock file next to the database keeps a second sidecar off the same ledger:
+the dedupe filters are exact only while this process is the only writer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from ..dedupe import CycleFilter, DedupeFilters
+from ..errors import LedgerUnavailable
+from ..model import Activation, AuditEntry, ContactRecord, Counters, StoredPlan, StoredResult
+from . import Ledger, LedgerReader, LedgerTx
+
+T = TypeVar("T")
+log = logging.getLogger("quota_sidecar.ledger")
+
+SYNCHRONOUS_MODES = ("FULL", "EXTRA", "NORMAL")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file behind `sqlite:///relative.db`, `sqlite:////abs.db` or a bare path."""
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///") :]
+        if not rest:
+            raise ValueError("the sqlite URL names no file")
+        return Path(rest)
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise ValueError(f"unsupported ledger scheme {scheme!r}: use sqlite:///PATH or a file path")
+    if not url:
+        raise ValueError("the ledger path is empty")
+    return Path(url)
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["plans"].create(
+        {"tenant_id": str, "plan_json": str, "updated_at_us": int},
+        pk="tenant_id",
+        not_null=["plan_json", "updated_at_us"],
+    )
+    db["contacts"].create(
+        {
+            "tenant_id": str,
+            "contact_id": str,
+            "held": int,
+            "marketing": int,
+            "marketing_until_next_update": int,
+            "marketing_source_type": str,
+            "marketing_source_id": str,
+            "updated_at_us": int,
+        },
+        pk=("tenant_id", "contact_id"),
+        not_null=["held", "marketing", "marketing_until_next_update", "updated_at_us"],
+        defaults={"marketing_source_type": "", "marketing_source_id": ""},
+    )
+    db["activations"].create(
+        {
+            "tenant_id": str,
+            "cycle_start_us": int,
+            "contact_id": str,
+            "activated_at_us": int,
+            "activity": str,
+            "sends": int,
+        },
+        pk=("tenant_id", "cycle_start_us", "contact_id"),
+        not_null=["activated_at_us", "activity", "sends"],
+    )
+    db["usage"].create(
+        {"tenant_id": str, "cycle_start_us": int, "active_contacts": int, "sends": int},
+        pk=("tenant_id", "cycle_start_us"),
+        not_null=["active_contacts", "sends"],
+    )
+    db["request_results"].create(
+        {
+            "tenant_id": str,
+            "rpc": str,
+            "request_id": str,
+            "cycle_start_us": int,
+            "fingerprint": str,
+            "response_json": str,
+            "created_at_us": int,
+        },
+        pk=("tenant_id", "rpc", "request_id"),
+        not_null=["cycle_start_us", "fingerprint", "response_json", "created_at_us"],
+    )
+    db["audit"].create(
+        {
+            "seq": int,
+            "at_us": int,
+            "tenant_id": str,
+            "cycle_start_us": int,
+            "rpc": str,
+            "request_id": str,
+            "contact_id": str,
+            "decision": str,
+            "reason": str,
+            "active_delta": int,
+            "sends_delta": int,
+            "held_delta": int,
+        },
+        pk="seq",
+        not_null=["at_us", "tenant_id", "cycle_start_us", "rpc", "decision", "reason"],
+    )
+    db["audit"].create_index(["tenant_id", "cycle_start_us"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(path: Path) -> int:
+    """Brings the schema at `path` to SCHEMA_VERSION; returns the version found."""
+    db = sqlite_utils.Database(str(path))
+    try:
+        db.enable_wal()
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise ValueError(
+                f"ledger {path} has schema version {found}, newer than this sidecar's {SCHEMA_VERSION}"
+            )
+        for version in range(found, SCHEMA_VERSION):
+            with db.conn:
+                MIGRATIONS[version](db)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+        return found
+    finally:
+        db.close()
+
+
+class _Reader:
+    """Reads over one connection; used by readers and, with the filter, the writer."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def plan(self, tenant_id: str) -> StoredPlan | None:
+        row = self.conn.execute(
+            "SELECT plan_json, updated_at_us FROM plans WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return StoredPlan(row[0], row[1]) if row else None
+
+    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
+        row = self.conn.execute(
+            "SELECT active_contacts, sends FROM usage WHERE tenant_id = ? AND cycle_start_us = ?",
+            (tenant_id, cycle_start_us),
+        ).fetchone()
+        return Counters(row[0], row[1]) if row else Counters()
+
+    def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
+        row = self.conn.execute(
+            "SELECT activated_at_us, activity, sends FROM activations"
+            " WHERE tenant_id = ? AND cycle_start_us = ? AND contact_id = ?",
+            (tenant_id, cycle_start_us, contact_id),
+        ).fetchone()
+        return Activation(contact_id, row[0], row[1], row[2]) if row else None
+
+    def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
+        row = self.conn.execute(
+            "SELECT held, marketing, marketing_until_next_update, marketing_source_type, marketing_source_id"
+            " FROM contacts WHERE tenant_id = ? AND contact_id = ?",
+            (tenant_id, contact_id),
+        ).fetchone()
+        if not row:
+            return None
+        return ContactRecord(contact_id, bool(row[0]), bool(row[1]), bool(row[2]), row[3], row[4])
+
+    def active_contacts(
+        self, tenant_id: str, cycle_start_us: int, after_contact_id: str, limit: int
+    ) -> list[Activation]:
+        rows = self.conn.execute(
+            "SELECT contact_id, activated_at_us, activity, sends FROM activations"
+            " WHERE tenant_id = ? AND cycle_start_us = ? AND contact_id > ?"
+            " ORDER BY contact_id LIMIT ?",
+            (tenant_id, cycle_start_us, after_contact_id, limit),
+        ).fetchall()
+        return [Activation(*row) for row in rows]
+
+    def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
+        row = self.conn.execute(
+            "SELECT fingerprint, response_json FROM request_results"
+            " WHERE tenant_id = ? AND rpc = ? AND request_id = ?",
+            (tenant_id, rpc, request_id),
+        ).fetchone()
+        return StoredResult(row[0], row[1]) if row else None
+
+
+class _Tx(_Reader):
+    """The writer's view inside a transaction: reads see the transaction's own writes."""
+
+    def __init__(self, conn: sqlite3.Connection, filters: DedupeFilters, hints: dict[str, int]) -> None:
+        super().__init__(conn)
+        self.filters = filters
+        self.hints = hints
+
+    def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter:
+        f = self.filters.get(tenant_id, cycle_start_us)
+        if f is None:
+            ids = [
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT contact_id FROM activations WHERE tenant_id = ? AND cycle_start_us = ?",
+                    (tenant_id, cycle_start_us),
+                )
+            ]
+            f = self.filters.load(tenant_id, cycle_start_us, ids, self.hints.get(tenant_id, 0))
+        return f
+
+    def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
+        stats = self.filters.stats
+        stats.lookups += 1
+        if contact_id not in self._filter(tenant_id, cycle_start_us):
+            stats.certainly_new += 1
+            return None
+        found = super().activation(tenant_id, cycle_start_us, contact_id)
+        if found is None:
+            stats.confirmed_false_positives += 1
+        return found
+
+    def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
+        self.conn.execute(
+            "INSERT INTO plans (tenant_id, plan_json, updated_at_us) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET plan_json = excluded.plan_json,"
+            " updated_at_us = excluded.updated_at_us",
+            (tenant_id, plan_json, at_us),
+        )
+
+    def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
+        if not activations:
+            return
+        f = self._filter(tenant_id, cycle_start_us)
+        self.conn.executemany(
+            "INSERT INTO activations (tenant_id, cycle_start_us, contact_id, activated_at_us, activity, sends)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(tenant_id, cycle_start_us, a.contact_id, a.activated_at_us, a.activity, a.sends) for a in activations],
+        )
+        for a in activations:
+            f.add(a.contact_id)
+        self._bump(tenant_id, cycle_start_us, len(activations), sum(a.sends for a in activations))
+
+    def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
+        changed = self.conn.execute(
+            "UPDATE activations SET sends = sends + ? WHERE tenant_id = ? AND cycle_start_us = ? AND contact_id = ?",
+            (sends, tenant_id, cycle_start_us, contact_id),
+        ).rowcount
+        if changed != 1:
+            raise LookupError(f"no activation of {contact_id!r} to add sends to")
+        self._bump(tenant_id, cycle_start_us, 0, sends)
+
+    def _bump(self, tenant_id: str, cycle_start_us: int, active: int, sends: int) -> None:
+        self.conn.execute(
+            "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET"
+            " active_contacts = active_contacts + excluded.active_contacts, sends = sends + excluded.sends",
+            (tenant_id, cycle_start_us, active, sends),
+        )
+
+    def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None:
+        self.conn.executemany(
+            "INSERT INTO contacts (tenant_id, contact_id, held, marketing, marketing_until_next_update,"
+            " marketing_source_type, marketing_source_id, updated_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (tenant_id, contact_id) DO UPDATE SET held = excluded.held,"
+            " marketing = excluded.marketing, marketing_until_next_update = excluded.marketing_until_next_update,"
+            " marketing_source_type = excluded.marketing_source_type,"
+            " marketing_source_id = excluded.marketing_source_id, updated_at_us = excluded.updated_at_us",
+            [
+                (
+                    tenant_id,
+                    c.contact_id,
+                    int(c.held),
+                    int(c.marketing),
+                    int(c.marketing_until_next_update),
+                    c.marketing_source_type,
+                    c.marketing_source_id,
+                    at_us,
+                )
+                for c in contacts
+            ],
+        )
+
+    def store_result(
+        self, tenant_id: str, rpc: str, request_id: str, cycle_start_us: int, result: StoredResult, at_us: int
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO request_results (tenant_id, rpc, request_id, cycle_start_us, fingerprint,"
+            " response_json, created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (tenant_id, rpc, request_id, cycle_start_us, result.fingerprint, result.response_json, at_us),
+        )
+
+    def audit(self, entries: Iterable[AuditEntry]) -> None:
+        self.conn.executemany(
+            "INSERT INTO audit (at_us, tenant_id, cycle_start_us, rpc, request_id, contact_id, decision,"
+            " reason, active_delta, sends_delta, held_delta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.at_us,
+                    e.tenant_id,
+                    e.cycle_start_us,
+                    e.rpc,
+                    e.request_id,
+                    e.contact_id,
+                    e.decision,
+                    e.reason,
+                    e.active_delta,
+                    e.sends_delta,
+                    e.held_delta,
+                )
+                for e in entries
+            ],
+        )
+
+
+class _Stop:
+    pass
+
+
+_STOP = _Stop()
+CommitObserver = Callable[[float, int, bool], None]
+
+
+class SQLiteLedger(Ledger):
+    """The embedded default ledger in one SQLite file (WAL mode)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        max_batch: int = 1024,
+        filter_fp_rate: float = 0.001,
+        on_commit: CommitObserver | None = None,
+    ) -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.max_batch = max_batch
+        self.filters = DedupeFilters(filter_fp_rate)
+        self.on_commit = on_commit
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._open = False
+        self._failing = False
+        self._hints: dict[str, int] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self._open and not self._failing
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def open(self) -> None:
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise LedgerUnavailable(f"ledger {self.path} is in use by another sidecar") from None
+        migrate(self.path)
+        self._conn = self._connect()
+        self._load_filters()
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
+        self._open = True
+
+    def _load_filters(self) -> None:
+        """Loads the filter of every tenant's latest cycle from the ledger's rows."""
+        assert self._conn is not None
+        latest = self._conn.execute("SELECT tenant_id, MAX(cycle_start_us) FROM usage GROUP BY tenant_id").fetchall()
+        for tenant_id, cycle_start_us in latest:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT contact_id FROM activations WHERE tenant_id = ? AND cycle_start_us = ?",
+                    (tenant_id, cycle_start_us),
+                )
+            ]
+            self.filters.load(tenant_id, cycle_start_us, ids, 0)
+
+    def expect_contacts(self, tenant_id: str, count: int) -> None:
+        """Sizes the tenant's future filters for `count` contacts (from its plan)."""
+        self._hints[tenant_id] = count
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._queue.put(_STOP)
+        if self._writer is not None:
+            self._writer.join()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                log.warning("WAL checkpoint at close failed; the WAL is replayed at next open")
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def transact(self, work: Callable[[LedgerTx], T]) -> T:
+        if not self._open:
+            raise LedgerUnavailable("the ledger is not open")
+        future: Future[T] = Future()
+        self._queue.put((work, future))
+        return future.result()
+
+    def read(self, work: Callable[[LedgerReader], T]) -> T:
+        if not self._open:
+            raise LedgerUnavailable("the ledger is not open")
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is None:
+                conn = self._connect()
+                with self._readers_lock:
+                    self._readers.append(conn)
+                self._local.conn = conn
+            conn.execute("BEGIN")
+            try:
+                return work(_Reader(conn))
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the ledger cannot be read: {exc}") from exc
+
+    def _write_loop(self) -> None:
+        assert self._conn is not None
+        tx = _Tx(self._conn, self.filters, self._hints)
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(tx, batch)
+
+    def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
+        conn = tx.conn
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        started = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for work, future in batch:
+                conn.execute("SAVEPOINT unit")
+                try:
+                    result = work(tx)
+                except sqlite3.Error:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - a unit's failure is its caller's, not the batch's
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    outcomes.append((future, None, exc))
+                    continue
+                conn.execute("RELEASE unit")
+                outcomes.append((future, result, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abort(conn, batch, exc)
+            return
+        if self._failing:
+            log.warning("ledger commits succeed again")
+            self._failing = False
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch), True)
+        for future, result, error in outcomes:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def _abort(self, conn: sqlite3.Connection, batch: list[tuple[Any, Future[Any]]], exc: sqlite3.Error) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rollback after a failed commit failed")
+        self.filters.forget()
+        if not self._failing:
+            log.error("ledger commit failed: %s", exc)
+        self._failing = True
+        if self.on_commit is not None:
+            self.on_commit(0.0, len(batch), False)
+        error = LedgerUnavailable(f"the ledger cannot commit: {exc}")
+        for _, future in batch:
+            future.set_exception(error)
+
+
+__all__ = ["SQLiteLedger", "migrate", "sqlite_path"]

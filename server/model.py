@@ -1,0 +1,342 @@
+"""The domain's values: the enums of the contract, plans, usage figures and
+decisions, as plain Python (no grpc, no storage).
+
+Enum members are named as in api.md without the wire prefix; their values are
+the wire numbers, so the service layer converts with `Enum(number)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import IntEnum
+
+from .clock import MICROS
+
+DAY_US = 86_400 * MICROS
+HOUR_US = 3_600 * MICROS
+
+
+class Channel(IntEnum):
+    EMAIL = 1
+    WHATSAPP = 2
+    SMS = 3
+
+
+class MessageKind(IntEnum):
+    CAMPAIGN = 1
+    AUTOMATION = 2
+    TRANSACTIONAL = 3
+    ONE_TO_ONE = 4
+
+
+class BillingInterval(IntEnum):
+    MONTHLY = 1
+    ANNUAL = 2
+
+
+class Decision(IntEnum):
+    ALLOW = 1
+    DENY = 2
+    DEFER = 3
+    EXPIRED = 4
+
+
+class Reason(IntEnum):
+    OK = 1
+    ALREADY_ACTIVE = 2
+    NEW_CONTACT_COUNTED = 3
+    NOT_COUNTED = 4
+    CONTACT_LIMIT_REACHED = 5
+    SENDS_LIMIT_REACHED = 6
+    OVER_GRACE = 7
+    SOURCE_BLOCKED = 8
+    IMPORT_EXCEEDS_LIMIT = 9
+    NOT_MARKETING_CONTACT = 10
+    UNKNOWN_CONTACT = 11
+    QUEUED_TOO_LONG = 12
+    OVERAGE = 13
+
+
+class ContactSource(IntEnum):
+    API = 1
+    FORM = 2
+    IMPORT = 3
+    MANUAL = 4
+
+
+class SourcePolicy(IntEnum):
+    OVER_LIMIT_ALLOWED = 1
+    REFUSE_IF_EXCEEDS = 2
+    BLOCKED_AT_LIMIT = 3
+
+
+class ActivityKind(IntEnum):
+    CONTACT_CREATED = 1
+    STATUS_CHANGED = 2
+    MESSAGE_SENT = 3
+    NOTE_ADDED = 4
+    PROPERTY_CHANGED = 5
+    STATUS_RENAMED = 6
+    CONTACT_DELETED = 7
+    MARKETING_STATUS_SET = 8
+
+
+class Metering(IntEnum):
+    HELD_CONTACTS = 1
+    CYCLE_ACTIVE = 2
+
+
+class Enforcement(IntEnum):
+    HARD = 1
+    GRACE = 2
+    OVERAGE = 3
+
+
+class UsageState(IntEnum):
+    OK = 1
+    WARNING = 2
+    AT_LIMIT = 3
+    IN_GRACE = 4
+    BLOCKED = 5
+    IN_OVERAGE = 6
+
+
+LIMIT_REASONS = frozenset({Reason.CONTACT_LIMIT_REACHED, Reason.OVER_GRACE, Reason.SENDS_LIMIT_REACHED})
+DEFAULT_MAX_QUEUE_US = 24 * HOUR_US
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a tenant bought, fully resolved (anchor set, defaults applied)."""
+
+    metering: Metering
+    enforcement: Enforcement
+    contact_limit: int
+    cycle_anchor_us: int
+    plan_name: str = ""
+    addon_contacts: int = 0
+    grace_percent: int = 0
+    sends_limit: int = 0
+    sends_per_contact: int = 0
+    overage_unit_price: str = ""
+    currency: str = ""
+    billing_interval: BillingInterval = BillingInterval.MONTHLY
+    counted_kinds: tuple[MessageKind, ...] = ()
+    counted_activities: tuple[ActivityKind, ...] = ()
+    source_rules: tuple[tuple[ContactSource, SourcePolicy], ...] = ()
+    max_queue_us: int = DEFAULT_MAX_QUEUE_US
+    notify_thresholds: tuple[float, ...] = ()
+    renotify_interval_us: int = 0
+    preset: str = ""
+
+    @property
+    def limit(self) -> int:
+        """Plan contacts plus add-ons."""
+        return self.contact_limit + self.addon_contacts
+
+    @property
+    def ceiling(self) -> int | None:
+        """The count no new contact may pass; None under OVERAGE (no ceiling)."""
+        if self.enforcement is Enforcement.OVERAGE:
+            return None
+        if self.enforcement is Enforcement.GRACE:
+            return self.limit + self.limit * self.grace_percent // 100
+        return self.limit
+
+    @property
+    def effective_sends_limit(self) -> int:
+        """0 is unlimited; sends_per_contact scales with the limit and add-ons (SG-3, SG-4)."""
+        if self.sends_per_contact:
+            return self.sends_per_contact * self.limit
+        return self.sends_limit
+
+    def counts_kind(self, kind: MessageKind) -> bool:
+        return kind in self.counted_kinds
+
+    def counts_activity(self, kind: ActivityKind) -> bool:
+        return kind in self.counted_activities
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "metering": self.metering.name,
+                "enforcement": self.enforcement.name,
+                "contact_limit": self.contact_limit,
+                "cycle_anchor_us": self.cycle_anchor_us,
+                "plan_name": self.plan_name,
+                "addon_contacts": self.addon_contacts,
+                "grace_percent": self.grace_percent,
+                "sends_limit": self.sends_limit,
+                "sends_per_contact": self.sends_per_contact,
+                "overage_unit_price": self.overage_unit_price,
+                "currency": self.currency,
+                "billing_interval": self.billing_interval.name,
+                "counted_kinds": [k.name for k in self.counted_kinds],
+                "counted_activities": [k.name for k in self.counted_activities],
+                "source_rules": [[s.name, p.name] for s, p in self.source_rules],
+                "max_queue_us": self.max_queue_us,
+                "notify_thresholds": list(self.notify_thresholds),
+                "renotify_interval_us": self.renotify_interval_us,
+                "preset": self.preset,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        raw = json.loads(text)
+        return cls(
+            metering=Metering[raw["metering"]],
+            enforcement=Enforcement[raw["enforcement"]],
+            contact_limit=raw["contact_limit"],
+            cycle_anchor_us=raw["cycle_anchor_us"],
+            plan_name=raw["plan_name"],
+            addon_contacts=raw["addon_contacts"],
+            grace_percent=raw["grace_percent"],
+            sends_limit=raw["sends_limit"],
+            sends_per_contact=raw["sends_per_contact"],
+            overage_unit_price=raw["overage_unit_price"],
+            currency=raw["currency"],
+            billing_interval=BillingInterval[raw["billing_interval"]],
+            counted_kinds=tuple(MessageKind[k] for k in raw["counted_kinds"]),
+            counted_activities=tuple(ActivityKind[k] for k in raw["counted_activities"]),
+            source_rules=tuple((ContactSource[s], SourcePolicy[p]) for s, p in raw["source_rules"]),
+            max_queue_us=raw["max_queue_us"],
+            notify_thresholds=tuple(raw["notify_thresholds"]),
+            renotify_interval_us=raw["renotify_interval_us"],
+            preset=raw["preset"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """A tenant's stored figures for one cycle."""
+
+    active_contacts: int = 0
+    sends: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    tenant_id: str
+    cycle_start_us: int
+    cycle_end_us: int
+    active_contacts: int
+    contact_limit: int
+    usage_ratio: float
+    sends: int
+    sends_limit: int
+    state: UsageState
+    overage_contacts: int
+    overage_amount: str
+    currency: str
+    plan_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendDecision:
+    decision: Decision
+    reason: Reason
+    newly_active: bool = False
+    retry_after_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    decision: SendDecision
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    results: tuple[tuple[str, SendDecision], ...]
+    allowed: int
+    denied: int
+    newly_active: int
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityOutcome:
+    recorded: int
+    newly_active: int
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    contact_id: str
+    activated_at_us: int
+    activity: str
+    sends: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRecord:
+    """A contact the tenant holds or held (created, deleted, marketing status)."""
+
+    contact_id: str
+    held: bool = True
+    marketing: bool = False
+    marketing_until_next_update: bool = False
+    marketing_source_type: str = ""
+    marketing_source_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ContactState:
+    tenant_id: str
+    contact_id: str
+    held: bool
+    active_this_cycle: bool
+    activated_at_us: int
+    marketing: bool
+    marketing_until_next_update: bool
+    marketing_source_type: str
+    marketing_source_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One decision that changed a figure, appended to the ledger's audit."""
+
+    at_us: int
+    tenant_id: str
+    cycle_start_us: int
+    rpc: str
+    contact_id: str
+    decision: str
+    reason: str
+    active_delta: int = 0
+    sends_delta: int = 0
+    held_delta: int = 0
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPlan:
+    plan_json: str
+    updated_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    fingerprint: str
+    response_json: str
+
+
+@dataclass(slots=True)
+class OverlayState:
+    """What a dry run would have written, kept in memory and thrown away."""
+
+    activations: dict[tuple[str, int, str], Activation] = field(default_factory=dict)
+    counters: dict[tuple[str, int], Counters] = field(default_factory=dict)
+
+
+def money(value: Decimal) -> str:
+    """A decimal amount as a string with at least two places ("12.50")."""
+    if value == value.to_integral_value() or -value.as_tuple().exponent < 2:
+        return str(value.quantize(Decimal("0.01")))
+    return str(value.normalize())

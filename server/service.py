@@ -1,0 +1,385 @@
+"""The gRPC servicers: convert messages to plain values, call the engine, map errors.
+
+Every failure is mapped to a status code here and only here (`STATUS_OF`); no
+stack trace reaches a client. INVALID_ARGUMENT carries a google.rpc.BadRequest
+detail naming the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import time
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+
+from .clock import MICROS
+from .engine import ActivityRequest, BatchRequest, Engine, PlanInput, SendRequest
+from .errors import (
+    InvalidArgument,
+    LedgerUnavailable,
+    NotFound,
+    NotImplementedYet,
+    PermissionDenied,
+    QuotaError,
+    Unauthenticated,
+)
+from .metrics import Metrics
+from .model import (
+    Activation,
+    ActivityKind,
+    BillingInterval,
+    Channel,
+    ContactSource,
+    ContactState,
+    Enforcement,
+    MessageKind,
+    Metering,
+    Plan,
+    SendDecision,
+    SourcePolicy,
+    Usage,
+)
+
+log = logging.getLogger("quota_sidecar.service")
+E = TypeVar("E", bound=IntEnum)
+
+STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
+    LedgerUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+MIN_TIMESTAMP_S = -62_135_596_800
+MAX_TIMESTAMP_S = 253_402_300_799
+
+
+def _enum(field: str, value: int, kind: type[E], *, required: bool = True) -> E | None:
+    if value == 0:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidArgument(field, f"{value} is not a known {kind.__name__} value") from None
+
+
+def _enums(field: str, values: Sequence[int], kind: type[E]) -> list[E]:
+    return [_enum(f"{field}[{i}]", v, kind) for i, v in enumerate(values)]  # type: ignore[misc]
+
+
+def _instant(field: str, message: Any, name: str) -> int | None:
+    if not message.HasField(name):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(message, name)
+    if not (MIN_TIMESTAMP_S <= ts.seconds <= MAX_TIMESTAMP_S) or not (0 <= ts.nanos < 1_000_000_000):
+        raise InvalidArgument(field, "is not a valid timestamp")
+    return ts.seconds * MICROS + ts.nanos // 1000
+
+
+def _duration(field: str, message: Any, name: str) -> int | None:
+    if not message.HasField(name):
+        return None
+    d: duration_pb2.Duration = getattr(message, name)
+    if abs(d.seconds) > 315_576_000_000 or abs(d.nanos) >= 1_000_000_000:
+        raise InvalidArgument(field, "is not a valid duration")
+    return d.seconds * MICROS + d.nanos // 1000
+
+
+def _ts(us: int) -> timestamp_pb2.Timestamp:
+    seconds, micros = divmod(us, MICROS)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
+
+
+def _dur(us: int) -> duration_pb2.Duration:
+    seconds, micros = divmod(us, MICROS)
+    return duration_pb2.Duration(seconds=seconds, nanos=micros * 1000)
+
+
+def usage_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        tenant_id=u.tenant_id,
+        cycle_start=_ts(u.cycle_start_us),
+        cycle_end=_ts(u.cycle_end_us),
+        active_contacts=u.active_contacts,
+        contact_limit=u.contact_limit,
+        usage_ratio=u.usage_ratio,
+        sends=u.sends,
+        sends_limit=u.sends_limit,
+        state=u.state.value,
+        overage_contacts=u.overage_contacts,
+        overage_amount=u.overage_amount,
+        currency=u.currency,
+        plan_name=u.plan_name,
+    )
+
+
+def plan_pb(p: Plan) -> pb.Plan:
+    return pb.Plan(
+        plan_name=p.plan_name,
+        metering=p.metering.value,
+        enforcement=p.enforcement.value,
+        contact_limit=p.contact_limit,
+        addon_contacts=p.addon_contacts,
+        grace_percent=p.grace_percent,
+        sends_limit=p.sends_limit,
+        sends_per_contact=p.sends_per_contact,
+        overage_unit_price=p.overage_unit_price,
+        currency=p.currency,
+        cycle_anchor=_ts(p.cycle_anchor_us),
+        billing_interval=p.billing_interval.value,
+        counted_kinds=[k.value for k in p.counted_kinds],
+        counted_activities=[k.value for k in p.counted_activities],
+        source_rules=[pb.SourceRule(source=s.value, policy=q.value) for s, q in p.source_rules],
+        max_queue=_dur(p.max_queue_us),
+        notify_thresholds=list(p.notify_thresholds),
+        renotify_interval=_dur(p.renotify_interval_us) if p.renotify_interval_us else None,
+        preset=p.preset,
+    )
+
+
+def plan_input(message: pb.Plan) -> PlanInput:
+    """A Plan message as the engine's PlanInput; unknown enum numbers are refused."""
+    return PlanInput(
+        metering=_enum("plan.metering", message.metering, Metering, required=False),
+        enforcement=_enum("plan.enforcement", message.enforcement, Enforcement, required=False),
+        contact_limit=message.contact_limit,
+        plan_name=message.plan_name,
+        addon_contacts=message.addon_contacts,
+        grace_percent=message.grace_percent,
+        sends_limit=message.sends_limit,
+        sends_per_contact=message.sends_per_contact,
+        overage_unit_price=message.overage_unit_price,
+        currency=message.currency,
+        cycle_anchor_us=_instant("plan.cycle_anchor", message, "cycle_anchor"),
+        billing_interval=_enum("plan.billing_interval", message.billing_interval, BillingInterval, required=False),
+        counted_kinds=_enums("plan.counted_kinds", message.counted_kinds, MessageKind),
+        counted_activities=_enums("plan.counted_activities", message.counted_activities, ActivityKind),
+        source_rules=[
+            (
+                _enum(f"plan.source_rules[{i}].source", r.source, ContactSource),
+                _enum(f"plan.source_rules[{i}].policy", r.policy, SourcePolicy),
+            )
+            for i, r in enumerate(message.source_rules)
+        ],  # type: ignore[misc]
+        max_queue_us=_duration("plan.max_queue", message, "max_queue"),
+        notify_thresholds=list(message.notify_thresholds),
+        renotify_interval_us=_duration("plan.renotify_interval", message, "renotify_interval"),
+        preset=message.preset,
+    )
+
+
+def _decision_fields(d: SendDecision) -> dict[str, Any]:
+    return {"decision": d.decision.value, "reason": d.reason.value, "newly_active": d.newly_active}
+
+
+def _abort(context: grpc.ServicerContext, exc: QuotaError) -> None:
+    code = STATUS_OF[type(exc)]
+    if isinstance(exc, InvalidArgument):
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.problem)
+                ]
+            )
+        )
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
+        context.abort_with_status(rpc_status.to_status(status))
+    context.abort(code, str(exc))
+
+
+def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Times the call, counts it by status code and maps failures to status codes."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def handler(self: _Servicer, request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return fn(self, request, context)
+            except QuotaError as exc:
+                code = STATUS_OF[type(exc)].name
+                _abort(context, exc)
+            except Exception:
+                code = "INTERNAL"
+                log.exception("%s failed", method)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log")
+            finally:
+                self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+                self.metrics.calls.labels(method, code).inc()
+
+        return handler
+
+    return wrap
+
+
+class _Servicer:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+
+class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
+    @_handled("CheckSend")
+    def CheckSend(self, request: pb.CheckSendRequest, context: grpc.ServicerContext) -> pb.CheckSendResponse:
+        req = SendRequest(
+            tenant_id=request.tenant_id,
+            contact_id=request.contact_id,
+            channel=_enum("channel", request.channel, Channel, required=False),
+            kind=_enum("kind", request.kind, MessageKind, required=False),
+            queued_since_us=_instant("queued_since", request, "queued_since"),
+            dry_run=request.dry_run,
+            request_id=request.request_id,
+        )
+        outcome = self.engine.check_send(req)
+        d = outcome.decision
+        self.metrics.decisions.labels("CheckSend", d.decision.name, d.reason.name).inc()
+        response = pb.CheckSendResponse(**_decision_fields(d), usage=usage_pb(outcome.usage))
+        if d.retry_after_us:
+            response.retry_after.CopyFrom(_dur(d.retry_after_us))
+        return response
+
+    @_handled("CheckSendBatch")
+    def CheckSendBatch(
+        self, request: pb.CheckSendBatchRequest, context: grpc.ServicerContext
+    ) -> pb.CheckSendBatchResponse:
+        req = BatchRequest(
+            tenant_id=request.tenant_id,
+            channel=_enum("channel", request.channel, Channel, required=False),
+            kind=_enum("kind", request.kind, MessageKind, required=False),
+            contact_ids=list(request.contact_ids),
+            dry_run=request.dry_run,
+            request_id=request.request_id,
+        )
+        outcome = self.engine.check_send_batch(req)
+        tally: dict[tuple[str, str], int] = {}
+        results = []
+        for contact_id, d in outcome.results:
+            key = (d.decision.name, d.reason.name)
+            tally[key] = tally.get(key, 0) + 1
+            results.append(pb.CheckSendResult(contact_id=contact_id, **_decision_fields(d)))
+        for (decision, reason), n in tally.items():
+            self.metrics.decisions.labels("CheckSendBatch", decision, reason).inc(n)
+        return pb.CheckSendBatchResponse(
+            results=results,
+            allowed=outcome.allowed,
+            denied=outcome.denied,
+            newly_active=outcome.newly_active,
+            usage=usage_pb(outcome.usage),
+        )
+
+    @_handled("CheckContactAdd")
+    def CheckContactAdd(
+        self, request: pb.CheckContactAddRequest, context: grpc.ServicerContext
+    ) -> pb.CheckContactAddResponse:
+        raise NotImplementedYet("CheckContactAdd is not available in this version")
+
+    @_handled("CheckEnroll")
+    def CheckEnroll(self, request: pb.CheckEnrollRequest, context: grpc.ServicerContext) -> pb.CheckEnrollResponse:
+        raise NotImplementedYet("CheckEnroll is not available in this version")
+
+    @_handled("RecordActivity")
+    def RecordActivity(
+        self, request: pb.RecordActivityRequest, context: grpc.ServicerContext
+    ) -> pb.RecordActivityResponse:
+        req = ActivityRequest(
+            tenant_id=request.tenant_id,
+            kind=_enum("kind", request.kind, ActivityKind, required=False),
+            contact_ids=list(request.contact_ids),
+            occurred_at_us=_instant("occurred_at", request, "occurred_at"),
+            marketing=request.marketing,
+            source_type=request.source_type,
+            source_id=request.source_id,
+            request_id=request.request_id,
+        )
+        outcome = self.engine.record_activity(req)
+        return pb.RecordActivityResponse(
+            recorded=outcome.recorded, newly_active=outcome.newly_active, usage=usage_pb(outcome.usage)
+        )
+
+    @_handled("GetUsage")
+    def GetUsage(self, request: pb.GetUsageRequest, context: grpc.ServicerContext) -> pb.GetUsageResponse:
+        at = _instant("cycle_start", request, "cycle_start")
+        return pb.GetUsageResponse(usage=usage_pb(self.engine.get_usage(request.tenant_id, at)))
+
+
+class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
+    """The control plane; every call needs `authorization: Bearer <admin token>`."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, admin_token: str | None) -> None:
+        super().__init__(engine, metrics)
+        self._expected = f"Bearer {admin_token}".encode() if admin_token else None
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if self._expected is None:
+            raise PermissionDenied("admin RPCs are disabled: the sidecar was started without --admin-token")
+        given = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+        if given is None:
+            raise Unauthenticated("admin RPCs need metadata 'authorization: Bearer <token>'")
+        raw = given.encode() if isinstance(given, str) else given
+        if not hmac.compare_digest(raw, self._expected):
+            raise PermissionDenied("the admin token is not valid")
+
+    @_handled("PutPlan")
+    def PutPlan(self, request: pb.PutPlanRequest, context: grpc.ServicerContext) -> pb.PutPlanResponse:
+        self._authorize(context)
+        if not request.HasField("plan"):
+            raise InvalidArgument("plan", "is required")
+        plan, usage = self.engine.put_plan(request.tenant_id, plan_input(request.plan))
+        return pb.PutPlanResponse(plan=plan_pb(plan), usage=usage_pb(usage))
+
+    @_handled("GetPlan")
+    def GetPlan(self, request: pb.GetPlanRequest, context: grpc.ServicerContext) -> pb.GetPlanResponse:
+        self._authorize(context)
+        return pb.GetPlanResponse(plan=plan_pb(self.engine.get_plan(request.tenant_id)))
+
+    @_handled("GetContact")
+    def GetContact(self, request: pb.GetContactRequest, context: grpc.ServicerContext) -> pb.GetContactResponse:
+        self._authorize(context)
+        c: ContactState = self.engine.get_contact(request.tenant_id, request.contact_id)
+        state = pb.ContactState(
+            tenant_id=c.tenant_id,
+            contact_id=c.contact_id,
+            held=c.held,
+            active_this_cycle=c.active_this_cycle,
+            marketing=c.marketing,
+            marketing_until_next_update=c.marketing_until_next_update,
+            marketing_source_type=c.marketing_source_type,
+            marketing_source_id=c.marketing_source_id,
+        )
+        if c.active_this_cycle:
+            state.activated_at.CopyFrom(_ts(c.activated_at_us))
+        return pb.GetContactResponse(contact=state)
+
+    @_handled("ListActiveContacts")
+    def ListActiveContacts(
+        self, request: pb.ListActiveContactsRequest, context: grpc.ServicerContext
+    ) -> pb.ListActiveContactsResponse:
+        self._authorize(context)
+        at = _instant("cycle_start", request, "cycle_start")
+        rows, token = self.engine.list_active_contacts(request.tenant_id, at, request.page_size, request.page_token)
+        return pb.ListActiveContactsResponse(contacts=[_active_pb(a) for a in rows], next_page_token=token)
+
+    @_handled("GetInvoice")
+    def GetInvoice(self, request: pb.GetInvoiceRequest, context: grpc.ServicerContext) -> pb.GetInvoiceResponse:
+        self._authorize(context)
+        raise NotImplementedYet("GetInvoice is not available in this version")
+
+
+def _active_pb(a: Activation) -> pb.ActiveContact:
+    return pb.ActiveContact(contact_id=a.contact_id, activated_at=_ts(a.activated_at_us), activity=a.activity)

@@ -1,0 +1,122 @@
+"""The one settings object: flags over `QUOTA_*` environment variables over defaults.
+
+Validated before any port is bound; a bad setting stops the start with one
+clear line (`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .ledger.sqlite import SYNCHRONOUS_MODES, sqlite_path
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    address: str = "127.0.0.1:50051"
+    ledger: str = "sqlite:///./quota-ledger.db"
+    metrics_address: str = "127.0.0.1:9464"
+    admin_token: str | None = None
+    tenants: str | None = None
+    log_level: str = "INFO"
+    drain_timeout: float = 10.0
+    max_workers: int = 32
+    max_message_bytes: int = 16 * 1024 * 1024
+    sqlite_synchronous: str = "FULL"
+    filter_fp_rate: float = 0.001
+
+    def validate(self) -> Settings:
+        if self.address.startswith("unix:"):
+            if not self.address.removeprefix("unix://").removeprefix("unix:"):
+                raise SettingsError("--address: the unix socket path is empty")
+        else:
+            _host_port("--address", self.address)
+        if self.metrics_address:
+            _host_port("--metrics-address", self.metrics_address)
+        try:
+            sqlite_path(self.ledger)
+        except ValueError as exc:
+            raise SettingsError(f"--ledger: {exc}") from None
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise SettingsError("--admin-token: must not be blank")
+        if self.tenants and not Path(self.tenants).is_file():
+            raise SettingsError(f"--tenants: no such file {self.tenants}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError("--log-level: one of DEBUG, INFO, WARNING, ERROR")
+        if self.drain_timeout < 0:
+            raise SettingsError("--drain-timeout: must not be negative")
+        if self.max_workers < 1:
+            raise SettingsError("--max-workers: must be at least 1")
+        if self.max_message_bytes < 1024:
+            raise SettingsError("--max-message-bytes: must be at least 1024")
+        if self.sqlite_synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise SettingsError(f"--sqlite-synchronous: one of {', '.join(SYNCHRONOUS_MODES)}")
+        if not 0 < self.filter_fp_rate < 1:
+            raise SettingsError("--filter-fp-rate: must be between 0 and 1")
+        return self
+
+
+def _host_port(flag: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{flag}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+HELP = {
+    "address": "where gRPC listens: HOST:PORT or unix:///path/to.sock",
+    "ledger": "the ledger: sqlite:///PATH or a bare file path",
+    "metrics_address": "HOST:PORT serving Prometheus /metrics; empty to disable",
+    "admin_token": "the admin credential (Bearer token); admin RPCs are refused without one",
+    "tenants": "a YAML or JSON file of plans to load at start",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "drain_timeout": "seconds to finish in-flight calls on SIGTERM/SIGINT",
+    "max_workers": "threads serving gRPC calls",
+    "max_message_bytes": "largest gRPC request accepted",
+    "sqlite_synchronous": "SQLite synchronous mode: FULL (default), EXTRA or NORMAL",
+    "filter_fp_rate": "target false-positive rate of the dedupe filters",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        kind = f.type if f.type in ("int", "float") else "str"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            type={"int": int, "float": float, "str": str}[kind],
+            help=f"{HELP[f.name]} (env QUOTA_{f.name.upper()}; default {f.default!r})",
+        )
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Flags win over QUOTA_* variables, which win over the defaults."""
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        flag = getattr(args, f.name, None)
+        if flag is not None:
+            values[f.name] = flag
+            continue
+        env = environ.get(f"QUOTA_{f.name.upper()}")
+        if env is None:
+            continue
+        kind = f.type if f.type in ("int", "float") else "str"
+        try:
+            values[f.name] = {"int": int, "float": float, "str": str}[kind](env)
+        except ValueError:
+            raise SettingsError(f"QUOTA_{f.name.upper()}: not a valid {kind}: {env!r}") from None
+    return Settings(**values).validate()  # type: ignore[arg-type]
+
+
+def settings_from(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    parser = argparse.ArgumentParser(prog="quota-sidecar serve")
+    add_arguments(parser)
+    return resolve(parser.parse_args(list(argv)), environ)

@@ -1,0 +1,99 @@
+"""The `--tenants` file: plans to store at start, validated exactly like PutPlan.
+
+YAML or JSON, a mapping `tenants: {TENANT_ID: PLAN}` where PLAN uses the field
+names of quota.v1.Plan (protobuf JSON), enum values with or without their
+prefix (`CYCLE_ACTIVE` or `METERING_CYCLE_ACTIVE`), durations as "86400s" and
+the anchor as an RFC 3339 timestamp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from quota_sidecar.client.v1 import quota_pb2 as pb
+
+from .engine import Engine, validate_plan
+from .errors import QuotaError
+from .service import plan_input
+
+ENUM_PREFIX = {
+    "metering": "METERING_",
+    "enforcement": "ENFORCEMENT_",
+    "billing_interval": "BILLING_INTERVAL_",
+    "billingInterval": "BILLING_INTERVAL_",
+    "counted_kinds": "MESSAGE_KIND_",
+    "countedKinds": "MESSAGE_KIND_",
+    "counted_activities": "ACTIVITY_KIND_",
+    "countedActivities": "ACTIVITY_KIND_",
+    "source": "CONTACT_SOURCE_",
+    "policy": "SOURCE_POLICY_",
+}
+
+
+class TenantsFileError(ValueError):
+    pass
+
+
+def _prefixed(prefix: str, value: Any) -> Any:
+    if isinstance(value, str) and not value.upper().startswith(prefix):
+        return prefix + value.upper()
+    return value.upper() if isinstance(value, str) else value
+
+
+def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        prefix = ENUM_PREFIX.get(key)
+        if key in ("source_rules", "sourceRules") and isinstance(value, list):
+            out[key] = [_normalise(v) if isinstance(v, dict) else v for v in value]
+        elif prefix and isinstance(value, list):
+            out[key] = [_prefixed(prefix, v) for v in value]
+        elif prefix:
+            out[key] = _prefixed(prefix, value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_plans(path: Path) -> dict[str, pb.Plan]:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise TenantsFileError(f"--tenants {path}: cannot be read: {exc}".splitlines()[0]) from None
+    if not isinstance(document, dict) or not isinstance(document.get("tenants"), dict):
+        raise TenantsFileError(f"--tenants {path}: expected a mapping 'tenants: {{TENANT_ID: PLAN}}'")
+    plans: dict[str, pb.Plan] = {}
+    for tenant_id, raw in document["tenants"].items():
+        if not isinstance(raw, dict):
+            raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: the plan must be a mapping")
+        try:
+            plans[str(tenant_id)] = json_format.ParseDict(_normalise(raw), pb.Plan())
+        except json_format.ParseError as exc:
+            raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
+    return plans
+
+
+def check_tenants(path: Path) -> int:
+    """Validates the file as PutPlan would, without storing anything."""
+    plans = read_plans(path)
+    for tenant_id, plan in plans.items():
+        try:
+            validate_plan(tenant_id, plan_input(plan))
+        except QuotaError as exc:
+            raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
+    return len(plans)
+
+
+def load_tenants(engine: Engine, path: Path) -> int:
+    """Stores every plan of the file; the first invalid one stops with one clear line."""
+    plans = read_plans(path)
+    for tenant_id, plan in plans.items():
+        try:
+            engine.put_plan(tenant_id, plan_input(plan))
+        except QuotaError as exc:
+            raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
+    return len(plans)

@@ -1,0 +1,297 @@
+"""The real `quota-sidecar serve` process: start-up readiness, SIGTERM drain, kill -9 recovery."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.server.clock import SystemClock
+from quota_sidecar.server.cycles import cycle_at
+from quota_sidecar.server.ledger.sqlite import migrate
+from quota_sidecar.server.model import Enforcement, MessageKind, Metering, Plan
+
+pytestmark = pytest.mark.process
+
+BIN = Path(sys.executable).parent
+TOKEN = "process-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    address: str
+    ledger: Path
+
+    def health(self) -> str:
+        try:
+            with grpc.insecure_channel(self.address) as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            if self.health() == "SERVING":
+                return
+            time.sleep(0.02)
+        raise AssertionError("sidecar never reported SERVING")
+
+
+def start(ledger: Path, *extra: str) -> Process:
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [str(BIN / "quota-sidecar"), "serve", "--address", address, "--ledger", f"sqlite:///{ledger}",
+         "--metrics-address", f"127.0.0.1:{free_port()}", "--admin-token", TOKEN, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    return Process(proc, address, ledger)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+        p.proc.wait()
+        p.proc.stdout.close()
+        p.proc.stderr.close()
+
+
+def put_plan(address: str, limit: int) -> None:
+    with grpc.insecure_channel(address) as ch:
+        pb_grpc.QuotaAdminServiceStub(ch).PutPlan(
+            pb.PutPlanRequest(tenant_id="t", plan=pb.Plan(
+                plan_name="P", metering=pb.METERING_CYCLE_ACTIVE, enforcement=pb.ENFORCEMENT_HARD,
+                contact_limit=limit, counted_kinds=[pb.MESSAGE_KIND_CAMPAIGN])),
+            metadata=AUTH, timeout=10,
+        )
+
+
+def ledger_figures(path: Path) -> tuple[set[str], list[tuple]]:
+    """The activated contacts, and each cycle's stored figures next to what its rows say."""
+    conn = sqlite3.connect(path)
+    try:
+        ids = {r[0] for r in conn.execute("SELECT contact_id FROM activations WHERE tenant_id = 't'")}
+        check = conn.execute(
+            "SELECT u.active_contacts, u.sends, COUNT(a.contact_id), COALESCE(SUM(a.sends), 0) FROM usage u"
+            " LEFT JOIN activations a ON a.tenant_id = u.tenant_id AND a.cycle_start_us = u.cycle_start_us"
+            " GROUP BY u.tenant_id, u.cycle_start_us"
+        ).fetchall()
+        return ids, check
+    finally:
+        conn.close()
+
+
+class Load:
+    """Mail workers sending to new contacts until the sidecar goes away."""
+
+    def __init__(self, address: str, workers: int = 4) -> None:
+        self.address = address
+        self.acknowledged: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(workers)]
+
+    def run(self, n: int) -> None:
+        with grpc.insecure_channel(self.address) as ch:
+            stub = pb_grpc.QuotaServiceStub(ch)
+            i = 0
+            while True:
+                contact = f"w{n}-{i}"
+                i += 1
+                try:
+                    r = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id=contact, channel=1, kind=1),
+                                       timeout=5)
+                except grpc.RpcError:
+                    return
+                if r.decision == pb.DECISION_ALLOW:
+                    with self.lock:
+                        self.acknowledged.append(contact)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def wait_for(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.acknowledged) >= count, "the load made no progress"
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path, processes: list[Process]) -> None:
+    ledger = tmp_path / "big.db"
+    migrate(ledger)
+    now = SystemClock().now_us()
+    anchor = now - 86_400_000_000
+    plan = Plan(Metering.CYCLE_ACTIVE, Enforcement.HARD, 2_000_000, anchor, plan_name="P",
+                counted_kinds=(MessageKind.CAMPAIGN,))
+    cycle = cycle_at(anchor, now)
+    n = 600_000
+    conn = sqlite3.connect(ledger)
+    with conn:
+        conn.execute("INSERT INTO plans VALUES ('t', ?, ?)", (plan.to_json(), anchor))
+        conn.executemany(
+            "INSERT INTO activations VALUES ('t', ?, ?, ?, 'CAMPAIGN', 1)",
+            ((cycle.start_us, f"p{i}", anchor) for i in range(n)),
+        )
+        conn.execute("INSERT INTO usage VALUES ('t', ?, ?, ?)", (cycle.start_us, n, n))
+    conn.close()
+
+    p = start(ledger)
+    processes.append(p)
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = p.health()
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == "SERVING":
+            break
+        if status == "NOT_SERVING":
+            with grpc.insecure_channel(p.address) as ch:
+                try:
+                    r = pb_grpc.QuotaServiceStub(ch).CheckSend(
+                        pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=5)
+                    assert r.reason == pb.REASON_ALREADY_ACTIVE
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        time.sleep(0.005)
+    assert seen[-1] == "SERVING"
+    assert "NOT_SERVING" in seen, f"health went {seen}: SERVING came before the filters were loaded"
+    with grpc.insecure_channel(p.address) as ch:
+        stub = pb_grpc.QuotaServiceStub(ch)
+        old = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=5)
+        new = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id="fresh", channel=1, kind=1), timeout=5)
+    assert old.reason == pb.REASON_ALREADY_ACTIVE
+    assert new.reason == pb.REASON_NEW_CONTACT_COUNTED and new.usage.active_contacts == n + 1
+
+
+def test_sigterm_drains_in_flight_calls_and_loses_nothing(tmp_path: Path, processes: list[Process]) -> None:
+    p = start(tmp_path / "ledger.db")
+    processes.append(p)
+    p.wait_serving()
+    put_plan(p.address, 1_000_000)
+    load = Load(p.address)
+    load.start()
+    load.wait_for(200)
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.proc.wait(timeout=30) == 0
+    load.join()
+    stderr = p.proc.stderr.read()
+    assert f"listening on {p.address}" in stderr
+    assert "SIGTERM received" in stderr and "ledger flushed and closed" in stderr
+    ids, figures = ledger_figures(p.ledger)
+    assert set(load.acknowledged) <= ids
+    assert all(a == rows and s == sends for a, s, rows, sends in figures)
+
+
+def test_kill_9_mid_load_then_restart_keeps_every_acknowledged_allow(tmp_path: Path, processes: list[Process]) -> None:
+    ledger = tmp_path / "ledger.db"
+    p = start(ledger)
+    processes.append(p)
+    p.wait_serving()
+    put_plan(p.address, 1_000_000)
+    load = Load(p.address, workers=6)
+    load.start()
+    load.wait_for(300)
+    p.proc.send_signal(signal.SIGKILL)
+    p.proc.wait(timeout=10)
+    load.join()
+    acknowledged = set(load.acknowledged)
+
+    ids, figures = ledger_figures(ledger)
+    assert acknowledged <= ids, f"{len(acknowledged - ids)} acknowledged ALLOWs lost"
+    assert figures and all(a == rows and s == sends for a, s, rows, sends in figures)
+
+    again = start(ledger)
+    processes.append(again)
+    again.wait_serving()
+    with grpc.insecure_channel(again.address) as ch:
+        stub = pb_grpc.QuotaServiceStub(ch)
+        usage = stub.GetUsage(pb.GetUsageRequest(tenant_id="t"), timeout=5).usage
+        assert usage.active_contacts == len(ids)
+        some = sorted(acknowledged)[:50]
+        r = stub.CheckSendBatch(pb.CheckSendBatchRequest(tenant_id="t", channel=1, kind=1, contact_ids=some),
+                                timeout=10)
+        assert {x.reason for x in r.results} == {pb.REASON_ALREADY_ACTIVE}
+        assert r.usage.active_contacts == len(ids)
+    again.proc.send_signal(signal.SIGTERM)
+    assert again.proc.wait(timeout=30) == 0
+
+
+def test_bad_settings_stop_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "quota-sidecar"), "serve", "--address", "nonsense", "--ledger", str(tmp_path / "l.db")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["quota-sidecar: --address: expected HOST:PORT, got 'nonsense'"]
+    env_bad = subprocess.run(
+        [str(BIN / "quota-sidecar"), "serve", "--ledger", "postgresql://nowhere/x"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert env_bad.returncode == 2 and env_bad.stderr.startswith("quota-sidecar: --ledger:")
+    assert not (tmp_path / "l.db").exists()
+
+
+def test_second_sidecar_on_the_same_ledger_is_refused(tmp_path: Path, processes: list[Process]) -> None:
+    first = start(tmp_path / "ledger.db")
+    processes.append(first)
+    first.wait_serving()
+    second = start(tmp_path / "ledger.db")
+    processes.append(second)
+    assert second.proc.wait(timeout=30) == 1
+    assert "in use by another sidecar" in second.proc.stderr.read()
+    assert first.health() == "SERVING"
+
+
+def test_environment_variables_configure_serve_and_health_command_probes(tmp_path: Path,
+                                                                       processes: list[Process]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = {"QUOTA_ADDRESS": address, "QUOTA_LEDGER": str(tmp_path / "env.db"), "QUOTA_METRICS_ADDRESS": "",
+           "PATH": str(BIN)}
+    proc = subprocess.Popen([str(BIN / "quota-sidecar"), "serve"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    p = Process(proc, address, tmp_path / "env.db")
+    processes.append(p)
+    p.wait_serving()
+    probe = subprocess.run([str(BIN / "quota-sidecar"), "health", "--address", address],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0 and "SERVING" in probe.stdout
+    assert (tmp_path / "env.db").exists()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    down = subprocess.run([str(BIN / "quota-sidecar"), "health", "--address", address, "--timeout", "0.5"],
+                          capture_output=True, text=True, timeout=30)
+    assert down.returncode != 0

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client import disable_created_metrics
+
 from . import __version__
 from .app import Sidecar
 from .errors import QuotaError
@@ -38,6 +40,7 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    disable_created_metrics()
     stop = threading.Event()
     received: list[int] = []
 

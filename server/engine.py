@@ -191,8 +191,8 @@ def validate_plan(tenant_id: str, given: PlanInput) -> None:
         if value is not None and value < 0:
             raise InvalidArgument(f"plan.{name.removesuffix('_us')}", "must not be negative")
     for t in given.notify_thresholds:
-        if not (0 < t <= 100):
-            raise InvalidArgument("plan.notify_thresholds", "each threshold must be a ratio above 0, e.g. 0.8")
+        if not (0 < t <= 1):
+            raise InvalidArgument("plan.notify_thresholds", "each threshold is a ratio of the limit in (0, 1], e.g. 0.8")
     sources = [s for s, _ in given.source_rules]
     if len(sources) != len(set(sources)):
         raise InvalidArgument("plan.source_rules", "names a source more than once")
@@ -213,7 +213,7 @@ def state_of(plan: Plan, count: int, sends: int) -> UsageState:
         return UsageState.IN_GRACE
     if count >= limit:
         return UsageState.AT_LIMIT
-    if plan.notify_thresholds and count >= min(plan.notify_thresholds) * limit:
+    if plan.notify_thresholds and count / limit >= min(plan.notify_thresholds):
         return UsageState.WARNING
     return UsageState.OK
 

@@ -336,7 +336,8 @@ class OverlayState:
 
 
 def money(value: Decimal) -> str:
-    """A decimal amount as a string with at least two places ("12.50")."""
-    if value == value.to_integral_value() or -value.as_tuple().exponent < 2:
-        return str(value.quantize(Decimal("0.01")))
-    return str(value.normalize())
+    """A decimal amount as a plain string with at least two places ("12.50", "0.125")."""
+    normal = value.normalize()
+    if -normal.as_tuple().exponent < 2:
+        normal = normal.quantize(Decimal("0.01"))
+    return f"{normal:f}"

@@ -361,6 +361,7 @@ class SQLiteLedger(Ledger):
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._local = threading.local()
+        self._state = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._open = False
@@ -413,16 +414,18 @@ class SQLiteLedger(Ledger):
         self._hints[tenant_id] = count
 
     def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        self._queue.put(_STOP)
+        with self._state:
+            if not self._open:
+                return
+            self._open = False
+            self._queue.put(_STOP)
         if self._writer is not None:
             self._writer.join()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+            self._local = threading.local()
         if self._conn is not None:
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -435,10 +438,11 @@ class SQLiteLedger(Ledger):
             self._lock_fd = None
 
     def transact(self, work: Callable[[LedgerTx], T]) -> T:
-        if not self._open:
-            raise LedgerUnavailable("the ledger is not open")
         future: Future[T] = Future()
-        self._queue.put((work, future))
+        with self._state:
+            if not self._open:
+                raise LedgerUnavailable("the ledger is not open")
+            self._queue.put((work, future))
         return future.result()
 
     def read(self, work: Callable[[LedgerReader], T]) -> T:
@@ -489,6 +493,11 @@ class SQLiteLedger(Ledger):
                 conn.execute("SAVEPOINT unit")
                 try:
                     result = work(tx)
+                except sqlite3.IntegrityError as exc:
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    outcomes.append((future, None, exc))
+                    continue
                 except sqlite3.Error:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - a unit's failure is its caller's, not the batch's

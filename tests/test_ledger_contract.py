@@ -1,0 +1,494 @@
+"""The ledger contract (server/ledger/__init__.py) that every backend must pass.
+
+One test class, parametrised over `BACKENDS`; only SQLite exists today. A new
+backend (PostgreSQL) adds one `Backend` entry: how to build a ledger at a test
+location, and how many units are waiting for its writer (used to line units up
+into one group commit without timing anything).
+
+Rules served: the durability and isolation the engine relies on for "counted
+atomically with the decision" and "nothing decided and acknowledged is lost"
+(domain.md, What follows for the product), exact counting behind a bloom filter
+("a false positive must never let a new contact through uncounted", SG-2, SG-8),
+and request_id answers kept durably (api.md Errors).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from quota_sidecar.server.errors import LedgerUnavailable
+from quota_sidecar.server.ledger import Ledger, LedgerTx
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+from quota_sidecar.server.model import Activation, ContactRecord, Counters, StoredPlan, StoredResult
+
+CommitObserver = Callable[[float, int, bool], None]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # a ledger (not yet opened) at `location`, a directory private to the test;
+    # two ledgers made at the same location share one store
+    make: Callable[..., Ledger]
+    # how many units are queued for the writer and not yet taken: lets a test line
+    # units up behind a blocked writer so they share one group commit
+    pending: Callable[[Ledger], int]
+    # how many bloom layers the tenant's cycle filter has, None if the backend has no filter
+    filter_layers: Callable[[Ledger, str, int], int | None]
+
+
+def _sqlite_make(location: Path, on_commit: CommitObserver | None = None) -> Ledger:
+    return SQLiteLedger(location / "ledger.db", on_commit=on_commit)
+
+
+def _sqlite_pending(ledger: Ledger) -> int:
+    assert isinstance(ledger, SQLiteLedger)
+    return ledger._queue.qsize()  # noqa: SLF001 - the test lines units up behind the writer
+
+
+def _sqlite_layers(ledger: Ledger, tenant_id: str, cycle_start_us: int) -> int | None:
+    assert isinstance(ledger, SQLiteLedger)
+    f = ledger.filters.get(tenant_id, cycle_start_us)
+    return None if f is None else len(f.layers)
+
+
+BACKENDS = [
+    pytest.param(Backend("sqlite", _sqlite_make, _sqlite_pending, _sqlite_layers), id="sqlite"),
+]
+
+T = "tenant-a"
+C1 = 1_771_142_400_000_000  # a cycle start
+C0 = 1_768_464_000_000_000  # the cycle before it
+
+
+def act(contact_id: str, sends: int = 1, at: int = C1 + 1, activity: str = "CAMPAIGN") -> Activation:
+    return Activation(contact_id, at, activity, sends)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = 20.0) -> None:
+    """Polls a condition (a safety deadline, not a timing assertion)."""
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.001)
+
+
+class _Call:
+    """transact(work) on a thread, with its result or exception."""
+
+    def __init__(self, ledger: Ledger, work: Callable[[LedgerTx], object]) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.result = ledger.transact(work)
+            except BaseException as exc:  # noqa: BLE001
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "transact never returned"
+
+
+@contextmanager
+def writer_blocked(ledger: Ledger) -> Iterator[None]:
+    """Holds the writer inside one unit until the block exits."""
+    entered, release = threading.Event(), threading.Event()
+
+    def gate(tx: LedgerTx) -> str:
+        entered.set()
+        release.wait(30)
+        return "gate"
+
+    call = _Call(ledger, gate)
+    assert entered.wait(20), "the writer never ran the gate unit"
+    try:
+        yield
+    finally:
+        release.set()
+        call.join()
+        assert call.error is None and call.result == "gate"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param
+
+
+@pytest.fixture
+def commits() -> list[tuple[int, bool]]:
+    return []
+
+
+@pytest.fixture
+def ledger(backend: Backend, tmp_path: Path, commits: list[tuple[int, bool]]) -> Iterator[Ledger]:
+    lg = backend.make(tmp_path, on_commit=lambda seconds, size, ok: commits.append((size, ok)))
+    lg.open()
+    try:
+        yield lg
+    finally:
+        lg.close()
+
+
+class TestLedgerContract:
+    # -- transact and read ------------------------------------------------------------------------
+
+    def test_transact_commits_and_is_visible_to_read(self, ledger: Ledger):
+        """Ledger.transact commits durably and read sees it (an ALLOW is durable before the caller hears it)."""
+        assert ledger.ready
+
+        def unit(tx: LedgerTx) -> str:
+            tx.put_plan(T, '{"plan": 1}', 100)
+            tx.activate(T, C1, [act("a", 1), act("b", 0, activity="MESSAGE_SENT")])
+            tx.put_contacts(T, [ContactRecord("a", held=True, marketing=True, marketing_source_type="api",
+                                              marketing_source_id="k1")], 100)
+            return "done"
+
+        assert ledger.transact(unit) == "done"
+        assert ledger.read(lambda r: r.plan(T)) == StoredPlan('{"plan": 1}', 100)
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 1)
+        assert ledger.read(lambda r: r.activation(T, C1, "a")) == act("a", 1)
+        assert ledger.read(lambda r: r.activation(T, C1, "b")) == act("b", 0, activity="MESSAGE_SENT")
+        assert ledger.read(lambda r: r.contact(T, "a")) == ContactRecord("a", True, True, False, "api", "k1")
+        assert ledger.read(lambda r: r.contact(T, "zz")) is None
+        assert ledger.read(lambda r: r.plan("other")) is None
+
+    def test_a_unit_sees_its_own_writes(self, ledger: Ledger):
+        """SG-8: within a unit the writer sees its own activations, so a batch never counts a contact twice."""
+        def unit(tx: LedgerTx) -> tuple:
+            before = tx.activation(T, C1, "a")
+            tx.activate(T, C1, [act("a")])
+            return before, tx.activation(T, C1, "a"), tx.counters(T, C1)
+
+        assert ledger.transact(unit) == (None, act("a"), Counters(1, 1))
+
+    def test_plan_and_contacts_are_replaced_not_duplicated(self, ledger: Ledger):
+        """SG-4 (plans replaced mid-cycle), MK-5 (contact records updated)."""
+        ledger.transact(lambda tx: tx.put_plan(T, "v1", 1))
+        ledger.transact(lambda tx: tx.put_plan(T, "v2", 2))
+        ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("a", held=True)], 1))
+        ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("a", held=False, marketing=True)], 2))
+        assert ledger.read(lambda r: r.plan(T)) == StoredPlan("v2", 2)
+        assert ledger.read(lambda r: r.contact(T, "a")) == ContactRecord("a", held=False, marketing=True)
+
+    def test_a_unit_that_raises_leaves_no_trace(self, ledger: Ledger):
+        """api.md Errors: nothing is half-written; a unit that raises leaves no trace."""
+        def bad(tx: LedgerTx) -> None:
+            tx.put_plan(T, "plan", 1)
+            tx.activate(T, C1, [act("a")])
+            tx.store_result(T, "CheckSend", "r1", C1, StoredResult("fp", "{}"), 1)
+            raise ValueError("the unit fails")
+
+        with pytest.raises(ValueError, match="the unit fails"):
+            ledger.transact(bad)
+        assert ledger.read(lambda r: (r.plan(T), r.counters(T, C1), r.activation(T, C1, "a"))) == (
+            None,
+            Counters(),
+            None,
+        )
+        assert ledger.read(lambda r: r.stored_result(T, "CheckSend", "r1")) is None
+        # and the writer's own view (through any filter) agrees: "a" is not active
+        assert ledger.transact(lambda tx: tx.activation(T, C1, "a")) is None
+        assert ledger.ready
+        # the ledger keeps working
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+
+    def test_a_unit_that_raises_fails_alone_while_the_rest_of_its_group_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
+    ):
+        """Ledger docstring / api.md Errors: group commit isolates units; other callers' decisions still commit."""
+        def good(name: str) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return unit
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("b")])
+            raise RuntimeError("unit b fails")
+
+        with writer_blocked(ledger):
+            calls = [_Call(ledger, good("a"))]
+            wait_until(lambda: backend.pending(ledger) == 1, "unit a queued")
+            calls.append(_Call(ledger, bad))
+            wait_until(lambda: backend.pending(ledger) == 2, "unit b queued")
+            calls.append(_Call(ledger, good("c")))
+            wait_until(lambda: backend.pending(ledger) == 3, "unit c queued")
+        for c in calls:
+            c.join()
+        assert (calls[0].result, calls[0].error) == ("a", None)
+        assert isinstance(calls[1].error, RuntimeError)
+        assert (calls[2].result, calls[2].error) == ("c", None)
+        assert (3, True) in commits  # the three shared one commit
+        assert ledger.read(lambda r: [r.activation(T, C1, c) is not None for c in "abc"]) == [True, False, True]
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 2)
+
+    def test_a_unit_whose_statement_violates_a_constraint_fails_alone_while_the_rest_of_its_group_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
+    ):
+        """Ledger docstring / api.md Errors (SG-2, SG-8): a unit breaking activate's precondition (contact
+        already active) is still just a unit that raises: it fails alone, its neighbours commit, and the
+        ledger stays ready."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("dup")]))
+
+        def good(name: str) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return unit
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("dup")])  # already active: the store refuses the row
+
+        with writer_blocked(ledger):
+            calls = [_Call(ledger, good("a"))]
+            wait_until(lambda: backend.pending(ledger) == 1, "unit a queued")
+            calls.append(_Call(ledger, bad))
+            wait_until(lambda: backend.pending(ledger) == 2, "unit dup queued")
+            calls.append(_Call(ledger, good("c")))
+            wait_until(lambda: backend.pending(ledger) == 3, "unit c queued")
+        for c in calls:
+            c.join()
+        assert calls[1].error is not None
+        assert (calls[0].result, calls[0].error) == ("a", None)
+        assert (calls[2].result, calls[2].error) == ("c", None)
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
+        assert ledger.ready
+
+    def test_transact_and_read_after_close_are_unavailable(self, backend: Backend, tmp_path: Path):
+        """api.md Errors: a ledger that is not open is UNAVAILABLE, never a silent success."""
+        lg = backend.make(tmp_path)
+        lg.open()
+        lg.close()
+        assert not lg.ready
+        with pytest.raises(LedgerUnavailable):
+            lg.transact(lambda tx: tx.put_plan(T, "p", 1))
+        with pytest.raises(LedgerUnavailable):
+            lg.read(lambda r: r.plan(T))
+
+    # -- counters ------------------------------------------------------------------------------
+
+    def test_activate_and_add_sends_keep_usage_counters_consistent(self, ledger: Ledger):
+        """SG-2, SG-3: usage counters move exactly with activations and sends."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("a", 1), act("b", 0), act("c", 2)]))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
+        ledger.transact(lambda tx: tx.add_sends(T, C1, "a", 4))
+        ledger.transact(lambda tx: tx.add_sends(T, C1, "b", 1))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 8)
+        assert ledger.read(lambda r: (r.activation(T, C1, "a").sends, r.activation(T, C1, "b").sends)) == (5, 1)
+        ledger.transact(lambda tx: tx.activate(T, C1, []))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 8)
+        # cycles and tenants are separate figures
+        ledger.transact(lambda tx: tx.activate(T, C0, [act("a", 1, at=C0)]))
+        ledger.transact(lambda tx: tx.activate("tenant-b", C1, [act("a", 7)]))
+        assert ledger.read(lambda r: (r.counters(T, C0), r.counters("tenant-b", C1), r.counters(T, C1))) == (
+            Counters(1, 1),
+            Counters(1, 7),
+            Counters(3, 8),
+        )
+        assert ledger.read(lambda r: r.counters("nobody", C1)) == Counters()
+
+    def test_add_sends_to_a_contact_not_active_is_refused_and_changes_nothing(self, ledger: Ledger):
+        """SG-3, SG-8: sends are only added to active contacts; a refusal changes no figure."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        with pytest.raises(Exception):  # noqa: B017 - any refusal; the point is that nothing changes
+            ledger.transact(lambda tx: tx.add_sends(T, C1, "ghost", 1))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        assert ledger.read(lambda r: r.activation(T, C1, "ghost")) is None
+        assert ledger.ready
+
+    def test_active_contacts_are_listed_in_contact_id_order_after_a_cursor(self, ledger: Ledger):
+        """CR-7 / api.md ListActiveContacts pagination depends on this order."""
+        ids = ["m", "b", "z", "a", "k", "c"]
+        ledger.transact(lambda tx: tx.activate(T, C1, [act(i) for i in ids]))
+        ledger.transact(lambda tx: tx.activate(T, C0, [act("old", at=C0)]))
+        assert [a.contact_id for a in ledger.read(lambda r: r.active_contacts(T, C1, "", 100))] == sorted(ids)
+        assert [a.contact_id for a in ledger.read(lambda r: r.active_contacts(T, C1, "c", 2))] == ["k", "m"]
+        assert ledger.read(lambda r: r.active_contacts(T, C1, "z", 10)) == []
+        assert ledger.read(lambda r: r.active_contacts(T, C1, "", 1)) == [act("a")]
+
+    # -- the dedupe filter: never "not active" for an active contact --------------------------
+
+    def test_dedupe_never_answers_not_active_for_an_active_contact_beyond_filter_capacity(
+        self, backend: Backend, ledger: Ledger
+    ):
+        """SG-2, SG-8, domain 'Counting is exact': the filter may say maybe, never 'not active' for an
+        active contact, also after it grows past its initial capacity."""
+        ledger.expect_contacts(T, 10)  # a small hint: the filter must grow
+        ids = [f"contact-{i:05d}" for i in range(3000)]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+
+            def unit(tx: LedgerTx, chunk: list[str] = chunk) -> list[str]:
+                tx.activate(T, C1, [act(c) for c in chunk])
+                # read-your-writes through the filter, within the same unit
+                return [c for c in chunk if tx.activation(T, C1, c) is None]
+
+            assert ledger.transact(unit) == []
+        layers = backend.filter_layers(ledger, T, C1)
+        assert layers is None or layers > 1
+        missing = ledger.transact(lambda tx: [c for c in ids if tx.activation(T, C1, c) is None])
+        assert missing == []
+        strangers = [f"stranger-{i}" for i in range(2000)]
+        assert ledger.transact(lambda tx: [c for c in strangers if tx.activation(T, C1, c) is not None]) == []
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3000, 3000)
+
+    def test_dedupe_filters_rebuilt_after_close_and_reopen_know_every_active_contact(
+        self, backend: Backend, tmp_path: Path
+    ):
+        """SG-2, SG-8: filters rebuilt from the ledger at open never call an active contact new."""
+        current = [f"now-{i}" for i in range(1500)]
+        past = [f"past-{i}" for i in range(300)]
+        other = [f"b-{i}" for i in range(50)]
+        first = backend.make(tmp_path)
+        first.open()
+        try:
+            first.transact(lambda tx: tx.activate(T, C0, [act(c, at=C0) for c in past]))
+            first.transact(lambda tx: tx.activate(T, C1, [act(c) for c in current]))
+            first.transact(lambda tx: tx.activate("tenant-b", C0, [act(c, at=C0) for c in other]))
+        finally:
+            first.close()
+        second = backend.make(tmp_path)
+        second.open()
+        try:
+            assert second.ready
+
+            def missing(tenant: str, cycle: int, ids: list[str]) -> list[str]:
+                return second.transact(lambda tx: [c for c in ids if tx.activation(tenant, cycle, c) is None])
+
+            assert missing(T, C1, current) == []
+            assert missing(T, C0, past) == []
+            assert missing("tenant-b", C0, other) == []
+            # keep activating past the rebuilt filter's size: growth after a reload
+            more = [f"more-{i}" for i in range(3000)]
+            second.transact(lambda tx: tx.activate(T, C1, [act(c) for c in more]))
+            assert missing(T, C1, current + more) == []
+            assert second.read(lambda r: r.counters(T, C1)) == Counters(4500, 4500)
+            assert second.transact(lambda tx: tx.activation(T, C1, "past-1")) is None
+        finally:
+            second.close()
+
+    def test_dedupe_stays_exact_after_a_unit_that_activated_and_then_raised(self, ledger: Ledger):
+        """SG-8, domain 'Counting is exact': a rolled-back activation is not active; the filter's maybe is confirmed."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("kept")]))
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("rolled-back")])
+            raise ValueError("no")
+
+        with pytest.raises(ValueError):
+            ledger.transact(bad)
+        assert ledger.transact(lambda tx: (tx.activation(T, C1, "kept"), tx.activation(T, C1, "rolled-back"))) == (
+            act("kept"),
+            None,
+        )
+        # the contact can now be activated for real
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("rolled-back")]))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 2)
+
+    # -- stored results ------------------------------------------------------------------------
+
+    def test_stored_results_round_trip_and_survive_reopen(self, backend: Backend, tmp_path: Path):
+        """SG-8 / api.md Errors: request_id answers are durable and scoped to tenant and RPC."""
+        result = StoredResult("f" * 32, '{"d":[1,3,true,0],"u":{"x":"é"}}')
+        lg = backend.make(tmp_path)
+        lg.open()
+        try:
+            lg.transact(lambda tx: tx.store_result(T, "CheckSend", "req-1", C1, result, 42))
+            assert lg.read(lambda r: r.stored_result(T, "CheckSend", "req-1")) == result
+            assert lg.transact(lambda tx: tx.stored_result(T, "CheckSend", "req-1")) == result
+            # scoped to tenant and rpc
+            assert lg.read(lambda r: r.stored_result(T, "CheckSendBatch", "req-1")) is None
+            assert lg.read(lambda r: r.stored_result("tenant-b", "CheckSend", "req-1")) is None
+            assert lg.read(lambda r: r.stored_result(T, "CheckSend", "req-2")) is None
+        finally:
+            lg.close()
+        lg = backend.make(tmp_path)
+        lg.open()
+        try:
+            assert lg.read(lambda r: r.stored_result(T, "CheckSend", "req-1")) == result
+        finally:
+            lg.close()
+
+    # -- one writer per store -------------------------------------------------------------------
+
+    def test_a_second_ledger_on_the_same_store_fails_to_open_while_the_first_is_open(
+        self, backend: Backend, tmp_path: Path
+    ):
+        """SG-2: the filters are exact only with one writer; a second one is LedgerUnavailable."""
+        first = backend.make(tmp_path)
+        first.open()
+        second = backend.make(tmp_path)
+        try:
+            with pytest.raises(LedgerUnavailable):
+                second.open()
+            assert not second.ready
+            # the first is unaffected
+            first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        finally:
+            first.close()
+        second.open()
+        try:
+            assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        finally:
+            second.close()
+
+    # -- concurrency and group commit ------------------------------------------------------------
+
+    def test_concurrent_transact_from_16_threads_all_commit_and_share_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
+    ):
+        """SG-2, SG-8: concurrent decisions all commit exactly once, sharing commits (group commit)."""
+        threads, per_thread = 16, 10
+        results: dict[int, list[object]] = {i: [] for i in range(threads)}
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                for j in range(per_thread):
+                    contact = f"t{i:02d}-{j:02d}"
+
+                    def unit(tx: LedgerTx, contact: str = contact) -> str:
+                        assert tx.activation(T, C1, contact) is None
+                        tx.activate(T, C1, [act(contact, 1)])
+                        tx.add_sends(T, C1, contact, 1)
+                        return contact
+
+                    results[i].append(ledger.transact(unit))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        with writer_blocked(ledger):
+            pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+            for t in pool:
+                t.start()
+            # every thread's first unit is queued behind the blocked writer
+            wait_until(lambda: backend.pending(ledger) == threads, "16 units queued")
+        for t in pool:
+            t.join(60)
+            assert not t.is_alive()
+        assert errors == []
+        for i in range(threads):
+            assert results[i] == [f"t{i:02d}-{j:02d}" for j in range(per_thread)]
+        total = threads * per_thread
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(total, 2 * total)
+        listed = ledger.read(lambda r: r.active_contacts(T, C1, "", 10_000))
+        assert len(listed) == total and all(a.sends == 2 for a in listed)
+        assert all(ok for _, ok in commits)
+        assert sum(size for size, _ in commits) == total + 1  # every unit, plus the gate, committed once
+        assert max(size for size, _ in commits) > 1  # and some shared a commit

@@ -66,11 +66,13 @@ class RunningSidecar:
             self.sidecar.stop(1)
 
 
-def start_sidecar(path: Path, clock: FakeClock, address: str = "127.0.0.1:0") -> RunningSidecar:
+def start_sidecar(
+    path: Path, clock: FakeClock, address: str = "127.0.0.1:0", *, metrics: bool = False
+) -> RunningSidecar:
     settings = Settings(
         address=address,
         ledger=f"sqlite:///{path}",
-        metrics_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0" if metrics else "",
         admin_token=ADMIN_TOKEN,
         drain_timeout=2,
     ).validate()
@@ -87,6 +89,15 @@ def clock() -> FakeClock:
 @pytest.fixture
 def sidecar(tmp_path: Path, clock: FakeClock) -> Iterator[RunningSidecar]:
     running = start_sidecar(tmp_path / "ledger.db", clock)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def sidecar_with_metrics(tmp_path: Path, clock: FakeClock) -> Iterator[RunningSidecar]:
+    running = start_sidecar(tmp_path / "ledger.db", clock, metrics=True)
     try:
         yield running
     finally:

@@ -35,8 +35,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-def test_every_exposed_metric_is_documented(sidecar: RunningSidecar) -> None:
-    text = urllib.request.urlopen(sidecar.metrics_url, timeout=5).read().decode()
+def test_every_exposed_metric_is_documented(sidecar_with_metrics: RunningSidecar) -> None:
+    text = urllib.request.urlopen(sidecar_with_metrics.metrics_url, timeout=5).read().decode()
     names = {m for m in re.findall(r"^# TYPE (quota_\w+) ", text, flags=re.M) if not m.endswith("_created")}
     assert names, "the sidecar exposes no quota_ metrics"
     for name in names:

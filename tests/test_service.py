@@ -361,13 +361,13 @@ def test_unix_socket(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_metrics_count_calls_and_decisions(sidecar: RunningSidecar) -> None:
+def test_metrics_count_calls_and_decisions(sidecar_with_metrics: RunningSidecar) -> None:
     import urllib.request
 
-    sidecar.put_plan("t", contact_limit=1, **HARD)
-    send(sidecar, "a")
-    send(sidecar, "b")
-    text = urllib.request.urlopen(sidecar.metrics_url, timeout=5).read().decode()
+    sidecar_with_metrics.put_plan("t", contact_limit=1, **HARD)
+    send(sidecar_with_metrics, "a")
+    send(sidecar_with_metrics, "b")
+    text = urllib.request.urlopen(sidecar_with_metrics.metrics_url, timeout=5).read().decode()
     assert 'quota_decisions_total{decision="ALLOW",method="CheckSend",reason="NEW_CONTACT_COUNTED"} 1.0' in text
     assert 'quota_decisions_total{decision="DENY",method="CheckSend",reason="CONTACT_LIMIT_REACHED"} 1.0' in text
     assert 'quota_calls_total{code="OK",method="CheckSend"} 2.0' in text

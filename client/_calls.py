@@ -1,0 +1,247 @@
+"""The RPCs as the two clients make them: one `Call` per RPC, built from friendly
+arguments, saying which service it goes to, how its answer is read and what the
+fail-open or fail-closed policy answers when the sidecar gives none. The sync and the
+async client differ only in how they send a Call; `ClientConfig` holds what they share.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from ._errors import Unavailable
+from ._results import (
+    ActiveContactsPage,
+    ActivityRecord,
+    BatchDecision,
+    ContactAddDecision,
+    ContactState,
+    EnrollDecision,
+    Invoice,
+    Plan,
+    PlanChange,
+    SendDecision,
+    Usage,
+)
+from ._retry import Retry
+from ._wire import EnumArg, TimestampArg, enum_value, id_list, to_timestamp
+from .v1 import quota_pb2
+
+R = TypeVar("R")
+
+FailMode = Literal["closed", "open"]
+
+DEFAULT_TIMEOUT = 0.1
+DEFAULT_ADMIN_TIMEOUT = 5.0
+
+# A sidecar on the same host comes back within moments of a restart; gRPC's default
+# reconnect backoff (1 s, growing to 120 s) would keep the channel failing fast long
+# after it is back.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    method: str
+    request: Message
+    read: Callable[[Any], R]
+    admin: bool = False
+    fallback: Callable[[str, Unavailable], R] | None = None
+
+
+class ClientConfig:
+    """The settings both clients share, validated once."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        admin_token: str | None,
+        timeout: float,
+        admin_timeout: float,
+        retries: int | Retry,
+        fail_mode: FailMode,
+        channel_options: Sequence[tuple[str, Any]],
+    ) -> None:
+        if not target:
+            raise ValueError("target must name the sidecar, e.g. '127.0.0.1:50051' or 'unix:///run/quota.sock'")
+        if timeout <= 0 or admin_timeout <= 0:
+            raise ValueError("timeout and admin_timeout must be positive seconds")
+        if fail_mode not in ("closed", "open"):
+            raise ValueError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
+        self.target = target
+        self.timeout = float(timeout)
+        self.admin_timeout = float(admin_timeout)
+        self.retry = Retry.of(retries)
+        self.fail_mode: FailMode = fail_mode
+        given = dict(channel_options)
+        self.channel_options = [(k, v) for k, v in DEFAULT_CHANNEL_OPTIONS if k not in given] + list(given.items())
+        self._admin_metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+
+    @property
+    def fallback_decision(self) -> str:
+        return "ALLOW" if self.fail_mode == "open" else "DENY"
+
+    def deadline(self, call: Call[Any], timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        return self.admin_timeout if call.admin else self.timeout
+
+    def metadata(self, call: Call[Any]) -> tuple[tuple[str, str], ...] | None:
+        return self._admin_metadata if call.admin else None
+
+
+def _request_id(request_id: str | None, dry_run: bool) -> str:
+    # One id per logical call, made before the first try, so every retry repeats it
+    # and the sidecar answers a repeat with its first answer (counting nothing twice).
+    if request_id is not None:
+        return request_id
+    return "" if dry_run else uuid.uuid4().hex
+
+
+def _stamp(value: TimestampArg | None, field: str) -> dict[str, Any]:
+    return {} if value is None else {field: to_timestamp(value, field)}
+
+
+def check_send(
+    tenant_id: str,
+    contact_id: str,
+    kind: EnumArg,
+    channel: EnumArg,
+    queued_since: TimestampArg | None,
+    dry_run: bool,
+    request_id: str | None,
+) -> Call[SendDecision]:
+    request = quota_pb2.CheckSendRequest(
+        tenant_id=tenant_id,
+        contact_id=contact_id,
+        channel=enum_value(quota_pb2.Channel, channel, "channel"),
+        kind=enum_value(quota_pb2.MessageKind, kind, "kind"),
+        dry_run=dry_run,
+        request_id=_request_id(request_id, dry_run),
+        **_stamp(queued_since, "queued_since"),
+    )
+    return Call("CheckSend", request, SendDecision.from_pb, fallback=SendDecision.from_fallback)
+
+
+def check_send_batch(
+    tenant_id: str,
+    contact_ids: str | Iterable[str],
+    kind: EnumArg,
+    channel: EnumArg,
+    dry_run: bool,
+    request_id: str | None,
+) -> Call[BatchDecision]:
+    ids = id_list(contact_ids, "contact_ids")
+    request = quota_pb2.CheckSendBatchRequest(
+        tenant_id=tenant_id,
+        contact_ids=ids,
+        channel=enum_value(quota_pb2.Channel, channel, "channel"),
+        kind=enum_value(quota_pb2.MessageKind, kind, "kind"),
+        dry_run=dry_run,
+        request_id=_request_id(request_id, dry_run),
+    )
+
+    def fallback(decision: str, error: Unavailable) -> BatchDecision:
+        return BatchDecision.from_fallback(decision, ids, error)
+
+    return Call("CheckSendBatch", request, BatchDecision.from_pb, fallback=fallback)
+
+
+def check_contact_add(
+    tenant_id: str,
+    contact_ids: str | Iterable[str],
+    source: EnumArg,
+    marketing: bool | None,
+    dry_run: bool,
+) -> Call[ContactAddDecision]:
+    request = quota_pb2.CheckContactAddRequest(
+        tenant_id=tenant_id,
+        contact_ids=id_list(contact_ids, "contact_ids"),
+        source=enum_value(quota_pb2.ContactSource, source, "source"),
+        dry_run=dry_run,
+    )
+    if marketing is not None:
+        request.marketing = marketing
+    return Call("CheckContactAdd", request, ContactAddDecision.from_pb, fallback=ContactAddDecision.from_fallback)
+
+
+def check_enroll(tenant_id: str, contact_id: str, automation_id: str) -> Call[EnrollDecision]:
+    request = quota_pb2.CheckEnrollRequest(tenant_id=tenant_id, contact_id=contact_id, automation_id=automation_id)
+    return Call("CheckEnroll", request, EnrollDecision.from_pb, fallback=EnrollDecision.from_fallback)
+
+
+def record_activity(
+    tenant_id: str,
+    contact_ids: str | Iterable[str],
+    kind: EnumArg,
+    occurred_at: TimestampArg | None,
+    marketing: bool,
+    source_type: str,
+    source_id: str,
+    request_id: str | None,
+) -> Call[ActivityRecord]:
+    request = quota_pb2.RecordActivityRequest(
+        tenant_id=tenant_id,
+        contact_ids=id_list(contact_ids, "contact_ids"),
+        kind=enum_value(quota_pb2.ActivityKind, kind, "kind"),
+        marketing=marketing,
+        source_type=source_type,
+        source_id=source_id,
+        request_id=_request_id(request_id, False),
+        **_stamp(occurred_at, "occurred_at"),
+    )
+    return Call("RecordActivity", request, ActivityRecord.from_pb)
+
+
+def get_usage(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Usage]:
+    request = quota_pb2.GetUsageRequest(tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
+    return Call("GetUsage", request, lambda response: Usage.from_pb(response.usage))
+
+
+def put_plan(tenant_id: str, plan: Plan | quota_pb2.Plan) -> Call[PlanChange]:
+    message = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
+    request = quota_pb2.PutPlanRequest(tenant_id=tenant_id, plan=message)
+    return Call("PutPlan", request, PlanChange.from_pb, admin=True)
+
+
+def get_plan(tenant_id: str) -> Call[Plan]:
+    request = quota_pb2.GetPlanRequest(tenant_id=tenant_id)
+    return Call("GetPlan", request, lambda response: Plan.from_pb(response.plan), admin=True)
+
+
+def get_contact(tenant_id: str, contact_id: str) -> Call[ContactState]:
+    request = quota_pb2.GetContactRequest(tenant_id=tenant_id, contact_id=contact_id)
+    return Call("GetContact", request, lambda response: ContactState.from_pb(response.contact), admin=True)
+
+
+def list_active_contacts(
+    tenant_id: str, cycle_start: TimestampArg | None, page_size: int, page_token: str
+) -> Call[ActiveContactsPage]:
+    request = quota_pb2.ListActiveContactsRequest(
+        tenant_id=tenant_id,
+        page_size=page_size,
+        page_token=page_token,
+        **_stamp(cycle_start, "cycle_start"),
+    )
+    return Call("ListActiveContacts", request, ActiveContactsPage.from_pb, admin=True)
+
+
+def get_invoice(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Invoice]:
+    request = quota_pb2.GetInvoiceRequest(tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
+    return Call("GetInvoice", request, Invoice.from_pb, admin=True)
+
+
+def status_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str | None]:
+    """The status code and message of a failed call, from the sync or the aio stack."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    return code, details

@@ -1,0 +1,558 @@
+"""quotactl: the operator's command line, a thin layer on QuotaClient.
+
+Human-readable output by default, `--json` for scripts (the RPC's response message in
+protobuf's JSON mapping, enum names, proto field names). Exit status: 0 done, 1 the
+sidecar answered with an error, 2 bad usage, 3 the sidecar could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from ._errors import QuotaError, Unavailable
+from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage
+from ._sync import QuotaClient
+from ._wire import short_names
+from .v1 import quota_pb2
+
+COMMANDS: tuple[str, ...] = (
+    "usage",
+    "plan set",
+    "plan get",
+    "check",
+    "contact",
+    "active-contacts",
+    "invoice",
+)
+"""Every quotactl command, as typed after `quotactl`."""
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 5.0
+ADDRESS_ENV = "QUOTA_ADDRESS"
+ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+PROG = "quotactl"
+PRESETS = ("contact-limit", "active-cycle-hard", "active-cycle-overage", "marketing-contacts")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one quotactl command; returns the exit status."""
+    parser = build_parser(os.environ)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        client = QuotaClient(
+            args.address,
+            admin_token=args.admin_token or None,
+            timeout=args.timeout,
+            admin_timeout=args.timeout,
+        )
+    except ValueError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
+            return args.run(client, args)
+    except Unavailable as error:
+        _fail(error)
+        return EXIT_UNREACHABLE
+    except QuotaError as error:
+        _fail(error)
+        return EXIT_SERVER_ERROR
+
+
+def _fail(error: QuotaError) -> None:
+    message = " ".join(error.message.split())
+    print(f"{PROG}: {error.code_name}: {message}", file=sys.stderr)
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The argument parser; `environ` supplies QUOTA_ADDRESS and QUOTA_ADMIN_TOKEN."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Read and manage the quota sidecar's tenants, plans and figures.",
+    )
+    _global_options(parser, environ, suppress=False)
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+
+    def command(parent: Any, name: str, summary: str, run: Callable[[QuotaClient, argparse.Namespace], int]) -> Any:
+        sub = parent.add_parser(name, help=summary, description=summary)
+        _global_options(sub, environ, suppress=True)
+        sub.set_defaults(run=run)
+        return sub
+
+    usage = command(commands, "usage", "show a tenant's figures for the current or a past cycle", _usage)
+    usage.add_argument("tenant")
+    usage.add_argument("--cycle", type=_instant, help="any instant of a past cycle (ISO 8601)")
+
+    plan = commands.add_parser("plan", help="set or show a tenant's plan", description="set or show a tenant's plan")
+    _global_options(plan, environ, suppress=True)
+    plan_commands = plan.add_subparsers(title="commands", dest="plan_command", required=True, metavar="COMMAND")
+    plan_set = command(plan_commands, "set", "create or replace a tenant's plan", _plan_set)
+    plan_set.add_argument("tenant")
+    plan_set.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
+    plan_set.add_argument("--name", dest="plan_name", help="the plan's name, e.g. GROW")
+    plan_set.add_argument("--metering", type=_choice(quota_pb2.Metering), metavar=_names(quota_pb2.Metering))
+    plan_set.add_argument(
+        "--enforcement", type=_choice(quota_pb2.Enforcement), metavar=_names(quota_pb2.Enforcement)
+    )
+    plan_set.add_argument("--limit", dest="contact_limit", type=_count, metavar="N", help="plan contacts")
+    plan_set.add_argument("--addons", dest="addon_contacts", type=_count, metavar="N", help="add-on contacts")
+    plan_set.add_argument("--grace-percent", type=_count, metavar="N")
+    plan_set.add_argument("--sends-limit", type=_count, metavar="N", help="0 means unlimited")
+    plan_set.add_argument("--sends-per-contact", type=_count, metavar="N")
+    plan_set.add_argument("--overage-unit-price", type=_decimal, metavar="D", help="e.g. 0.25")
+    plan_set.add_argument("--currency", metavar="C", help="e.g. EUR")
+    plan_set.add_argument("--anchor", dest="cycle_anchor", type=_instant, metavar="ISO", help="subscription start")
+    plan_set.add_argument(
+        "--interval",
+        dest="billing_interval",
+        type=_choice(quota_pb2.BillingInterval),
+        metavar=_names(quota_pb2.BillingInterval),
+    )
+    plan_set.add_argument(
+        "--counted-kinds",
+        type=_choices(quota_pb2.MessageKind),
+        metavar="KIND,...",
+        help=f"which sends make a contact active: {_names(quota_pb2.MessageKind)}",
+    )
+    plan_set.add_argument(
+        "--counted-activities",
+        type=_choices(quota_pb2.ActivityKind),
+        metavar="ACTIVITY,...",
+        help=f"which recorded activities make a contact active (CR-1): {_names(quota_pb2.ActivityKind)}",
+    )
+    plan_set.add_argument(
+        "--source-rule",
+        dest="source_rules",
+        type=_source_rule,
+        action="append",
+        metavar="SOURCE=POLICY",
+        help=f"e.g. IMPORT=REFUSE_IF_EXCEEDS; repeat for each source. Policies: {_names(quota_pb2.SourcePolicy)}",
+    )
+    plan_set.add_argument("--max-queue", type=_duration, metavar="DURATION", help="e.g. 24h (AC-9)")
+    plan_set.add_argument("--renotify-interval", type=_duration, metavar="DURATION", help="e.g. 15d (AC-1)")
+    plan_set.add_argument("--notify", dest="notify_thresholds", type=_ratios, metavar="R,...", help="e.g. 0.8,1.0")
+    plan_get = command(plan_commands, "get", "show a tenant's plan", _plan_get)
+    plan_get.add_argument("tenant")
+
+    check = command(commands, "check", "decide one send to one contact (counts it unless --dry-run)", _check)
+    check.add_argument("tenant")
+    check.add_argument("contact")
+    check.add_argument(
+        "--kind", type=_choice(quota_pb2.MessageKind), default="CAMPAIGN", metavar=_names(quota_pb2.MessageKind)
+    )
+    check.add_argument(
+        "--channel", type=_choice(quota_pb2.Channel), default="EMAIL", metavar=_names(quota_pb2.Channel)
+    )
+    check.add_argument("--dry-run", action="store_true", help="decide and report, count nothing")
+    check.add_argument("--queued-since", type=_instant, metavar="ISO", help="when the automation e-mail was queued")
+
+    contact = command(commands, "contact", "show one contact as the ledger knows it", _contact)
+    contact.add_argument("tenant")
+    contact.add_argument("contact")
+
+    active = command(commands, "active-contacts", "list the contacts active in a cycle", _active_contacts)
+    active.add_argument("tenant")
+    active.add_argument("--cycle", type=_instant, help="any instant of the cycle (ISO 8601)")
+    active.add_argument("--csv", action="store_true", help="print CSV")
+
+    invoice = command(commands, "invoice", "show a cycle's billable figures", _invoice)
+    invoice.add_argument("tenant")
+    invoice.add_argument("--cycle", type=_instant, help="any instant of the cycle (ISO 8601)")
+    return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, suppress: bool) -> None:
+    # Repeated on every subcommand so they may also follow it; there they default to
+    # SUPPRESS, so that leaving them out does not overwrite what came before.
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("connection and output")
+    group.add_argument(
+        "--address",
+        default=default(environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS),
+        help=f"the sidecar, host:port or unix:///path (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--admin-token",
+        default=default(environ.get(ADMIN_TOKEN_ENV)),
+        help=f"the admin credential (env {ADMIN_TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=default(DEFAULT_TIMEOUT),
+        metavar="SECONDS",
+        help=f"the deadline of each call (default {DEFAULT_TIMEOUT:g})",
+    )
+    group.add_argument("--json", action="store_true", default=default(False), help="print JSON")
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a decimal number: {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"not a price: {text!r}")
+    return value
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(part) for part in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> timedelta:
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit.lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration like 90s, 30m, 24h or 15d: {text!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _names(enum: Any) -> str:
+    return "|".join(short_names(enum))
+
+
+def _choice(enum: Any) -> Callable[[str], str]:
+    names = short_names(enum)
+
+    def parse(text: str) -> str:
+        name = text.strip().upper().replace("-", "_")
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(names)}")
+        return name
+
+    parse.__name__ = enum.DESCRIPTOR.name
+    return parse
+
+
+def _choices(enum: Any) -> Callable[[str], list[str]]:
+    one = _choice(enum)
+
+    def parse(text: str) -> list[str]:
+        return [one(part) for part in _split(text)]
+
+    parse.__name__ = enum.DESCRIPTOR.name
+    return parse
+
+
+def _source_rule(text: str) -> tuple[str, str]:
+    source, sep, policy = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected SOURCE=POLICY, e.g. IMPORT=REFUSE_IF_EXCEEDS: {text!r}")
+    return _choice(quota_pb2.ContactSource)(source), _choice(quota_pb2.SourcePolicy)(policy)
+
+
+def _usage(client: QuotaClient, args: argparse.Namespace) -> int:
+    usage = client.get_usage(args.tenant, cycle_start=args.cycle)
+    if args.json:
+        _print_json(quota_pb2.GetUsageResponse(usage=usage.raw))
+    else:
+        _print_fields(_usage_fields(usage))
+    return EXIT_OK
+
+
+_PLAN_OPTIONS = (
+    "preset",
+    "plan_name",
+    "metering",
+    "enforcement",
+    "contact_limit",
+    "addon_contacts",
+    "grace_percent",
+    "sends_limit",
+    "sends_per_contact",
+    "overage_unit_price",
+    "currency",
+    "cycle_anchor",
+    "billing_interval",
+    "counted_kinds",
+    "counted_activities",
+    "source_rules",
+    "max_queue",
+    "renotify_interval",
+    "notify_thresholds",
+)
+
+
+def _plan_set(client: QuotaClient, args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in _PLAN_OPTIONS if getattr(args, name) is not None}
+    change = client.put_plan(args.tenant, Plan(**given))
+    if args.json:
+        _print_json(change.raw)
+    else:
+        _print_fields(_plan_fields(args.tenant, change.plan))
+        if change.usage is not None:
+            print()
+            _print_fields(_usage_fields(change.usage))
+    return EXIT_OK
+
+
+def _plan_get(client: QuotaClient, args: argparse.Namespace) -> int:
+    plan = client.get_plan(args.tenant)
+    if args.json:
+        _print_json(quota_pb2.GetPlanResponse(plan=plan.raw))
+    else:
+        _print_fields(_plan_fields(args.tenant, plan))
+    return EXIT_OK
+
+
+def _check(client: QuotaClient, args: argparse.Namespace) -> int:
+    decision = client.check_send(
+        args.tenant,
+        args.contact,
+        args.kind,
+        channel=args.channel,
+        dry_run=args.dry_run,
+        queued_since=args.queued_since,
+    )
+    if decision.fallback and decision.error is not None:
+        raise decision.error
+    if args.json:
+        _print_json(decision.raw)
+    else:
+        _print_fields(_decision_fields(decision))
+    return EXIT_OK
+
+
+def _contact(client: QuotaClient, args: argparse.Namespace) -> int:
+    contact = client.get_contact(args.tenant, args.contact)
+    if args.json:
+        _print_json(quota_pb2.GetContactResponse(contact=contact.raw))
+    else:
+        _print_fields(_contact_fields(contact))
+    return EXIT_OK
+
+
+def _active_contacts(client: QuotaClient, args: argparse.Namespace) -> int:
+    contacts = list(client.iter_active_contacts(args.tenant, cycle_start=args.cycle))
+    if args.json:
+        _print_json(quota_pb2.ListActiveContactsResponse(contacts=[contact.raw for contact in contacts]))
+    elif args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["contact_id", "activated_at", "activity"])
+        writer.writerows([contact.contact_id, _when(contact.activated_at), contact.activity] for contact in contacts)
+    else:
+        _print_table(["CONTACT", "ACTIVATED AT", "ACTIVITY"], _active_rows(contacts))
+        print(f"{len(contacts)} active contact{'' if len(contacts) == 1 else 's'}")
+    return EXIT_OK
+
+
+def _invoice(client: QuotaClient, args: argparse.Namespace) -> int:
+    invoice = client.get_invoice(args.tenant, cycle_start=args.cycle)
+    if args.json:
+        _print_json(invoice.raw)
+    else:
+        _print_invoice(invoice)
+    return EXIT_OK
+
+
+def _print_json(message: Message | None) -> None:
+    document = json_format.MessageToDict(
+        message,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
+        unquote_int64_if_possible=True,
+    )
+    print(json.dumps(document, indent=2))
+
+
+def _print_fields(fields: Sequence[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in fields) + 3
+    for key, value in fields:
+        print(f"{key:<{width}}{value}".rstrip())
+
+
+def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    rows = [list(header), *map(list, rows)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _span(value: timedelta | None) -> str:
+    if value is None:
+        return "-"
+    seconds = value.total_seconds()
+    for unit in ("d", "h", "m"):
+        size = _UNITS[unit]
+        if seconds and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _money(amount: Decimal | None, currency: str) -> str:
+    if amount is None:
+        return "-"
+    return f"{amount} {currency}".strip()
+
+
+def _usage_fields(usage: Usage) -> list[tuple[str, str]]:
+    active = f"{usage.active_contacts} / {usage.contact_limit}"
+    if usage.contact_limit:
+        active += f" ({usage.usage_ratio:.0%})"
+    sends = f"{usage.sends} / {usage.sends_limit}" if usage.sends_limit else f"{usage.sends} (unlimited)"
+    overage = f"{usage.overage_contacts} contact{'' if usage.overage_contacts == 1 else 's'}"
+    if usage.overage_amount is not None:
+        overage += f", {_money(usage.overage_amount, usage.currency)}"
+    return [
+        ("tenant", usage.tenant_id),
+        ("plan", usage.plan_name or "-"),
+        ("cycle", f"{_when(usage.cycle_start)} .. {_when(usage.cycle_end)}"),
+        ("active contacts", active),
+        ("sends", sends),
+        ("state", usage.state),
+        ("overage", overage),
+    ]
+
+
+def _decision_fields(decision: SendDecision) -> list[tuple[str, str]]:
+    fields = [
+        ("decision", decision.decision),
+        ("reason", decision.reason),
+        ("newly active", _yes(decision.newly_active)),
+    ]
+    if decision.retry_after is not None:
+        fields.append(("retry after", _span(decision.retry_after)))
+    if decision.usage is not None:
+        fields.extend(_usage_fields(decision.usage))
+    return fields
+
+
+def _plan_fields(tenant_id: str, plan: Plan) -> list[tuple[str, str]]:
+    rules = ", ".join(f"{source}={policy}" for source, policy in dict(plan.source_rules).items())
+    return [
+        ("tenant", tenant_id),
+        ("plan", plan.plan_name or "-"),
+        ("preset", plan.preset or "-"),
+        ("metering", str(plan.metering)),
+        ("enforcement", str(plan.enforcement)),
+        ("contact limit", f"{plan.contact_limit} + {plan.addon_contacts} add-ons"),
+        ("grace percent", str(plan.grace_percent)),
+        ("sends limit", str(plan.sends_limit) if plan.sends_limit else "unlimited"),
+        ("sends per contact", str(plan.sends_per_contact or "-")),
+        ("overage unit price", _money(_as_decimal(plan.overage_unit_price), plan.currency)),
+        ("currency", plan.currency or "-"),
+        ("cycle anchor", _when(plan.cycle_anchor if isinstance(plan.cycle_anchor, datetime) else None)),
+        ("billing interval", str(plan.billing_interval)),
+        ("counted kinds", ", ".join(map(str, plan.counted_kinds)) or "-"),
+        ("counted activities", ", ".join(map(str, plan.counted_activities)) or "-"),
+        ("source rules", rules or "-"),
+        ("max queue", _span(plan.max_queue if isinstance(plan.max_queue, timedelta) else None)),
+        ("notify at", ", ".join(str(ratio) for ratio in plan.notify_thresholds) or "-"),
+        ("renotify interval", _span(plan.renotify_interval if isinstance(plan.renotify_interval, timedelta) else None)),
+    ]
+
+
+def _as_decimal(value: Decimal | str | None) -> Decimal | None:
+    return Decimal(value) if isinstance(value, str) else value
+
+
+def _contact_fields(contact: ContactState) -> list[tuple[str, str]]:
+    source = " ".join(part for part in (contact.marketing_source_type, contact.marketing_source_id) if part)
+    return [
+        ("tenant", contact.tenant_id),
+        ("contact", contact.contact_id),
+        ("held", _yes(contact.held)),
+        ("active this cycle", _yes(contact.active_this_cycle)),
+        ("activated at", _when(contact.activated_at)),
+        ("marketing", _yes(contact.marketing)),
+        ("until next update", _yes(contact.marketing_until_next_update)),
+        ("status set by", source or "-"),
+    ]
+
+
+def _active_rows(contacts: Iterable[ActiveContact]) -> list[list[str]]:
+    return [[contact.contact_id, _when(contact.activated_at), contact.activity or "-"] for contact in contacts]
+
+
+def _print_invoice(invoice: Invoice) -> None:
+    if invoice.usage is not None:
+        _print_fields(_usage_fields(invoice.usage))
+        print()
+    rows = [
+        [
+            line.description,
+            str(line.quantity),
+            _money(line.unit_price, line.currency),
+            _money(line.amount, line.currency),
+        ]
+        for line in invoice.lines
+    ]
+    _print_table(["LINE", "QUANTITY", "UNIT PRICE", "AMOUNT"], rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

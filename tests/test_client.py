@@ -1,0 +1,533 @@
+"""The client library against the real sidecar over a real channel (fixture `sidecar`).
+
+What is unreachable is real too: a port nobody listens on, a listener that never
+answers, a stopped sidecar, and a gRPC proxy that loses the sidecar's answers.
+Rule ids refer to domain.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import grpc
+import pytest
+
+from quota_sidecar.client import (
+    DEFAULT_ADMIN_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    AsyncQuotaClient,
+    BatchDecision,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Plan,
+    QuotaClient,
+    Retry,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from quota_sidecar.client.v1 import quota_pb2
+
+TENANT = "tenant-1"
+PLAN = Plan(
+    plan_name="P",
+    metering="CYCLE_ACTIVE",
+    enforcement="HARD",
+    contact_limit=3,
+    counted_kinds=("CAMPAIGN", "AUTOMATION"),
+)
+# Generous: these tests are about answers; test_default_deadlines_bound_every_call is about time.
+TIMEOUT = 5.0
+CHECK_CALLS = ("check_send", "check_send_batch", "check_contact_add", "check_enroll")
+
+
+def _check(client: QuotaClient, name: str) -> tuple[Any, set[str]]:
+    """Makes one check call; returns its result and the decisions in it."""
+    calls = {
+        "check_send": lambda: client.check_send(TENANT, "c1", "CAMPAIGN"),
+        "check_send_batch": lambda: client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN"),
+        "check_contact_add": lambda: client.check_contact_add(TENANT, ["c1"], "API"),
+        "check_enroll": lambda: client.check_enroll(TENANT, "c1", "welcome"),
+    }
+    result = calls[name]()
+    if isinstance(result, BatchDecision):
+        return result, {entry.decision for entry in result.results}
+    return result, {result.decision}
+
+
+@pytest.fixture
+def quota(sidecar) -> Iterator[QuotaClient]:
+    """A client of a sidecar where TENANT has PLAN."""
+    with QuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
+        client.put_plan(TENANT, PLAN)
+        yield client
+
+
+@pytest.fixture
+def free_address() -> str:
+    """An address where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def silent_address() -> Iterator[str]:
+    """An address that accepts connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield "127.0.0.1:%d" % listener.getsockname()[1]
+
+
+class LossyProxy:
+    """A real gRPC server in front of the sidecar. It forwards every call and, for the
+    first `lose` calls of `method`, throws the sidecar's answer away and answers
+    UNAVAILABLE instead: what a caller sees when a connection drops after the sidecar
+    committed."""
+
+    def __init__(self, upstream: str, method: str, lose: int) -> None:
+        self.method = method
+        self.requests: list[bytes] = []
+        self._lose = lose
+        self._upstream = grpc.insecure_channel(upstream)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self._server.add_generic_rpc_handlers([self])
+        self.address = "127.0.0.1:%d" % self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        forward = self._upstream.unary_unary(details.method)
+        metadata = [(k, v) for k, v in details.invocation_metadata if k == "authorization"]
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            lost = False
+            if details.method.endswith("/" + self.method):
+                self.requests.append(request)
+                lost = len(self.requests) <= self._lose
+            try:
+                answer = forward(request, metadata=metadata, timeout=TIMEOUT)
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details())
+            if lost:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "proxy lost the answer")
+            return answer
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    def close(self) -> None:
+        self._server.stop(0).wait()
+        self._upstream.close()
+
+
+@pytest.fixture
+def lossy_proxy(sidecar):
+    proxies: list[LossyProxy] = []
+
+    def make(method: str, lose: int) -> LossyProxy:
+        proxies.append(LossyProxy(sidecar.address, method, lose))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_put_plan_and_get_plan_speak_short_names(sidecar) -> None:
+    with QuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
+        change = client.put_plan(TENANT, PLAN)
+        assert change.plan.metering == "CYCLE_ACTIVE"
+        assert change.plan.enforcement == "HARD"
+        assert change.plan.counted_kinds == ("CAMPAIGN", "AUTOMATION")
+        # A tenant's first plan without an anchor is anchored when it is stored.
+        assert change.plan.cycle_anchor == sidecar.clock.now()
+        assert change.usage is not None
+        assert (change.usage.active_contacts, change.usage.contact_limit) == (0, 3)
+        assert change.usage.cycle_start == sidecar.clock.now()
+        assert isinstance(change.raw, quota_pb2.PutPlanResponse)
+
+        plan = client.get_plan(TENANT)
+        assert plan == change.plan
+        assert isinstance(plan.raw, quota_pb2.Plan)
+        assert plan.raw.metering == quota_pb2.METERING_CYCLE_ACTIVE
+
+        raw = quota_pb2.Plan(plan_name="Q", metering=2, enforcement=1, contact_limit=5, counted_kinds=[1])
+        assert client.put_plan(TENANT, raw).plan.contact_limit == 5
+
+
+def test_check_send_counts_only_the_first_send_of_the_cycle_SG_8(quota: QuotaClient) -> None:
+    first = quota.check_send(TENANT, "c1", "CAMPAIGN")
+    assert (first.decision, first.reason, first.newly_active) == ("ALLOW", "NEW_CONTACT_COUNTED", True)
+    assert first.fallback is False and first.error is None
+    assert isinstance(first.raw, quota_pb2.CheckSendResponse)
+    assert first.raw.decision == quota_pb2.DECISION_ALLOW
+    assert first.usage is not None and (first.usage.active_contacts, first.usage.sends) == (1, 1)
+
+    again = quota.check_send(TENANT, "c1", quota_pb2.MESSAGE_KIND_AUTOMATION, channel=quota_pb2.CHANNEL_EMAIL)
+    assert (again.decision, again.reason, again.newly_active) == ("ALLOW", "ALREADY_ACTIVE", False)
+    assert again.usage is not None and (again.usage.active_contacts, again.usage.sends) == (1, 2)
+
+    # A repeated request_id gets the first answer and counts nothing more.
+    first = quota.check_send(TENANT, "c2", "CAMPAIGN", request_id="send-c2")
+    repeat = quota.check_send(TENANT, "c2", "CAMPAIGN", request_id="send-c2")
+    assert (repeat.decision, repeat.reason, repeat.newly_active) == (first.decision, first.reason, True)
+    assert quota.get_usage(TENANT).sends == 3
+
+
+def test_hard_limit_denies_new_contacts_and_still_mails_active_ones_SG_2_SG_10(quota: QuotaClient) -> None:
+    for contact in ("c1", "c2", "c3"):
+        assert quota.check_send(TENANT, contact, "CAMPAIGN").decision == "ALLOW"
+    denied = quota.check_send(TENANT, "c4", "CAMPAIGN")
+    assert (denied.decision, denied.reason, denied.newly_active) == ("DENY", "CONTACT_LIMIT_REACHED", False)
+    assert denied.fallback is False
+    assert denied.usage is not None and denied.usage.active_contacts == 3
+    assert quota.check_send(TENANT, "c1", "CAMPAIGN").reason == "ALREADY_ACTIVE"
+
+
+def test_uncounted_kind_is_allowed_and_touches_no_figure(quota: QuotaClient) -> None:
+    decision = quota.check_send(TENANT, "c1", "transactional")
+    assert (decision.decision, decision.reason) == ("ALLOW", "NOT_COUNTED")
+    assert decision.usage is not None and (decision.usage.active_contacts, decision.usage.sends) == (0, 0)
+
+
+def test_automation_email_at_the_limit_waits_then_expires_AC_9(sidecar, quota: QuotaClient) -> None:
+    for contact in ("c1", "c2", "c3"):
+        quota.check_send(TENANT, contact, "CAMPAIGN")
+    now = sidecar.clock.now()
+    deferred = quota.check_send(TENANT, "c4", "AUTOMATION", queued_since=now - timedelta(hours=1))
+    assert (deferred.decision, deferred.reason) == ("DEFER", "CONTACT_LIMIT_REACHED")
+    assert isinstance(deferred.retry_after, timedelta) and deferred.retry_after > timedelta(0)
+
+    expired = quota.check_send(TENANT, "c4", "AUTOMATION", queued_since=now - timedelta(hours=25))
+    assert (expired.decision, expired.reason) == ("EXPIRED", "QUEUED_TOO_LONG")
+
+
+def test_batch_is_decided_in_request_order_and_a_dry_run_counts_nothing_SG_5(quota: QuotaClient) -> None:
+    ids = ["c1", "c2", "c3", "c4", "c1"]
+    preflight = quota.check_send_batch(TENANT, ids, "CAMPAIGN", dry_run=True)
+    assert [r.contact_id for r in preflight.results] == ids
+    assert [r.decision for r in preflight.results] == ["ALLOW", "ALLOW", "ALLOW", "DENY", "ALLOW"]
+    assert preflight.results[3].reason == "CONTACT_LIMIT_REACHED"
+    assert preflight.results[4].newly_active is False
+    assert (preflight.allowed, preflight.denied) == (4, 1)
+    assert isinstance(preflight.raw, quota_pb2.CheckSendBatchResponse)
+    assert quota.get_usage(TENANT).active_contacts == 0
+
+    sent = quota.check_send_batch(TENANT, ids, "CAMPAIGN")
+    assert sent.newly_active == 3
+    assert sent.usage is not None and (sent.usage.active_contacts, sent.usage.sends) == (3, 3)
+
+
+def test_record_activity_activates_whatever_the_limit_CR_1(sidecar, quota: QuotaClient) -> None:
+    quota.put_plan(TENANT, dataclasses.replace(PLAN, counted_activities=["NOTE_ADDED"]))
+    record = quota.record_activity(TENANT, ["c1", "c2"], "NOTE_ADDED", occurred_at=sidecar.clock.now())
+    assert (record.recorded, record.newly_active) == (2, 2)
+    assert isinstance(record.raw, quota_pb2.RecordActivityResponse)
+
+    over = quota.record_activity(TENANT, ["c3", "c4"], "NOTE_ADDED")
+    assert (over.recorded, over.newly_active) == (2, 2)
+    assert over.usage is not None and over.usage.active_contacts == 4
+
+    # CR-2: a contact counts once per cycle however much happens to it.
+    again = quota.record_activity(TENANT, "c1", "NOTE_ADDED")
+    assert (again.recorded, again.newly_active) == (1, 0)
+
+
+def test_usage_resets_each_cycle_and_past_cycles_stay_readable_SG_7(sidecar, quota: QuotaClient) -> None:
+    quota.check_send(TENANT, "c1", "CAMPAIGN")
+    before = quota.get_usage(TENANT)
+    assert before.active_contacts == 1 and before.state == "OK"
+    assert before.cycle_start is not None and before.cycle_end is not None
+    assert before.cycle_start <= sidecar.clock.now() < before.cycle_end
+    assert isinstance(before.raw, quota_pb2.Usage)
+
+    sidecar.clock.advance(timedelta(days=32).total_seconds())
+    after = quota.get_usage(TENANT)
+    assert after.active_contacts == 0
+    assert after.cycle_start == before.cycle_end
+    assert quota.get_usage(TENANT, cycle_start=before.cycle_start).active_contacts == 1
+
+
+def test_upgrade_mid_cycle_raises_the_limit_at_once_SG_4(quota: QuotaClient) -> None:
+    quota.check_send_batch(TENANT, ["c1", "c2", "c3"], "CAMPAIGN")
+    assert quota.check_send(TENANT, "c4", "CAMPAIGN").decision == "DENY"
+    change = quota.put_plan(TENANT, dataclasses.replace(PLAN, contact_limit=4))
+    assert change.usage is not None and change.usage.contact_limit == 4
+    assert quota.check_send(TENANT, "c4", "CAMPAIGN").decision == "ALLOW"
+
+
+def test_get_contact_reports_activation(sidecar, quota: QuotaClient) -> None:
+    quota.check_send(TENANT, "c1", "CAMPAIGN")
+    contact = quota.get_contact(TENANT, "c1")
+    assert (contact.tenant_id, contact.contact_id) == (TENANT, "c1")
+    assert contact.active_this_cycle is True
+    assert contact.activated_at == sidecar.clock.now()
+    assert isinstance(contact.raw, quota_pb2.ContactState)
+
+    with pytest.raises(NotFound):
+        quota.get_contact(TENANT, "never-mailed")
+
+
+def test_active_contacts_come_page_by_page_and_all_at_once(quota: QuotaClient) -> None:
+    quota.check_send_batch(TENANT, ["c1", "c2", "c3"], "CAMPAIGN")
+    page = quota.list_active_contacts(TENANT, page_size=2)
+    assert len(page.contacts) == 2 and page.next_page_token
+    assert isinstance(page.raw, quota_pb2.ListActiveContactsResponse)
+
+    everyone = list(quota.iter_active_contacts(TENANT, page_size=2))
+    assert sorted(contact.contact_id for contact in everyone) == ["c1", "c2", "c3"]
+    assert all(contact.activated_at is not None and contact.activity for contact in everyone)
+
+
+def test_rpcs_of_the_next_release_raise_unimplemented_not_a_fallback(quota: QuotaClient) -> None:
+    for call in (
+        lambda: quota.check_contact_add(TENANT, ["n1"], "API"),
+        lambda: quota.check_enroll(TENANT, "c1", "welcome"),
+        lambda: quota.get_invoice(TENANT),
+    ):
+        with pytest.raises(Unimplemented) as info:
+            call()
+        assert info.value.code is grpc.StatusCode.UNIMPLEMENTED
+    assert quota.get_usage(TENANT).active_contacts == 0
+
+
+def test_server_errors_raise_typed_exceptions_with_the_servers_message(quota: QuotaClient) -> None:
+    with pytest.raises(InvalidArgument) as bad:
+        quota.check_send(TENANT, "", "CAMPAIGN")
+    assert bad.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "contact_id" in bad.value.message
+    assert isinstance(bad.value, ValueError)
+    assert quota.get_usage(TENANT).active_contacts == 0
+
+    with pytest.raises(NotFound) as missing:
+        quota.check_send("no-such-tenant", "c1", "CAMPAIGN")
+    assert "no-such-tenant" in missing.value.message and missing.value.code_name == "NOT_FOUND"
+    with pytest.raises(NotFound):
+        quota.get_usage("no-such-tenant")
+    with pytest.raises(NotFound):
+        quota.get_plan("no-such-tenant")
+
+
+def test_arguments_the_client_cannot_send_raise_before_any_call(free_address: str) -> None:
+    with QuotaClient(free_address, fail_mode="open") as client:
+        with pytest.raises(InvalidArgument, match="kind"):
+            client.check_send(TENANT, "c1", "LETTER")
+        with pytest.raises(InvalidArgument, match="timezone"):
+            client.check_send(TENANT, "c1", "AUTOMATION", queued_since=datetime(2025, 1, 1))
+
+
+def test_admin_calls_need_the_admin_token(sidecar) -> None:
+    with QuotaClient(sidecar.address, timeout=TIMEOUT) as anonymous:
+        with pytest.raises(Unauthenticated) as caught:
+            anonymous.put_plan(TENANT, PLAN)
+        assert "authorization" in caught.value.message
+    with QuotaClient(sidecar.address, admin_token="not-the-token", timeout=TIMEOUT) as impostor:
+        with pytest.raises(PermissionDenied):
+            impostor.get_plan(TENANT)
+    with QuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as admin:
+        admin.put_plan(TENANT, PLAN)
+    with QuotaClient(sidecar.address, timeout=TIMEOUT) as worker:
+        assert worker.check_send(TENANT, "c1", "CAMPAIGN").decision == "ALLOW"
+
+
+@pytest.mark.parametrize("fail_mode, decision", [("closed", "DENY"), ("open", "ALLOW")])
+@pytest.mark.parametrize("name", CHECK_CALLS)
+def test_checks_fall_back_to_the_fail_mode_when_nothing_listens(
+    free_address: str, fail_mode: str, decision: str, name: str
+) -> None:
+    with QuotaClient(free_address, fail_mode=fail_mode) as client:
+        result, decisions = _check(client, name)
+    assert decisions == {decision}
+    assert result.fallback is True
+    assert isinstance(result.error, Unavailable)
+    assert result.usage is None and result.raw is None
+
+
+def test_fallback_batch_answers_every_contact(free_address: str) -> None:
+    with QuotaClient(free_address, fail_mode="open") as client:
+        batch = client.check_send_batch(TENANT, ["c1", "c2", "c1"], "CAMPAIGN")
+    assert [(r.contact_id, r.decision) for r in batch.results] == [("c1", "ALLOW"), ("c2", "ALLOW"), ("c1", "ALLOW")]
+    assert (batch.allowed, batch.denied, batch.newly_active) == (3, 0, 0)
+
+
+def test_calls_other_than_checks_raise_unavailable(free_address: str) -> None:
+    with QuotaClient(free_address, admin_token="token", fail_mode="open") as client:
+        calls = [
+            lambda: client.record_activity(TENANT, ["c1"], "NOTE_ADDED"),
+            lambda: client.get_usage(TENANT),
+            lambda: client.put_plan(TENANT, PLAN),
+            lambda: client.get_plan(TENANT),
+            lambda: client.get_contact(TENANT, "c1"),
+            lambda: client.list_active_contacts(TENANT),
+            lambda: list(client.iter_active_contacts(TENANT)),
+            lambda: client.get_invoice(TENANT),
+        ]
+        for call in calls:
+            with pytest.raises(Unavailable) as caught:
+                call()
+            assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_stopped_sidecar_falls_back_closed(sidecar) -> None:
+    with QuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
+        client.put_plan(TENANT, PLAN)
+        assert client.check_send(TENANT, "c1", "CAMPAIGN").fallback is False
+        sidecar.stop()
+        decision = client.check_send(TENANT, "c2", "CAMPAIGN")
+        assert (decision.decision, decision.fallback) == ("DENY", True)
+        with pytest.raises(Unavailable):
+            client.get_usage(TENANT)
+
+
+def test_default_deadlines_bound_every_call(silent_address: str) -> None:
+    assert (DEFAULT_TIMEOUT, DEFAULT_ADMIN_TIMEOUT) == (0.1, 5.0)
+    with QuotaClient(silent_address, admin_timeout=0.3) as client:
+        assert (client.timeout, client.admin_timeout) == (0.1, 0.3)
+
+        started = time.monotonic()
+        decision = client.check_send(TENANT, "c1", "CAMPAIGN")
+        elapsed = time.monotonic() - started
+        assert (decision.decision, decision.fallback) == ("DENY", True)
+        assert isinstance(decision.error, DeadlineExceeded)
+        assert 0.09 <= elapsed < 0.5
+
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            client.get_plan(TENANT)
+        assert 0.29 <= time.monotonic() - started < 1.0
+
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            client.get_usage(TENANT, timeout=0.2)
+        assert 0.19 <= time.monotonic() - started < 0.6
+
+
+def test_retries_are_bounded_in_attempts_and_time(quota: QuotaClient, lossy_proxy, free_address: str) -> None:
+    proxy = lossy_proxy("CheckSend", lose=100)
+    retry = Retry(attempts=4, backoff=0.01, max_elapsed=1.0)
+    with QuotaClient(proxy.address, retries=retry, timeout=TIMEOUT) as client:
+        started = time.monotonic()
+        decision = client.check_send(TENANT, "c1", "CAMPAIGN")
+    assert (decision.decision, decision.fallback) == ("DENY", True)
+    assert len(proxy.requests) == 4
+    assert time.monotonic() - started < 1.0
+
+    with QuotaClient(free_address, retries=Retry(attempts=50, backoff=0.2, max_elapsed=0.3)) as client:
+        started = time.monotonic()
+        assert client.check_send(TENANT, "c1", "CAMPAIGN").fallback is True
+    assert time.monotonic() - started < 0.3 + DEFAULT_TIMEOUT + 0.2
+
+
+@pytest.mark.parametrize(
+    "method, call, counted",
+    [
+        ("CheckSend", lambda c: c.check_send(TENANT, "c1", "CAMPAIGN"), (1, 1)),
+        ("CheckSendBatch", lambda c: c.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN"), (2, 2)),
+        ("RecordActivity", lambda c: c.record_activity(TENANT, ["c1", "c2"], "NOTE_ADDED"), (2, 0)),
+    ],
+)
+def test_a_retried_call_counts_once_SG_8(quota: QuotaClient, lossy_proxy, method, call, counted) -> None:
+    quota.put_plan(TENANT, dataclasses.replace(PLAN, counted_activities=["NOTE_ADDED"]))
+    proxy = lossy_proxy(method, lose=1)
+    with QuotaClient(proxy.address, retries=Retry(attempts=3, backoff=0.01), timeout=TIMEOUT) as client:
+        result = call(client)
+    assert getattr(result, "fallback", False) is False
+    sent = [getattr(quota_pb2, method + "Request").FromString(raw) for raw in proxy.requests]
+    assert len(sent) == 2
+    assert sent[0].request_id and sent[0].request_id == sent[1].request_id
+    usage = quota.get_usage(TENANT)
+    assert (usage.active_contacts, usage.sends) == counted
+
+
+def test_dry_runs_carry_no_request_id(quota: QuotaClient, lossy_proxy) -> None:
+    proxy = lossy_proxy("CheckSend", lose=0)
+    with QuotaClient(proxy.address, timeout=TIMEOUT) as client:
+        client.check_send(TENANT, "c1", "CAMPAIGN", dry_run=True)
+        client.check_send(TENANT, "c1", "CAMPAIGN")
+    dry, real = (quota_pb2.CheckSendRequest.FromString(raw) for raw in proxy.requests)
+    assert dry.request_id == "" and len(real.request_id) == 32
+
+
+def test_async_client_makes_every_call(sidecar) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
+            change = await client.put_plan(TENANT, dataclasses.replace(PLAN, counted_activities=["NOTE_ADDED"]))
+            assert change.plan.plan_name == "P"
+            assert (await client.get_plan(TENANT)).contact_limit == 3
+
+            decision = await client.check_send(TENANT, "c1", "CAMPAIGN")
+            assert (decision.decision, decision.reason, decision.fallback) == ("ALLOW", "NEW_CONTACT_COUNTED", False)
+            batch = await client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN", dry_run=True)
+            assert [r.reason for r in batch.results] == ["ALREADY_ACTIVE", "NEW_CONTACT_COUNTED"]
+            record = await client.record_activity(TENANT, ["c2"], "NOTE_ADDED")
+            assert record.newly_active == 1
+
+            usage = await client.get_usage(TENANT)
+            assert (usage.active_contacts, usage.sends) == (2, 1)
+            assert (await client.get_contact(TENANT, "c2")).active_this_cycle is True
+            page = await client.list_active_contacts(TENANT, page_size=1)
+            assert len(page.contacts) == 1 and page.next_page_token
+            everyone = [contact.contact_id async for contact in client.iter_active_contacts(TENANT, page_size=1)]
+            assert sorted(everyone) == ["c1", "c2"]
+
+            with pytest.raises(NotFound):
+                await client.get_usage("no-such-tenant")
+            with pytest.raises(InvalidArgument):
+                await client.check_send(TENANT, "", "CAMPAIGN")
+
+    asyncio.run(scenario())
+
+
+def test_async_client_raises_unimplemented_for_the_next_release_rpcs(sidecar) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
+            await client.put_plan(TENANT, PLAN)
+            for call in (
+                lambda: client.check_contact_add(TENANT, ["n1"], "API"),
+                lambda: client.check_enroll(TENANT, "n1", "welcome"),
+                lambda: client.get_invoice(TENANT),
+            ):
+                with pytest.raises(Unimplemented):
+                    await call()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fail_mode, decision", [("closed", "DENY"), ("open", "ALLOW")])
+def test_async_client_falls_back_to_the_fail_mode(free_address: str, fail_mode: str, decision: str) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(free_address, fail_mode=fail_mode) as client:
+            batch = await client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN")
+            assert batch.fallback is True
+            assert [entry.decision for entry in batch.results] == [decision, decision]
+            for result in (
+                await client.check_send(TENANT, "c1", "CAMPAIGN"),
+                await client.check_contact_add(TENANT, ["c1"], "API"),
+                await client.check_enroll(TENANT, "c1", "welcome"),
+            ):
+                assert (result.decision, result.fallback) == (decision, True)
+            with pytest.raises(Unavailable):
+                await client.get_usage(TENANT)
+
+    asyncio.run(scenario())
+
+
+def test_client_settings_are_checked_when_built() -> None:
+    with pytest.raises(ValueError, match="fail_mode"):
+        QuotaClient("127.0.0.1:1", fail_mode="maybe")
+    with pytest.raises(ValueError, match="timeout"):
+        QuotaClient("127.0.0.1:1", timeout=0)
+    with pytest.raises(ValueError, match="retries"):
+        QuotaClient("127.0.0.1:1", retries=-1)
+    assert QuotaClient("127.0.0.1:1", retries=0).retry.attempts == 1

@@ -38,18 +38,28 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        settings = Settings(address="127.0.0.1:0", ledger=str(Path(folder) / "bench.db"), metrics_address="",
-                            admin_token="bench").validate()
+        settings = Settings(
+            address="127.0.0.1:0", ledger=str(Path(folder) / "bench.db"), metrics_address="", admin_token="bench"
+        ).validate()
         sidecar = Sidecar(settings, registry=CollectorRegistry())
         sidecar.start()
         try:
             with grpc.insecure_channel(sidecar.address) as channel:
                 admin = pb_grpc.QuotaAdminServiceStub(channel)
                 quota = pb_grpc.QuotaServiceStub(channel)
-                admin.PutPlan(pb.PutPlanRequest(tenant_id="bench", plan=pb.Plan(
-                    plan_name="bench", metering=pb.METERING_CYCLE_ACTIVE, enforcement=pb.ENFORCEMENT_HARD,
-                    contact_limit=100_000_000, counted_kinds=[pb.MESSAGE_KIND_CAMPAIGN])),
-                    metadata=(("authorization", "Bearer bench"),))
+                admin.PutPlan(
+                    pb.PutPlanRequest(
+                        tenant_id="bench",
+                        plan=pb.Plan(
+                            plan_name="bench",
+                            metering=pb.METERING_CYCLE_ACTIVE,
+                            enforcement=pb.ENFORCEMENT_HARD,
+                            contact_limit=100_000_000,
+                            counted_kinds=[pb.MESSAGE_KIND_CAMPAIGN],
+                        ),
+                    ),
+                    metadata=(("authorization", "Bearer bench"),),
+                )
                 rows = []
                 for label in ("new", "active"):
                     samples = []
@@ -58,8 +68,14 @@ def main() -> None:
                         started = time.perf_counter()
                         quota.CheckSend(request, timeout=5)
                         samples.append(time.perf_counter() - started)
-                    rows.append((f"CheckSend {label} contact", percentile(samples, 0.5) * 1e3,
-                                 percentile(samples, 0.99) * 1e3, len(samples) / sum(samples)))
+                    rows.append(
+                        (
+                            f"CheckSend {label} contact",
+                            percentile(samples, 0.5) * 1e3,
+                            percentile(samples, 0.99) * 1e3,
+                            len(samples) / sum(samples),
+                        )
+                    )
                 for label in ("new", "active"):
                     elapsed = []
                     for b in range(args.batches):
@@ -69,8 +85,14 @@ def main() -> None:
                         quota.CheckSendBatch(request, timeout=60)
                         elapsed.append(time.perf_counter() - started)
                     rate = args.batch / statistics.median(elapsed)
-                    rows.append((f"CheckSendBatch {args.batch} {label}", percentile(elapsed, 0.5) * 1e3,
-                                 percentile(elapsed, 0.99) * 1e3, rate))
+                    rows.append(
+                        (
+                            f"CheckSendBatch {args.batch} {label}",
+                            percentile(elapsed, 0.5) * 1e3,
+                            percentile(elapsed, 0.99) * 1e3,
+                            rate,
+                        )
+                    )
         finally:
             sidecar.stop(1)
     print(f"{'scenario':32} {'p50 ms':>9} {'p99 ms':>9} {'per second':>12}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import random
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType

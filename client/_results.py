@@ -268,9 +268,7 @@ class Plan:
             currency=self.currency,
             billing_interval=enum_value(quota_pb2.BillingInterval, self.billing_interval, "plan.billing_interval"),
             counted_kinds=enum_values(quota_pb2.MessageKind, self.counted_kinds, "plan.counted_kinds"),
-            counted_activities=enum_values(
-                quota_pb2.ActivityKind, self.counted_activities, "plan.counted_activities"
-            ),
+            counted_activities=enum_values(quota_pb2.ActivityKind, self.counted_activities, "plan.counted_activities"),
             notify_thresholds=list(self.notify_thresholds),
             preset=self.preset,
         )
@@ -305,18 +303,14 @@ class Plan:
             cycle_anchor=from_timestamp(plan.cycle_anchor) if plan.HasField("cycle_anchor") else None,
             billing_interval=enum_name(quota_pb2.BillingInterval, plan.billing_interval),
             counted_kinds=tuple(enum_name(quota_pb2.MessageKind, kind) for kind in plan.counted_kinds),
-            counted_activities=tuple(
-                enum_name(quota_pb2.ActivityKind, kind) for kind in plan.counted_activities
-            ),
+            counted_activities=tuple(enum_name(quota_pb2.ActivityKind, kind) for kind in plan.counted_activities),
             source_rules={
                 enum_name(quota_pb2.ContactSource, rule.source): enum_name(quota_pb2.SourcePolicy, rule.policy)
                 for rule in plan.source_rules
             },
             max_queue=from_duration(plan.max_queue) if plan.HasField("max_queue") else None,
             notify_thresholds=tuple(plan.notify_thresholds),
-            renotify_interval=(
-                from_duration(plan.renotify_interval) if plan.HasField("renotify_interval") else None
-            ),
+            renotify_interval=(from_duration(plan.renotify_interval) if plan.HasField("renotify_interval") else None),
             preset=plan.preset,
             raw=plan,
         )

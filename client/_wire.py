@@ -8,7 +8,7 @@ decimal strings `Decimal`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -76,7 +76,7 @@ def to_timestamp(value: TimestampArg, field: str) -> timestamp_pb2.Timestamp:
 
 
 def from_timestamp(stamp: timestamp_pb2.Timestamp) -> datetime:
-    return stamp.ToDatetime(tzinfo=timezone.utc)
+    return stamp.ToDatetime(tzinfo=UTC)
 
 
 def to_duration(value: DurationArg, field: str) -> duration_pb2.Duration:

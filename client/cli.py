@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -111,9 +111,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     plan_set.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
     plan_set.add_argument("--name", dest="plan_name", help="the plan's name, e.g. GROW")
     plan_set.add_argument("--metering", type=_choice(quota_pb2.Metering), metavar=_names(quota_pb2.Metering))
-    plan_set.add_argument(
-        "--enforcement", type=_choice(quota_pb2.Enforcement), metavar=_names(quota_pb2.Enforcement)
-    )
+    plan_set.add_argument("--enforcement", type=_choice(quota_pb2.Enforcement), metavar=_names(quota_pb2.Enforcement))
     plan_set.add_argument("--limit", dest="contact_limit", type=_count, metavar="N", help="plan contacts")
     plan_set.add_argument("--addons", dest="addon_contacts", type=_count, metavar="N", help="add-on contacts")
     plan_set.add_argument("--grace-percent", type=_count, metavar="N")
@@ -160,9 +158,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     check.add_argument(
         "--kind", type=_choice(quota_pb2.MessageKind), default="CAMPAIGN", metavar=_names(quota_pb2.MessageKind)
     )
-    check.add_argument(
-        "--channel", type=_choice(quota_pb2.Channel), default="EMAIL", metavar=_names(quota_pb2.Channel)
-    )
+    check.add_argument("--channel", type=_choice(quota_pb2.Channel), default="EMAIL", metavar=_names(quota_pb2.Channel))
     check.add_argument("--dry-run", action="store_true", help="decide and report, count nothing")
     check.add_argument("--queued-since", type=_instant, metavar="ISO", help="when the automation e-mail was queued")
 
@@ -213,7 +209,7 @@ def _instant(text: str) -> datetime:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _count(text: str) -> int:
@@ -429,13 +425,13 @@ def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     rows = [list(header), *map(list, rows)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
 
 
 def _when(value: datetime | None) -> str:
     if value is None:
         return "-"
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _yes(value: bool) -> str:

@@ -96,9 +96,7 @@ class Sidecar:
             QuotaAdminService(self.engine, self.metrics, s.admin_token), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if s.address.startswith("unix:"):
             path = Path(s.address.removeprefix("unix://").removeprefix("unix:"))
@@ -116,7 +114,10 @@ class Sidecar:
         metrics_at = f"http://{host}:{self.metrics_port}/metrics" if s.metrics_address else "disabled"
         log.info(
             "quota-sidecar listening on %s (metrics %s), ledger %s, pid %d",
-            self.address, metrics_at, s.ledger, os.getpid(),
+            self.address,
+            metrics_at,
+            s.ledger,
+            os.getpid(),
         )
 
     def open(self) -> None:

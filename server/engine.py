@@ -192,7 +192,9 @@ def validate_plan(tenant_id: str, given: PlanInput) -> None:
             raise InvalidArgument(f"plan.{name.removesuffix('_us')}", "must not be negative")
     for t in given.notify_thresholds:
         if not (0 < t <= 1):
-            raise InvalidArgument("plan.notify_thresholds", "each threshold is a ratio of the limit in (0, 1], e.g. 0.8")
+            raise InvalidArgument(
+                "plan.notify_thresholds", "each threshold is a ratio of the limit in (0, 1], e.g. 0.8"
+            )
     sources = [s for s, _ in given.source_rules]
     if len(sources) != len(set(sources)):
         raise InvalidArgument("plan.source_rules", "names a source more than once")
@@ -354,8 +356,17 @@ class Engine:
             cycle = cycle_at(plan.cycle_anchor_us, now)
             audit: list[AuditEntry] = []
             decision = self._decide_send(
-                view, plan, req.tenant_id, cycle, req.contact_id, req.kind, req.queued_since_us, now, audit,
-                "CheckSend", req.request_id,
+                view,
+                plan,
+                req.tenant_id,
+                cycle,
+                req.contact_id,
+                req.kind,
+                req.queued_since_us,
+                now,
+                audit,
+                "CheckSend",
+                req.request_id,
             )
             view.audit(audit)
             usage = usage_of(req.tenant_id, plan, cycle, view.counters(req.tenant_id, cycle.start_us))
@@ -367,7 +378,12 @@ class Engine:
 
         def unit(tx: LedgerTx) -> SendOutcome:
             return self._once(  # type: ignore[return-value]
-                tx, req.tenant_id, "CheckSend", req.request_id, fingerprint, lambda: decide(tx),
+                tx,
+                req.tenant_id,
+                "CheckSend",
+                req.request_id,
+                fingerprint,
+                lambda: decide(tx),
                 lambda o: {"d": _decision_json(o.decision), "u": _usage_json(o.usage)},
                 lambda raw: SendOutcome(_decision_from(raw["d"]), _usage_from(raw["u"])),
             )
@@ -394,8 +410,17 @@ class Engine:
                     results.append((contact_id, replace(earlier, newly_active=False)))
                     continue
                 d = self._decide_send(
-                    view, plan, req.tenant_id, cycle, contact_id, req.kind, None, now, audit,
-                    "CheckSendBatch", req.request_id,
+                    view,
+                    plan,
+                    req.tenant_id,
+                    cycle,
+                    contact_id,
+                    req.kind,
+                    None,
+                    now,
+                    audit,
+                    "CheckSendBatch",
+                    req.request_id,
                 )
                 first[contact_id] = d
                 results.append((contact_id, d))
@@ -416,14 +441,25 @@ class Engine:
 
         def unit(tx: LedgerTx) -> BatchOutcome:
             return self._once(  # type: ignore[return-value]
-                tx, req.tenant_id, "CheckSendBatch", req.request_id, fingerprint, lambda: decide(tx),
+                tx,
+                req.tenant_id,
+                "CheckSendBatch",
+                req.request_id,
+                fingerprint,
+                lambda: decide(tx),
                 lambda o: {
                     "r": [[c, *_decision_json(d)] for c, d in o.results],
-                    "a": o.allowed, "d": o.denied, "n": o.newly_active, "u": _usage_json(o.usage),
+                    "a": o.allowed,
+                    "d": o.denied,
+                    "n": o.newly_active,
+                    "u": _usage_json(o.usage),
                 },
                 lambda raw: BatchOutcome(
                     tuple((r[0], _decision_from(r[1:])) for r in raw["r"]),
-                    raw["a"], raw["d"], raw["n"], _usage_from(raw["u"]),
+                    raw["a"],
+                    raw["d"],
+                    raw["n"],
+                    _usage_from(raw["u"]),
                 ),
             )
 
@@ -454,10 +490,8 @@ class Engine:
             if not sends_left:
                 return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle)
             view.add_sends(tenant_id, cycle.start_us, contact_id, 1)
-            audit.append(
-                AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", "ALREADY_ACTIVE",
-                           sends_delta=1, request_id=request_id)
-            )
+            entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", "ALREADY_ACTIVE")
+            audit.append(replace(entry, sends_delta=1, request_id=request_id))
             return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE)
         ceiling = plan.ceiling
         if ceiling is not None and counters.active_contacts >= ceiling:
@@ -468,10 +502,8 @@ class Engine:
         view.activate(tenant_id, cycle.start_us, [Activation(contact_id, now, kind.name, 1)])
         overage = plan.enforcement is Enforcement.OVERAGE and counters.active_contacts + 1 > plan.limit
         reason = Reason.OVERAGE if overage else Reason.NEW_CONTACT_COUNTED
-        audit.append(
-            AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", reason.name,
-                       active_delta=1, sends_delta=1, request_id=request_id)
-        )
+        entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", reason.name)
+        audit.append(replace(entry, active_delta=1, sends_delta=1, request_id=request_id))
         return SendDecision(Decision.ALLOW, reason, newly_active=True)
 
     @staticmethod
@@ -520,8 +552,17 @@ class Engine:
                         fresh.append(Activation(contact_id, at, req.kind.name, 0))
                 tx.activate(req.tenant_id, cycle.start_us, fresh)
                 audit.extend(
-                    AuditEntry(now, req.tenant_id, cycle.start_us, "RecordActivity", a.contact_id, "RECORDED",
-                               req.kind.name, active_delta=1, request_id=req.request_id)
+                    AuditEntry(
+                        now,
+                        req.tenant_id,
+                        cycle.start_us,
+                        "RecordActivity",
+                        a.contact_id,
+                        "RECORDED",
+                        req.kind.name,
+                        active_delta=1,
+                        request_id=req.request_id,
+                    )
                     for a in fresh
                 )
             tx.audit(audit)
@@ -530,7 +571,12 @@ class Engine:
 
         def unit(tx: LedgerTx) -> ActivityOutcome:
             return self._once(  # type: ignore[return-value]
-                tx, req.tenant_id, "RecordActivity", req.request_id, fingerprint, lambda: decide(tx),
+                tx,
+                req.tenant_id,
+                "RecordActivity",
+                req.request_id,
+                fingerprint,
+                lambda: decide(tx),
                 lambda o: {"r": o.recorded, "n": o.newly_active, "u": _usage_json(o.usage)},
                 lambda raw: ActivityOutcome(raw["r"], raw["n"], _usage_from(raw["u"])),
             )
@@ -553,16 +599,36 @@ class Engine:
             elif kind is ActivityKind.CONTACT_DELETED:
                 after = replace(before, held=False)
             elif req.marketing:
-                after = replace(before, held=True, marketing=True, marketing_until_next_update=False,
-                                marketing_source_type=req.source_type, marketing_source_id=req.source_id)
+                after = replace(
+                    before,
+                    held=True,
+                    marketing=True,
+                    marketing_until_next_update=False,
+                    marketing_source_type=req.source_type,
+                    marketing_source_id=req.source_id,
+                )
             else:
-                after = replace(before, held=True, marketing_until_next_update=before.marketing,
-                                marketing_source_type=req.source_type, marketing_source_id=req.source_id)
+                after = replace(
+                    before,
+                    held=True,
+                    marketing_until_next_update=before.marketing,
+                    marketing_source_type=req.source_type,
+                    marketing_source_id=req.source_id,
+                )
             changed.append(after)
             if after.held != before.held:
                 audit.append(
-                    AuditEntry(now, req.tenant_id, cycle.start_us, "RecordActivity", contact_id, "RECORDED",
-                               kind.name, held_delta=1 if after.held else -1, request_id=req.request_id)
+                    AuditEntry(
+                        now,
+                        req.tenant_id,
+                        cycle.start_us,
+                        "RecordActivity",
+                        contact_id,
+                        "RECORDED",
+                        kind.name,
+                        held_delta=1 if after.held else -1,
+                        request_id=req.request_id,
+                    )
                 )
         tx.put_contacts(req.tenant_id, changed, now)
 

@@ -17,8 +17,24 @@ from . import __version__
 from .dedupe import DedupeFilters
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -55,7 +71,8 @@ class Metrics:
             registry=registry,
         )
         self.commit_failures = Counter(
-            "quota_ledger_commit_failures_total", "Ledger commits that failed (callers got UNAVAILABLE)",
+            "quota_ledger_commit_failures_total",
+            "Ledger commits that failed (callers got UNAVAILABLE)",
             registry=registry,
         )
 
@@ -78,20 +95,27 @@ class SidecarCollector(Collector):
         info = GaugeMetricFamily("quota_build_info", "The sidecar's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
-        yield GaugeMetricFamily("quota_ready", "1 when the ledger is open and the filters are loaded",
-                                value=1 if self.ready() else 0)
+        yield GaugeMetricFamily(
+            "quota_ready", "1 when the ledger is open and the filters are loaded", value=1 if self.ready() else 0
+        )
         if self.filters is None:
             return
-        yield GaugeMetricFamily("quota_dedupe_filters", "Dedupe filters held in memory (tenant cycles)",
-                                value=len(self.filters))
-        yield GaugeMetricFamily("quota_dedupe_filter_items", "Contacts held in the dedupe filters",
-                                value=self.filters.items)
-        yield GaugeMetricFamily("quota_dedupe_filter_bytes", "Memory of the dedupe filters' bit arrays",
-                                value=self.filters.size_bytes)
+        yield GaugeMetricFamily(
+            "quota_dedupe_filters", "Dedupe filters held in memory (tenant cycles)", value=len(self.filters)
+        )
+        yield GaugeMetricFamily(
+            "quota_dedupe_filter_items", "Contacts held in the dedupe filters", value=self.filters.items
+        )
+        yield GaugeMetricFamily(
+            "quota_dedupe_filter_bytes", "Memory of the dedupe filters' bit arrays", value=self.filters.size_bytes
+        )
         stats = self.filters.stats
         yield CounterMetricFamily("quota_dedupe_lookups", "Dedupe look-ups since start", value=stats.lookups)
-        yield CounterMetricFamily("quota_dedupe_certainly_new", "Look-ups the filter answered without the ledger",
-                                  value=stats.certainly_new)
-        yield CounterMetricFamily("quota_dedupe_confirmed_false_positives",
-                                  "Filter 'maybe' answers that the ledger showed to be new contacts",
-                                  value=stats.confirmed_false_positives)
+        yield CounterMetricFamily(
+            "quota_dedupe_certainly_new", "Look-ups the filter answered without the ledger", value=stats.certainly_new
+        )
+        yield CounterMetricFamily(
+            "quota_dedupe_confirmed_false_positives",
+            "Filter 'maybe' answers that the ledger showed to be new contacts",
+            value=stats.confirmed_false_positives,
+        )

@@ -192,9 +192,7 @@ def _abort(context: grpc.ServicerContext, exc: QuotaError) -> None:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.problem)
-                ]
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.problem)]
             )
         )
         status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])

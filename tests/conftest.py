@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -18,7 +18,7 @@ from quota_sidecar.server.clock import FakeClock
 from quota_sidecar.server.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token"
-START = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
 @dataclass

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import grpc
@@ -88,7 +87,7 @@ def silent_address() -> Iterator[str]:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
-        yield "127.0.0.1:%d" % listener.getsockname()[1]
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
 
 
 class LossyProxy:
@@ -104,7 +103,7 @@ class LossyProxy:
         self._upstream = grpc.insecure_channel(upstream)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         self._server.add_generic_rpc_handlers([self])
-        self.address = "127.0.0.1:%d" % self._server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
         self._server.start()
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:

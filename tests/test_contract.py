@@ -197,7 +197,7 @@ def parse_contract(text: str) -> Contract:
                     found.add_fields(message.group(1), parse_fields(message.group(2), found))
         elif pair := re.fullmatch(r"### (\w+)Request / Response", heading):
             parts = re.split(r"\b(Request|Response):", first_paragraph(body))
-            for role, part in zip(parts[1::2], parts[2::2]):
+            for role, part in zip(parts[1::2], parts[2::2], strict=False):
                 found.add_fields(pair.group(1) + role, parse_fields(part, found))
         elif single := re.fullmatch(r"### (?:message )?([A-Z]\w*)", heading):
             found.add_fields(single.group(1), parse_fields(first_paragraph(body), found))

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import calendar
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from quota_sidecar.server.clock import from_us, to_us
 from quota_sidecar.server.cycles import Cycle, cycle_at, cycle_start
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def at(*parts: int) -> int:
@@ -95,7 +95,9 @@ def test_sg7_anchor_jan29_clamps_only_in_non_leap_february():
 
 def test_sg7_anchor_on_28th_is_never_clamped():
     anchor = at(2025, 1, 28, 23, 59, 59, 999999)
-    assert all(s.day == 28 and s.time() == d(2025, 1, 28, 23, 59, 59, 999999).time() for s in starts(anchor, range(-30, 30)))
+    assert all(
+        s.day == 28 and s.time() == d(2025, 1, 28, 23, 59, 59, 999999).time() for s in starts(anchor, range(-30, 30))
+    )
 
 
 def test_sg7_anchor_aug31_follows_30_and_31_day_months():
@@ -168,7 +170,11 @@ def test_sg7_new_year_instant_exactly_on_a_jan1_boundary():
         (at(2025, 1, 31, 10), at(2025, 3, 31, 10), at(2025, 2, 28, 10)),
         (at(2024, 1, 31), at(2024, 2, 29), at(2024, 1, 31)),
         (at(2025, 1, 15, 8), at(2025, 2, 15, 8), at(2025, 1, 15, 8)),
-        (at(2025, 12, 31, 23, 59, 59, 999999), at(2026, 1, 31, 23, 59, 59, 999999), at(2025, 12, 31, 23, 59, 59, 999999)),
+        (
+            at(2025, 12, 31, 23, 59, 59, 999999),
+            at(2026, 1, 31, 23, 59, 59, 999999),
+            at(2025, 12, 31, 23, 59, 59, 999999),
+        ),
     ],
 )
 def test_sg7_boundary_instant_belongs_to_the_new_cycle_and_one_microsecond_before_to_the_old(
@@ -237,12 +243,17 @@ def _reference_cycle(anchor: datetime, instant: datetime) -> tuple[datetime, dat
 def test_sg7_property_every_instant_in_exactly_one_cycle_and_cycles_tile():
     rng = random.Random(20260310)
     lo, hi = at(1971, 1, 1), at(2099, 12, 1)
-    anchors = [at(y, 1, day, h) for y in (1999, 2000, 2023, 2024, 2025) for day in (1, 15, 28, 29, 30, 31) for h in (0, 23)]
+    anchors = [
+        at(y, 1, day, h) for y in (1999, 2000, 2023, 2024, 2025) for day in (1, 15, 28, 29, 30, 31) for h in (0, 23)
+    ]
     anchors += [at(2024, 2, 29), at(2100, 1, 31), at(2025, 12, 31, 23, 59, 59, 999999)]
     anchors += [rng.randrange(lo, hi) for _ in range(120)]
     for anchor_us in anchors:
         anchor = from_us(anchor_us)
-        instants = [rng.randrange(anchor_us - 40 * 366 * 86_400_000_000, anchor_us + 40 * 366 * 86_400_000_000) for _ in range(25)]
+        instants = [
+            rng.randrange(anchor_us - 40 * 366 * 86_400_000_000, anchor_us + 40 * 366 * 86_400_000_000)
+            for _ in range(25)
+        ]
         # and instants right on and around boundaries
         for k in (-25, -1, 0, 1, 2, 13, 49):
             b = cycle_start(anchor_us, k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from quota_sidecar.server.model import (
     UsageState,
 )
 
-UTC = timezone.utc
+UTC = UTC
 T = "tenant-a"
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -420,7 +420,9 @@ def test_uncounted_kind_is_allowed_not_counted_and_touches_no_figure(engine: Eng
 
 
 def test_batch_results_in_request_order_duplicates_repeat_first_decision_and_count_once(engine: Engine):
-    """SG-2, SG-8, api.md CheckSendBatch: results in request order; a repeated id repeats its first decision, newly_active false, counted once."""
+    """SG-2, SG-8, api.md CheckSendBatch: results in request order; a repeated id repeats its first decision,
+    newly_active false, counted once.
+    """
     engine.put_plan(T, plan(3))
     send(engine, "m")
     out = batch(engine, ["z", "m", "a", "z", "q", "r", "a", "r"])
@@ -543,7 +545,9 @@ def test_request_id_answer_is_durable_across_a_restart(db_path: Path, clock: Fak
 
 
 def test_record_activity_counted_activity_activates_whatever_the_hard_limit(engine: Engine):
-    """CR-1, CR-5 / api.md Decision rules: RecordActivity of a counted activity activates whatever the limit, even under HARD (SG-2 still holds for CheckSend)."""
+    """CR-1, CR-5 / api.md Decision rules: RecordActivity of a counted activity activates whatever the limit, even
+    under HARD (SG-2 still holds for CheckSend).
+    """
     engine.put_plan(T, plan(2))
     fill(engine, 2)
     out = record(engine, ["x", "y", "z"])
@@ -580,7 +584,9 @@ def test_record_activity_of_an_uncounted_kind_activates_nobody(engine: Engine):
 
 
 def test_record_activity_is_booked_into_the_cycle_containing_occurred_at(engine: Engine, clock: FakeClock):
-    """SG-7, CR-2, CR-7 / api.md RecordActivityRequest.occurred_at: activity is booked into the cycle that contains it."""
+    """SG-7, CR-2, CR-7 / api.md RecordActivityRequest.occurred_at: activity is booked into the cycle that contains
+    it.
+    """
     engine.put_plan(T, plan(3))
     send(engine, "a")
     occurred = CYCLE_START - timedelta(days=2)  # the previous cycle [Jan 15, Feb 15)
@@ -708,7 +714,9 @@ def test_cr5_overage_record_activity_over_the_limit_shows_as_overage(engine: Eng
 # -- AUTOMATION: DEFER and EXPIRED (AC-9) ---------------------------------------------------------
 
 
-def test_ac9_automation_denied_by_the_limit_is_deferred_while_queued_less_than_max_queue(engine: Engine, clock: FakeClock):
+def test_ac9_automation_denied_by_the_limit_is_deferred_while_queued_less_than_max_queue(
+    engine: Engine, clock: FakeClock
+):
     engine.put_plan(T, plan(1))
     send(engine, "a")
     now = clock.now_us()
@@ -797,7 +805,9 @@ def test_mk2_cr8_warning_is_inclusive_when_the_ratio_equals_the_threshold_exactl
 
 
 def test_invalid_ids_are_invalid_argument_naming_the_field_and_count_nothing(engine: Engine, db_path: Path):
-    """api.md Errors: empty or over-256-byte ids, missing enums, batches over 10,000 are INVALID_ARGUMENT naming the field; nothing is counted."""
+    """api.md Errors: empty or over-256-byte ids, missing enums, batches over 10,000 are INVALID_ARGUMENT naming the
+    field; nothing is counted.
+    """
     engine.put_plan(T, plan(5))
     before = snapshot(db_path)
     cases = [
@@ -859,7 +869,10 @@ def test_input_is_validated_before_the_tenant_is_looked_up(engine: Engine):
         (dict(enforcement=Enforcement.OVERAGE, overage_unit_price="abc", currency="EUR"), "plan.overage_unit_price"),
         (dict(enforcement=Enforcement.OVERAGE, overage_unit_price="-0.25", currency="EUR"), "plan.overage_unit_price"),
         (dict(enforcement=Enforcement.OVERAGE, overage_unit_price="NaN", currency="EUR"), "plan.overage_unit_price"),
-        (dict(enforcement=Enforcement.OVERAGE, overage_unit_price="Infinity", currency="EUR"), "plan.overage_unit_price"),
+        (
+            dict(enforcement=Enforcement.OVERAGE, overage_unit_price="Infinity", currency="EUR"),
+            "plan.overage_unit_price",
+        ),
         (dict(enforcement=Enforcement.OVERAGE, overage_unit_price="0.25"), "plan.currency"),
         (dict(metering=None), "plan.metering"),
         (dict(enforcement=None), "plan.enforcement"),
@@ -870,7 +883,9 @@ def test_input_is_validated_before_the_tenant_is_looked_up(engine: Engine):
 def test_bad_plan_is_invalid_argument_naming_the_field_and_stores_nothing(
     engine: Engine, db_path: Path, fields: dict, field: str
 ):
-    """SG-3, AC-7, CR-6 / api.md Errors: a negative or nonsensical plan is INVALID_ARGUMENT naming the field; the old plan stays."""
+    """SG-3, AC-7, CR-6 / api.md Errors: a negative or nonsensical plan is INVALID_ARGUMENT naming the field; the
+    old plan stays.
+    """
     engine.put_plan(T, plan(5))
     before = snapshot(db_path)
     given = dict(fields)
@@ -988,7 +1003,9 @@ def test_list_active_contacts_pages_through_all_without_duplicates(engine: Engin
 
 
 def test_list_active_contacts_of_a_past_cycle_and_token_of_another_cycle_rejected(engine: Engine, clock: FakeClock):
-    """SG-7, CR-7 / api.md ListActiveContacts: a past cycle's contacts; a page token of another cycle is INVALID_ARGUMENT."""
+    """SG-7, CR-7 / api.md ListActiveContacts: a past cycle's contacts; a page token of another cycle is
+    INVALID_ARGUMENT.
+    """
     engine.put_plan(T, plan(100))
     batch(engine, [f"old{i}" for i in range(5)])
     clock.set(CYCLE_END + timedelta(days=1))

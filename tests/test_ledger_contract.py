@@ -152,8 +152,11 @@ class TestLedgerContract:
         def unit(tx: LedgerTx) -> str:
             tx.put_plan(T, '{"plan": 1}', 100)
             tx.activate(T, C1, [act("a", 1), act("b", 0, activity="MESSAGE_SENT")])
-            tx.put_contacts(T, [ContactRecord("a", held=True, marketing=True, marketing_source_type="api",
-                                              marketing_source_id="k1")], 100)
+            tx.put_contacts(
+                T,
+                [ContactRecord("a", held=True, marketing=True, marketing_source_type="api", marketing_source_id="k1")],
+                100,
+            )
             return "done"
 
         assert ledger.transact(unit) == "done"
@@ -167,6 +170,7 @@ class TestLedgerContract:
 
     def test_a_unit_sees_its_own_writes(self, ledger: Ledger):
         """SG-8: within a unit the writer sees its own activations, so a batch never counts a contact twice."""
+
         def unit(tx: LedgerTx) -> tuple:
             before = tx.activation(T, C1, "a")
             tx.activate(T, C1, [act("a")])
@@ -185,6 +189,7 @@ class TestLedgerContract:
 
     def test_a_unit_that_raises_leaves_no_trace(self, ledger: Ledger):
         """api.md Errors: nothing is half-written; a unit that raises leaves no trace."""
+
         def bad(tx: LedgerTx) -> None:
             tx.put_plan(T, "plan", 1)
             tx.activate(T, C1, [act("a")])
@@ -210,6 +215,7 @@ class TestLedgerContract:
         self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
     ):
         """Ledger docstring / api.md Errors: group commit isolates units; other callers' decisions still commit."""
+
         def good(name: str) -> Callable[[LedgerTx], str]:
             def unit(tx: LedgerTx) -> str:
                 tx.activate(T, C1, [act(name)])

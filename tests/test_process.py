@@ -65,9 +65,22 @@ class Process:
 def start(ledger: Path, *extra: str) -> Process:
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [str(BIN / "quota-sidecar"), "serve", "--address", address, "--ledger", f"sqlite:///{ledger}",
-         "--metrics-address", f"127.0.0.1:{free_port()}", "--admin-token", TOKEN, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "quota-sidecar"),
+            "serve",
+            "--address",
+            address,
+            "--ledger",
+            f"sqlite:///{ledger}",
+            "--metrics-address",
+            f"127.0.0.1:{free_port()}",
+            "--admin-token",
+            TOKEN,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     return Process(proc, address, ledger)
 
@@ -87,10 +100,18 @@ def processes() -> Iterator[list[Process]]:
 def put_plan(address: str, limit: int) -> None:
     with grpc.insecure_channel(address) as ch:
         pb_grpc.QuotaAdminServiceStub(ch).PutPlan(
-            pb.PutPlanRequest(tenant_id="t", plan=pb.Plan(
-                plan_name="P", metering=pb.METERING_CYCLE_ACTIVE, enforcement=pb.ENFORCEMENT_HARD,
-                contact_limit=limit, counted_kinds=[pb.MESSAGE_KIND_CAMPAIGN])),
-            metadata=AUTH, timeout=10,
+            pb.PutPlanRequest(
+                tenant_id="t",
+                plan=pb.Plan(
+                    plan_name="P",
+                    metering=pb.METERING_CYCLE_ACTIVE,
+                    enforcement=pb.ENFORCEMENT_HARD,
+                    contact_limit=limit,
+                    counted_kinds=[pb.MESSAGE_KIND_CAMPAIGN],
+                ),
+            ),
+            metadata=AUTH,
+            timeout=10,
         )
 
 
@@ -126,8 +147,9 @@ class Load:
                 contact = f"w{n}-{i}"
                 i += 1
                 try:
-                    r = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id=contact, channel=1, kind=1),
-                                       timeout=5)
+                    r = stub.CheckSend(
+                        pb.CheckSendRequest(tenant_id="t", contact_id=contact, channel=1, kind=1), timeout=5
+                    )
                 except grpc.RpcError:
                     return
                 if r.decision == pb.DECISION_ALLOW:
@@ -154,8 +176,9 @@ def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path,
     migrate(ledger)
     now = SystemClock().now_us()
     anchor = now - 86_400_000_000
-    plan = Plan(Metering.CYCLE_ACTIVE, Enforcement.HARD, 2_000_000, anchor, plan_name="P",
-                counted_kinds=(MessageKind.CAMPAIGN,))
+    plan = Plan(
+        Metering.CYCLE_ACTIVE, Enforcement.HARD, 2_000_000, anchor, plan_name="P", counted_kinds=(MessageKind.CAMPAIGN,)
+    )
     cycle = cycle_at(anchor, now)
     n = 600_000
     conn = sqlite3.connect(ledger)
@@ -182,7 +205,8 @@ def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path,
             with grpc.insecure_channel(p.address) as ch:
                 try:
                     r = pb_grpc.QuotaServiceStub(ch).CheckSend(
-                        pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=5)
+                        pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=5
+                    )
                     assert r.reason == pb.REASON_ALREADY_ACTIVE
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE
@@ -242,8 +266,9 @@ def test_kill_9_mid_load_then_restart_keeps_every_acknowledged_allow(tmp_path: P
         usage = stub.GetUsage(pb.GetUsageRequest(tenant_id="t"), timeout=5).usage
         assert usage.active_contacts == len(ids)
         some = sorted(acknowledged)[:50]
-        r = stub.CheckSendBatch(pb.CheckSendBatchRequest(tenant_id="t", channel=1, kind=1, contact_ids=some),
-                                timeout=10)
+        r = stub.CheckSendBatch(
+            pb.CheckSendBatchRequest(tenant_id="t", channel=1, kind=1, contact_ids=some), timeout=10
+        )
         assert {x.reason for x in r.results} == {pb.REASON_ALREADY_ACTIVE}
         assert r.usage.active_contacts == len(ids)
     again.proc.send_signal(signal.SIGTERM)
@@ -253,13 +278,17 @@ def test_kill_9_mid_load_then_restart_keeps_every_acknowledged_allow(tmp_path: P
 def test_bad_settings_stop_the_start_with_one_clear_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "quota-sidecar"), "serve", "--address", "nonsense", "--ledger", str(tmp_path / "l.db")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["quota-sidecar: --address: expected HOST:PORT, got 'nonsense'"]
     env_bad = subprocess.run(
         [str(BIN / "quota-sidecar"), "serve", "--ledger", "postgresql://nowhere/x"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert env_bad.returncode == 2 and env_bad.stderr.startswith("quota-sidecar: --ledger:")
     assert not (tmp_path / "l.db").exists()
@@ -276,22 +305,33 @@ def test_second_sidecar_on_the_same_ledger_is_refused(tmp_path: Path, processes:
     assert first.health() == "SERVING"
 
 
-def test_environment_variables_configure_serve_and_health_command_probes(tmp_path: Path,
-                                                                       processes: list[Process]) -> None:
+def test_environment_variables_configure_serve_and_health_command_probes(
+    tmp_path: Path, processes: list[Process]
+) -> None:
     address = f"127.0.0.1:{free_port()}"
-    env = {"QUOTA_ADDRESS": address, "QUOTA_LEDGER": str(tmp_path / "env.db"), "QUOTA_METRICS_ADDRESS": "",
-           "PATH": str(BIN)}
-    proc = subprocess.Popen([str(BIN / "quota-sidecar"), "serve"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        "QUOTA_ADDRESS": address,
+        "QUOTA_LEDGER": str(tmp_path / "env.db"),
+        "QUOTA_METRICS_ADDRESS": "",
+        "PATH": str(BIN),
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "quota-sidecar"), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     p = Process(proc, address, tmp_path / "env.db")
     processes.append(p)
     p.wait_serving()
-    probe = subprocess.run([str(BIN / "quota-sidecar"), "health", "--address", address],
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [str(BIN / "quota-sidecar"), "health", "--address", address], capture_output=True, text=True, timeout=30
+    )
     assert probe.returncode == 0 and "SERVING" in probe.stdout
     assert (tmp_path / "env.db").exists()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
-    down = subprocess.run([str(BIN / "quota-sidecar"), "health", "--address", address, "--timeout", "0.5"],
-                          capture_output=True, text=True, timeout=30)
+    down = subprocess.run(
+        [str(BIN / "quota-sidecar"), "health", "--address", address, "--timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert down.returncode != 0

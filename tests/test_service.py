@@ -30,8 +30,11 @@ HARD = dict(
 
 def send(s: RunningSidecar, contact: str, tenant: str = "t", **extra: object) -> pb.CheckSendResponse:
     request = pb.CheckSendRequest(
-        tenant_id=tenant, contact_id=contact, channel=pb.CHANNEL_EMAIL,
-        kind=extra.pop("kind", pb.MESSAGE_KIND_CAMPAIGN), **extra,
+        tenant_id=tenant,
+        contact_id=contact,
+        channel=pb.CHANNEL_EMAIL,
+        kind=extra.pop("kind", pb.MESSAGE_KIND_CAMPAIGN),
+        **extra,
     )
     return s.quota().CheckSend(request, timeout=10)
 
@@ -53,7 +56,11 @@ def rows(path: Path, sql: str, *args: object) -> list[tuple]:
 def test_sg2_sg8_check_send_counts_new_contacts_once_and_denies_past_the_limit(sidecar: RunningSidecar) -> None:
     sidecar.put_plan("t", contact_limit=2, **HARD)
     first = send(sidecar, "a")
-    assert (first.decision, first.reason, first.newly_active) == (pb.DECISION_ALLOW, pb.REASON_NEW_CONTACT_COUNTED, True)
+    assert (first.decision, first.reason, first.newly_active) == (
+        pb.DECISION_ALLOW,
+        pb.REASON_NEW_CONTACT_COUNTED,
+        True,
+    )
     assert first.usage.active_contacts == 1 and first.usage.sends == 1
     again = send(sidecar, "a")
     assert (again.decision, again.reason, again.newly_active) == (pb.DECISION_ALLOW, pb.REASON_ALREADY_ACTIVE, False)
@@ -78,8 +85,11 @@ def test_sg5_dry_run_batch_reports_without_counting(sidecar: RunningSidecar) -> 
     sidecar.put_plan("t", contact_limit=3, **HARD)
     send(sidecar, "a")
     request = pb.CheckSendBatchRequest(
-        tenant_id="t", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN,
-        contact_ids=["a", "b", "c", "b", "d"], dry_run=True,
+        tenant_id="t",
+        channel=pb.CHANNEL_EMAIL,
+        kind=pb.MESSAGE_KIND_CAMPAIGN,
+        contact_ids=["a", "b", "c", "b", "d"],
+        dry_run=True,
     )
     r = sidecar.quota().CheckSendBatch(request, timeout=10)
     assert [(x.contact_id, x.reason) for x in r.results] == [
@@ -105,11 +115,17 @@ def test_batch_counts_duplicates_once_in_request_order(sidecar: RunningSidecar) 
     )
     r = sidecar.quota().CheckSendBatch(request, timeout=10)
     assert [x.contact_id for x in r.results] == ["x", "y", "x", "z"]
-    assert [x.decision for x in r.results] == [pb.DECISION_ALLOW, pb.DECISION_ALLOW, pb.DECISION_ALLOW, pb.DECISION_DENY]
+    assert [x.decision for x in r.results] == [
+        pb.DECISION_ALLOW,
+        pb.DECISION_ALLOW,
+        pb.DECISION_ALLOW,
+        pb.DECISION_DENY,
+    ]
     assert (r.allowed, r.denied, r.newly_active) == (3, 1, 2)
     assert (r.usage.active_contacts, r.usage.sends) == (2, 2)
     assert rows(sidecar.ledger_path, "SELECT contact_id, sends FROM activations ORDER BY contact_id") == [
-        ("x", 1), ("y", 1),
+        ("x", 1),
+        ("y", 1),
     ]
 
 
@@ -124,7 +140,10 @@ def test_request_id_retry_returns_first_answer_and_counts_once(sidecar: RunningS
     err = status_of(lambda: send(sidecar, "b", request_id="msg-1"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.details()
     batch = pb.CheckSendBatchRequest(
-        tenant_id="t", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN, contact_ids=["c", "d"],
+        tenant_id="t",
+        channel=pb.CHANNEL_EMAIL,
+        kind=pb.MESSAGE_KIND_CAMPAIGN,
+        contact_ids=["c", "d"],
         request_id="msg-1",
     )
     b1 = sidecar.quota().CheckSendBatch(batch, timeout=5)
@@ -147,9 +166,10 @@ def test_sg4_plan_upgrade_mid_cycle_raises_limits_at_once(sidecar: RunningSideca
     assert blocked.usage.state == pb.USAGE_STATE_BLOCKED and blocked.usage.sends_limit == 2
     upgraded = sidecar.put_plan("t", contact_limit=2, sends_per_contact=2, **HARD)
     assert upgraded.usage.sends_limit == 4 and upgraded.usage.contact_limit == 2
-    assert upgraded.plan.cycle_anchor == sidecar.admin().GetPlan(
-        pb.GetPlanRequest(tenant_id="t"), metadata=sidecar.auth, timeout=5
-    ).plan.cycle_anchor
+    assert (
+        upgraded.plan.cycle_anchor
+        == sidecar.admin().GetPlan(pb.GetPlanRequest(tenant_id="t"), metadata=sidecar.auth, timeout=5).plan.cycle_anchor
+    )
     assert send(sidecar, "a").decision == pb.DECISION_ALLOW
     assert send(sidecar, "b").reason == pb.REASON_NEW_CONTACT_COUNTED
 
@@ -189,8 +209,9 @@ def test_admin_contact_and_active_contacts_pages(sidecar: RunningSidecar) -> Non
     sidecar.put_plan("t", contact_limit=100, **HARD)
     ids = [f"c{i:03d}" for i in range(25)]
     sidecar.quota().CheckSendBatch(
-        pb.CheckSendBatchRequest(tenant_id="t", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN,
-                                 contact_ids=ids),
+        pb.CheckSendBatchRequest(
+            tenant_id="t", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN, contact_ids=ids
+        ),
         timeout=10,
     )
     admin = sidecar.admin()
@@ -198,7 +219,8 @@ def test_admin_contact_and_active_contacts_pages(sidecar: RunningSidecar) -> Non
     token = ""
     while True:
         page = admin.ListActiveContacts(
-            pb.ListActiveContactsRequest(tenant_id="t", page_size=10, page_token=token), metadata=sidecar.auth,
+            pb.ListActiveContactsRequest(tenant_id="t", page_size=10, page_token=token),
+            metadata=sidecar.auth,
             timeout=5,
         )
         seen += [c.contact_id for c in page.contacts]
@@ -207,11 +229,15 @@ def test_admin_contact_and_active_contacts_pages(sidecar: RunningSidecar) -> Non
         if not token:
             break
     assert seen == ids
-    contact = admin.GetContact(pb.GetContactRequest(tenant_id="t", contact_id="c003"), metadata=sidecar.auth,
-                               timeout=5).contact
+    contact = admin.GetContact(
+        pb.GetContactRequest(tenant_id="t", contact_id="c003"), metadata=sidecar.auth, timeout=5
+    ).contact
     assert contact.active_this_cycle and contact.activated_at.ToDatetime(tzinfo=START.tzinfo) == START
-    err = status_of(lambda: admin.GetContact(pb.GetContactRequest(tenant_id="t", contact_id="nobody"),
-                                             metadata=sidecar.auth, timeout=5))
+    err = status_of(
+        lambda: admin.GetContact(
+            pb.GetContactRequest(tenant_id="t", contact_id="nobody"), metadata=sidecar.auth, timeout=5
+        )
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -224,7 +250,7 @@ def test_invalid_argument_names_the_field_and_counts_nothing(sidecar: RunningSid
         "kind": pb.CheckSendRequest(tenant_id="t", contact_id="a", channel=1, kind=99),
     }
     for field, request in cases.items():
-        err = status_of(lambda: sidecar.quota().CheckSend(request, timeout=5))
+        err = status_of(lambda request=request: sidecar.quota().CheckSend(request, timeout=5))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.details().startswith(field)
         detail = rpc_status.from_call(err).details[0]
@@ -238,8 +264,10 @@ def test_invalid_argument_names_the_field_and_counts_nothing(sidecar: RunningSid
     err = status_of(lambda: sidecar.put_plan("t", contact_limit=5, grace_percent=150, **HARD))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "plan.grace_percent" in err.details()
     assert rows(sidecar.ledger_path, "SELECT COUNT(*) FROM activations") == [(0,)]
-    assert sidecar.admin().GetPlan(pb.GetPlanRequest(tenant_id="t"), metadata=sidecar.auth,
-                                   timeout=5).plan.contact_limit == 5
+    assert (
+        sidecar.admin().GetPlan(pb.GetPlanRequest(tenant_id="t"), metadata=sidecar.auth, timeout=5).plan.contact_limit
+        == 5
+    )
 
 
 def test_input_is_validated_before_the_tenant_is_looked_up(sidecar: RunningSidecar) -> None:
@@ -250,8 +278,8 @@ def test_input_is_validated_before_the_tenant_is_looked_up(sidecar: RunningSidec
     for call in (
         lambda: sidecar.quota().GetUsage(pb.GetUsageRequest(tenant_id="ghost"), timeout=5),
         lambda: sidecar.quota().RecordActivity(
-            pb.RecordActivityRequest(tenant_id="ghost", kind=pb.ACTIVITY_KIND_NOTE_ADDED, contact_ids=["a"]),
-            timeout=5),
+            pb.RecordActivityRequest(tenant_id="ghost", kind=pb.ACTIVITY_KIND_NOTE_ADDED, contact_ids=["a"]), timeout=5
+        ),
         lambda: sidecar.admin().GetPlan(pb.GetPlanRequest(tenant_id="ghost"), metadata=sidecar.auth, timeout=5),
     ):
         assert status_of(call).code() == grpc.StatusCode.NOT_FOUND
@@ -283,8 +311,11 @@ def test_admin_calls_refused_when_no_token_is_configured(tmp_path: Path) -> None
         with grpc.insecure_channel(s.address) as ch:
             from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 
-            err = status_of(lambda: pb_grpc.QuotaAdminServiceStub(ch).GetPlan(
-                pb.GetPlanRequest(tenant_id="t"), metadata=(("authorization", "Bearer x"),), timeout=5))
+            err = status_of(
+                lambda: pb_grpc.QuotaAdminServiceStub(ch).GetPlan(
+                    pb.GetPlanRequest(tenant_id="t"), metadata=(("authorization", "Bearer x"),), timeout=5
+                )
+            )
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "--admin-token" in err.details()
     finally:
         s.stop(0)
@@ -315,9 +346,14 @@ def test_sg2_racing_callers_never_over_admit(sidecar: RunningSidecar, use_batche
             )
             got = [x.contact_id for x in r.results if x.decision == pb.DECISION_ALLOW]
         else:
-            got = [c for c in ids if stub.CheckSend(
-                pb.CheckSendRequest(tenant_id="t", contact_id=c, channel=1, kind=1), timeout=30
-            ).decision == pb.DECISION_ALLOW]
+            got = [
+                c
+                for c in ids
+                if stub.CheckSend(
+                    pb.CheckSendRequest(tenant_id="t", contact_id=c, channel=1, kind=1), timeout=30
+                ).decision
+                == pb.DECISION_ALLOW
+            ]
         with lock:
             allowed.extend(got)
 
@@ -337,8 +373,9 @@ def test_health_serving_and_reflection_lists_the_services(sidecar: RunningSideca
         status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(sidecar.channel())
-    answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                            timeout=5))
+    answer = next(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    )
     names = {s.name for s in answer.list_services_response.service}
     assert {"quota.v1.QuotaService", "quota.v1.QuotaAdminService", "grpc.health.v1.Health"} <= names
 

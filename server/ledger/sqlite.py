@@ -135,9 +135,7 @@ def migrate(path: Path) -> int:
         db.enable_wal()
         found = db.execute("PRAGMA user_version").fetchone()[0]
         if found > SCHEMA_VERSION:
-            raise ValueError(
-                f"ledger {path} has schema version {found}, newer than this sidecar's {SCHEMA_VERSION}"
-            )
+            raise ValueError(f"ledger {path} has schema version {found}, newer than this sidecar's {SCHEMA_VERSION}")
         for version in range(found, SCHEMA_VERSION):
             with db.conn:
                 MIGRATIONS[version](db)
@@ -197,8 +195,7 @@ class _Reader:
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
         row = self.conn.execute(
-            "SELECT fingerprint, response_json FROM request_results"
-            " WHERE tenant_id = ? AND rpc = ? AND request_id = ?",
+            "SELECT fingerprint, response_json FROM request_results WHERE tenant_id = ? AND rpc = ? AND request_id = ?",
             (tenant_id, rpc, request_id),
         ).fetchone()
         return StoredResult(row[0], row[1]) if row else None

@@ -147,4 +147,4 @@ class Sidecar:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
-        log.info("stopped; ledger flushed and closed")
+        log.info("stopped")

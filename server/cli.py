@@ -59,8 +59,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         sidecar.open()
     except (QuotaError, TenantsFileError, OSError) as exc:
-        print(f"quota-sidecar: cannot open the ledger {settings.ledger}: {exc}", file=sys.stderr)
         sidecar.stop(0)
+        print(f"quota-sidecar: cannot open the ledger {settings.ledger}: {exc}", file=sys.stderr)
         return 1
     while not stop.wait(3600):
         pass

@@ -392,6 +392,22 @@ def test_sg10_at_the_limit_deleting_contacts_makes_no_room_but_active_contacts_s
     assert usage(engine).active_contacts == 3
 
 
+def test_sg11_rotating_contacts_within_a_cycle_never_reaches_more_than_the_limit(engine: Engine):
+    """SG-11: deleting the e-mailed contacts and creating new ones, round after round, cannot
+    dodge the limit: across the whole cycle no more than `limit` distinct contacts are e-mailed."""
+    engine.put_plan(T, plan(5))
+    e_mailed: set[str] = set()
+    for round_ in range(6):
+        fresh = [f"r{round_}-{i}" for i in range(5)]
+        record(engine, fresh, ActivityKind.CONTACT_CREATED)
+        for contact_id in fresh:
+            if send(engine, contact_id).decision.decision is Decision.ALLOW:
+                e_mailed.add(contact_id)
+        record(engine, fresh, ActivityKind.CONTACT_DELETED)
+    assert len(e_mailed) == 5
+    assert usage(engine).active_contacts == 5
+
+
 # -- counted_kinds -----------------------------------------------------------------------------
 
 

@@ -335,3 +335,32 @@ def test_environment_variables_configure_serve_and_health_command_probes(
         timeout=30,
     )
     assert down.returncode != 0
+
+
+def test_a_ledger_that_is_not_ours_stops_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database\n" * 100)
+    newer = tmp_path / "newer.db"
+    conn = sqlite3.connect(newer)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    for ledger, problem in ((garbage, "not a database"), (newer, "newer than this sidecar")):
+        result = subprocess.run(
+            [
+                str(BIN / "quota-sidecar"),
+                "serve",
+                "--address",
+                f"127.0.0.1:{free_port()}",
+                "--ledger",
+                str(ledger),
+                "--metrics-address",
+                "",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"quota-sidecar: cannot open the ledger {ledger}") and problem in last
+        assert "Traceback" not in result.stderr

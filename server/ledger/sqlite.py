@@ -385,9 +385,17 @@ class SQLiteLedger(Ledger):
             os.close(self._lock_fd)
             self._lock_fd = None
             raise LedgerUnavailable(f"ledger {self.path} is in use by another sidecar") from None
-        migrate(self.path)
-        self._conn = self._connect()
-        self._load_filters()
+        try:
+            migrate(self.path)
+            self._conn = self._connect()
+            self._load_filters()
+        except (ValueError, sqlite3.Error) as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise LedgerUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
         self._open = True
@@ -433,6 +441,7 @@ class SQLiteLedger(Ledger):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        log.info("ledger flushed and closed")
 
     def transact(self, work: Callable[[LedgerTx], T]) -> T:
         future: Future[T] = Future()

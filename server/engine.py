@@ -351,26 +351,10 @@ class Engine:
         check_id("request_id", req.request_id, required=False)
 
         def decide(view: LedgerTx) -> tuple[SendOutcome, int]:
-            now = self.clock.now_us()
-            plan = self._plan(view, req.tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, now)
-            audit: list[AuditEntry] = []
-            decision = self._decide_send(
-                view,
-                plan,
-                req.tenant_id,
-                cycle,
-                req.contact_id,
-                req.kind,
-                req.queued_since_us,
-                now,
-                audit,
-                "CheckSend",
-                req.request_id,
+            results, usage, cycle_start = self._decide_sends(
+                view, req.tenant_id, req.kind, [req.contact_id], req.queued_since_us, "CheckSend", req.request_id
             )
-            view.audit(audit)
-            usage = usage_of(req.tenant_id, plan, cycle, view.counters(req.tenant_id, cycle.start_us))
-            return SendOutcome(decision, usage), cycle.start_us
+            return SendOutcome(results[0][1], usage), cycle_start
 
         if req.dry_run:
             return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
@@ -398,42 +382,18 @@ class Engine:
         check_id("request_id", req.request_id, required=False)
 
         def decide(view: LedgerTx) -> tuple[BatchOutcome, int]:
-            now = self.clock.now_us()
-            plan = self._plan(view, req.tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, now)
-            audit: list[AuditEntry] = []
-            first: dict[str, SendDecision] = {}
-            results: list[tuple[str, SendDecision]] = []
-            for contact_id in req.contact_ids:
-                earlier = first.get(contact_id)
-                if earlier is not None:
-                    results.append((contact_id, replace(earlier, newly_active=False)))
-                    continue
-                d = self._decide_send(
-                    view,
-                    plan,
-                    req.tenant_id,
-                    cycle,
-                    contact_id,
-                    req.kind,
-                    None,
-                    now,
-                    audit,
-                    "CheckSendBatch",
-                    req.request_id,
-                )
-                first[contact_id] = d
-                results.append((contact_id, d))
-            view.audit(audit)
+            results, usage, cycle_start = self._decide_sends(
+                view, req.tenant_id, req.kind, req.contact_ids, None, "CheckSendBatch", req.request_id
+            )
             allowed = sum(1 for _, d in results if d.decision is Decision.ALLOW)
             outcome = BatchOutcome(
                 results=tuple(results),
                 allowed=allowed,
                 denied=len(results) - allowed,
                 newly_active=sum(1 for _, d in results if d.newly_active),
-                usage=usage_of(req.tenant_id, plan, cycle, view.counters(req.tenant_id, cycle.start_us)),
+                usage=usage,
             )
-            return outcome, cycle.start_us
+            return outcome, cycle_start
 
         if req.dry_run:
             return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
@@ -465,6 +425,39 @@ class Engine:
 
         return self.ledger.transact(unit)
 
+    def _decide_sends(
+        self,
+        view: LedgerTx,
+        tenant_id: str,
+        kind: MessageKind,
+        contact_ids: Sequence[str],
+        queued_since_us: int | None,
+        rpc: str,
+        request_id: str,
+    ) -> tuple[list[tuple[str, SendDecision]], Usage, int]:
+        """Decides sends in order, each seeing the ones before it; a repeated id repeats
+        its first decision and counts nothing more. Returns the decisions, the usage
+        after them and the cycle they were counted in."""
+        now = self.clock.now_us()
+        plan = self._plan(view, tenant_id)
+        cycle = cycle_at(plan.cycle_anchor_us, now)
+        counters = view.counters(tenant_id, cycle.start_us)
+        audit: list[AuditEntry] = []
+        first: dict[str, SendDecision] = {}
+        results: list[tuple[str, SendDecision]] = []
+        for contact_id in contact_ids:
+            earlier = first.get(contact_id)
+            if earlier is not None:
+                results.append((contact_id, replace(earlier, newly_active=False)))
+                continue
+            decision, counters = self._decide_send(
+                view, plan, tenant_id, cycle, contact_id, kind, queued_since_us, now, counters, audit, rpc, request_id
+            )
+            first[contact_id] = decision
+            results.append((contact_id, decision))
+        view.audit(audit)
+        return results, usage_of(tenant_id, plan, cycle, counters), cycle.start_us
+
     def _decide_send(
         self,
         view: LedgerTx,
@@ -475,36 +468,40 @@ class Engine:
         kind: MessageKind,
         queued_since_us: int | None,
         now: int,
+        counters: Counters,
         audit: list[AuditEntry],
         rpc: str,
         request_id: str,
-    ) -> SendDecision:
+    ) -> tuple[SendDecision, Counters]:
+        """One send: the decision and the cycle's figures after it."""
         if plan.metering is not Metering.CYCLE_ACTIVE:
             raise NotImplementedYet(f"{plan.metering.name} metering is not available in this version")
         if not plan.counts_kind(kind):
-            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED)
-        counters = view.counters(tenant_id, cycle.start_us)
+            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED), counters
         sends_limit = plan.effective_sends_limit
         sends_left = not sends_limit or counters.sends < sends_limit
         if view.activation(tenant_id, cycle.start_us, contact_id) is not None:
             if not sends_left:
-                return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle)
+                return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), counters
             view.add_sends(tenant_id, cycle.start_us, contact_id, 1)
             entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", "ALREADY_ACTIVE")
             audit.append(replace(entry, sends_delta=1, request_id=request_id))
-            return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE)
+            return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE), Counters(
+                counters.active_contacts, counters.sends + 1
+            )
         ceiling = plan.ceiling
         if ceiling is not None and counters.active_contacts >= ceiling:
             reason = Reason.OVER_GRACE if plan.enforcement is Enforcement.GRACE else Reason.CONTACT_LIMIT_REACHED
-            return self._limited(plan, kind, reason, queued_since_us, now, cycle)
+            return self._limited(plan, kind, reason, queued_since_us, now, cycle), counters
         if not sends_left:
-            return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle)
+            return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), counters
         view.activate(tenant_id, cycle.start_us, [Activation(contact_id, now, kind.name, 1)])
-        overage = plan.enforcement is Enforcement.OVERAGE and counters.active_contacts + 1 > plan.limit
+        after = Counters(counters.active_contacts + 1, counters.sends + 1)
+        overage = plan.enforcement is Enforcement.OVERAGE and after.active_contacts > plan.limit
         reason = Reason.OVERAGE if overage else Reason.NEW_CONTACT_COUNTED
         entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", reason.name)
         audit.append(replace(entry, active_delta=1, sends_delta=1, request_id=request_id))
-        return SendDecision(Decision.ALLOW, reason, newly_active=True)
+        return SendDecision(Decision.ALLOW, reason, newly_active=True), after
 
     @staticmethod
     def _limited(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 
 from .ledger.sqlite import SYNCHRONOUS_MODES, sqlite_path
@@ -85,14 +85,18 @@ HELP = {
 }
 
 
+def _convert(f: Field[object]) -> type:
+    """The type a setting's text is read as (annotations are strings here)."""
+    return {"int": int, "float": float}.get(str(f.type), str)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
-        kind = f.type if f.type in ("int", "float") else "str"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            type={"int": int, "float": float, "str": str}[kind],
+            type=_convert(f),
             help=f"{HELP[f.name]} (env QUOTA_{f.name.upper()}; default {f.default!r})",
         )
 
@@ -108,11 +112,11 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         env = environ.get(f"QUOTA_{f.name.upper()}")
         if env is None:
             continue
-        kind = f.type if f.type in ("int", "float") else "str"
+        convert = _convert(f)
         try:
-            values[f.name] = {"int": int, "float": float, "str": str}[kind](env)
+            values[f.name] = convert(env)
         except ValueError:
-            raise SettingsError(f"QUOTA_{f.name.upper()}: not a valid {kind}: {env!r}") from None
+            raise SettingsError(f"QUOTA_{f.name.upper()}: not a valid {convert.__name__}: {env!r}") from None
     return Settings(**values).validate()  # type: ignore[arg-type]
 
 

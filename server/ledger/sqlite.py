@@ -145,6 +145,14 @@ def migrate(path: Path) -> int:
         db.close()
 
 
+def _cycle_contacts(conn: sqlite3.Connection, tenant_id: str, cycle_start_us: int) -> list[str]:
+    """Every contact active in one tenant's cycle: what its dedupe filter is loaded from."""
+    rows = conn.execute(
+        "SELECT contact_id FROM activations WHERE tenant_id = ? AND cycle_start_us = ?", (tenant_id, cycle_start_us)
+    )
+    return [r[0] for r in rows]
+
+
 class _Reader:
     """Reads over one connection; used by readers and, with the filter, the writer."""
 
@@ -212,13 +220,7 @@ class _Tx(_Reader):
     def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter:
         f = self.filters.get(tenant_id, cycle_start_us)
         if f is None:
-            ids = [
-                r[0]
-                for r in self.conn.execute(
-                    "SELECT contact_id FROM activations WHERE tenant_id = ? AND cycle_start_us = ?",
-                    (tenant_id, cycle_start_us),
-                )
-            ]
+            ids = _cycle_contacts(self.conn, tenant_id, cycle_start_us)
             f = self.filters.load(tenant_id, cycle_start_us, ids, self.hints.get(tenant_id, 0))
         return f
 
@@ -405,14 +407,7 @@ class SQLiteLedger(Ledger):
         assert self._conn is not None
         latest = self._conn.execute("SELECT tenant_id, MAX(cycle_start_us) FROM usage GROUP BY tenant_id").fetchall()
         for tenant_id, cycle_start_us in latest:
-            ids = [
-                r[0]
-                for r in self._conn.execute(
-                    "SELECT contact_id FROM activations WHERE tenant_id = ? AND cycle_start_us = ?",
-                    (tenant_id, cycle_start_us),
-                )
-            ]
-            self.filters.load(tenant_id, cycle_start_us, ids, 0)
+            self.filters.load(tenant_id, cycle_start_us, _cycle_contacts(self._conn, tenant_id, cycle_start_us), 0)
 
     def expect_contacts(self, tenant_id: str, count: int) -> None:
         """Sizes the tenant's future filters for `count` contacts (from its plan)."""
@@ -499,14 +494,9 @@ class SQLiteLedger(Ledger):
                 conn.execute("SAVEPOINT unit")
                 try:
                     result = work(tx)
-                except sqlite3.IntegrityError as exc:
-                    conn.execute("ROLLBACK TO unit")
-                    conn.execute("RELEASE unit")
-                    outcomes.append((future, None, exc))
-                    continue
-                except sqlite3.Error:
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - a unit's failure is its caller's, not the batch's
+                except BaseException as exc:
+                    if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                        raise
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
                     outcomes.append((future, None, exc))

@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 
 from .clock import MICROS, Clock
 from .cycles import Cycle, cycle_at
-from .errors import InvalidArgument, NotFound, NotImplementedYet
+from .errors import InvalidArgument, NotFound
 from .ledger import Ledger, LedgerReader, LedgerTx
 from .model import (
     DEFAULT_MAX_QUEUE_US,
@@ -33,12 +33,17 @@ from .model import (
     BatchOutcome,
     BillingInterval,
     Channel,
+    ContactAddOutcome,
     ContactRecord,
     ContactSource,
     ContactState,
     Counters,
     Decision,
     Enforcement,
+    EnrollOutcome,
+    Holdings,
+    Invoice,
+    InvoiceLine,
     MessageKind,
     Metering,
     OverlayState,
@@ -53,6 +58,7 @@ from .model import (
     UsageState,
     money,
 )
+from .presets import apply_preset
 
 MAX_ID_BYTES = 256
 MAX_BATCH = 10_000
@@ -61,6 +67,10 @@ MAX_PAGE_SIZE = 1_000
 DEFAULT_PAGE_SIZE = 100
 FUTURE_SKEW_US = 5 * 60 * MICROS
 DEFER_POLL_US = 5 * 60 * MICROS
+MAX_GAP_CYCLES = 1_200
+CONTACT_KINDS = frozenset(
+    {ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,31 @@ class ActivityRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ContactAddRequest:
+    tenant_id: str
+    source: ContactSource | None
+    contact_ids: Sequence[str]
+    dry_run: bool = False
+    marketing: bool | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The metered figures of one cycle as decisions see them: `count` is held
+    (or marketing) contacts under HELD_CONTACTS and active contacts under
+    CYCLE_ACTIVE; `peak` its highest in the cycle."""
+
+    count: int
+    peak: int
+    sends: int
+
+    def plus(self, contacts: int, sends: int) -> Tally:
+        count = self.count + contacts
+        return Tally(count, max(self.peak, count), self.sends + sends)
+
+
+@dataclass(frozen=True, slots=True)
 class PlanInput:
     """A plan as a caller gave it: None where a field was left unset."""
 
@@ -119,6 +154,7 @@ class PlanInput:
     notify_thresholds: Sequence[float] = ()
     renotify_interval_us: int | None = None
     preset: str = ""
+    marketing_contacts_only: bool = False
 
 
 def check_id(field: str, value: str, *, required: bool = True) -> None:
@@ -151,15 +187,12 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def validate_plan(tenant_id: str, given: PlanInput) -> None:
-    """Rejects a plan that is negative, contradictory or not implemented, naming the field."""
+def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
+    """The plan with its preset applied; rejects one that is negative or contradictory, naming the field."""
     check_id("tenant_id", tenant_id)
-    if given.preset:
-        raise NotImplementedYet("plan.preset: presets are not available in this version")
+    given = apply_preset(given)
     _required("plan.metering", given.metering)
     _required("plan.enforcement", given.enforcement)
-    if given.metering is Metering.HELD_CONTACTS:
-        raise NotImplementedYet("plan.metering: HELD_CONTACTS metering is not available in this version")
     if len(given.plan_name.encode()) > MAX_ID_BYTES:
         raise InvalidArgument("plan.plan_name", f"must be at most {MAX_ID_BYTES} bytes")
     for field in ("contact_limit", "addon_contacts", "sends_limit"):
@@ -169,6 +202,14 @@ def validate_plan(tenant_id: str, given: PlanInput) -> None:
         raise InvalidArgument("plan.contact_limit", "the limit (contact_limit + addon_contacts) must be positive")
     if given.grace_percent > 100:
         raise InvalidArgument("plan.grace_percent", "must be at most 100")
+    if given.grace_percent and given.enforcement is not Enforcement.GRACE:
+        raise InvalidArgument("plan.grace_percent", "applies only under GRACE enforcement")
+    if given.marketing_contacts_only and given.metering is not Metering.HELD_CONTACTS:
+        raise InvalidArgument("plan.marketing_contacts_only", "applies only to HELD_CONTACTS metering")
+    if given.counted_activities and given.metering is not Metering.CYCLE_ACTIVE:
+        raise InvalidArgument(
+            "plan.counted_activities", "applies only to CYCLE_ACTIVE metering; held contacts count by being held"
+        )
     if given.sends_limit and given.sends_per_contact:
         raise InvalidArgument("plan.sends_per_contact", "give either sends_limit or sends_per_contact, not both")
     if given.overage_unit_price:
@@ -198,6 +239,7 @@ def validate_plan(tenant_id: str, given: PlanInput) -> None:
     sources = [s for s, _ in given.source_rules]
     if len(sources) != len(set(sources)):
         raise InvalidArgument("plan.source_rules", "names a source more than once")
+    return given
 
 
 def state_of(plan: Plan, count: int, sends: int) -> UsageState:
@@ -220,10 +262,36 @@ def state_of(plan: Plan, count: int, sends: int) -> UsageState:
     return UsageState.OK
 
 
-def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, counters: Counters) -> Usage:
-    count = counters.active_contacts
+def tally_of(view: LedgerReader, plan: Plan, tenant_id: str, cycle: Cycle) -> Tally:
+    """The cycle's metered figures under the plan's metering.
+
+    Held contacts are a state, not a per-cycle tally: the tenant's holdings are
+    the figures of the cycle they were last written in; a later cycle sees them
+    after the pending MK-6 switches (all due at that cycle's end); an earlier
+    cycle sees the end and peak counts stored when it was left."""
+    counters = view.counters(tenant_id, cycle.start_us)
+    if plan.metering is Metering.CYCLE_ACTIVE:
+        return Tally(counters.active_contacts, counters.active_contacts, counters.sends)
+    marketing_only = plan.marketing_contacts_only
+    h = view.holdings(tenant_id) or Holdings(cycle_start_us=cycle.start_us)
+    if cycle.start_us > h.cycle_start_us:
+        count = h.marketing - h.pending if marketing_only else h.held
+        return Tally(count, count, counters.sends)
+    if cycle.start_us == h.cycle_start_us:
+        count = h.marketing if marketing_only else h.held
+        peak = counters.marketing_peak if marketing_only else counters.held_peak
+        return Tally(count, max(peak, count), counters.sends)
+    if marketing_only:
+        return Tally(counters.marketing_end, max(counters.marketing_peak, counters.marketing_end), counters.sends)
+    return Tally(counters.held_end, max(counters.held_peak, counters.held_end), counters.sends)
+
+
+def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
+    """The figures a caller sees; overage is billed on the cycle's peak (the count
+    itself under CYCLE_ACTIVE, the highest held count under HELD_CONTACTS)."""
+    count = tally.count
     limit = plan.limit
-    over = max(0, count - limit)
+    over = max(0, tally.peak - limit)
     amount = Decimal(plan.overage_unit_price or "0") * over
     return Usage(
         tenant_id=tenant_id,
@@ -232,13 +300,14 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, counters: Counters) -> Us
         active_contacts=count,
         contact_limit=limit,
         usage_ratio=count / limit if limit else 0.0,
-        sends=counters.sends,
+        sends=tally.sends,
         sends_limit=plan.effective_sends_limit,
-        state=state_of(plan, count, counters.sends),
+        state=state_of(plan, count, tally.sends),
         overage_contacts=over,
         overage_amount=money(amount),
         currency=plan.currency,
         plan_name=plan.plan_name,
+        peak_contacts=tally.peak,
     )
 
 
@@ -251,6 +320,17 @@ class _Overlay:
 
     def plan(self, tenant_id: str) -> StoredPlan | None:
         return self.base.plan(tenant_id)
+
+    def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
+        return self.base.plan_at(tenant_id, before_us)
+
+    def holdings(self, tenant_id: str) -> Holdings | None:
+        return self.base.holdings(tenant_id)
+
+    def counted_contacts(
+        self, tenant_id: str, marketing_only: bool, at_us: int, after_contact_id: str, limit: int
+    ) -> list[ContactRecord]:
+        return self.base.counted_contacts(tenant_id, marketing_only, at_us, after_contact_id, limit)
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
         return None
@@ -270,13 +350,16 @@ class _Overlay:
         for a in activations:
             self.state.activations[(tenant_id, cycle_start_us, a.contact_id)] = a
         c = self.counters(tenant_id, cycle_start_us)
-        self.state.counters[(tenant_id, cycle_start_us)] = Counters(
-            c.active_contacts + len(activations), c.sends + sum(a.sends for a in activations)
+        self.state.counters[(tenant_id, cycle_start_us)] = replace(
+            c, active_contacts=c.active_contacts + len(activations), sends=c.sends + sum(a.sends for a in activations)
         )
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
+        self.count_sends(tenant_id, cycle_start_us, sends)
+
+    def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
         c = self.counters(tenant_id, cycle_start_us)
-        self.state.counters[(tenant_id, cycle_start_us)] = Counters(c.active_contacts, c.sends + sends)
+        self.state.counters[(tenant_id, cycle_start_us)] = replace(c, sends=c.sends + sends)
 
     def audit(self, entries: object) -> None:
         return None
@@ -441,7 +524,8 @@ class Engine:
         now = self.clock.now_us()
         plan = self._plan(view, tenant_id)
         cycle = cycle_at(plan.cycle_anchor_us, now)
-        counters = view.counters(tenant_id, cycle.start_us)
+        tally = tally_of(view, plan, tenant_id, cycle)
+        decide = self._decide_held_send if plan.metering is Metering.HELD_CONTACTS else self._decide_send
         audit: list[AuditEntry] = []
         first: dict[str, SendDecision] = {}
         results: list[tuple[str, SendDecision]] = []
@@ -450,13 +534,13 @@ class Engine:
             if earlier is not None:
                 results.append((contact_id, replace(earlier, newly_active=False)))
                 continue
-            decision, counters = self._decide_send(
-                view, plan, tenant_id, cycle, contact_id, kind, queued_since_us, now, counters, audit, rpc, request_id
+            decision, tally = decide(
+                view, plan, tenant_id, cycle, contact_id, kind, queued_since_us, now, tally, audit, rpc, request_id
             )
             first[contact_id] = decision
             results.append((contact_id, decision))
         view.audit(audit)
-        return results, usage_of(tenant_id, plan, cycle, counters), cycle.start_us
+        return results, usage_of(tenant_id, plan, cycle, tally), cycle.start_us
 
     def _decide_send(
         self,
@@ -468,40 +552,83 @@ class Engine:
         kind: MessageKind,
         queued_since_us: int | None,
         now: int,
-        counters: Counters,
+        tally: Tally,
         audit: list[AuditEntry],
         rpc: str,
         request_id: str,
-    ) -> tuple[SendDecision, Counters]:
-        """One send: the decision and the cycle's figures after it."""
-        if plan.metering is not Metering.CYCLE_ACTIVE:
-            raise NotImplementedYet(f"{plan.metering.name} metering is not available in this version")
+    ) -> tuple[SendDecision, Tally]:
+        """One send under CYCLE_ACTIVE (SG-1..SG-10, CR-1c): the decision and the figures after it."""
         if not plan.counts_kind(kind):
-            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED), counters
+            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED), tally
         sends_limit = plan.effective_sends_limit
-        sends_left = not sends_limit or counters.sends < sends_limit
+        sends_left = not sends_limit or tally.sends < sends_limit
         if view.activation(tenant_id, cycle.start_us, contact_id) is not None:
             if not sends_left:
-                return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), counters
+                return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), tally
             view.add_sends(tenant_id, cycle.start_us, contact_id, 1)
             entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", "ALREADY_ACTIVE")
             audit.append(replace(entry, sends_delta=1, request_id=request_id))
-            return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE), Counters(
-                counters.active_contacts, counters.sends + 1
-            )
+            return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE), tally.plus(0, 1)
         ceiling = plan.ceiling
-        if ceiling is not None and counters.active_contacts >= ceiling:
-            reason = Reason.OVER_GRACE if plan.enforcement is Enforcement.GRACE else Reason.CONTACT_LIMIT_REACHED
-            return self._limited(plan, kind, reason, queued_since_us, now, cycle), counters
+        if ceiling is not None and tally.count >= ceiling:
+            return self._limited(plan, kind, self._limit_reason(plan), queued_since_us, now, cycle), tally
         if not sends_left:
-            return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), counters
+            return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), tally
         view.activate(tenant_id, cycle.start_us, [Activation(contact_id, now, kind.name, 1)])
-        after = Counters(counters.active_contacts + 1, counters.sends + 1)
-        overage = plan.enforcement is Enforcement.OVERAGE and after.active_contacts > plan.limit
+        after = tally.plus(1, 1)
+        overage = plan.enforcement is Enforcement.OVERAGE and after.count > plan.limit
         reason = Reason.OVERAGE if overage else Reason.NEW_CONTACT_COUNTED
         entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", reason.name)
         audit.append(replace(entry, active_delta=1, sends_delta=1, request_id=request_id))
         return SendDecision(Decision.ALLOW, reason, newly_active=True), after
+
+    def _decide_held_send(
+        self,
+        view: LedgerTx,
+        plan: Plan,
+        tenant_id: str,
+        cycle: Cycle,
+        contact_id: str,
+        kind: MessageKind,
+        queued_since_us: int | None,
+        now: int,
+        tally: Tally,
+        audit: list[AuditEntry],
+        rpc: str,
+        request_id: str,
+    ) -> tuple[SendDecision, Tally]:
+        """One send under HELD_CONTACTS (AC-6..AC-9, MK-3, MK-4): campaign and automation
+        mail only to held (model 4: marketing) contacts, and none while the count is
+        past the ceiling; other kinds go to anyone, uncounted."""
+        if not plan.counts_kind(kind):
+            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED), tally
+        record = view.contact(tenant_id, contact_id)
+        if record is None or not record.held:
+            return SendDecision(Decision.DENY, Reason.UNKNOWN_CONTACT), tally
+        if plan.marketing_contacts_only and not record.marketing_at(now):
+            return SendDecision(Decision.DENY, Reason.NOT_MARKETING_CONTACT), tally
+        blocked = self._held_block(plan, tally)
+        if blocked is not None:
+            return self._limited(plan, kind, blocked, queued_since_us, now, cycle), tally
+        view.count_sends(tenant_id, cycle.start_us, 1)
+        entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", Reason.OK.name)
+        audit.append(replace(entry, sends_delta=1, request_id=request_id))
+        return SendDecision(Decision.ALLOW, Reason.OK), tally.plus(0, 1)
+
+    @staticmethod
+    def _limit_reason(plan: Plan) -> Reason:
+        return Reason.OVER_GRACE if plan.enforcement is Enforcement.GRACE else Reason.CONTACT_LIMIT_REACHED
+
+    def _held_block(self, plan: Plan, tally: Tally) -> Reason | None:
+        """Why HELD_CONTACTS sends and enrolments are blocked now, if they are: the count
+        past the ceiling (AC-6, AC-7, AC-8) or the sends allowance used up."""
+        ceiling = plan.ceiling
+        if ceiling is not None and tally.count > ceiling:
+            return self._limit_reason(plan)
+        sends_limit = plan.effective_sends_limit
+        if sends_limit and tally.sends >= sends_limit:
+            return Reason.SENDS_LIMIT_REACHED
+        return None
 
     @staticmethod
     def _limited(
@@ -515,6 +642,135 @@ class Engine:
             return SendDecision(Decision.EXPIRED, Reason.QUEUED_TOO_LONG)
         retry = min(cycle.end_us - now, plan.max_queue_us - waited, DEFER_POLL_US)
         return SendDecision(Decision.DEFER, reason, retry_after_us=max(retry, MICROS))
+
+    def check_contact_add(self, req: ContactAddRequest) -> ContactAddOutcome:
+        """May these contacts be added through this source (AC-2..AC-5)? All or nothing;
+        when allowed they are held from now on (and, under CYCLE_ACTIVE with
+        CONTACT_CREATED counted, active this cycle)."""
+        check_id("tenant_id", req.tenant_id)
+        _required("source", req.source)
+        _check_ids("contact_ids", req.contact_ids, MAX_BATCH)
+        check_id("request_id", req.request_id, required=False)
+        marketing = req.marketing is not False
+        fingerprint = _fingerprint(req.source, list(req.contact_ids), marketing)
+
+        def decide(view: LedgerReader, tx: LedgerTx | None) -> tuple[ContactAddOutcome, int]:
+            now = self.clock.now_us()
+            plan = self._plan(view, req.tenant_id)
+            cycle = cycle_at(plan.cycle_anchor_us, now)
+            tally = tally_of(view, plan, req.tenant_id, cycle)
+            ids = list(dict.fromkeys(req.contact_ids))
+            new = [c for c in ids if not ((record := view.contact(req.tenant_id, c)) and record.held)]
+            if plan.metering is Metering.HELD_CONTACTS:
+                counted = len(new) if marketing or not plan.marketing_contacts_only else 0
+            elif plan.counts_activity(ActivityKind.CONTACT_CREATED):
+                counted = sum(1 for c in new if view.activation(req.tenant_id, cycle.start_us, c) is None)
+            else:
+                counted = 0
+            policy = plan.source_policy(req.source)  # type: ignore[arg-type]
+            if policy is not SourcePolicy.OVER_LIMIT_ALLOWED and counted and tally.count + counted > plan.limit:
+                reason = (
+                    Reason.IMPORT_EXCEEDS_LIMIT if policy is SourcePolicy.REFUSE_IF_EXCEEDS else Reason.SOURCE_BLOCKED
+                )
+                return ContactAddOutcome(
+                    Decision.DENY, reason, 0, usage_of(req.tenant_id, plan, cycle, tally)
+                ), cycle.start_us
+            if tx is None:
+                after = tally.plus(counted, 0)
+            else:
+                audit: list[AuditEntry] = []
+                source = req.source.name  # type: ignore[union-attr]
+                self._change_contacts(
+                    tx,
+                    plan,
+                    req.tenant_id,
+                    ActivityKind.CONTACT_CREATED,
+                    new,
+                    marketing,
+                    source,
+                    "",
+                    now,
+                    cycle,
+                    "CheckContactAdd",
+                    req.request_id,
+                    audit,
+                )
+                if plan.metering is Metering.CYCLE_ACTIVE and counted:
+                    fresh = [
+                        Activation(c, now, ActivityKind.CONTACT_CREATED.name, 0)
+                        for c in new
+                        if tx.activation(req.tenant_id, cycle.start_us, c) is None
+                    ]
+                    tx.activate(req.tenant_id, cycle.start_us, fresh)
+                    audit.extend(
+                        AuditEntry(
+                            now,
+                            req.tenant_id,
+                            cycle.start_us,
+                            "CheckContactAdd",
+                            a.contact_id,
+                            "ALLOW",
+                            ActivityKind.CONTACT_CREATED.name,
+                            active_delta=1,
+                            request_id=req.request_id,
+                        )
+                        for a in fresh
+                    )
+                tx.audit(audit)
+                after = tally_of(tx, plan, req.tenant_id, cycle)
+            overage = counted and plan.enforcement is Enforcement.OVERAGE and after.count > plan.limit
+            reason = Reason.OVERAGE if overage else Reason.OK
+            usage = usage_of(req.tenant_id, plan, cycle, after)
+            return ContactAddOutcome(Decision.ALLOW, reason, len(new), usage), cycle.start_us
+
+        if req.dry_run:
+            return self.ledger.read(lambda r: decide(r, None)[0])
+
+        def unit(tx: LedgerTx) -> ContactAddOutcome:
+            return self._once(  # type: ignore[return-value]
+                tx,
+                req.tenant_id,
+                "CheckContactAdd",
+                req.request_id,
+                fingerprint,
+                lambda: decide(tx, tx),
+                lambda o: {"d": o.decision.value, "r": o.reason.value, "a": o.added, "u": _usage_json(o.usage)},
+                lambda raw: ContactAddOutcome(Decision(raw["d"]), Reason(raw["r"]), raw["a"], _usage_from(raw["u"])),
+            )
+
+        return self.ledger.transact(unit)
+
+    def check_enroll(self, tenant_id: str, contact_id: str, automation_id: str = "") -> EnrollOutcome:
+        """May this contact enter an automation now (AC-8 with AC-7's grace)? Counts nothing."""
+        check_id("tenant_id", tenant_id)
+        check_id("contact_id", contact_id)
+        check_id("automation_id", automation_id, required=False)
+
+        def read(r: LedgerReader) -> EnrollOutcome:
+            now = self.clock.now_us()
+            plan = self._plan(r, tenant_id)
+            cycle = cycle_at(plan.cycle_anchor_us, now)
+            tally = tally_of(r, plan, tenant_id, cycle)
+            usage = usage_of(tenant_id, plan, cycle, tally)
+            if plan.metering is Metering.HELD_CONTACTS:
+                record = r.contact(tenant_id, contact_id)
+                if record is None or not record.held:
+                    return EnrollOutcome(Decision.DENY, Reason.UNKNOWN_CONTACT, usage)
+                blocked = self._held_block(plan, tally)
+                if blocked is not None:
+                    return EnrollOutcome(Decision.DENY, blocked, usage)
+                return EnrollOutcome(Decision.ALLOW, Reason.OK, usage)
+            sends_limit = plan.effective_sends_limit
+            if sends_limit and tally.sends >= sends_limit:
+                return EnrollOutcome(Decision.DENY, Reason.SENDS_LIMIT_REACHED, usage)
+            if r.activation(tenant_id, cycle.start_us, contact_id) is not None:
+                return EnrollOutcome(Decision.ALLOW, Reason.ALREADY_ACTIVE, usage)
+            ceiling = plan.ceiling
+            if ceiling is not None and tally.count >= ceiling:
+                return EnrollOutcome(Decision.DENY, self._limit_reason(plan), usage)
+            return EnrollOutcome(Decision.ALLOW, Reason.OK, usage)
+
+        return self.ledger.read(read)
 
     def record_activity(self, req: ActivityRequest) -> ActivityOutcome:
         check_id("tenant_id", req.tenant_id)
@@ -536,14 +792,27 @@ class Engine:
             now = self.clock.now_us()
             at = req.occurred_at_us if req.occurred_at_us is not None else now
             plan = self._plan(tx, req.tenant_id)
-            if plan.metering is not Metering.CYCLE_ACTIVE:
-                raise NotImplementedYet(f"{plan.metering.name} metering is not available in this version")
             cycle = cycle_at(plan.cycle_anchor_us, at)
             ids = list(dict.fromkeys(req.contact_ids))
             audit: list[AuditEntry] = []
-            self._update_contacts(tx, req, ids, now, cycle, audit)
+            if req.kind in CONTACT_KINDS:
+                self._change_contacts(
+                    tx,
+                    plan,
+                    req.tenant_id,
+                    req.kind,
+                    ids,
+                    req.marketing,
+                    req.source_type,
+                    req.source_id,
+                    now,
+                    cycle_at(plan.cycle_anchor_us, now),
+                    "RecordActivity",
+                    req.request_id,
+                    audit,
+                )
             fresh: list[Activation] = []
-            if plan.counts_activity(req.kind):
+            if plan.metering is Metering.CYCLE_ACTIVE and plan.counts_activity(req.kind):
                 for contact_id in ids:
                     if tx.activation(req.tenant_id, cycle.start_us, contact_id) is None:
                         fresh.append(Activation(contact_id, at, req.kind.name, 0))
@@ -563,7 +832,7 @@ class Engine:
                     for a in fresh
                 )
             tx.audit(audit)
-            usage = usage_of(req.tenant_id, plan, cycle, tx.counters(req.tenant_id, cycle.start_us))
+            usage = usage_of(req.tenant_id, plan, cycle, tally_of(tx, plan, req.tenant_id, cycle))
             return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
 
         def unit(tx: LedgerTx) -> ActivityOutcome:
@@ -581,68 +850,106 @@ class Engine:
         return self.ledger.transact(unit)
 
     @staticmethod
-    def _update_contacts(
-        tx: LedgerTx, req: ActivityRequest, ids: list[str], now: int, cycle: Cycle, audit: list[AuditEntry]
-    ) -> None:
-        """Keeps the held contacts and their marketing status (MK-5) current."""
-        kind = req.kind
-        if kind not in (ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET):
-            return
+    def _roll(tx: LedgerTx, plan: Plan, tenant_id: str, cycle: Cycle) -> Holdings:
+        """Brings the tenant's holdings into `cycle` before they change: applies the
+        MK-6 switches due at its start and stores the end and peak counts of every
+        cycle passed over (constant through cycles without a change)."""
+        h = tx.holdings(tenant_id)
+        if h is not None and h.cycle_start_us >= cycle.start_us:
+            return h
+        rolled = Holdings(cycle.start_us)
+        if h is not None:
+            if h.pending:
+                tx.switch_marketing(tenant_id, cycle.start_us)
+            rolled = Holdings(cycle.start_us, h.held, h.marketing - h.pending, 0)
+            gap = cycle_at(plan.cycle_anchor_us, h.cycle_start_us).end_us
+            for _ in range(MAX_GAP_CYCLES):
+                if gap >= cycle.start_us:
+                    break
+                tx.record_held(tenant_id, gap, rolled.held, rolled.marketing)
+                gap = cycle_at(plan.cycle_anchor_us, gap).end_us
+        tx.record_held(tenant_id, cycle.start_us, rolled.held, rolled.marketing)
+        tx.put_holdings(tenant_id, rolled)
+        return rolled
+
+    def _change_contacts(
+        self,
+        tx: LedgerTx,
+        plan: Plan,
+        tenant_id: str,
+        kind: ActivityKind,
+        ids: Sequence[str],
+        marketing: bool,
+        source_type: str,
+        source_id: str,
+        now: int,
+        cycle: Cycle,
+        rpc: str,
+        request_id: str,
+        audit: list[AuditEntry],
+    ) -> Holdings:
+        """Creates, deletes or sets the marketing status (MK-5) of contacts, keeping the
+        tenant's held and marketing counts and the cycle's peaks (AC-10, MK-6)."""
+        h = self._roll(tx, plan, tenant_id, cycle)
+        held, in_marketing, pending = h.held, h.marketing, h.pending
         changed: list[ContactRecord] = []
         for contact_id in ids:
-            before = tx.contact(req.tenant_id, contact_id) or ContactRecord(contact_id, held=False)
-            if kind is ActivityKind.CONTACT_CREATED:
-                after = replace(before, held=True)
-            elif kind is ActivityKind.CONTACT_DELETED:
-                after = replace(before, held=False)
-            elif req.marketing:
-                after = replace(
-                    before,
-                    held=True,
-                    marketing=True,
-                    marketing_until_next_update=False,
-                    marketing_source_type=req.source_type,
-                    marketing_source_id=req.source_id,
-                )
-            else:
-                after = replace(
-                    before,
-                    held=True,
-                    marketing_until_next_update=before.marketing,
-                    marketing_source_type=req.source_type,
-                    marketing_source_id=req.source_id,
-                )
+            before = tx.contact(tenant_id, contact_id) or ContactRecord(contact_id, held=False)
+            after = _changed(before, kind, marketing, source_type, source_id, now, cycle)
+            if after is None:
+                continue
             changed.append(after)
+            held += after.held - before.held
+            in_marketing += (after.held and after.marketing) - (before.held and before.marketing)
+            pending += _pending(after) - _pending(before)
             if after.held != before.held:
-                audit.append(
-                    AuditEntry(
-                        now,
-                        req.tenant_id,
-                        cycle.start_us,
-                        "RecordActivity",
-                        contact_id,
-                        "RECORDED",
-                        kind.name,
-                        held_delta=1 if after.held else -1,
-                        request_id=req.request_id,
-                    )
-                )
-        tx.put_contacts(req.tenant_id, changed, now)
+                entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "RECORDED", kind.name)
+                audit.append(replace(entry, held_delta=1 if after.held else -1, request_id=request_id))
+        if not changed:
+            return h
+        tx.put_contacts(tenant_id, changed, now)
+        after_all = Holdings(cycle.start_us, held, in_marketing, pending)
+        tx.put_holdings(tenant_id, after_all)
+        tx.record_held(tenant_id, cycle.start_us, held, in_marketing)
+        return after_all
 
     def get_usage(self, tenant_id: str, at_us: int | None = None) -> Usage:
         check_id("tenant_id", tenant_id)
 
         def read(r: LedgerReader) -> Usage:
-            plan = self._plan(r, tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else self.clock.now_us())
-            return usage_of(tenant_id, plan, cycle, r.counters(tenant_id, cycle.start_us))
+            plan, cycle = self._plan_of_cycle(r, tenant_id, at_us)
+            return usage_of(tenant_id, plan, cycle, tally_of(r, plan, tenant_id, cycle))
+
+        return self.ledger.read(read)
+
+    def _plan_of_cycle(self, r: LedgerReader, tenant_id: str, at_us: int | None) -> tuple[Plan, Cycle]:
+        """The cycle containing `at_us` (default now) and the plan in force at its end:
+        a past cycle is reported and invoiced under the plan it ended with."""
+        now = self.clock.now_us()
+        plan = self._plan(r, tenant_id)
+        cycle = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else now)
+        if cycle.end_us <= now:
+            stored = r.plan_at(tenant_id, cycle.end_us)
+            if stored is not None:
+                plan = Plan.from_json(stored.plan_json)
+        return plan, cycle
+
+    def get_invoice(self, tenant_id: str, at_us: int | None = None) -> Invoice:
+        """The cycle's billable figures (CR-6, CR-7): included and add-on contacts, the
+        metered count, and overage contacts x unit price = amount, exact decimals."""
+        check_id("tenant_id", tenant_id)
+
+        def read(r: LedgerReader) -> Invoice:
+            plan, cycle = self._plan_of_cycle(r, tenant_id, at_us)
+            usage = usage_of(tenant_id, plan, cycle, tally_of(r, plan, tenant_id, cycle))
+            return Invoice(usage, invoice_lines(plan, usage))
 
         return self.ledger.read(read)
 
     # -- the control plane ----------------------------------------------------------------
 
     def put_plan(self, tenant_id: str, given: PlanInput) -> tuple[Plan, Usage]:
-        validate_plan(tenant_id, given)
+        given = validate_plan(tenant_id, given)
 
         def unit(tx: LedgerTx) -> tuple[Plan, Usage]:
             now = self.clock.now_us()
@@ -670,11 +977,12 @@ class Engine:
                 notify_thresholds=tuple(sorted(set(given.notify_thresholds))),
                 renotify_interval_us=given.renotify_interval_us or 0,
                 preset=given.preset,
+                marketing_contacts_only=given.marketing_contacts_only,
             )
             cycle = cycle_at(plan.cycle_anchor_us, now)
             tx.put_plan(tenant_id, plan.to_json(), now)
             tx.audit([AuditEntry(now, tenant_id, cycle.start_us, "PutPlan", "", "PLAN_SET", plan.plan_name)])
-            return plan, usage_of(tenant_id, plan, cycle, tx.counters(tenant_id, cycle.start_us))
+            return plan, usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))
 
         plan, usage = self.ledger.transact(unit)
         self.ledger.expect_contacts(tenant_id, plan.limit)
@@ -689,21 +997,23 @@ class Engine:
         check_id("contact_id", contact_id)
 
         def read(r: LedgerReader) -> ContactState:
+            now = self.clock.now_us()
             plan = self._plan(r, tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, self.clock.now_us())
+            cycle = cycle_at(plan.cycle_anchor_us, now)
             record = r.contact(tenant_id, contact_id)
             active = r.activation(tenant_id, cycle.start_us, contact_id)
             if record is None and active is None:
                 raise NotFound(f"tenant {tenant_id!r} has no contact {contact_id!r}")
             record = record or ContactRecord(contact_id, held=False)
+            marketing = record.marketing_at(now)
             return ContactState(
                 tenant_id=tenant_id,
                 contact_id=contact_id,
                 held=record.held,
                 active_this_cycle=active is not None,
                 activated_at_us=active.activated_at_us if active else 0,
-                marketing=record.marketing,
-                marketing_until_next_update=record.marketing_until_next_update,
+                marketing=marketing,
+                marketing_until_next_update=marketing and record.marketing_until_next_update,
                 marketing_source_type=record.marketing_source_type,
                 marketing_source_id=record.marketing_source_id,
             )
@@ -713,6 +1023,9 @@ class Engine:
     def list_active_contacts(
         self, tenant_id: str, at_us: int | None, page_size: int, page_token: str
     ) -> tuple[list[Activation], str]:
+        """The contacts behind the cycle's metered figure, by contact id: those active in
+        the cycle under CYCLE_ACTIVE; those held (model 4: marketing) now under
+        HELD_CONTACTS, where `activated_at` is when the contact was first held."""
         check_id("tenant_id", tenant_id)
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
@@ -727,14 +1040,25 @@ class Engine:
                 raise InvalidArgument("page_token", "is not a token this service returned") from None
 
         def read(r: LedgerReader) -> tuple[list[Activation], str]:
+            now = self.clock.now_us()
             plan = self._plan(r, tenant_id)
+            current = cycle_at(plan.cycle_anchor_us, now).start_us
             if token_cycle is not None and at_us is None:
                 start = token_cycle
             else:
-                start = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else self.clock.now_us()).start_us
+                start = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else now).start_us
                 if token_cycle is not None and token_cycle != start:
                     raise InvalidArgument("page_token", "belongs to another cycle")
-            rows = r.active_contacts(tenant_id, start, after, size + 1)
+            if plan.metering is Metering.HELD_CONTACTS:
+                if start != current:
+                    raise InvalidArgument(
+                        "cycle_start", "held contacts are listed as they are now: ask for the current cycle"
+                    )
+                label = "MARKETING_CONTACT" if plan.marketing_contacts_only else "HELD_CONTACT"
+                held = r.counted_contacts(tenant_id, plan.marketing_contacts_only, now, after, size + 1)
+                rows = [Activation(c.contact_id, c.held_since_us, label) for c in held]
+            else:
+                rows = r.active_contacts(tenant_id, start, after, size + 1)
             if len(rows) <= size:
                 return rows, ""
             rows = rows[:size]
@@ -742,3 +1066,60 @@ class Engine:
             return rows, token
 
         return self.ledger.read(read)
+
+
+def _pending(record: ContactRecord) -> bool:
+    return record.held and record.marketing and record.marketing_until_next_update
+
+
+def _changed(
+    before: ContactRecord,
+    kind: ActivityKind,
+    marketing: bool,
+    source_type: str,
+    source_id: str,
+    now: int,
+    cycle: Cycle,
+) -> ContactRecord | None:
+    """A contact after a contact activity, or None when it changes nothing."""
+    if kind is ActivityKind.CONTACT_CREATED:
+        if before.held:
+            return None
+        return ContactRecord(before.contact_id, True, marketing, False, source_type, source_id, 0, now)
+    if kind is ActivityKind.CONTACT_DELETED:
+        if not before.held:
+            return None
+        return replace(before, held=False, marketing=False, marketing_until_next_update=False, marketing_until_us=0)
+    base = before if before.held else ContactRecord(before.contact_id, held=True, held_since_us=now)
+    base = replace(base, marketing_source_type=source_type, marketing_source_id=source_id)
+    if marketing:
+        return replace(base, marketing=True, marketing_until_next_update=False, marketing_until_us=0)
+    if base.marketing and not base.marketing_until_next_update:
+        return replace(base, marketing_until_next_update=True, marketing_until_us=cycle.end_us)
+    return base
+
+
+def invoice_lines(plan: Plan, usage: Usage) -> tuple[InvoiceLine, ...]:
+    """Included and add-on contacts (priced by the plan itself), the metered figure,
+    and the overage line; every amount an exact decimal."""
+    zero = money(Decimal(0))
+    currency = plan.currency
+    name = f" ({plan.plan_name})" if plan.plan_name else ""
+    if plan.metering is Metering.CYCLE_ACTIVE:
+        metered = "Contacts active this cycle"
+    elif plan.marketing_contacts_only:
+        metered = "Highest marketing contacts this cycle"
+    else:
+        metered = "Highest contacts held this cycle"
+    lines = [InvoiceLine(f"Contacts included in the plan{name}", plan.contact_limit, zero, zero, currency)]
+    if plan.addon_contacts:
+        lines.append(InvoiceLine("Add-on contacts", plan.addon_contacts, zero, zero, currency))
+    lines.append(InvoiceLine(metered, usage.peak_contacts, zero, zero, currency))
+    price = Decimal(plan.overage_unit_price or "0")
+    overage = "Overage contacts"
+    if plan.billing_interval is BillingInterval.ANNUAL:
+        overage += " (annual plan, overage invoiced monthly)"
+    lines.append(
+        InvoiceLine(overage, usage.overage_contacts, money(price), money(price * usage.overage_contacts), currency)
+    )
+    return tuple(lines)

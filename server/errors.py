@@ -8,7 +8,6 @@ maps each class to one status code in one place (service.STATUS_OF)::
     ├── NotFound             NOT_FOUND (a tenant with no plan, an unknown contact)
     ├── Unauthenticated      UNAUTHENTICATED (no admin credential)
     ├── PermissionDenied     PERMISSION_DENIED (a wrong one, or none configured)
-    ├── NotImplementedYet    UNIMPLEMENTED
     └── LedgerUnavailable    UNAVAILABLE (the ledger cannot commit or is not open)
 """
 
@@ -35,10 +34,6 @@ class Unauthenticated(QuotaError):
 
 
 class PermissionDenied(QuotaError):
-    pass
-
-
-class NotImplementedYet(QuotaError):
     pass
 
 

@@ -130,6 +130,7 @@ class Plan:
     notify_thresholds: tuple[float, ...] = ()
     renotify_interval_us: int = 0
     preset: str = ""
+    marketing_contacts_only: bool = False
 
     @property
     def limit(self) -> int:
@@ -158,6 +159,14 @@ class Plan:
     def counts_activity(self, kind: ActivityKind) -> bool:
         return kind in self.counted_activities
 
+    def source_policy(self, source: ContactSource) -> SourcePolicy:
+        """The plan's policy for contacts added through `source`; a source without a
+        rule adds contacts whatever the count."""
+        for rule_source, policy in self.source_rules:
+            if rule_source is source:
+                return policy
+        return SourcePolicy.OVER_LIMIT_ALLOWED
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -180,6 +189,7 @@ class Plan:
                 "notify_thresholds": list(self.notify_thresholds),
                 "renotify_interval_us": self.renotify_interval_us,
                 "preset": self.preset,
+                "marketing_contacts_only": self.marketing_contacts_only,
             },
             sort_keys=True,
         )
@@ -207,15 +217,34 @@ class Plan:
             notify_thresholds=tuple(raw["notify_thresholds"]),
             renotify_interval_us=raw["renotify_interval_us"],
             preset=raw["preset"],
+            marketing_contacts_only=raw.get("marketing_contacts_only", False),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Counters:
-    """A tenant's stored figures for one cycle."""
+    """A tenant's stored figures for one cycle: contacts active in it and sends
+    counted in it, and the held and marketing counts at its end and at their
+    highest (HELD_CONTACTS bills the highest)."""
 
     active_contacts: int = 0
     sends: int = 0
+    held_end: int = 0
+    held_peak: int = 0
+    marketing_end: int = 0
+    marketing_peak: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """A tenant's contacts now: held, held and marketing, and of those the ones
+    set non-marketing that switch at the end of cycle `cycle_start_us` (MK-6).
+    `cycle_start_us` is the cycle these figures were last written in."""
+
+    cycle_start_us: int = 0
+    held: int = 0
+    marketing: int = 0
+    pending: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +262,7 @@ class Usage:
     overage_amount: str
     currency: str
     plan_name: str
+    peak_contacts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +296,36 @@ class ActivityOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ContactAddOutcome:
+    decision: Decision
+    reason: Reason
+    added: int
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollOutcome:
+    decision: Decision
+    reason: Reason
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceLine:
+    description: str
+    quantity: int
+    unit_price: str
+    amount: str
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    usage: Usage
+    lines: tuple[InvoiceLine, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Activation:
     contact_id: str
     activated_at_us: int
@@ -283,6 +343,16 @@ class ContactRecord:
     marketing_until_next_update: bool = False
     marketing_source_type: str = ""
     marketing_source_id: str = ""
+    marketing_until_us: int = 0
+    held_since_us: int = 0
+
+    def marketing_at(self, at_us: int) -> bool:
+        """Marketing at that instant: a pending switch to non-marketing (MK-6)
+        takes effect at `marketing_until_us`, the next cycle start."""
+        return self.marketing and not (self.marketing_until_us and self.marketing_until_us <= at_us)
+
+    def counts(self, marketing_only: bool, at_us: int) -> bool:
+        return self.held and (not marketing_only or self.marketing_at(at_us))
 
 
 @dataclass(frozen=True, slots=True)

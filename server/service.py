@@ -24,12 +24,11 @@ from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 
 from .clock import MICROS
-from .engine import ActivityRequest, BatchRequest, Engine, PlanInput, SendRequest
+from .engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, PlanInput, SendRequest
 from .errors import (
     InvalidArgument,
     LedgerUnavailable,
     NotFound,
-    NotImplementedYet,
     PermissionDenied,
     QuotaError,
     Unauthenticated,
@@ -43,6 +42,7 @@ from .model import (
     ContactSource,
     ContactState,
     Enforcement,
+    Invoice,
     MessageKind,
     Metering,
     Plan,
@@ -59,7 +59,6 @@ STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
     LedgerUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 MIN_TIMESTAMP_S = -62_135_596_800
@@ -124,6 +123,7 @@ def usage_pb(u: Usage) -> pb.Usage:
         overage_amount=u.overage_amount,
         currency=u.currency,
         plan_name=u.plan_name,
+        peak_contacts=u.peak_contacts,
     )
 
 
@@ -148,6 +148,7 @@ def plan_pb(p: Plan) -> pb.Plan:
         notify_thresholds=list(p.notify_thresholds),
         renotify_interval=_dur(p.renotify_interval_us) if p.renotify_interval_us else None,
         preset=p.preset,
+        marketing_contacts_only=p.marketing_contacts_only,
     )
 
 
@@ -179,6 +180,7 @@ def plan_input(message: pb.Plan) -> PlanInput:
         notify_thresholds=list(message.notify_thresholds),
         renotify_interval_us=_duration("plan.renotify_interval", message, "renotify_interval"),
         preset=message.preset,
+        marketing_contacts_only=message.marketing_contacts_only,
     )
 
 
@@ -285,11 +287,30 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
     def CheckContactAdd(
         self, request: pb.CheckContactAddRequest, context: grpc.ServicerContext
     ) -> pb.CheckContactAddResponse:
-        raise NotImplementedYet("CheckContactAdd is not available in this version")
+        req = ContactAddRequest(
+            tenant_id=request.tenant_id,
+            source=_enum("source", request.source, ContactSource, required=False),
+            contact_ids=list(request.contact_ids),
+            dry_run=request.dry_run,
+            marketing=request.marketing if request.HasField("marketing") else None,
+            request_id=request.request_id,
+        )
+        outcome = self.engine.check_contact_add(req)
+        self.metrics.decisions.labels("CheckContactAdd", outcome.decision.name, outcome.reason.name).inc()
+        return pb.CheckContactAddResponse(
+            decision=outcome.decision.value,
+            reason=outcome.reason.value,
+            added=outcome.added,
+            usage=usage_pb(outcome.usage),
+        )
 
     @_handled("CheckEnroll")
     def CheckEnroll(self, request: pb.CheckEnrollRequest, context: grpc.ServicerContext) -> pb.CheckEnrollResponse:
-        raise NotImplementedYet("CheckEnroll is not available in this version")
+        outcome = self.engine.check_enroll(request.tenant_id, request.contact_id, request.automation_id)
+        self.metrics.decisions.labels("CheckEnroll", outcome.decision.name, outcome.reason.name).inc()
+        return pb.CheckEnrollResponse(
+            decision=outcome.decision.value, reason=outcome.reason.value, usage=usage_pb(outcome.usage)
+        )
 
     @_handled("RecordActivity")
     def RecordActivity(
@@ -376,7 +397,21 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
     @_handled("GetInvoice")
     def GetInvoice(self, request: pb.GetInvoiceRequest, context: grpc.ServicerContext) -> pb.GetInvoiceResponse:
         self._authorize(context)
-        raise NotImplementedYet("GetInvoice is not available in this version")
+        at = _instant("cycle_start", request, "cycle_start")
+        invoice: Invoice = self.engine.get_invoice(request.tenant_id, at)
+        return pb.GetInvoiceResponse(
+            usage=usage_pb(invoice.usage),
+            lines=[
+                pb.InvoiceLine(
+                    description=line.description,
+                    quantity=line.quantity,
+                    unit_price=line.unit_price,
+                    amount=line.amount,
+                    currency=line.currency,
+                )
+                for line in invoice.lines
+            ],
+        )
 
 
 def _active_pb(a: Activation) -> pb.ActiveContact:

@@ -23,7 +23,7 @@ from quota_sidecar.server.engine import (
     PlanInput,
     SendRequest,
 )
-from quota_sidecar.server.errors import InvalidArgument, NotFound, NotImplementedYet
+from quota_sidecar.server.errors import InvalidArgument, NotFound
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.model import (
     LIMIT_REASONS,
@@ -916,18 +916,6 @@ def test_grace_percent_of_100_is_accepted(engine: Engine):
     """AC-7: grace_percent up to 100 is a valid plan."""
     p, _ = engine.put_plan(T, plan(10, enforcement=Enforcement.GRACE, grace_percent=100))
     assert p.ceiling == 20
-
-
-def test_presets_and_held_contacts_metering_are_not_implemented_and_store_nothing(engine: Engine, db_path: Path):
-    """api.md Presets / HELD_CONTACTS (AC-*, MK-*) are not in this version: UNIMPLEMENTED, nothing stored."""
-    before = snapshot(db_path)
-    with pytest.raises(NotImplementedYet):
-        engine.put_plan(T, plan(5, preset="active-cycle-hard"))
-    with pytest.raises(NotImplementedYet):
-        engine.put_plan(T, plan(5, metering=Metering.HELD_CONTACTS))
-    assert snapshot(db_path) == before
-    with pytest.raises(NotFound):
-        engine.get_plan(T)
 
 
 def test_a_tenant_without_a_plan_is_not_found_for_every_call_and_nothing_is_counted(engine: Engine, db_path: Path):

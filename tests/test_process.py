@@ -188,7 +188,10 @@ def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path,
             "INSERT INTO activations VALUES ('t', ?, ?, ?, 'CAMPAIGN', 1)",
             ((cycle.start_us, f"p{i}", anchor) for i in range(n)),
         )
-        conn.execute("INSERT INTO usage VALUES ('t', ?, ?, ?)", (cycle.start_us, n, n))
+        conn.execute(
+            "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends) VALUES ('t', ?, ?, ?)",
+            (cycle.start_us, n, n),
+        )
     conn.close()
 
     p = start(ledger)

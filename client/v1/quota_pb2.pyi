@@ -171,7 +171,7 @@ USAGE_STATE_BLOCKED: UsageState
 USAGE_STATE_IN_OVERAGE: UsageState
 
 class Usage(_message.Message):
-    __slots__ = ("tenant_id", "cycle_start", "cycle_end", "active_contacts", "contact_limit", "usage_ratio", "sends", "sends_limit", "state", "overage_contacts", "overage_amount", "currency", "plan_name")
+    __slots__ = ("tenant_id", "cycle_start", "cycle_end", "active_contacts", "contact_limit", "usage_ratio", "sends", "sends_limit", "state", "overage_contacts", "overage_amount", "currency", "plan_name", "peak_contacts")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     CYCLE_START_FIELD_NUMBER: _ClassVar[int]
     CYCLE_END_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,7 @@ class Usage(_message.Message):
     OVERAGE_AMOUNT_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     PLAN_NAME_FIELD_NUMBER: _ClassVar[int]
+    PEAK_CONTACTS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     cycle_start: _timestamp_pb2.Timestamp
     cycle_end: _timestamp_pb2.Timestamp
@@ -198,7 +199,8 @@ class Usage(_message.Message):
     overage_amount: str
     currency: str
     plan_name: str
-    def __init__(self, tenant_id: _Optional[str] = ..., cycle_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cycle_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_contacts: _Optional[int] = ..., contact_limit: _Optional[int] = ..., usage_ratio: _Optional[float] = ..., sends: _Optional[int] = ..., sends_limit: _Optional[int] = ..., state: _Optional[_Union[UsageState, str]] = ..., overage_contacts: _Optional[int] = ..., overage_amount: _Optional[str] = ..., currency: _Optional[str] = ..., plan_name: _Optional[str] = ...) -> None: ...
+    peak_contacts: int
+    def __init__(self, tenant_id: _Optional[str] = ..., cycle_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cycle_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_contacts: _Optional[int] = ..., contact_limit: _Optional[int] = ..., usage_ratio: _Optional[float] = ..., sends: _Optional[int] = ..., sends_limit: _Optional[int] = ..., state: _Optional[_Union[UsageState, str]] = ..., overage_contacts: _Optional[int] = ..., overage_amount: _Optional[str] = ..., currency: _Optional[str] = ..., plan_name: _Optional[str] = ..., peak_contacts: _Optional[int] = ...) -> None: ...
 
 class CheckSendRequest(_message.Message):
     __slots__ = ("tenant_id", "contact_id", "channel", "kind", "queued_since", "dry_run", "request_id")
@@ -275,18 +277,20 @@ class CheckSendBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[CheckSendResult, _Mapping]]] = ..., allowed: _Optional[int] = ..., denied: _Optional[int] = ..., newly_active: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CheckContactAddRequest(_message.Message):
-    __slots__ = ("tenant_id", "source", "contact_ids", "dry_run", "marketing")
+    __slots__ = ("tenant_id", "source", "contact_ids", "dry_run", "marketing", "request_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CONTACT_IDS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     MARKETING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     source: ContactSource
     contact_ids: _containers.RepeatedScalarFieldContainer[str]
     dry_run: bool
     marketing: bool
-    def __init__(self, tenant_id: _Optional[str] = ..., source: _Optional[_Union[ContactSource, str]] = ..., contact_ids: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ..., marketing: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., source: _Optional[_Union[ContactSource, str]] = ..., contact_ids: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ..., marketing: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CheckContactAddResponse(_message.Message):
     __slots__ = ("decision", "reason", "added", "usage")
@@ -373,7 +377,7 @@ class SourceRule(_message.Message):
     def __init__(self, source: _Optional[_Union[ContactSource, str]] = ..., policy: _Optional[_Union[SourcePolicy, str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("plan_name", "metering", "enforcement", "contact_limit", "addon_contacts", "grace_percent", "sends_limit", "sends_per_contact", "overage_unit_price", "currency", "cycle_anchor", "billing_interval", "counted_kinds", "counted_activities", "source_rules", "max_queue", "notify_thresholds", "renotify_interval", "preset")
+    __slots__ = ("plan_name", "metering", "enforcement", "contact_limit", "addon_contacts", "grace_percent", "sends_limit", "sends_per_contact", "overage_unit_price", "currency", "cycle_anchor", "billing_interval", "counted_kinds", "counted_activities", "source_rules", "max_queue", "notify_thresholds", "renotify_interval", "preset", "marketing_contacts_only")
     PLAN_NAME_FIELD_NUMBER: _ClassVar[int]
     METERING_FIELD_NUMBER: _ClassVar[int]
     ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +397,7 @@ class Plan(_message.Message):
     NOTIFY_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     RENOTIFY_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
+    MARKETING_CONTACTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     plan_name: str
     metering: Metering
     enforcement: Enforcement
@@ -412,7 +417,8 @@ class Plan(_message.Message):
     notify_thresholds: _containers.RepeatedScalarFieldContainer[float]
     renotify_interval: _duration_pb2.Duration
     preset: str
-    def __init__(self, plan_name: _Optional[str] = ..., metering: _Optional[_Union[Metering, str]] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., contact_limit: _Optional[int] = ..., addon_contacts: _Optional[int] = ..., grace_percent: _Optional[int] = ..., sends_limit: _Optional[int] = ..., sends_per_contact: _Optional[int] = ..., overage_unit_price: _Optional[str] = ..., currency: _Optional[str] = ..., cycle_anchor: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., billing_interval: _Optional[_Union[BillingInterval, str]] = ..., counted_kinds: _Optional[_Iterable[_Union[MessageKind, str]]] = ..., counted_activities: _Optional[_Iterable[_Union[ActivityKind, str]]] = ..., source_rules: _Optional[_Iterable[_Union[SourceRule, _Mapping]]] = ..., max_queue: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., notify_thresholds: _Optional[_Iterable[float]] = ..., renotify_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset: _Optional[str] = ...) -> None: ...
+    marketing_contacts_only: bool
+    def __init__(self, plan_name: _Optional[str] = ..., metering: _Optional[_Union[Metering, str]] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., contact_limit: _Optional[int] = ..., addon_contacts: _Optional[int] = ..., grace_percent: _Optional[int] = ..., sends_limit: _Optional[int] = ..., sends_per_contact: _Optional[int] = ..., overage_unit_price: _Optional[str] = ..., currency: _Optional[str] = ..., cycle_anchor: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., billing_interval: _Optional[_Union[BillingInterval, str]] = ..., counted_kinds: _Optional[_Iterable[_Union[MessageKind, str]]] = ..., counted_activities: _Optional[_Iterable[_Union[ActivityKind, str]]] = ..., source_rules: _Optional[_Iterable[_Union[SourceRule, _Mapping]]] = ..., max_queue: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., notify_thresholds: _Optional[_Iterable[float]] = ..., renotify_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset: _Optional[str] = ..., marketing_contacts_only: _Optional[bool] = ...) -> None: ...
 
 class PutPlanRequest(_message.Message):
     __slots__ = ("tenant_id", "plan")

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from ..model import Activation, AuditEntry, ContactRecord, Counters, StoredPlan, StoredResult
+from ..model import Activation, AuditEntry, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
 
 T = TypeVar("T")
 
@@ -26,7 +26,12 @@ T = TypeVar("T")
 class LedgerReader(Protocol):
     def plan(self, tenant_id: str) -> StoredPlan | None: ...
 
+    def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
+        """The plan stored last before `before_us` (the one in force at that instant)."""
+
     def counters(self, tenant_id: str, cycle_start_us: int) -> Counters: ...
+
+    def holdings(self, tenant_id: str) -> Holdings | None: ...
 
     def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None: ...
 
@@ -37,11 +42,30 @@ class LedgerReader(Protocol):
     ) -> list[Activation]:
         """Activations of the cycle ordered by contact id, strictly after `after_contact_id`."""
 
+    def counted_contacts(
+        self, tenant_id: str, marketing_only: bool, at_us: int, after_contact_id: str, limit: int
+    ) -> list[ContactRecord]:
+        """Held contacts (marketing ones at `at_us` when `marketing_only`) ordered by
+        contact id, strictly after `after_contact_id`."""
+
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None: ...
 
 
 class LedgerTx(LedgerReader, Protocol):
-    def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None: ...
+    def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
+        """Stores the tenant's plan and keeps it as the version in force from `at_us`."""
+
+    def put_holdings(self, tenant_id: str, holdings: Holdings) -> None: ...
+
+    def record_held(self, tenant_id: str, cycle_start_us: int, held: int, marketing: int) -> None:
+        """Sets the cycle's end counts and raises its peaks to them if higher."""
+
+    def switch_marketing(self, tenant_id: str, due_us: int) -> int:
+        """Makes non-marketing every contact whose pending switch (MK-6) is due by
+        `due_us`; returns how many."""
+
+    def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
+        """Adds sends to the cycle's figure without touching any contact (HELD_CONTACTS)."""
 
     def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
         """Marks contacts active in the cycle (none may be active already) and

@@ -13,6 +13,7 @@ the dedupe filters are exact only while this process is the only writer.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -26,9 +27,10 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from ..cycles import cycle_at
 from ..dedupe import CycleFilter, DedupeFilters
 from ..errors import LedgerUnavailable
-from ..model import Activation, AuditEntry, ContactRecord, Counters, StoredPlan, StoredResult
+from ..model import Activation, AuditEntry, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
 from . import Ledger, LedgerReader, LedgerTx
 
 T = TypeVar("T")
@@ -124,7 +126,75 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["audit"].create_index(["tenant_id", "cycle_start_us"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Held-contact metering: the MK-6 switch instant and the held-since instant per
+    contact, a tenant's held and marketing counts, per-cycle end and peak counts,
+    and the plan in force over time (invoices of past cycles)."""
+    db["contacts"].add_column("marketing_until_us", int, not_null_default=0)
+    db["contacts"].add_column("held_since_us", int, not_null_default=0)
+    for column in ("held_end", "held_peak", "marketing_end", "marketing_peak"):
+        db["usage"].add_column(column, int, not_null_default=0)
+    db["holdings"].create(
+        {"tenant_id": str, "cycle_start_us": int, "held": int, "marketing": int, "pending": int},
+        pk="tenant_id",
+        not_null=["cycle_start_us", "held", "marketing", "pending"],
+    )
+    db["plan_versions"].create(
+        {"tenant_id": str, "effective_us": int, "plan_json": str},
+        pk=("tenant_id", "effective_us"),
+        not_null=["plan_json"],
+    )
+    db.execute("UPDATE contacts SET held_since_us = updated_at_us WHERE held = 1")
+    db.execute(
+        "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) SELECT tenant_id, 0, plan_json FROM plans"
+    )
+    anchors = {
+        tenant_id: json.loads(plan_json)["cycle_anchor_us"]
+        for tenant_id, plan_json in db.execute("SELECT tenant_id, plan_json FROM plans").fetchall()
+    }
+    for tenant_id, last_update_us in db.execute(
+        "SELECT tenant_id, MAX(updated_at_us) FROM contacts GROUP BY tenant_id"
+    ).fetchall():
+        anchor = anchors.get(tenant_id, 0)
+        current = cycle_at(anchor, last_update_us)
+        flagged = db.execute(
+            "SELECT contact_id, updated_at_us FROM contacts"
+            " WHERE tenant_id = ? AND held = 1 AND marketing = 1 AND marketing_until_next_update = 1",
+            (tenant_id,),
+        ).fetchall()
+        for contact_id, updated_at_us in flagged:
+            until = cycle_at(anchor, updated_at_us).end_us
+            if until <= current.start_us:
+                db.execute(
+                    "UPDATE contacts SET marketing = 0, marketing_until_next_update = 0"
+                    " WHERE tenant_id = ? AND contact_id = ?",
+                    (tenant_id, contact_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE contacts SET marketing_until_us = ? WHERE tenant_id = ? AND contact_id = ?",
+                    (until, tenant_id, contact_id),
+                )
+        held, marketing, pending = db.execute(
+            "SELECT COALESCE(SUM(held), 0), COALESCE(SUM(held * marketing), 0),"
+            " COALESCE(SUM(held * marketing * marketing_until_next_update), 0) FROM contacts WHERE tenant_id = ?",
+            (tenant_id,),
+        ).fetchone()
+        db.execute(
+            "INSERT INTO holdings (tenant_id, cycle_start_us, held, marketing, pending) VALUES (?, ?, ?, ?, ?)",
+            (tenant_id, current.start_us, held, marketing, pending),
+        )
+        db.execute(
+            "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends, held_end, held_peak,"
+            " marketing_end, marketing_peak) VALUES (?, ?, 0, 0, ?, ?, ?, ?)"
+            " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET held_end = excluded.held_end,"
+            " held_peak = excluded.held_peak, marketing_end = excluded.marketing_end,"
+            " marketing_peak = excluded.marketing_peak",
+            (tenant_id, current.start_us, held, held, marketing, marketing),
+        )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -165,12 +235,27 @@ class _Reader:
         ).fetchone()
         return StoredPlan(row[0], row[1]) if row else None
 
+    def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
+        row = self.conn.execute(
+            "SELECT plan_json, effective_us FROM plan_versions WHERE tenant_id = ? AND effective_us < ?"
+            " ORDER BY effective_us DESC LIMIT 1",
+            (tenant_id, before_us),
+        ).fetchone()
+        return StoredPlan(row[0], row[1]) if row else None
+
     def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
         row = self.conn.execute(
-            "SELECT active_contacts, sends FROM usage WHERE tenant_id = ? AND cycle_start_us = ?",
+            "SELECT active_contacts, sends, held_end, held_peak, marketing_end, marketing_peak FROM usage"
+            " WHERE tenant_id = ? AND cycle_start_us = ?",
             (tenant_id, cycle_start_us),
         ).fetchone()
-        return Counters(row[0], row[1]) if row else Counters()
+        return Counters(*row) if row else Counters()
+
+    def holdings(self, tenant_id: str) -> Holdings | None:
+        row = self.conn.execute(
+            "SELECT cycle_start_us, held, marketing, pending FROM holdings WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return Holdings(*row) if row else None
 
     def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
         row = self.conn.execute(
@@ -182,13 +267,28 @@ class _Reader:
 
     def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
         row = self.conn.execute(
-            "SELECT held, marketing, marketing_until_next_update, marketing_source_type, marketing_source_id"
-            " FROM contacts WHERE tenant_id = ? AND contact_id = ?",
+            "SELECT held, marketing, marketing_until_next_update, marketing_source_type, marketing_source_id,"
+            " marketing_until_us, held_since_us FROM contacts WHERE tenant_id = ? AND contact_id = ?",
             (tenant_id, contact_id),
         ).fetchone()
         if not row:
             return None
-        return ContactRecord(contact_id, bool(row[0]), bool(row[1]), bool(row[2]), row[3], row[4])
+        return ContactRecord(contact_id, bool(row[0]), bool(row[1]), bool(row[2]), row[3], row[4], row[5], row[6])
+
+    def counted_contacts(
+        self, tenant_id: str, marketing_only: bool, at_us: int, after_contact_id: str, limit: int
+    ) -> list[ContactRecord]:
+        marketing = (
+            " AND marketing = 1 AND (marketing_until_us = 0 OR marketing_until_us > ?)" if marketing_only else ""
+        )
+        args: tuple[Any, ...] = (tenant_id, after_contact_id) + ((at_us,) if marketing_only else ()) + (limit,)
+        rows = self.conn.execute(
+            "SELECT contact_id, held, marketing, marketing_until_next_update, marketing_source_type,"
+            " marketing_source_id, marketing_until_us, held_since_us FROM contacts"
+            f" WHERE tenant_id = ? AND held = 1 AND contact_id > ?{marketing} ORDER BY contact_id LIMIT ?",
+            args,
+        ).fetchall()
+        return [ContactRecord(r[0], bool(r[1]), bool(r[2]), bool(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
     def active_contacts(
         self, tenant_id: str, cycle_start_us: int, after_contact_id: str, limit: int
@@ -242,6 +342,39 @@ class _Tx(_Reader):
             " updated_at_us = excluded.updated_at_us",
             (tenant_id, plan_json, at_us),
         )
+        self.conn.execute(
+            "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",
+            (tenant_id, at_us, plan_json),
+        )
+
+    def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:
+        self.conn.execute(
+            "INSERT INTO holdings (tenant_id, cycle_start_us, held, marketing, pending) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET cycle_start_us = excluded.cycle_start_us,"
+            " held = excluded.held, marketing = excluded.marketing, pending = excluded.pending",
+            (tenant_id, holdings.cycle_start_us, holdings.held, holdings.marketing, holdings.pending),
+        )
+
+    def record_held(self, tenant_id: str, cycle_start_us: int, held: int, marketing: int) -> None:
+        self.conn.execute(
+            "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends, held_end, held_peak,"
+            " marketing_end, marketing_peak) VALUES (?, ?, 0, 0, ?, ?, ?, ?)"
+            " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET held_end = excluded.held_end,"
+            " held_peak = MAX(held_peak, excluded.held_peak), marketing_end = excluded.marketing_end,"
+            " marketing_peak = MAX(marketing_peak, excluded.marketing_peak)",
+            (tenant_id, cycle_start_us, held, held, marketing, marketing),
+        )
+
+    def switch_marketing(self, tenant_id: str, due_us: int) -> int:
+        return self.conn.execute(
+            "UPDATE contacts SET marketing = 0, marketing_until_next_update = 0, marketing_until_us = 0"
+            " WHERE tenant_id = ? AND marketing_until_us > 0 AND marketing_until_us <= ?",
+            (tenant_id, due_us),
+        ).rowcount
+
+    def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
+        self._bump(tenant_id, cycle_start_us, 0, sends)
 
     def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
         if not activations:
@@ -276,11 +409,13 @@ class _Tx(_Reader):
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None:
         self.conn.executemany(
             "INSERT INTO contacts (tenant_id, contact_id, held, marketing, marketing_until_next_update,"
-            " marketing_source_type, marketing_source_id, updated_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " marketing_source_type, marketing_source_id, updated_at_us, marketing_until_us, held_since_us)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (tenant_id, contact_id) DO UPDATE SET held = excluded.held,"
             " marketing = excluded.marketing, marketing_until_next_update = excluded.marketing_until_next_update,"
             " marketing_source_type = excluded.marketing_source_type,"
-            " marketing_source_id = excluded.marketing_source_id, updated_at_us = excluded.updated_at_us",
+            " marketing_source_id = excluded.marketing_source_id, updated_at_us = excluded.updated_at_us,"
+            " marketing_until_us = excluded.marketing_until_us, held_since_us = excluded.held_since_us",
             [
                 (
                     tenant_id,
@@ -291,6 +426,8 @@ class _Tx(_Reader):
                     c.marketing_source_type,
                     c.marketing_source_id,
                     at_us,
+                    c.marketing_until_us,
+                    c.held_since_us,
                 )
                 for c in contacts
             ],

@@ -6,9 +6,13 @@ so the decision and its counting are atomic and durable before the caller
 hears the answer; dry runs read committed state through an in-memory overlay
 that keeps what they would have written and throws it away.
 
-Metering, enforcement and message kinds are dispatched through small methods
-(`_decide_send`, `_limited`, `usage_of`) so the other meterings and policies
-of the contract slot in beside CYCLE_ACTIVE.
+Two meterings: CYCLE_ACTIVE counts contacts activated in the cycle (per-cycle
+activations); HELD_CONTACTS counts the contacts a tenant holds (model 4: held
+and marketing), a state carried from cycle to cycle (`Holdings`, rolled into a
+new cycle by the first change in it, `_roll`) with each cycle's end and peak
+kept for invoices. `tally_of` gives either as one `Tally`; enforcement (`ceiling`,
+`_limited`, `_held_block`) and the figures (`usage_of`, `invoice_lines`) read it.
+Presets are expanded before validation (presets.py).
 """
 
 from __future__ import annotations

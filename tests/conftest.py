@@ -102,3 +102,16 @@ def sidecar_with_metrics(tmp_path: Path, clock: FakeClock) -> Iterator[RunningSi
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list]:
+    """Real `quota-sidecar` processes a test started (tests/test_process.py `Process`); killed at the end."""
+    started: list = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+        p.proc.wait()
+        p.proc.stdout.close()
+        p.proc.stderr.close()

@@ -26,7 +26,7 @@ import pytest
 from quota_sidecar.server.errors import LedgerUnavailable
 from quota_sidecar.server.ledger import Ledger, LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import Activation, ContactRecord, Counters, StoredPlan, StoredResult
+from quota_sidecar.server.model import Activation, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
 
 CommitObserver = Callable[[float, int, bool], None]
 
@@ -186,6 +186,47 @@ class TestLedgerContract:
         ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("a", held=False, marketing=True)], 2))
         assert ledger.read(lambda r: r.plan(T)) == StoredPlan("v2", 2)
         assert ledger.read(lambda r: r.contact(T, "a")) == ContactRecord("a", held=False, marketing=True)
+
+    def test_plan_versions_answer_which_plan_was_in_force(self, ledger: Ledger):
+        """CR-7: a past cycle is invoiced under the plan in force at its end."""
+        ledger.transact(lambda tx: tx.put_plan(T, "v1", 10))
+        ledger.transact(lambda tx: tx.put_plan(T, "v2", 20))
+        assert ledger.read(lambda r: r.plan_at(T, 10)) is None
+        assert ledger.read(lambda r: r.plan_at(T, 11)) == StoredPlan("v1", 10)
+        assert ledger.read(lambda r: r.plan_at(T, 20)) == StoredPlan("v1", 10)
+        assert ledger.read(lambda r: r.plan_at(T, 21)) == StoredPlan("v2", 20)
+
+    def test_holdings_peaks_and_marketing_switches(self, ledger: Ledger):
+        """AC-10 (the count falls, the cycle's peak stays), MK-6 (due switches applied in one statement),
+        held sends counted without an activation (AC-6)."""
+        contacts = [
+            ContactRecord("a", held=True, marketing=True, held_since_us=5),
+            ContactRecord("b", held=True, marketing=True, marketing_until_next_update=True, marketing_until_us=C1),
+            ContactRecord("c", held=True, marketing=True, marketing_until_next_update=True, marketing_until_us=C1 + 9),
+            ContactRecord("d", held=True),
+            ContactRecord("e", held=False, marketing=True),
+        ]
+
+        def unit(tx: LedgerTx) -> int:
+            tx.put_contacts(T, contacts, 1)
+            tx.put_holdings(T, Holdings(C0, 4, 3, 2))
+            tx.record_held(T, C0, 4, 3)
+            tx.record_held(T, C0, 2, 1)
+            tx.count_sends(T, C0, 3)
+            return tx.switch_marketing(T, C1)
+
+        assert ledger.transact(unit) == 1
+        assert ledger.read(lambda r: r.holdings(T)) == Holdings(C0, 4, 3, 2)
+        assert ledger.read(lambda r: r.holdings("other")) is None
+        assert ledger.read(lambda r: r.counters(T, C0)) == Counters(0, 3, 2, 4, 1, 3)
+        assert ledger.read(lambda r: r.contact(T, "b")) == ContactRecord("b", held=True)
+        assert ledger.read(lambda r: r.contact(T, "a")) == contacts[0]
+        held = ledger.read(lambda r: r.counted_contacts(T, False, C1, "", 10))
+        assert [c.contact_id for c in held] == ["a", "b", "c", "d"]
+        marketing = ledger.read(lambda r: r.counted_contacts(T, True, C1 + 9, "a", 10))
+        assert [c.contact_id for c in marketing] == []
+        marketing = ledger.read(lambda r: r.counted_contacts(T, True, C1 + 8, "", 1))
+        assert [c.contact_id for c in marketing] == ["a"]
 
     def test_a_unit_that_raises_leaves_no_trace(self, ledger: Ledger):
         """api.md Errors: nothing is half-written; a unit that raises leaves no trace."""

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,18 +82,6 @@ def start(ledger: Path, *extra: str) -> Process:
         text=True,
     )
     return Process(proc, address, ledger)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-        p.proc.wait()
-        p.proc.stdout.close()
-        p.proc.stderr.close()
 
 
 def put_plan(address: str, limit: int) -> None:

@@ -162,12 +162,14 @@ def check_contact_add(
     source: EnumArg,
     marketing: bool | None,
     dry_run: bool,
+    request_id: str | None,
 ) -> Call[ContactAddDecision]:
     request = quota_pb2.CheckContactAddRequest(
         tenant_id=tenant_id,
         contact_ids=id_list(contact_ids, "contact_ids"),
         source=enum_value(quota_pb2.ContactSource, source, "source"),
         dry_run=dry_run,
+        request_id=_request_id(request_id, dry_run),
     )
     if marketing is not None:
         request.marketing = marketing

@@ -36,13 +36,17 @@ FALLBACK_REASON = "UNSPECIFIED"
 
 @dataclass(frozen=True)
 class Usage:
-    """A tenant's figures for one cycle."""
+    """A tenant's figures for one cycle. `active_contacts` is the metered count now
+    (contacts held, or active this cycle); `peak_contacts` the highest it reached in the
+    cycle, on which HELD_CONTACTS bills its overage (under CYCLE_ACTIVE the two are equal)."""
 
     tenant_id: str
     plan_name: str
     cycle_start: datetime | None
     cycle_end: datetime | None
     active_contacts: int
+    # Keyword-only: a later addition, so the positional order of the fields before it stays.
+    peak_contacts: int = field(default=0, kw_only=True)
     contact_limit: int
     usage_ratio: float
     sends: int
@@ -70,6 +74,7 @@ class Usage:
             overage_amount=from_decimal_string(usage.overage_amount),
             currency=usage.currency,
             raw=usage,
+            peak_contacts=usage.peak_contacts,
         )
 
 
@@ -232,7 +237,8 @@ class Plan:
     """What a tenant bought. Every field is optional on the way in; `preset` fills the
     fields left at their defaults. Enum fields take short names or protobuf numbers and
     come back as short names; `source_rules` maps a contact source to its policy (a
-    mapping, or (source, policy) pairs)."""
+    mapping, or (source, policy) pairs). `marketing_contacts_only` makes a HELD_CONTACTS
+    plan count marketing contacts only (model 4, MK-1)."""
 
     plan_name: str = ""
     metering: EnumArg = 0
@@ -253,6 +259,8 @@ class Plan:
     notify_thresholds: Sequence[float] = ()
     renotify_interval: DurationArg | None = None
     preset: str = ""
+    # Keyword-only: a later addition, so the positional order of the fields before it stays.
+    marketing_contacts_only: bool = field(default=False, kw_only=True)
     raw: quota_pb2.Plan | None = field(default=None, repr=False, compare=False)
 
     def to_pb(self) -> quota_pb2.Plan:
@@ -271,6 +279,7 @@ class Plan:
             counted_activities=enum_values(quota_pb2.ActivityKind, self.counted_activities, "plan.counted_activities"),
             notify_thresholds=list(self.notify_thresholds),
             preset=self.preset,
+            marketing_contacts_only=self.marketing_contacts_only,
         )
         if self.overage_unit_price is not None:
             plan.overage_unit_price = to_decimal_string(self.overage_unit_price, "plan.overage_unit_price")
@@ -313,6 +322,7 @@ class Plan:
             renotify_interval=(from_duration(plan.renotify_interval) if plan.HasField("renotify_interval") else None),
             preset=plan.preset,
             raw=plan,
+            marketing_contacts_only=plan.marketing_contacts_only,
         )
 
 

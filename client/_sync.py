@@ -189,10 +189,16 @@ class QuotaClient:
         *,
         marketing: bool | None = None,
         dry_run: bool = False,
+        request_id: str | None = None,
         timeout: float | None = None,
     ) -> ContactAddDecision:
-        """May these contacts be added through this source (AC-2..AC-5)?"""
-        call = _calls.check_contact_add(tenant_id, contact_ids, source, marketing, dry_run)
+        """May these contacts be added through this source (AC-2..AC-5)? When allowed
+        (and not a dry run) they are added; an IMPORT is all or nothing (AC-4).
+
+        `marketing` is the status new contacts get (model 4; None leaves the sidecar's
+        default, true). A call that is not a dry run gets a fresh request_id when none
+        is given, so a retry after UNAVAILABLE adds nothing twice; pass "" to send none."""
+        call = _calls.check_contact_add(tenant_id, contact_ids, source, marketing, dry_run, request_id)
         return self._invoke(call, timeout)
 
     def check_enroll(

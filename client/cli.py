@@ -93,23 +93,52 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _global_options(parser, environ, suppress=False)
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
-    def command(parent: Any, name: str, summary: str, run: Callable[[QuotaClient, argparse.Namespace], int]) -> Any:
-        sub = parent.add_parser(name, help=summary, description=summary)
+    def command(
+        parent: Any,
+        name: str,
+        summary: str,
+        run: Callable[[QuotaClient, argparse.Namespace], int],
+        description: str | None = None,
+    ) -> Any:
+        sub = parent.add_parser(name, help=summary, description=description or summary)
         _global_options(sub, environ, suppress=True)
         sub.set_defaults(run=run)
         return sub
 
-    usage = command(commands, "usage", "show a tenant's figures for the current or a past cycle", _usage)
+    usage = command(
+        commands,
+        "usage",
+        "show a tenant's figures for the current or a past cycle",
+        _usage,
+        "show a tenant's figures for the current or a past cycle: the metered count against the limit, its"
+        " peak in the cycle, sends, state and overage",
+    )
     usage.add_argument("tenant")
     usage.add_argument("--cycle", type=_instant, help="any instant of a past cycle (ISO 8601)")
 
     plan = commands.add_parser("plan", help="set or show a tenant's plan", description="set or show a tenant's plan")
     _global_options(plan, environ, suppress=True)
     plan_commands = plan.add_subparsers(title="commands", dest="plan_command", required=True, metavar="COMMAND")
-    plan_set = command(plan_commands, "set", "create or replace a tenant's plan", _plan_set)
+    plan_set = command(
+        plan_commands,
+        "set",
+        "create or replace a tenant's plan",
+        _plan_set,
+        "create or replace a tenant's plan, from a preset (one of the four billing models) or field by field;"
+        " with --preset, the options given beside it override the preset's values",
+    )
     plan_set.add_argument("tenant")
-    plan_set.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
-    plan_set.add_argument("--name", dest="plan_name", help="the plan's name, e.g. GROW")
+    plan_set.add_argument(
+        "--preset",
+        metavar="NAME",
+        help=f"one of {', '.join(PRESETS)} (the four billing models); options given beside it override its values",
+    )
+    plan_set.add_argument(
+        "--name",
+        dest="plan_name",
+        help="the plan's name, e.g. GROW (with --preset active-cycle-overage and no --limit, START, GROW, EXPAND"
+        " or SCALE give 50, 250, 500 or 2000 contacts)",
+    )
     plan_set.add_argument("--metering", type=_choice(quota_pb2.Metering), metavar=_names(quota_pb2.Metering))
     plan_set.add_argument("--enforcement", type=_choice(quota_pb2.Enforcement), metavar=_names(quota_pb2.Enforcement))
     plan_set.add_argument("--limit", dest="contact_limit", type=_count, metavar="N", help="plan contacts")
@@ -149,6 +178,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     plan_set.add_argument("--max-queue", type=_duration, metavar="DURATION", help="e.g. 24h (AC-9)")
     plan_set.add_argument("--renotify-interval", type=_duration, metavar="DURATION", help="e.g. 15d (AC-1)")
     plan_set.add_argument("--notify", dest="notify_thresholds", type=_ratios, metavar="R,...", help="e.g. 0.8,1.0")
+    plan_set.add_argument(
+        "--marketing-contacts-only",
+        action="store_true",
+        default=None,
+        help="HELD_CONTACTS counts marketing contacts only (model 4, MK-1)",
+    )
     plan_get = command(plan_commands, "get", "show a tenant's plan", _plan_get)
     plan_get.add_argument("tenant")
 
@@ -162,16 +197,39 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     check.add_argument("--dry-run", action="store_true", help="decide and report, count nothing")
     check.add_argument("--queued-since", type=_instant, metavar="ISO", help="when the automation e-mail was queued")
 
-    contact = command(commands, "contact", "show one contact as the ledger knows it", _contact)
+    contact = command(
+        commands,
+        "contact",
+        "show one contact as the ledger knows it (MK-5)",
+        _contact,
+        "show one contact as the ledger knows it: held, active this cycle, and its marketing status,"
+        " until-next-update flag, source type and source id (MK-5)",
+    )
     contact.add_argument("tenant")
     contact.add_argument("contact")
 
-    active = command(commands, "active-contacts", "list the contacts active in a cycle", _active_contacts)
+    active = command(
+        commands,
+        "active-contacts",
+        "list the contacts behind an invoice's metered line",
+        _active_contacts,
+        "list the contacts behind an invoice's metered line: those active in the cycle, or under"
+        " HELD_CONTACTS those held (model 4: the marketing ones) now",
+    )
     active.add_argument("tenant")
-    active.add_argument("--cycle", type=_instant, help="any instant of the cycle (ISO 8601)")
-    active.add_argument("--csv", action="store_true", help="print CSV")
+    active.add_argument(
+        "--cycle", type=_instant, help="any instant of the cycle (ISO 8601; HELD_CONTACTS: the current cycle only)"
+    )
+    active.add_argument("--csv", action="store_true", help="print CSV: contact_id, activated_at, activity")
 
-    invoice = command(commands, "invoice", "show a cycle's billable figures", _invoice)
+    invoice = command(
+        commands,
+        "invoice",
+        "show a cycle's invoice lines and total (CR-6, CR-7)",
+        _invoice,
+        "show a cycle's billable figures: the invoice lines (description, quantity, unit price, amount,"
+        " currency) and their total (CR-6, CR-7); --json prints the GetInvoice answer",
+    )
     invoice.add_argument("tenant")
     invoice.add_argument("--cycle", type=_instant, help="any instant of the cycle (ISO 8601)")
     return parser
@@ -330,6 +388,7 @@ _PLAN_OPTIONS = (
     "max_queue",
     "renotify_interval",
     "notify_thresholds",
+    "marketing_contacts_only",
 )
 
 
@@ -392,8 +451,17 @@ def _active_contacts(client: QuotaClient, args: argparse.Namespace) -> int:
         writer.writerows([contact.contact_id, _when(contact.activated_at), contact.activity] for contact in contacts)
     else:
         _print_table(["CONTACT", "ACTIVATED AT", "ACTIVITY"], _active_rows(contacts))
-        print(f"{len(contacts)} active contact{'' if len(contacts) == 1 else 's'}")
+        print(f"{len(contacts)} {_counted_noun(contacts)}{'' if len(contacts) == 1 else 's'}")
     return EXIT_OK
+
+
+# What ListActiveContacts lists under HELD_CONTACTS, by the activity it reports.
+_HELD_NOUNS = {"HELD_CONTACT": "held contact", "MARKETING_CONTACT": "marketing contact"}
+
+
+def _counted_noun(contacts: Sequence[ActiveContact]) -> str:
+    nouns = {_HELD_NOUNS.get(contact.activity, "active contact") for contact in contacts}
+    return nouns.pop() if len(nouns) == 1 else "active contact"
 
 
 def _invoice(client: QuotaClient, args: argparse.Namespace) -> int:
@@ -421,11 +489,16 @@ def _print_fields(fields: Sequence[tuple[str, str]]) -> None:
         print(f"{key:<{width}}{value}".rstrip())
 
 
-def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[int] = ()) -> None:
+    """Columns padded to their widest cell; the columns numbered in `right` (figures) aligned right."""
     rows = [list(header), *map(list, rows)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+        cells = (
+            cell.rjust(width) if column in right else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=False))
+        )
+        print("  ".join(cells).rstrip())
 
 
 def _when(value: datetime | None) -> str:
@@ -455,6 +528,15 @@ def _money(amount: Decimal | None, currency: str) -> str:
     return f"{amount} {currency}".strip()
 
 
+def _cycle_fields(usage: Usage) -> list[tuple[str, str]]:
+    """Whose figures, under which plan, for which cycle."""
+    return [
+        ("tenant", usage.tenant_id),
+        ("plan", usage.plan_name or "-"),
+        ("cycle", f"{_when(usage.cycle_start)} .. {_when(usage.cycle_end)}"),
+    ]
+
+
 def _usage_fields(usage: Usage) -> list[tuple[str, str]]:
     active = f"{usage.active_contacts} / {usage.contact_limit}"
     if usage.contact_limit:
@@ -464,10 +546,9 @@ def _usage_fields(usage: Usage) -> list[tuple[str, str]]:
     if usage.overage_amount is not None:
         overage += f", {_money(usage.overage_amount, usage.currency)}"
     return [
-        ("tenant", usage.tenant_id),
-        ("plan", usage.plan_name or "-"),
-        ("cycle", f"{_when(usage.cycle_start)} .. {_when(usage.cycle_end)}"),
+        *_cycle_fields(usage),
         ("active contacts", active),
+        ("peak contacts", str(usage.peak_contacts)),
         ("sends", sends),
         ("state", usage.state),
         ("overage", overage),
@@ -487,6 +568,15 @@ def _decision_fields(decision: SendDecision) -> list[tuple[str, str]]:
     return fields
 
 
+def _sends_limit(plan: Plan) -> str:
+    if plan.sends_limit:
+        return str(plan.sends_limit)
+    if plan.sends_per_contact:
+        limit = plan.sends_per_contact * (plan.contact_limit + plan.addon_contacts)
+        return f"{limit} ({plan.sends_per_contact} per contact)"
+    return "unlimited"
+
+
 def _plan_fields(tenant_id: str, plan: Plan) -> list[tuple[str, str]]:
     rules = ", ".join(f"{source}={policy}" for source, policy in dict(plan.source_rules).items())
     return [
@@ -494,10 +584,11 @@ def _plan_fields(tenant_id: str, plan: Plan) -> list[tuple[str, str]]:
         ("plan", plan.plan_name or "-"),
         ("preset", plan.preset or "-"),
         ("metering", str(plan.metering)),
+        ("marketing contacts only", _yes(plan.marketing_contacts_only)),
         ("enforcement", str(plan.enforcement)),
         ("contact limit", f"{plan.contact_limit} + {plan.addon_contacts} add-ons"),
         ("grace percent", str(plan.grace_percent)),
-        ("sends limit", str(plan.sends_limit) if plan.sends_limit else "unlimited"),
+        ("sends limit", _sends_limit(plan)),
         ("sends per contact", str(plan.sends_per_contact or "-")),
         ("overage unit price", _money(_as_decimal(plan.overage_unit_price), plan.currency)),
         ("currency", plan.currency or "-"),
@@ -517,7 +608,6 @@ def _as_decimal(value: Decimal | str | None) -> Decimal | None:
 
 
 def _contact_fields(contact: ContactState) -> list[tuple[str, str]]:
-    source = " ".join(part for part in (contact.marketing_source_type, contact.marketing_source_id) if part)
     return [
         ("tenant", contact.tenant_id),
         ("contact", contact.contact_id),
@@ -526,7 +616,8 @@ def _contact_fields(contact: ContactState) -> list[tuple[str, str]]:
         ("activated at", _when(contact.activated_at)),
         ("marketing", _yes(contact.marketing)),
         ("until next update", _yes(contact.marketing_until_next_update)),
-        ("status set by", source or "-"),
+        ("source type", contact.marketing_source_type or "-"),
+        ("source id", contact.marketing_source_id or "-"),
     ]
 
 
@@ -536,18 +627,36 @@ def _active_rows(contacts: Iterable[ActiveContact]) -> list[list[str]]:
 
 def _print_invoice(invoice: Invoice) -> None:
     if invoice.usage is not None:
-        _print_fields(_usage_fields(invoice.usage))
+        _print_fields(_cycle_fields(invoice.usage))
         print()
     rows = [
         [
             line.description,
             str(line.quantity),
-            _money(line.unit_price, line.currency),
-            _money(line.amount, line.currency),
+            _amount(line.unit_price),
+            _amount(line.amount),
+            line.currency or "-",
         ]
         for line in invoice.lines
     ]
-    _print_table(["LINE", "QUANTITY", "UNIT PRICE", "AMOUNT"], rows)
+    _print_table(["DESCRIPTION", "QUANTITY", "UNIT PRICE", "AMOUNT", "CURRENCY"], rows, right=(1, 2, 3))
+    print()
+    _print_fields(_invoice_totals(invoice))
+
+
+def _amount(value: Decimal | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _invoice_totals(invoice: Invoice) -> list[tuple[str, str]]:
+    """The total of the lines' amounts per currency (a plan bills in one), exact decimals."""
+    totals: dict[str, Decimal] = {}
+    for line in invoice.lines:
+        if line.amount is not None:
+            totals[line.currency] = totals.get(line.currency, Decimal(0)) + line.amount
+    if not totals:
+        return [("total", "-")]
+    return [("total", ", ".join(_money(amount, currency) for currency, amount in totals.items()))]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import grpc
@@ -34,7 +35,6 @@ from quota_sidecar.client import (
     Retry,
     Unauthenticated,
     Unavailable,
-    Unimplemented,
 )
 from quota_sidecar.client.v1 import quota_pb2
 
@@ -312,16 +312,232 @@ def test_active_contacts_come_page_by_page_and_all_at_once(quota: QuotaClient) -
     assert all(contact.activated_at is not None and contact.activity for contact in everyone)
 
 
-def test_rpcs_of_the_next_release_raise_unimplemented_not_a_fallback(quota: QuotaClient) -> None:
-    for call in (
-        lambda: quota.check_contact_add(TENANT, ["n1"], "API"),
-        lambda: quota.check_enroll(TENANT, "c1", "welcome"),
-        lambda: quota.get_invoice(TENANT),
-    ):
-        with pytest.raises(Unimplemented) as info:
-            call()
-        assert info.value.code is grpc.StatusCode.UNIMPLEMENTED
+def test_check_contact_add_applies_each_source_policy_all_or_nothing_AC_2_to_AC_5_AC_7(quota: QuotaClient) -> None:
+    """AC-2..AC-5, AC-7, AC-10: under the contact-limit preset an import past the limit is
+    refused whole, a manual add once the limit is reached, while API and form adds go on
+    into the 10% grace; `added` counts the contacts not held before."""
+    quota.put_plan(TENANT, Plan(preset="contact-limit", plan_name="LITE", contact_limit=10))
+    first = quota.check_contact_add(TENANT, [f"i{n}" for n in range(8)], "IMPORT")
+    assert (first.decision, first.reason, first.added, first.fallback) == ("ALLOW", "OK", 8, False)
+    assert isinstance(first.raw, quota_pb2.CheckContactAddResponse)
+    assert first.usage is not None and (first.usage.active_contacts, first.usage.contact_limit) == (8, 10)
+
+    refused = quota.check_contact_add(TENANT, ["i7", "i8", "i9", "i10"], "IMPORT")
+    assert (refused.decision, refused.reason, refused.added) == ("DENY", "IMPORT_EXCEEDS_LIMIT", 0)
+    assert refused.usage is not None and refused.usage.active_contacts == 8
+
+    preview = quota.check_contact_add(TENANT, ["m1", "m2"], "MANUAL", dry_run=True)
+    assert (preview.decision, preview.added) == ("ALLOW", 2)
+    assert quota.get_usage(TENANT).active_contacts == 8
+    manual = quota.check_contact_add(TENANT, ["m1", "m2"], "MANUAL")
+    assert (manual.decision, manual.added) == ("ALLOW", 2)
+    assert manual.usage is not None and manual.usage.state == "AT_LIMIT"
+    blocked = quota.check_contact_add(TENANT, "m3", "MANUAL")
+    assert (blocked.decision, blocked.reason, blocked.added) == ("DENY", "SOURCE_BLOCKED", 0)
+
+    api = quota.check_contact_add(TENANT, ["i0", "a1"], "API")
+    assert (api.decision, api.reason, api.added) == ("ALLOW", "OK", 1)
+    assert api.usage is not None and (api.usage.active_contacts, api.usage.state) == (11, "IN_GRACE")
+    form = quota.check_contact_add(TENANT, ["f1"], "FORM")
+    assert (form.decision, form.added) == ("ALLOW", 1)
+    assert form.usage is not None and (form.usage.active_contacts, form.usage.state) == (12, "BLOCKED")
+    assert quota.get_contact(TENANT, "f1").marketing_source_type == "FORM"
+
+
+def test_check_enroll_under_held_contacts_AC_7_AC_8_AC_10(quota: QuotaClient) -> None:
+    """AC-7, AC-8, AC-10: a held contact may enter an automation up to the 10% grace, not past
+    it, until contacts are deleted; a contact the tenant does not hold may not. Counts nothing."""
+    quota.put_plan(TENANT, Plan(preset="contact-limit", contact_limit=10))
+    quota.check_contact_add(TENANT, [f"c{n}" for n in range(11)], "API")
+    enrolled = quota.check_enroll(TENANT, "c0", "welcome")
+    assert (enrolled.decision, enrolled.reason, enrolled.fallback) == ("ALLOW", "OK", False)
+    assert isinstance(enrolled.raw, quota_pb2.CheckEnrollResponse)
+    assert enrolled.usage is not None and (enrolled.usage.active_contacts, enrolled.usage.state) == (11, "IN_GRACE")
+    stranger = quota.check_enroll(TENANT, "nobody", "welcome")
+    assert (stranger.decision, stranger.reason) == ("DENY", "UNKNOWN_CONTACT")
+
+    quota.check_contact_add(TENANT, "c11", "API")
+    over = quota.check_enroll(TENANT, "c0", "welcome")
+    assert (over.decision, over.reason) == ("DENY", "OVER_GRACE")
+    assert over.usage is not None and (over.usage.active_contacts, over.usage.state) == (12, "BLOCKED")
+
+    quota.record_activity(TENANT, ["c10", "c11"], "CONTACT_DELETED")
+    assert quota.check_enroll(TENANT, "c0", "welcome").decision == "ALLOW"
+    assert quota.check_enroll(TENANT, "c11", "welcome").reason == "UNKNOWN_CONTACT"
+    usage = quota.get_usage(TENANT)
+    assert (usage.active_contacts, usage.peak_contacts, usage.sends) == (10, 12, 0)
+
+
+def test_check_enroll_under_cycle_active_AC_8_SG_2(quota: QuotaClient) -> None:
+    """AC-8, SG-2: under CYCLE_ACTIVE a contact active this cycle may always enter an
+    automation, a new one only while the count is under the ceiling; enrolling counts nothing."""
+    quota.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN")
+    assert (quota.check_enroll(TENANT, "c1", "welcome").reason, quota.get_usage(TENANT).sends) == ("ALREADY_ACTIVE", 2)
+    fresh = quota.check_enroll(TENANT, "c3", "welcome")
+    assert (fresh.decision, fresh.reason) == ("ALLOW", "OK")
+    assert fresh.usage is not None and fresh.usage.active_contacts == 2
+    quota.check_send(TENANT, "c3", "CAMPAIGN")
+    full = quota.check_enroll(TENANT, "c4", "welcome")
+    assert (full.decision, full.reason) == ("DENY", "CONTACT_LIMIT_REACHED")
+    assert quota.check_enroll(TENANT, "c2", "welcome").decision == "ALLOW"
+    usage = quota.get_usage(TENANT)
+    assert (usage.active_contacts, usage.peak_contacts, usage.sends) == (3, 3, 3)
+
+
+def test_get_invoice_bills_overage_in_exact_decimals_CR_3_CR_6_CR_7(sidecar, quota: QuotaClient) -> None:
+    """CR-3, CR-6, CR-7: START includes 50 contacts; 53 active bill 3 x 0.25 = 0.75 EUR,
+    monthly even on an annual plan; a past cycle keeps its invoice after an upgrade, and
+    add-ons get their own line."""
+    plan = Plan(preset="active-cycle-overage", plan_name="START", billing_interval="ANNUAL")
+    assert quota.put_plan(TENANT, plan).plan.contact_limit == 50
+    quota.record_activity(TENANT, [f"c{n}" for n in range(53)], "CONTACT_CREATED")
+
+    invoice = quota.get_invoice(TENANT)
+    assert isinstance(invoice.raw, quota_pb2.GetInvoiceResponse)
+    assert [
+        (line.description, line.quantity, line.unit_price, line.amount, line.currency) for line in invoice.lines
+    ] == [
+        ("Contacts included in the plan (START)", 50, Decimal("0.00"), Decimal("0.00"), "EUR"),
+        ("Contacts active this cycle", 53, Decimal("0.00"), Decimal("0.00"), "EUR"),
+        ("Overage contacts (annual plan, overage invoiced monthly)", 3, Decimal("0.25"), Decimal("0.75"), "EUR"),
+    ]
+    assert [line.raw.amount for line in invoice.lines] == ["0.00", "0.00", "0.75"]
+    assert invoice.usage is not None
+    assert (invoice.usage.overage_contacts, str(invoice.usage.overage_amount), invoice.usage.currency) == (
+        3,
+        "0.75",
+        "EUR",
+    )
+    assert (invoice.usage.active_contacts, invoice.usage.peak_contacts, invoice.usage.state) == (53, 53, "IN_OVERAGE")
+
+    past = invoice.usage.cycle_start
+    sidecar.clock.advance(timedelta(days=32).total_seconds())
+    quota.put_plan(TENANT, Plan(preset="active-cycle-overage", plan_name="GROW", addon_contacts=10))
+    assert quota.get_invoice(TENANT, cycle_start=past).lines == invoice.lines
+    current = quota.get_invoice(TENANT)
+    assert [(line.description, line.quantity, line.amount) for line in current.lines] == [
+        ("Contacts included in the plan (GROW)", 250, Decimal("0.00")),
+        ("Add-on contacts", 10, Decimal("0.00")),
+        ("Contacts active this cycle", 0, Decimal("0.00")),
+        ("Overage contacts", 0, Decimal("0.00")),
+    ]
+    assert current.usage is not None and str(current.usage.overage_amount) == "0.00"
+
+
+def test_marketing_contacts_plan_counts_and_bills_marketing_contacts_MK_1_MK_3_MK_5_MK_6(
+    sidecar, quota: QuotaClient
+) -> None:
+    """MK-1, MK-3, MK-4, MK-5, MK-6, AC-10: only marketing contacts count; a contact set
+    non-marketing keeps counting until the next cycle; overage is billed on the cycle's
+    peak even after contacts are deleted."""
+    plan = Plan(preset="marketing-contacts", contact_limit=2, overage_unit_price="10.00", currency="USD")
+    change = quota.put_plan(TENANT, plan)
+    assert (change.plan.marketing_contacts_only, change.plan.metering, change.plan.enforcement) == (
+        True,
+        "HELD_CONTACTS",
+        "OVERAGE",
+    )
+    assert quota.get_plan(TENANT) == change.plan
+
+    added = quota.check_contact_add(TENANT, ["m1", "m2", "m3"], "API")
+    assert (added.decision, added.reason, added.added) == ("ALLOW", "OVERAGE", 3)
+    free = quota.check_contact_add(TENANT, ["n1"], "IMPORT", marketing=False)
+    assert (free.decision, free.reason, free.added) == ("ALLOW", "OK", 1)
+    assert free.usage is not None and free.usage.active_contacts == 3
+    assert quota.check_send(TENANT, "n1", "CAMPAIGN").reason == "NOT_MARKETING_CONTACT"
+    assert quota.check_send(TENANT, "n1", "TRANSACTIONAL").reason == "NOT_COUNTED"
+
+    quota.record_activity(
+        TENANT, "m3", "MARKETING_STATUS_SET", marketing=False, source_type="WORKFLOW", source_id="wf-7"
+    )
+    m3 = quota.get_contact(TENANT, "m3")
+    assert (m3.held, m3.marketing, m3.marketing_until_next_update) == (True, True, True)
+    assert (m3.marketing_source_type, m3.marketing_source_id) == ("WORKFLOW", "wf-7")
+    assert quota.check_send(TENANT, "m3", "CAMPAIGN").decision == "ALLOW"
+
+    quota.record_activity(TENANT, ["m1", "m2"], "CONTACT_DELETED")
+    usage = quota.get_usage(TENANT)
+    assert (usage.active_contacts, usage.peak_contacts, usage.overage_contacts) == (1, 3, 1)
+    assert (usage.overage_amount, usage.currency) == (Decimal("10.00"), "USD")
+    assert quota.get_invoice(TENANT).lines[1].description == "Highest marketing contacts this cycle"
+
+    sidecar.clock.advance(timedelta(days=32).total_seconds())
+    m3 = quota.get_contact(TENANT, "m3")
+    assert (m3.held, m3.marketing, m3.marketing_until_next_update) == (True, False, False)
     assert quota.get_usage(TENANT).active_contacts == 0
+    assert quota.check_send(TENANT, "m3", "CAMPAIGN").reason == "NOT_MARKETING_CONTACT"
+
+
+def test_bad_input_to_adds_enrolments_and_invoices_raises_never_falls_back(quota: QuotaClient) -> None:
+    """AC-4, AC-8, CR-6: bad input and a tenant without a plan are errors the caller must
+    fix, never a fail-open or fail-closed decision."""
+    with pytest.raises(InvalidArgument, match="source"):
+        quota.check_contact_add(TENANT, ["n1"], 0)
+    with pytest.raises(InvalidArgument, match="contact_ids"):
+        quota.check_contact_add(TENANT, [f"n{i}" for i in range(10_001)], "API")
+    with pytest.raises(InvalidArgument, match="contact_id"):
+        quota.check_enroll(TENANT, "", "welcome")
+    for call in (
+        lambda: quota.check_contact_add("no-such-tenant", ["n1"], "API"),
+        lambda: quota.check_enroll("no-such-tenant", "n1", "welcome"),
+        lambda: quota.get_invoice("no-such-tenant"),
+    ):
+        with pytest.raises(NotFound):
+            call()
+    usage = quota.get_usage(TENANT)
+    assert (usage.active_contacts, usage.peak_contacts) == (0, 0)
+
+
+def test_a_retried_contact_add_gets_the_first_answer_and_adds_once_AC_2(quota: QuotaClient, lossy_proxy) -> None:
+    """AC-2, AC-4: when the answer to an add is lost and the client retries, the retry
+    carries the same request_id, so the caller hears how many contacts its call added
+    and the ledger holds them once; a dry run carries no id."""
+    quota.put_plan(TENANT, Plan(preset="contact-limit", contact_limit=5))
+    proxy = lossy_proxy("CheckContactAdd", lose=1)
+    with QuotaClient(proxy.address, retries=Retry(attempts=3, backoff=0.01), timeout=TIMEOUT) as client:
+        result = client.check_contact_add(TENANT, ["c1", "c2"], "IMPORT")
+        client.check_contact_add(TENANT, ["c3"], "IMPORT", dry_run=True)
+    assert (result.decision, result.added, result.fallback) == ("ALLOW", 2, False)
+    first, retry, dry = (quota_pb2.CheckContactAddRequest.FromString(raw) for raw in proxy.requests)
+    assert len(first.request_id) == 32 and retry.request_id == first.request_id
+    assert dry.request_id == ""
+    assert quota.get_usage(TENANT).active_contacts == 2
+
+
+def test_a_given_request_id_makes_a_repeated_add_harmless_AC_4(quota: QuotaClient) -> None:
+    """AC-4: the caller's own request_id repeats the first answer, here a refused import,
+    even after room was made, and adds nothing."""
+    quota.put_plan(TENANT, Plan(preset="contact-limit", contact_limit=2))
+    quota.check_contact_add(TENANT, ["c1", "c2"], "API")
+    refused = quota.check_contact_add(TENANT, ["c3"], "IMPORT", request_id="import-7")
+    assert (refused.decision, refused.reason) == ("DENY", "IMPORT_EXCEEDS_LIMIT")
+    quota.record_activity(TENANT, "c1", "CONTACT_DELETED")
+    again = quota.check_contact_add(TENANT, ["c3"], "IMPORT", request_id="import-7")
+    assert (again.decision, again.reason, again.added) == ("DENY", "IMPORT_EXCEEDS_LIMIT", 0)
+    assert quota.get_usage(TENANT).active_contacts == 1
+    assert quota.check_contact_add(TENANT, ["c3"], "IMPORT").added == 1
+
+
+@pytest.mark.parametrize("fail_mode, decision", [("closed", "DENY"), ("open", "ALLOW")])
+def test_a_stopped_sidecar_falls_back_for_contact_adds_and_enrolments(sidecar, fail_mode: str, decision: str) -> None:
+    """AC-2, AC-8: once the sidecar is gone, check_contact_add and check_enroll answer the
+    client's fail mode, marked fallback, adding nothing; other calls raise Unavailable."""
+    retry = Retry(attempts=2, backoff=0.01)
+    with QuotaClient(
+        sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT, retries=retry, fail_mode=fail_mode
+    ) as client:
+        client.put_plan(TENANT, Plan(preset="contact-limit", contact_limit=5))
+        assert client.check_contact_add(TENANT, ["c1"], "API").added == 1
+        assert client.check_enroll(TENANT, "c1", "welcome").fallback is False
+        sidecar.stop()
+        added = client.check_contact_add(TENANT, ["c2"], "API")
+        assert (added.decision, added.reason, added.added, added.fallback) == (decision, "UNSPECIFIED", 0, True)
+        assert isinstance(added.error, Unavailable) and added.usage is None and added.raw is None
+        enrolled = client.check_enroll(TENANT, "c1", "welcome")
+        assert (enrolled.decision, enrolled.fallback) == (decision, True)
+        assert isinstance(enrolled.error, Unavailable) and enrolled.usage is None
+        with pytest.raises(Unavailable):
+            client.get_invoice(TENANT)
 
 
 def test_server_errors_raise_typed_exceptions_with_the_servers_message(quota: QuotaClient) -> None:
@@ -510,17 +726,50 @@ def test_async_client_makes_every_call(sidecar) -> None:
     asyncio.run(scenario())
 
 
-def test_async_client_raises_unimplemented_for_the_next_release_rpcs(sidecar) -> None:
+def test_async_client_adds_enrolls_and_invoices_AC_4_AC_8_CR_6(sidecar) -> None:
+    """AC-4, AC-8, CR-6, MK-1: the asyncio client returns the same typed results as the
+    blocking one for contact adds, enrolments, invoices and the new plan and usage fields."""
+
     async def scenario() -> None:
         async with AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
-            await client.put_plan(TENANT, PLAN)
-            for call in (
-                lambda: client.check_contact_add(TENANT, ["n1"], "API"),
-                lambda: client.check_enroll(TENANT, "n1", "welcome"),
-                lambda: client.get_invoice(TENANT),
-            ):
-                with pytest.raises(Unimplemented):
-                    await call()
+            change = await client.put_plan(TENANT, Plan(preset="contact-limit", plan_name="LITE", contact_limit=3))
+            assert (change.plan.metering, change.plan.grace_percent) == ("HELD_CONTACTS", 10)
+            assert change.plan.marketing_contacts_only is False
+
+            first = await client.check_contact_add(TENANT, ["c1", "c2"], "IMPORT", request_id="import-1")
+            assert (first.decision, first.reason, first.added, first.fallback) == ("ALLOW", "OK", 2, False)
+            repeat = await client.check_contact_add(TENANT, ["c1", "c2"], "IMPORT", request_id="import-1")
+            assert (repeat.decision, repeat.added) == ("ALLOW", 2)
+            refused = await client.check_contact_add(TENANT, ["c3", "c4"], "IMPORT")
+            assert (refused.decision, refused.reason, refused.added) == ("DENY", "IMPORT_EXCEEDS_LIMIT", 0)
+            preview = await client.check_contact_add(TENANT, ["c3", "c4"], "API", dry_run=True)
+            assert preview.usage is not None and preview.usage.active_contacts == 4
+            api = await client.check_contact_add(TENANT, ["c3", "c4"], "API")
+            assert api.usage is not None and (api.usage.active_contacts, api.usage.state) == (4, "BLOCKED")
+
+            enrolled = await client.check_enroll(TENANT, "c1", "welcome")
+            assert (enrolled.decision, enrolled.reason) == ("DENY", "OVER_GRACE")
+            await client.record_activity(TENANT, ["c4"], "CONTACT_DELETED")
+            enrolled = await client.check_enroll(TENANT, "c1", "welcome")
+            assert (enrolled.decision, enrolled.reason) == ("ALLOW", "OK")
+
+            usage = await client.get_usage(TENANT)
+            assert (usage.active_contacts, usage.peak_contacts, usage.overage_contacts) == (3, 4, 1)
+            invoice = await client.get_invoice(TENANT)
+            assert [(line.description, line.quantity, line.amount) for line in invoice.lines] == [
+                ("Contacts included in the plan (LITE)", 3, Decimal("0.00")),
+                ("Highest contacts held this cycle", 4, Decimal("0.00")),
+                ("Overage contacts", 1, Decimal("0.00")),
+            ]
+            held = [contact async for contact in client.iter_active_contacts(TENANT)]
+            assert [(c.contact_id, c.activity) for c in held] == [(c, "HELD_CONTACT") for c in ("c1", "c2", "c3")]
+
+            with pytest.raises(InvalidArgument, match="source"):
+                await client.check_contact_add(TENANT, ["c5"], 99)
+            with pytest.raises(NotFound):
+                await client.check_enroll("no-such-tenant", "c1", "welcome")
+            with pytest.raises(NotFound):
+                await client.get_invoice("no-such-tenant")
 
     asyncio.run(scenario())
 

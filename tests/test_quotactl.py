@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,12 @@ from quota_sidecar.client.cli import (
     EXIT_SERVER_ERROR,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    PRESETS,
     build_parser,
     main,
 )
+from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.server.presets import PRESETS as SERVER_PRESETS
 
 TENANT = "tenant-1"
 PLAN_SET = (
@@ -223,10 +227,353 @@ def test_active_contacts_as_table_csv_and_json(quotactl: Run) -> None:
     assert sorted(contact["contact_id"] for contact in listed["contacts"]) == ["c1", "c2", "c3"]
 
 
-def test_invoice_reports_unimplemented_in_one_line(quotactl: Run) -> None:
-    status, out, err = quotactl("invoice", TENANT, "--json")
+HELD_KINDS = ["MESSAGE_KIND_CAMPAIGN", "MESSAGE_KIND_AUTOMATION"]
+PRESET_FIELDS = {
+    "contact-limit": (
+        ["--limit", "1000"],
+        {
+            "metering": "METERING_HELD_CONTACTS",
+            "enforcement": "ENFORCEMENT_GRACE",
+            "marketing_contacts_only": False,
+            "contact_limit": 1000,
+            "grace_percent": 10,
+            "source_rules": [
+                {"source": "CONTACT_SOURCE_API", "policy": "SOURCE_POLICY_OVER_LIMIT_ALLOWED"},
+                {"source": "CONTACT_SOURCE_FORM", "policy": "SOURCE_POLICY_OVER_LIMIT_ALLOWED"},
+                {"source": "CONTACT_SOURCE_IMPORT", "policy": "SOURCE_POLICY_REFUSE_IF_EXCEEDS"},
+                {"source": "CONTACT_SOURCE_MANUAL", "policy": "SOURCE_POLICY_BLOCKED_AT_LIMIT"},
+            ],
+            "counted_kinds": HELD_KINDS,
+            "counted_activities": [],
+            "max_queue": "86400s",
+            "notify_thresholds": [0.9, 1.0],
+            "renotify_interval": "1296000s",
+            "overage_unit_price": "",
+        },
+    ),
+    "active-cycle-hard": (
+        ["--limit", "500"],
+        {
+            "metering": "METERING_CYCLE_ACTIVE",
+            "enforcement": "ENFORCEMENT_HARD",
+            "marketing_contacts_only": False,
+            "contact_limit": 500,
+            "grace_percent": 0,
+            "sends_per_contact": 10,
+            "counted_kinds": HELD_KINDS,
+            "counted_activities": ["ACTIVITY_KIND_MESSAGE_SENT"],
+            "notify_thresholds": [0.8, 1.0],
+            "overage_unit_price": "",
+        },
+    ),
+    "active-cycle-overage": (
+        ["--name", "GROW"],
+        {
+            "plan_name": "GROW",
+            "metering": "METERING_CYCLE_ACTIVE",
+            "enforcement": "ENFORCEMENT_OVERAGE",
+            "marketing_contacts_only": False,
+            "contact_limit": 250,
+            "overage_unit_price": "0.25",
+            "currency": "EUR",
+            "counted_kinds": [*HELD_KINDS, "MESSAGE_KIND_TRANSACTIONAL", "MESSAGE_KIND_ONE_TO_ONE"],
+            "counted_activities": [
+                "ACTIVITY_KIND_CONTACT_CREATED",
+                "ACTIVITY_KIND_STATUS_CHANGED",
+                "ACTIVITY_KIND_MESSAGE_SENT",
+                "ACTIVITY_KIND_NOTE_ADDED",
+                "ACTIVITY_KIND_PROPERTY_CHANGED",
+                "ACTIVITY_KIND_STATUS_RENAMED",
+            ],
+            "notify_thresholds": [0.8, 1.0],
+        },
+    ),
+    "marketing-contacts": (
+        ["--limit", "1000"],
+        {
+            "metering": "METERING_HELD_CONTACTS",
+            "enforcement": "ENFORCEMENT_OVERAGE",
+            "marketing_contacts_only": True,
+            "contact_limit": 1000,
+            "counted_kinds": HELD_KINDS,
+            "counted_activities": [],
+            "notify_thresholds": [0.8, 0.9, 1.0],
+            "overage_unit_price": "",
+        },
+    ),
+}
+
+
+def test_quotactl_offers_the_servers_presets() -> None:
+    """Models 1-4 (AC-6, SG-2, CR-5, MK-1): `plan set --preset` offers exactly the presets the sidecar knows."""
+    assert PRESETS == tuple(SERVER_PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESET_FIELDS)
+def test_plan_set_with_each_preset_stores_the_presets_fields_AC_7_SG_3_CR_3_MK_1(quotactl: Run, preset: str) -> None:
+    """AC-7, SG-3, CR-3, CR-6, MK-1: each preset fills the fields of api.md's table, shown by
+    `plan get --json` and in human form."""
+    options, expected = PRESET_FIELDS[preset]
+    status, out, err = quotactl("plan", "set", TENANT, "--preset", preset, *options)
+    assert status == 0, err
+    assert fields(out)["preset"] == preset
+    plan = json.loads(quotactl("plan", "get", TENANT, "--json")[1])["plan"]
+    assert plan["preset"] == preset
+    assert {name: plan[name] for name in expected} == expected
+    shown = fields(quotactl("plan", "get", TENANT)[1])
+    assert shown["marketing contacts only"] == ("yes" if expected["marketing_contacts_only"] else "no")
+
+
+OVERRIDES = {
+    "plan name in any case": (
+        ["--preset", "active-cycle-overage", "--name", "grow"],
+        {"contact_limit": 250, "overage_unit_price": "0.25"},
+    ),
+    "limit beats the plan name": (
+        ["--preset", "active-cycle-overage", "--name", "SCALE", "--limit", "100"],
+        {"contact_limit": 100},
+    ),
+    "price and currency": (
+        ["--preset", "active-cycle-overage", "--name", "START", "--overage-unit-price", "0.30", "--currency", "USD"],
+        {"contact_limit": 50, "overage_unit_price": "0.30", "currency": "USD"},
+    ),
+    "grace and thresholds": (
+        ["--preset", "contact-limit", "--limit", "1000", "--grace-percent", "20", "--notify", "0.5"],
+        {"grace_percent": 20, "notify_thresholds": [0.5], "enforcement": "ENFORCEMENT_GRACE"},
+    ),
+    "a hard limit drops the grace": (
+        ["--preset", "contact-limit", "--limit", "1000", "--enforcement", "HARD"],
+        {"enforcement": "ENFORCEMENT_HARD", "grace_percent": 0, "metering": "METERING_HELD_CONTACTS"},
+    ),
+    "one source rule replaces the preset's": (
+        ["--preset", "contact-limit", "--limit", "1000", "--source-rule", "IMPORT=OVER_LIMIT_ALLOWED"],
+        {"source_rules": [{"source": "CONTACT_SOURCE_IMPORT", "policy": "SOURCE_POLICY_OVER_LIMIT_ALLOWED"}]},
+    ),
+    "a sends limit replaces sends per contact": (
+        ["--preset", "active-cycle-hard", "--limit", "500", "--sends-limit", "1000"],
+        {"sends_limit": 1000, "sends_per_contact": 0},
+    ),
+    "marketing contacts without a preset": (
+        [
+            "--metering",
+            "HELD_CONTACTS",
+            "--enforcement",
+            "OVERAGE",
+            "--limit",
+            "10",
+            "--counted-kinds",
+            "CAMPAIGN",
+            "--marketing-contacts-only",
+        ],
+        {"marketing_contacts_only": True, "preset": ""},
+    ),
+}
+
+
+@pytest.mark.parametrize("options, expected", OVERRIDES.values(), ids=OVERRIDES.keys())
+def test_plan_set_options_override_the_preset_CR_3_AC_7_SG_3(quotactl: Run, options: list[str], expected) -> None:
+    """CR-3, AC-7, SG-3, MK-1: an option given beside --preset wins over the preset's value."""
+    status, _, err = quotactl("plan", "set", TENANT, *options)
+    assert status == 0, err
+    plan = json.loads(quotactl("plan", "get", TENANT, "--json")[1])["plan"]
+    assert {name: plan[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (["--preset", "gold", "--limit", "5"], "plan.preset"),
+        (["--preset", "active-cycle-overage", "--name", "PRO"], "plan.contact_limit"),
+        (
+            ["--preset", "active-cycle-hard", "--limit", "5", "--marketing-contacts-only"],
+            "plan.marketing_contacts_only",
+        ),
+    ],
+)
+def test_plan_set_refusals_name_the_field_and_keep_the_plan_CR_3(quotactl: Run, options: list[str], field: str) -> None:
+    """CR-3, MK-1: a preset plan the sidecar refuses exits 1 with one line naming the field; the old plan stays."""
+    status, out, err = quotactl("plan", "set", TENANT, *options)
     assert (status, out) == (EXIT_SERVER_ERROR, "")
-    assert err.startswith("quotactl: UNIMPLEMENTED: ") and len(err.splitlines()) == 1
+    assert err.startswith(f"quotactl: INVALID_ARGUMENT: {field}: ") and err.count("\n") == 1
+    assert json.loads(quotactl("plan", "get", TENANT, "--json")[1])["plan"]["plan_name"] == "P"
+
+
+def _table_rows(out: str, header: str) -> list[list[str]]:
+    """The rows of the table under `header`, split into cells, up to the next blank line."""
+    lines = out.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r" {2,}", line.strip()))
+    return rows
+
+
+def test_invoice_in_human_and_json_form_with_exact_amounts_CR_3_CR_6(sidecar, quotactl: Run) -> None:
+    """CR-3, CR-6: START includes 50 contacts; with 53 active the invoice bills 3 x 0.25 = 0.75 EUR,
+    as a table of lines with the total, and as the GetInvoice message in JSON."""
+    quotactl("plan", "set", TENANT, "--preset", "active-cycle-overage", "--name", "START")
+    activity = pb.RecordActivityRequest(
+        tenant_id=TENANT, kind=pb.ACTIVITY_KIND_NOTE_ADDED, contact_ids=[f"c{n}" for n in range(53)]
+    )
+    sidecar.quota().RecordActivity(activity, timeout=10)
+
+    status, out, err = quotactl("invoice", TENANT)
+    assert (status, err) == (0, "")
+    assert _table_rows(out, "DESCRIPTION") == [
+        ["DESCRIPTION", "QUANTITY", "UNIT PRICE", "AMOUNT", "CURRENCY"],
+        ["Contacts included in the plan (START)", "50", "0.00", "0.00", "EUR"],
+        ["Contacts active this cycle", "53", "0.00", "0.00", "EUR"],
+        ["Overage contacts", "3", "0.25", "0.75", "EUR"],
+    ]
+    shown = fields(out)
+    assert (shown["tenant"], shown["plan"], shown["total"]) == (TENANT, "START", "0.75 EUR")
+    assert shown["cycle"].startswith(sidecar.clock.now().isoformat().replace("+00:00", "Z"))
+
+    status, out, _ = quotactl("invoice", TENANT, "--json")
+    invoice = json.loads(out)
+    assert invoice["lines"] == [
+        {
+            "description": "Contacts included in the plan (START)",
+            "quantity": 50,
+            "unit_price": "0.00",
+            "amount": "0.00",
+            "currency": "EUR",
+        },
+        {
+            "description": "Contacts active this cycle",
+            "quantity": 53,
+            "unit_price": "0.00",
+            "amount": "0.00",
+            "currency": "EUR",
+        },
+        {"description": "Overage contacts", "quantity": 3, "unit_price": "0.25", "amount": "0.75", "currency": "EUR"},
+    ]
+    usage = invoice["usage"]
+    assert (usage["overage_contacts"], usage["overage_amount"], usage["peak_contacts"]) == (3, "0.75", 53)
+
+
+def test_invoice_of_a_past_cycle_on_an_annual_plan_CR_7(sidecar, quotactl: Run) -> None:
+    """CR-7: an annual plan's overage is invoiced monthly: each cycle's invoice stands on its own."""
+    quotactl("plan", "set", TENANT, "--preset", "active-cycle-overage", "--name", "START", "--interval", "ANNUAL")
+    activity = pb.RecordActivityRequest(
+        tenant_id=TENANT, kind=pb.ACTIVITY_KIND_CONTACT_CREATED, contact_ids=[f"c{n}" for n in range(58)]
+    )
+    sidecar.quota().RecordActivity(activity, timeout=10)
+    last_cycle = sidecar.clock.now().isoformat()
+    sidecar.clock.advance(32 * 86400)
+
+    out = quotactl("invoice", TENANT, "--cycle", last_cycle)[1]
+    assert _table_rows(out, "DESCRIPTION")[-1] == [
+        "Overage contacts (annual plan, overage invoiced monthly)",
+        "8",
+        "0.25",
+        "2.00",
+        "EUR",
+    ]
+    assert fields(out)["total"] == "2.00 EUR"
+    out = quotactl("invoice", TENANT)[1]
+    assert _table_rows(out, "DESCRIPTION")[-1][1:4] == ["0", "0.25", "0.00"]
+    assert fields(out)["total"] == "0.00 EUR"
+
+
+def _add(sidecar, ids: list[str], *, marketing: bool = True) -> None:
+    request = pb.CheckContactAddRequest(
+        tenant_id=TENANT, source=pb.CONTACT_SOURCE_API, contact_ids=ids, marketing=marketing
+    )
+    assert sidecar.quota().CheckContactAdd(request, timeout=5).decision == pb.DECISION_ALLOW
+
+
+def _record(sidecar, kind: int, ids: list[str], **extra: object) -> None:
+    request = pb.RecordActivityRequest(tenant_id=TENANT, kind=kind, contact_ids=ids, **extra)
+    sidecar.quota().RecordActivity(request, timeout=5)
+
+
+def test_active_contacts_of_a_held_contacts_tenant_AC_10_MK_1(sidecar, quotactl: Run) -> None:
+    """AC-10, MK-1: under HELD_CONTACTS the contacts behind the invoice are those held now
+    (model 4: the marketing ones); a deleted contact leaves the list at once."""
+    quotactl("plan", "set", TENANT, "--preset", "contact-limit", "--limit", "5")
+    _add(sidecar, ["a", "b", "c"])
+    _record(sidecar, pb.ACTIVITY_KIND_CONTACT_DELETED, ["b"])
+    held_since = sidecar.clock.now().isoformat().replace("+00:00", "Z")
+    status, out, _ = quotactl("active-contacts", TENANT, "--csv")
+    assert status == 0
+    assert list(csv.reader(io.StringIO(out))) == [
+        ["contact_id", "activated_at", "activity"],
+        ["a", held_since, "HELD_CONTACT"],
+        ["c", held_since, "HELD_CONTACT"],
+    ]
+    assert quotactl("active-contacts", TENANT)[1].splitlines()[-1] == "2 held contacts"
+
+    quotactl("plan", "set", TENANT, "--preset", "marketing-contacts", "--limit", "5")
+    _add(sidecar, ["n1"], marketing=False)
+    rows = list(csv.DictReader(io.StringIO(quotactl("active-contacts", TENANT, "--csv")[1])))
+    assert [(row["contact_id"], row["activity"]) for row in rows] == [
+        ("a", "MARKETING_CONTACT"),
+        ("c", "MARKETING_CONTACT"),
+    ]
+    assert quotactl("active-contacts", TENANT)[1].splitlines()[-1] == "2 marketing contacts"
+
+    last_month = (sidecar.clock.now() - timedelta(days=40)).isoformat()
+    status, _, err = quotactl("active-contacts", TENANT, "--cycle", last_month, "--csv")
+    assert status == EXIT_SERVER_ERROR and err.startswith("quotactl: INVALID_ARGUMENT: cycle_start: ")
+
+
+def test_contact_shows_the_marketing_status_and_its_source_MK_5_MK_6(sidecar, quotactl: Run) -> None:
+    """MK-5, MK-6: `contact` shows held, active this cycle, marketing, the until-next-update
+    flag and the type and id of the source that set the status; the switch to
+    non-marketing shows from the next cycle."""
+    quotactl("plan", "set", TENANT, "--preset", "marketing-contacts", "--limit", "5")
+    _add(sidecar, ["c1"])
+    shown = fields(quotactl("contact", TENANT, "c1")[1])
+    assert (shown["held"], shown["marketing"], shown["until next update"]) == ("yes", "yes", "no")
+    assert (shown["source type"], shown["source id"]) == ("API", "-")
+
+    _record(
+        sidecar,
+        pb.ACTIVITY_KIND_MARKETING_STATUS_SET,
+        ["c1"],
+        marketing=False,
+        source_type="WORKFLOW",
+        source_id="wf-7",
+    )
+    status, out, _ = quotactl("contact", TENANT, "c1")
+    assert status == 0
+    shown = fields(out)
+    assert {key: shown[key] for key in ("held", "active this cycle", "marketing", "until next update")} == {
+        "held": "yes",
+        "active this cycle": "no",
+        "marketing": "yes",
+        "until next update": "yes",
+    }
+    assert (shown["source type"], shown["source id"]) == ("WORKFLOW", "wf-7")
+    contact = json.loads(quotactl("contact", TENANT, "c1", "--json")[1])["contact"]
+    assert (contact["marketing_until_next_update"], contact["marketing_source_id"]) == (True, "wf-7")
+
+    sidecar.clock.advance(32 * 86400)
+    shown = fields(quotactl("contact", TENANT, "c1")[1])
+    assert (shown["held"], shown["marketing"], shown["until next update"]) == ("yes", "no", "no")
+
+
+def test_usage_shows_the_peak_of_held_contacts_AC_10_MK_2(sidecar, quotactl: Run) -> None:
+    """AC-10, MK-2: deleting contacts lowers the count at once; the cycle's peak, on which
+    overage is billed, stays and is shown."""
+    quotactl("plan", "set", TENANT, "--preset", "contact-limit", "--limit", "5")
+    _add(sidecar, ["a", "b", "c"])
+    _record(sidecar, pb.ACTIVITY_KIND_CONTACT_DELETED, ["a", "b"])
+    shown = fields(quotactl("usage", TENANT)[1])
+    assert (shown["active contacts"], shown["peak contacts"]) == ("1 / 5 (20%)", "3")
+    usage = json.loads(quotactl("usage", TENANT, "--json")[1])["usage"]
+    assert (usage["active_contacts"], usage["peak_contacts"]) == (1, 3)
+
+
+def test_plan_set_help_names_every_preset_and_the_new_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """MK-1, CR-3: `plan set --help` lists the four presets and --marketing-contacts-only."""
+    assert main(["plan", "set", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())
+    assert all(preset in text for preset in PRESETS)
+    assert "--marketing-contacts-only" in text
 
 
 def test_server_errors_exit_1_with_one_line(sidecar, quotactl: Run, run_at: Callable[..., Run]) -> None:

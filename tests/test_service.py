@@ -321,14 +321,193 @@ def test_admin_calls_refused_when_no_token_is_configured(tmp_path: Path) -> None
         s.stop(0)
 
 
-def test_rpcs_of_the_next_release_answer_unimplemented(sidecar: RunningSidecar) -> None:
+CONTACT_LIMIT = dict(preset="contact-limit", plan_name="P", contact_limit=3)
+LONG_ID = "x" * 257
+
+
+def ledger_rows(path: Path) -> dict[str, list[tuple]]:
+    """Every row of every ledger table: what "changes nothing" is checked against."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr) for table in tables}
+    finally:
+        conn.close()
+
+
+def add(
+    s: RunningSidecar, source: int, ids: list[str], tenant: str = "t", **extra: object
+) -> pb.CheckContactAddResponse:
+    request = pb.CheckContactAddRequest(tenant_id=tenant, source=source, contact_ids=ids, **extra)
+    return s.quota().CheckContactAdd(request, timeout=10)
+
+
+def held_usage(s: RunningSidecar, tenant: str = "t") -> pb.Usage:
+    return s.quota().GetUsage(pb.GetUsageRequest(tenant_id=tenant), timeout=5).usage
+
+
+def _add_request(**fields: object) -> pb.CheckContactAddRequest:
+    return pb.CheckContactAddRequest(
+        **{"tenant_id": "t", "source": pb.CONTACT_SOURCE_API, "contact_ids": ["n"], **fields}
+    )
+
+
+def _far_future() -> pb.GetInvoiceRequest:
+    request = pb.GetInvoiceRequest(tenant_id="t")
+    request.cycle_start.seconds = 253_402_300_800
+    return request
+
+
+BAD_INPUT = {
+    "add: missing source": ("CheckContactAdd", _add_request(source=0), "source"),
+    "add: unknown source number": ("CheckContactAdd", _add_request(source=99), "source"),
+    "add: no contact_ids": ("CheckContactAdd", _add_request(contact_ids=[]), "contact_ids"),
+    "add: an empty id": ("CheckContactAdd", _add_request(contact_ids=["n", ""]), "contact_ids[1]"),
+    "add: an over-long id": ("CheckContactAdd", _add_request(contact_ids=[LONG_ID]), "contact_ids[0]"),
+    "add: over 10,000 ids": (
+        "CheckContactAdd",
+        _add_request(contact_ids=[f"n{i}" for i in range(10_001)]),
+        "contact_ids",
+    ),
+    "add: empty tenant_id": ("CheckContactAdd", _add_request(tenant_id=""), "tenant_id"),
+    "add: over-long tenant_id": ("CheckContactAdd", _add_request(tenant_id=LONG_ID), "tenant_id"),
+    "add: over-long request_id": ("CheckContactAdd", _add_request(request_id=LONG_ID), "request_id"),
+    "add: unknown tenant, bad source": ("CheckContactAdd", _add_request(tenant_id="ghost", source=99), "source"),
+    "enroll: empty contact_id": (
+        "CheckEnroll",
+        pb.CheckEnrollRequest(tenant_id="t", contact_id="", automation_id="welcome"),
+        "contact_id",
+    ),
+    "enroll: over-long contact_id": (
+        "CheckEnroll",
+        pb.CheckEnrollRequest(tenant_id="t", contact_id=LONG_ID, automation_id="welcome"),
+        "contact_id",
+    ),
+    "enroll: over-long automation_id": (
+        "CheckEnroll",
+        pb.CheckEnrollRequest(tenant_id="t", contact_id="a", automation_id=LONG_ID),
+        "automation_id",
+    ),
+    "enroll: empty tenant_id": (
+        "CheckEnroll",
+        pb.CheckEnrollRequest(tenant_id="", contact_id="a", automation_id="welcome"),
+        "tenant_id",
+    ),
+    "enroll: unknown tenant, empty contact_id": (
+        "CheckEnroll",
+        pb.CheckEnrollRequest(tenant_id="ghost", contact_id="", automation_id="welcome"),
+        "contact_id",
+    ),
+    "invoice: empty tenant_id": ("GetInvoice", pb.GetInvoiceRequest(tenant_id=""), "tenant_id"),
+    "invoice: over-long tenant_id": ("GetInvoice", pb.GetInvoiceRequest(tenant_id=LONG_ID), "tenant_id"),
+    "invoice: cycle_start past year 9999": ("GetInvoice", _far_future(), "cycle_start"),
+}
+
+
+@pytest.mark.parametrize("rpc, request_, field", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_contact_add_enroll_and_invoice_refuse_bad_input_naming_the_field_and_change_nothing(
+    sidecar: RunningSidecar, rpc: str, request_: object, field: str
+) -> None:
+    """AC-2..AC-5, AC-8, CR-6: bad input is INVALID_ARGUMENT naming the field, with a
+    google.rpc.BadRequest detail, checked before the tenant is looked up; nothing is added."""
+    sidecar.put_plan("t", **CONTACT_LIMIT)
+    add(sidecar, pb.CONTACT_SOURCE_API, ["a"])
+    before = ledger_rows(sidecar.ledger_path)
+    stub = sidecar.admin() if rpc == "GetInvoice" else sidecar.quota()
+    err = status_of(lambda: getattr(stub, rpc)(request_, metadata=sidecar.auth, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith(f"{field}: ")
+    bad = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(err).details[0].Unpack(bad)
+    assert [violation.field for violation in bad.field_violations] == [field]
+    assert ledger_rows(sidecar.ledger_path) == before
+    assert held_usage(sidecar).active_contacts == 1
+
+
+def test_contact_add_enroll_and_invoice_of_a_tenant_without_a_plan_are_not_found(sidecar: RunningSidecar) -> None:
+    """AC-2, AC-8, CR-6: a tenant with no plan is NOT_FOUND for every RPC, and nothing is stored for it."""
     q, a = sidecar.quota(), sidecar.admin()
     for call in (
-        lambda: q.CheckContactAdd(pb.CheckContactAddRequest(tenant_id="t"), timeout=5),
-        lambda: q.CheckEnroll(pb.CheckEnrollRequest(tenant_id="t"), timeout=5),
-        lambda: a.GetInvoice(pb.GetInvoiceRequest(tenant_id="t"), metadata=sidecar.auth, timeout=5),
+        lambda: q.CheckContactAdd(_add_request(tenant_id="ghost"), timeout=5),
+        lambda: q.CheckContactAdd(_add_request(tenant_id="ghost", dry_run=True), timeout=5),
+        lambda: q.CheckEnroll(pb.CheckEnrollRequest(tenant_id="ghost", contact_id="a", automation_id="w"), timeout=5),
+        lambda: a.GetInvoice(pb.GetInvoiceRequest(tenant_id="ghost"), metadata=sidecar.auth, timeout=5),
     ):
-        assert status_of(call).code() == grpc.StatusCode.UNIMPLEMENTED
+        err = status_of(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "ghost" in err.details()
+    assert all(not rows for rows in ledger_rows(sidecar.ledger_path).values())
+
+
+def test_get_invoice_needs_the_admin_token_CR_6(sidecar: RunningSidecar) -> None:
+    """CR-6: the invoice is control-plane data: UNAUTHENTICATED without the admin token,
+    PERMISSION_DENIED with a wrong one, and the lines with the right one."""
+    sidecar.put_plan("t", **CONTACT_LIMIT)
+    admin = sidecar.admin()
+    request = pb.GetInvoiceRequest(tenant_id="t")
+    assert status_of(lambda: admin.GetInvoice(request, timeout=5)).code() == grpc.StatusCode.UNAUTHENTICATED
+    wrong = (("authorization", "Bearer nope"),)
+    err = status_of(lambda: admin.GetInvoice(request, metadata=wrong, timeout=5))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert admin.GetInvoice(request, metadata=sidecar.auth, timeout=5).lines[0].quantity == 3
+
+
+def test_contact_add_request_id_retry_returns_the_first_answer_and_adds_nothing_AC_4(sidecar: RunningSidecar) -> None:
+    """AC-4, AC-10: a CheckContactAdd repeated with its request_id gets the first answer,
+    ALLOW or DENY, whatever happened since, and adds nothing; the id cannot be reused
+    for other contacts."""
+    sidecar.put_plan("t", **CONTACT_LIMIT)
+    first = add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["a", "b"], request_id="import-1")
+    assert (first.decision, first.reason, first.added) == (pb.DECISION_ALLOW, pb.REASON_OK, 2)
+    assert first.usage.active_contacts == 2
+    assert add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["a", "b"], request_id="import-1") == first
+    contacts = rows(sidecar.ledger_path, "SELECT contact_id FROM contacts ORDER BY contact_id")
+    assert contacts == [("a",), ("b",)]
+
+    assert add(sidecar, pb.CONTACT_SOURCE_API, ["c"]).usage.active_contacts == 3
+    assert add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["a", "b"], request_id="import-1") == first
+    assert held_usage(sidecar).active_contacts == 3
+
+    err = status_of(lambda: add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["d"], request_id="import-1"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("request_id")
+
+    refused = add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["d", "e"], request_id="import-2")
+    assert (refused.decision, refused.reason, refused.added) == (pb.DECISION_DENY, pb.REASON_IMPORT_EXCEEDS_LIMIT, 0)
+    sidecar.quota().RecordActivity(
+        pb.RecordActivityRequest(tenant_id="t", kind=pb.ACTIVITY_KIND_CONTACT_DELETED, contact_ids=["a", "b"]),
+        timeout=5,
+    )
+    assert held_usage(sidecar).active_contacts == 1
+    assert add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["d", "e"], request_id="import-2") == refused
+    assert held_usage(sidecar).active_contacts == 1
+    allowed = add(sidecar, pb.CONTACT_SOURCE_IMPORT, ["d", "e"], request_id="import-3")
+    assert (allowed.decision, allowed.added, allowed.usage.active_contacts) == (pb.DECISION_ALLOW, 2, 3)
+    assert rows(sidecar.ledger_path, "SELECT COUNT(*) FROM contacts WHERE held") == [(3,)]
+
+
+PRESET_ERRORS = {
+    "plan.preset": dict(preset="no-such-preset", contact_limit=5),
+    "plan.contact_limit": dict(preset="active-cycle-overage", plan_name="PRO"),
+    "plan.marketing_contacts_only": dict(preset="active-cycle-hard", contact_limit=5, marketing_contacts_only=True),
+    "plan.counted_activities": dict(
+        preset="contact-limit", contact_limit=5, counted_activities=[pb.ACTIVITY_KIND_NOTE_ADDED]
+    ),
+    "plan.grace_percent": dict(preset="marketing-contacts", contact_limit=5, grace_percent=10),
+    "plan.overage_unit_price": dict(preset="active-cycle-overage", plan_name="START", overage_unit_price="-0.25"),
+}
+
+
+@pytest.mark.parametrize("field, plan", PRESET_ERRORS.items(), ids=PRESET_ERRORS.keys())
+def test_a_preset_plan_that_makes_no_sense_is_refused_naming_the_field(
+    sidecar: RunningSidecar, field: str, plan: dict
+) -> None:
+    """CR-3, CR-6, MK-1, AC-7: a preset with contradicting or missing settings is
+    INVALID_ARGUMENT naming the plan field, and the tenant keeps its plan."""
+    stored = sidecar.put_plan("t", **CONTACT_LIMIT).plan
+    err = status_of(lambda: sidecar.put_plan("t", **plan))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith(f"{field}: ")
+    bad = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(err).details[0].Unpack(bad) and bad.field_violations[0].field == field
+    assert sidecar.admin().GetPlan(pb.GetPlanRequest(tenant_id="t"), metadata=sidecar.auth, timeout=5).plan == stored
 
 
 @pytest.mark.parametrize("use_batches", [False, True])

@@ -281,7 +281,7 @@ def tally_of(view: LedgerReader, plan: Plan, tenant_id: str, cycle: Cycle) -> Ta
     if cycle.start_us > h.cycle_start_us:
         count = h.marketing - h.pending if marketing_only else h.held
         return Tally(count, count, counters.sends)
-    if cycle.start_us == h.cycle_start_us:
+    if cycle.end_us > h.cycle_start_us:
         count = h.marketing if marketing_only else h.held
         peak = counters.marketing_peak if marketing_only else counters.held_peak
         return Tally(count, max(peak, count), counters.sends)
@@ -796,7 +796,7 @@ class Engine:
             now = self.clock.now_us()
             at = req.occurred_at_us if req.occurred_at_us is not None else now
             plan = self._plan(tx, req.tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, at)
+            booked, cycle = self._plan_of_cycle(tx, req.tenant_id, at)
             ids = list(dict.fromkeys(req.contact_ids))
             audit: list[AuditEntry] = []
             if req.kind in CONTACT_KINDS:
@@ -816,7 +816,7 @@ class Engine:
                     audit,
                 )
             fresh: list[Activation] = []
-            if plan.metering is Metering.CYCLE_ACTIVE and plan.counts_activity(req.kind):
+            if booked.metering is Metering.CYCLE_ACTIVE and booked.counts_activity(req.kind):
                 for contact_id in ids:
                     if tx.activation(req.tenant_id, cycle.start_us, contact_id) is None:
                         fresh.append(Activation(contact_id, at, req.kind.name, 0))
@@ -836,7 +836,7 @@ class Engine:
                     for a in fresh
                 )
             tx.audit(audit)
-            usage = usage_of(req.tenant_id, plan, cycle, tally_of(tx, plan, req.tenant_id, cycle))
+            usage = usage_of(req.tenant_id, booked, cycle, tally_of(tx, booked, req.tenant_id, cycle))
             return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
 
         def unit(tx: LedgerTx) -> ActivityOutcome:
@@ -875,6 +875,17 @@ class Engine:
         tx.record_held(tenant_id, cycle.start_us, rolled.held, rolled.marketing)
         tx.put_holdings(tenant_id, rolled)
         return rolled
+
+    def _reanchor(self, tx: LedgerTx, old: Plan, tenant_id: str, cycle: Cycle, now: int) -> None:
+        """A plan with a new anchor: the holdings, rolled to now under the old cycles, become
+        the figures of the new current cycle, and pending MK-6 switches move to its end."""
+        if tx.holdings(tenant_id) is None:
+            return
+        h = self._roll(tx, old, tenant_id, cycle_at(old.cycle_anchor_us, now))
+        if h.pending:
+            tx.reschedule_marketing(tenant_id, cycle.end_us)
+        tx.put_holdings(tenant_id, replace(h, cycle_start_us=cycle.start_us))
+        tx.record_held(tenant_id, cycle.start_us, h.held, h.marketing)
 
     def _change_contacts(
         self,
@@ -984,6 +995,8 @@ class Engine:
                 marketing_contacts_only=given.marketing_contacts_only,
             )
             cycle = cycle_at(plan.cycle_anchor_us, now)
+            if stored is not None and anchor != Plan.from_json(stored.plan_json).cycle_anchor_us:
+                self._reanchor(tx, Plan.from_json(stored.plan_json), tenant_id, cycle, now)
             tx.put_plan(tenant_id, plan.to_json(), now)
             tx.audit([AuditEntry(now, tenant_id, cycle.start_us, "PutPlan", "", "PLAN_SET", plan.plan_name)])
             return plan, usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))

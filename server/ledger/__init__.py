@@ -64,6 +64,9 @@ class LedgerTx(LedgerReader, Protocol):
         """Makes non-marketing every contact whose pending switch (MK-6) is due by
         `due_us`; returns how many."""
 
+    def reschedule_marketing(self, tenant_id: str, until_us: int) -> None:
+        """Moves every pending MK-6 switch of the tenant to `until_us` (a new cycle end)."""
+
     def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
         """Adds sends to the cycle's figure without touching any contact (HELD_CONTACTS)."""
 

@@ -373,6 +373,12 @@ class _Tx(_Reader):
             (tenant_id, due_us),
         ).rowcount
 
+    def reschedule_marketing(self, tenant_id: str, until_us: int) -> None:
+        self.conn.execute(
+            "UPDATE contacts SET marketing_until_us = ? WHERE tenant_id = ? AND marketing_until_us > 0",
+            (until_us, tenant_id),
+        )
+
     def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
         self._bump(tenant_id, cycle_start_us, 0, sends)
 

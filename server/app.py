@@ -48,8 +48,10 @@ class Sidecar:
         clock: Clock | None = None,
         registry: CollectorRegistry | None = None,
         ledger: Ledger | None = None,
+        tenant_plans: dict[str, pb.Plan] | None = None,
     ) -> None:
         self.settings = settings
+        self.tenant_plans = tenant_plans
         self.clock = clock or SystemClock()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -124,7 +126,7 @@ class Sidecar:
         """Opens the ledger, loads the filters and tenants, then reports SERVING."""
         self.ledger.open()
         if self.settings.tenants:
-            count = load_tenants(self.engine, Path(self.settings.tenants))
+            count = load_tenants(self.engine, Path(self.settings.tenants), self.tenant_plans)
             log.info("loaded %d tenant plans from %s", count, self.settings.tenants)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ledger open and dedupe filters loaded; SERVING")

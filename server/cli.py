@@ -30,8 +30,7 @@ log = logging.getLogger("quota_sidecar")
 def serve(args: argparse.Namespace) -> int:
     try:
         settings = resolve(args, os.environ)
-        if settings.tenants:
-            check_tenants(Path(settings.tenants))
+        plans = check_tenants(Path(settings.tenants)) if settings.tenants else None
     except (SettingsError, TenantsFileError) as exc:
         print(f"quota-sidecar: {exc}", file=sys.stderr)
         return 2
@@ -50,7 +49,7 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    sidecar = Sidecar(settings)
+    sidecar = Sidecar(settings, tenant_plans=plans)
     try:
         sidecar.bind()
     except (OSError, RuntimeError) as exc:

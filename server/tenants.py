@@ -77,20 +77,22 @@ def read_plans(path: Path) -> dict[str, pb.Plan]:
     return plans
 
 
-def check_tenants(path: Path) -> int:
-    """Validates the file as PutPlan would, without storing anything."""
+def check_tenants(path: Path) -> dict[str, pb.Plan]:
+    """Reads the file and validates every plan as PutPlan would, storing nothing."""
     plans = read_plans(path)
     for tenant_id, plan in plans.items():
         try:
             validate_plan(tenant_id, plan_input(plan))
         except QuotaError as exc:
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
-    return len(plans)
+    return plans
 
 
-def load_tenants(engine: Engine, path: Path) -> int:
-    """Stores every plan of the file; the first invalid one stops with one clear line."""
-    plans = read_plans(path)
+def load_tenants(engine: Engine, path: Path, plans: dict[str, pb.Plan] | None = None) -> int:
+    """Stores every plan of the file (already read when `plans` is given); the first invalid
+    one stops with one clear line."""
+    if plans is None:
+        plans = read_plans(path)
     for tenant_id, plan in plans.items():
         try:
             engine.put_plan(tenant_id, plan_input(plan))

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from test_process import AUTH, BIN, Process, start
 
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.server.app import Sidecar
+from quota_sidecar.server.settings import Settings
 
 pytestmark = pytest.mark.process
 
@@ -140,3 +143,18 @@ def test_a_bad_tenants_file_stops_the_start_with_one_clear_line(tmp_path: Path, 
     assert result.returncode == 2
     assert len(lines) == 1 and lines[0].startswith(f"quota-sidecar: --tenants {path}: ") and message in lines[0]
     assert not (tmp_path / "l.db").exists()
+
+
+def test_an_embedded_sidecar_reads_the_file_itself(tmp_path: Path) -> None:
+    """CR-3: a Sidecar built in-process from Settings with a tenants file loads it when opened."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants:\n  funnel:\n    preset: active-cycle-overage\n    plan_name: EXPAND\n")
+    settings = Settings(
+        address="127.0.0.1:0", ledger=str(tmp_path / "l.db"), metrics_address="", tenants=str(path)
+    ).validate()
+    sidecar = Sidecar(settings, registry=CollectorRegistry())
+    sidecar.start()
+    try:
+        assert sidecar.engine.get_plan("funnel").contact_limit == 500
+    finally:
+        sidecar.stop(0)

@@ -700,25 +700,15 @@ class Engine:
                     audit,
                 )
                 if plan.metering is Metering.CYCLE_ACTIVE and counted:
-                    fresh = [
-                        Activation(c, now, ActivityKind.CONTACT_CREATED.name, 0)
-                        for c in new
-                        if tx.activation(req.tenant_id, cycle.start_us, c) is None
-                    ]
-                    tx.activate(req.tenant_id, cycle.start_us, fresh)
-                    audit.extend(
-                        AuditEntry(
-                            now,
-                            req.tenant_id,
-                            cycle.start_us,
-                            "CheckContactAdd",
-                            a.contact_id,
-                            "ALLOW",
-                            ActivityKind.CONTACT_CREATED.name,
-                            active_delta=1,
-                            request_id=req.request_id,
-                        )
-                        for a in fresh
+                    entry = AuditEntry(now, req.tenant_id, cycle.start_us, "CheckContactAdd", "", "ALLOW", "")
+                    _activate(
+                        tx,
+                        cycle,
+                        new,
+                        now,
+                        ActivityKind.CONTACT_CREATED,
+                        replace(entry, request_id=req.request_id),
+                        audit,
                     )
                 tx.audit(audit)
                 after = tally_of(tx, plan, req.tenant_id, cycle)
@@ -817,24 +807,8 @@ class Engine:
                 )
             fresh: list[Activation] = []
             if booked.metering is Metering.CYCLE_ACTIVE and booked.counts_activity(req.kind):
-                for contact_id in ids:
-                    if tx.activation(req.tenant_id, cycle.start_us, contact_id) is None:
-                        fresh.append(Activation(contact_id, at, req.kind.name, 0))
-                tx.activate(req.tenant_id, cycle.start_us, fresh)
-                audit.extend(
-                    AuditEntry(
-                        now,
-                        req.tenant_id,
-                        cycle.start_us,
-                        "RecordActivity",
-                        a.contact_id,
-                        "RECORDED",
-                        req.kind.name,
-                        active_delta=1,
-                        request_id=req.request_id,
-                    )
-                    for a in fresh
-                )
+                entry = AuditEntry(now, req.tenant_id, cycle.start_us, "RecordActivity", "", "RECORDED", "")
+                fresh = _activate(tx, cycle, ids, at, req.kind, replace(entry, request_id=req.request_id), audit)
             tx.audit(audit)
             usage = usage_of(req.tenant_id, booked, cycle, tally_of(tx, booked, req.tenant_id, cycle))
             return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
@@ -1083,6 +1057,25 @@ class Engine:
             return rows, token
 
         return self.ledger.read(read)
+
+
+def _activate(
+    tx: LedgerTx,
+    cycle: Cycle,
+    ids: Sequence[str],
+    at: int,
+    activity: ActivityKind,
+    entry: AuditEntry,
+    audit: list[AuditEntry],
+) -> list[Activation]:
+    """Activates in the cycle those of `ids` not active in it yet (CR-1, CR-2), whatever the
+    limit: activity that happened is never refused. Audits each like `entry`."""
+    fresh = [
+        Activation(c, at, activity.name, 0) for c in ids if tx.activation(entry.tenant_id, cycle.start_us, c) is None
+    ]
+    tx.activate(entry.tenant_id, cycle.start_us, fresh)
+    audit.extend(replace(entry, contact_id=a.contact_id, reason=activity.name, active_delta=1) for a in fresh)
+    return fresh
 
 
 def _pending(record: ContactRecord) -> bool:

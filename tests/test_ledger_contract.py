@@ -191,10 +191,12 @@ class TestLedgerContract:
         """CR-7: a past cycle is invoiced under the plan in force at its end."""
         ledger.transact(lambda tx: tx.put_plan(T, "v1", 10))
         ledger.transact(lambda tx: tx.put_plan(T, "v2", 20))
+        ledger.transact(lambda tx: tx.put_plan(T, "v2", 30))
         assert ledger.read(lambda r: r.plan_at(T, 10)) is None
         assert ledger.read(lambda r: r.plan_at(T, 11)) == StoredPlan("v1", 10)
         assert ledger.read(lambda r: r.plan_at(T, 20)) == StoredPlan("v1", 10)
         assert ledger.read(lambda r: r.plan_at(T, 21)) == StoredPlan("v2", 20)
+        assert ledger.read(lambda r: r.plan_at(T, 40)) == StoredPlan("v2", 20)
 
     def test_holdings_peaks_and_marketing_switches(self, ledger: Ledger):
         """AC-10 (the count falls, the cycle's peak stays), MK-6 (due switches applied in one statement),

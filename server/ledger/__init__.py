@@ -53,7 +53,8 @@ class LedgerReader(Protocol):
 
 class LedgerTx(LedgerReader, Protocol):
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
-        """Stores the tenant's plan and keeps it as the version in force from `at_us`."""
+        """Stores the tenant's plan and keeps it as the version in force from `at_us`
+        (a plan equal to the one already in force adds no version)."""
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None: ...
 

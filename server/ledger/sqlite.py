@@ -342,6 +342,9 @@ class _Tx(_Reader):
             " updated_at_us = excluded.updated_at_us",
             (tenant_id, plan_json, at_us),
         )
+        latest = self.plan_at(tenant_id, at_us + 1)
+        if latest is not None and latest.plan_json == plan_json:
+            return
         self.conn.execute(
             "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (?, ?, ?)"
             " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",

@@ -46,6 +46,7 @@ EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_BROKEN_PIPE = 141
 
 PROG = "quotactl"
 PRESETS = ("contact-limit", "active-cycle-hard", "active-cycle-overage", "marketing-contacts")
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with client:
             return args.run(client, args)
+    except BrokenPipeError:
+        # the reader went away (`quotactl … | head`): stop quietly, as a shell tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Unavailable as error:
         _fail(error)
         return EXIT_UNREACHABLE

@@ -23,6 +23,7 @@ from quota_sidecar.client.cli import (
     ADDRESS_ENV,
     ADMIN_TOKEN_ENV,
     COMMANDS,
+    EXIT_BROKEN_PIPE,
     EXIT_SERVER_ERROR,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -622,3 +623,37 @@ def test_installed_console_script(sidecar, quotactl: Run, free_address: str) -> 
     done = subprocess.run([_installed_quotactl(), "usage", TENANT], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == EXIT_UNREACHABLE
     assert done.stderr.startswith("quotactl: UNAVAILABLE: ")
+
+
+def test_a_reader_that_stops_early_ends_quotactl_quietly(sidecar, quotactl: Run) -> None:
+    """`quotactl active-contacts … --csv | head` (the contacts behind an invoice line, SG-2) ends
+    without a traceback when the reader closes the pipe."""
+    sidecar.put_plan(
+        "big",
+        metering=pb.METERING_CYCLE_ACTIVE,
+        enforcement=pb.ENFORCEMENT_HARD,
+        contact_limit=5_000,
+        counted_kinds=[pb.MESSAGE_KIND_CAMPAIGN],
+    )
+    sidecar.quota().CheckSendBatch(
+        pb.CheckSendBatchRequest(
+            tenant_id="big",
+            channel=pb.CHANNEL_EMAIL,
+            kind=pb.MESSAGE_KIND_CAMPAIGN,
+            contact_ids=[f"contact-{i:05d}@example.com" for i in range(3_000)],
+        ),
+        timeout=30,
+    )
+    env = {**os.environ, ADDRESS_ENV: sidecar.address, ADMIN_TOKEN_ENV: sidecar.admin_token}
+    proc = subprocess.Popen(
+        [_installed_quotactl(), "active-contacts", "big", "--csv"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "contact_id,activated_at,activity\n"
+    proc.stdout.close()
+    assert proc.wait(30) == EXIT_BROKEN_PIPE
+    assert proc.stderr.read() == ""
+    proc.stderr.close()

@@ -786,7 +786,7 @@ class Engine:
             now = self.clock.now_us()
             at = req.occurred_at_us if req.occurred_at_us is not None else now
             plan = self._plan(tx, req.tenant_id)
-            booked, cycle = self._plan_of_cycle(tx, req.tenant_id, at)
+            booked, cycle = self._plan_of_cycle(tx, req.tenant_id, plan, at)
             ids = list(dict.fromkeys(req.contact_ids))
             audit: list[AuditEntry] = []
             if req.kind in CONTACT_KINDS:
@@ -906,16 +906,15 @@ class Engine:
         check_id("tenant_id", tenant_id)
 
         def read(r: LedgerReader) -> Usage:
-            plan, cycle = self._plan_of_cycle(r, tenant_id, at_us)
+            plan, cycle = self._plan_of_cycle(r, tenant_id, self._plan(r, tenant_id), at_us)
             return usage_of(tenant_id, plan, cycle, tally_of(r, plan, tenant_id, cycle))
 
         return self.ledger.read(read)
 
-    def _plan_of_cycle(self, r: LedgerReader, tenant_id: str, at_us: int | None) -> tuple[Plan, Cycle]:
-        """The cycle containing `at_us` (default now) and the plan in force at its end:
-        a past cycle is reported and invoiced under the plan it ended with."""
+    def _plan_of_cycle(self, r: LedgerReader, tenant_id: str, plan: Plan, at_us: int | None) -> tuple[Plan, Cycle]:
+        """The cycle of the current `plan` containing `at_us` (default now) and the plan in
+        force at its end: a past cycle is reported and invoiced under the plan it ended with."""
         now = self.clock.now_us()
-        plan = self._plan(r, tenant_id)
         cycle = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else now)
         if cycle.end_us <= now:
             stored = r.plan_at(tenant_id, cycle.end_us)
@@ -929,7 +928,7 @@ class Engine:
         check_id("tenant_id", tenant_id)
 
         def read(r: LedgerReader) -> Invoice:
-            plan, cycle = self._plan_of_cycle(r, tenant_id, at_us)
+            plan, cycle = self._plan_of_cycle(r, tenant_id, self._plan(r, tenant_id), at_us)
             usage = usage_of(tenant_id, plan, cycle, tally_of(r, plan, tenant_id, cycle))
             return Invoice(usage, invoice_lines(plan, usage))
 
@@ -943,9 +942,10 @@ class Engine:
         def unit(tx: LedgerTx) -> tuple[Plan, Usage]:
             now = self.clock.now_us()
             stored = tx.plan(tenant_id)
+            previous = Plan.from_json(stored.plan_json) if stored is not None else None
             anchor = given.cycle_anchor_us
             if anchor is None:
-                anchor = Plan.from_json(stored.plan_json).cycle_anchor_us if stored else now
+                anchor = previous.cycle_anchor_us if previous is not None else now
             plan = Plan(
                 metering=given.metering,  # type: ignore[arg-type]
                 enforcement=given.enforcement,  # type: ignore[arg-type]
@@ -969,8 +969,8 @@ class Engine:
                 marketing_contacts_only=given.marketing_contacts_only,
             )
             cycle = cycle_at(plan.cycle_anchor_us, now)
-            if stored is not None and anchor != Plan.from_json(stored.plan_json).cycle_anchor_us:
-                self._reanchor(tx, Plan.from_json(stored.plan_json), tenant_id, cycle, now)
+            if previous is not None and anchor != previous.cycle_anchor_us:
+                self._reanchor(tx, previous, tenant_id, cycle, now)
             tx.put_plan(tenant_id, plan.to_json(), now)
             tx.audit([AuditEntry(now, tenant_id, cycle.start_us, "PutPlan", "", "PLAN_SET", plan.plan_name)])
             return plan, usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import urllib.parse
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -25,9 +28,12 @@ from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 
 from .clock import Clock, SystemClock
 from .engine import Engine
+from .errors import QuotaError
 from .ledger import Ledger
 from .ledger.sqlite import SQLiteLedger, sqlite_path
-from .metrics import Metrics, SidecarCollector
+from .metrics import Metrics, SidecarCollector, TenantFigures
+from .model import Usage, UsageEvent
+from .outbox import EventFeed, Webhook
 from .service import QuotaAdminService, QuotaService
 from .settings import Settings
 from .tenants import load_tenants
@@ -61,14 +67,84 @@ class Sidecar:
             filter_fp_rate=settings.filter_fp_rate,
             on_commit=self.metrics.observe_commit,
         )
-        filters = getattr(self.ledger, "filters", None)
-        self.registry.register(SidecarCollector(filters, lambda: self.ledger.ready))
-        self.engine = Engine(self.ledger, self.clock)
+        self.feed = EventFeed()
+        self.engine = Engine(self.ledger, self.clock, on_events=self._events_committed)
+        self.webhook = (
+            Webhook(
+                self.ledger,
+                self.feed,
+                self.metrics,
+                settings.webhook_url,
+                secret=settings.webhook_secret,
+                timeout=settings.webhook_timeout,
+            )
+            if settings.webhook_url
+            else None
+        )
+        tenants = TenantFigures(
+            self.engine.board,
+            self.clock.now_us,
+            self._current_usage,
+            settings.metrics_tenant_min_ratio,
+            settings.metrics_tenant_max,
+        )
+        self.registry.register(
+            SidecarCollector(
+                getattr(self.ledger, "filters", None),
+                lambda: self.ledger.ready,
+                tenants,
+                self._undelivered,
+            )
+        )
         self.health = health.HealthServicer()
+        self._stopping = threading.Event()
+        self._workers: list[threading.Thread] = []
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
+
+    def _events_committed(self, events: Sequence[UsageEvent]) -> None:
+        for event in events:
+            self.metrics.usage_events.labels(event.type.name).inc()
+        self.feed.publish(events)
+
+    def _current_usage(self, tenant_id: str) -> Usage | None:
+        try:
+            return self.engine.get_usage(tenant_id)
+        except QuotaError:
+            return None
+
+    def _undelivered(self) -> tuple[int, float]:
+        if self.webhook is None or not self.ledger.ready:
+            return 0, 0.0
+        try:
+            return self.webhook.pending(self.clock.now_us())
+        except QuotaError:
+            return 0, 0.0
+
+    def _remind(self) -> None:
+        """Writes due reminders every --reminder-interval seconds until stopped."""
+        while not self._stopping.wait(self.settings.reminder_interval):
+            try:
+                self.engine.send_reminders()
+            except QuotaError as exc:
+                log.warning("reminders not written this time: %s", exc)
+
+    def _fill_board(self) -> None:
+        """Puts every tenant's current usage on the board, behind SERVING (it reads
+        every tenant once; changes made meanwhile are already there and stay)."""
+        try:
+            added = self.engine.board.fill(self.engine.tenant_usages())
+        except QuotaError as exc:
+            log.warning("tenant figures for metrics not loaded: %s", exc)
+            return
+        log.info("tenant figures for metrics loaded: %d tenants", added)
+
+    def _start_worker(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._workers.append(thread)
 
     @property
     def address(self) -> str:
@@ -93,7 +169,9 @@ class Sidecar:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_QuotaServiceServicer_to_server(QuotaService(self.engine, self.metrics), self.server)
+        pb_grpc.add_QuotaServiceServicer_to_server(
+            QuotaService(self.engine, self.metrics, self.feed, max_watchers=max(1, s.max_workers // 4)), self.server
+        )
         pb_grpc.add_QuotaAdminServiceServicer_to_server(
             QuotaAdminService(self.engine, self.metrics, s.admin_token), self.server
         )
@@ -130,6 +208,11 @@ class Sidecar:
             log.info("loaded %d tenant plans from %s", count, self.settings.tenants)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ledger open and dedupe filters loaded; SERVING")
+        self._start_worker(self._fill_board, "tenant-figures")
+        self._start_worker(self._remind, "reminders")
+        if self.webhook is not None:
+            self.webhook.start()
+            log.info("usage events are posted to the webhook %s", _without_secrets(self.settings.webhook_url))
 
     def start(self) -> None:
         self.bind()
@@ -142,11 +225,25 @@ class Sidecar:
     def stop(self, grace: float | None = None) -> None:
         """Refuses new calls, finishes in-flight ones, then flushes and closes the ledger."""
         self.health.enter_graceful_shutdown()
+        self._stopping.set()
+        self.feed.close()
         if self.server is not None:
             self.server.stop(self.settings.drain_timeout if grace is None else grace).wait()
+        if self.webhook is not None:
+            self.webhook.stop()
+        for thread in self._workers:
+            thread.join()
         self.ledger.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
         log.info("stopped")
+
+
+def _without_secrets(url: str | None) -> str:
+    """The URL as logged: no user, password or query (they may carry credentials)."""
+    parts = urllib.parse.urlsplit(url or "")
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))

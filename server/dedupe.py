@@ -12,6 +12,7 @@ owner (the ledger's writer) is the only thread that touches it.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ class CycleFilter:
     @property
     def size_bytes(self) -> int:
         return sum(layer.bloom.size_in_bits // 8 for layer in self.layers)
+
+    @property
+    def estimated_fp_rate(self) -> float:
+        """The chance that a contact not in the filter reads as "maybe", from each
+        layer's fill: (1 - e^(-k n / m))^k with the k an optimally sized layer uses."""
+        clear = 1.0
+        for layer in self.layers:
+            bits = layer.bloom.size_in_bits
+            hashes = max(1, round(bits / layer.capacity * math.log(2)))
+            clear *= 1.0 - (1.0 - math.exp(-hashes * layer.items / bits)) ** hashes
+        return 1.0 - clear
 
 
 @dataclass(slots=True)
@@ -120,3 +132,8 @@ class DedupeFilters:
     @property
     def size_bytes(self) -> int:
         return sum(f.size_bytes for f in list(self._filters.values()))
+
+    @property
+    def estimated_fp_rate(self) -> float:
+        """The highest estimated false-positive rate of any filter (0 with none)."""
+        return max((f.estimated_fp_rate for f in list(self._filters.values())), default=0.0)

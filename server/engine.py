@@ -20,10 +20,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 
+from .board import UsageBoard
 from .clock import MICROS, Clock
 from .cycles import Cycle, cycle_at
 from .errors import InvalidArgument, NotFound
@@ -50,6 +52,7 @@ from .model import (
     InvoiceLine,
     MessageKind,
     Metering,
+    NoticeState,
     OverlayState,
     Plan,
     Reason,
@@ -59,9 +62,12 @@ from .model import (
     StoredPlan,
     StoredResult,
     Usage,
+    UsageEvent,
+    UsageFigure,
     UsageState,
     money,
 )
+from .notices import evaluate, level_of, ratio_of, settled
 from .presets import apply_preset
 
 MAX_ID_BYTES = 256
@@ -377,21 +383,79 @@ def _decision_from(raw: list) -> SendDecision:
     return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
 
 
-def _usage_json(u: Usage) -> dict:
-    return asdict(u)
-
-
-def _usage_from(raw: dict) -> Usage:
-    return Usage(**{**raw, "state": UsageState(raw["state"])})
-
-
 class Engine:
     """Decides and counts. One per process; thread-safe."""
 
-    def __init__(self, ledger: Ledger, clock: Clock) -> None:
+    def __init__(
+        self, ledger: Ledger, clock: Clock, on_events: Callable[[Sequence[UsageEvent]], None] | None = None
+    ) -> None:
         self.ledger = ledger
         self.clock = clock
+        self.board = UsageBoard()
+        self.on_events = on_events
         self._plans: dict[str, tuple[str, Plan]] = {}
+        self._notices: dict[tuple[str, UsageFigure], NoticeState] = {}
+
+    def _observe(
+        self, tx: LedgerTx, plan: Plan, usage: Usage, now: int, *, rearm: bool = False, remind: bool = False
+    ) -> list[UsageEvent]:
+        """After a change to a tenant's figures, in its transaction: writes the events
+        of thresholds crossed (or reminders due) to the outbox, and once committed puts
+        the usage on the board. A figure whose notice state is settled costs no read."""
+        tenant_id = usage.tenant_id
+        events: list[UsageEvent] = []
+        states: list[tuple[tuple[str, UsageFigure], NoticeState]] = []
+        for figure in UsageFigure:
+            ratio = ratio_of(usage, figure)
+            key = (tenant_id, figure)
+            known = self._notices.get(key)
+            level = level_of(plan.notify_thresholds, ratio)
+            if not rearm and not remind and settled(known, level, usage.cycle_start_us):
+                continue
+            stored = tx.notice(tenant_id, figure)
+            state, notices = evaluate(
+                plan.notify_thresholds,
+                figure,
+                ratio,
+                usage.cycle_start_us,
+                stored,
+                now,
+                rearm=rearm,
+                renotify_us=plan.renotify_interval_us,
+                remind=remind,
+            )
+            if state != stored and (stored is not None or state.level > 0):
+                tx.put_notice(tenant_id, figure, state)
+            states.append((key, state))
+            for n in notices:
+                event = UsageEvent(uuid.uuid4().hex, n.type, n.figure, tenant_id, n.threshold, now, usage)
+                events.append(replace(event, sequence=tx.add_event(event)))
+
+        def committed() -> None:
+            self.board.put(usage)
+            self._notices.update(states)
+            if events and self.on_events is not None:
+                self.on_events(events)
+
+        tx.after_commit(committed)
+        return events
+
+    def send_reminders(self) -> list[UsageEvent]:
+        """Writes the reminders due (AC-1: every `renotify_interval` while a figure stays at
+        or above a threshold) and re-arms thresholds of tenants whose cycle has turned.
+        Run periodically by the sidecar; returns the events written."""
+
+        def unit(tx: LedgerTx) -> list[UsageEvent]:
+            now = self.clock.now_us()
+            written: list[UsageEvent] = []
+            for tenant_id in dict.fromkeys(t for t, _, _ in tx.raised_notices()):
+                plan = self._plan(tx, tenant_id)
+                cycle = cycle_at(plan.cycle_anchor_us, now)
+                usage = usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))
+                written += self._observe(tx, plan, usage, now, remind=True)
+            return written
+
+        return self.ledger.transact(unit)
 
     def _plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
         stored = reader.plan(tenant_id)
@@ -439,7 +503,14 @@ class Engine:
 
         def decide(view: LedgerTx) -> tuple[SendOutcome, int]:
             results, usage, cycle_start = self._decide_sends(
-                view, req.tenant_id, req.kind, [req.contact_id], req.queued_since_us, "CheckSend", req.request_id
+                view,
+                req.tenant_id,
+                req.kind,
+                [req.contact_id],
+                req.queued_since_us,
+                "CheckSend",
+                req.request_id,
+                req.dry_run,
             )
             return SendOutcome(results[0][1], usage), cycle_start
 
@@ -455,8 +526,8 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx),
-                lambda o: {"d": _decision_json(o.decision), "u": _usage_json(o.usage)},
-                lambda raw: SendOutcome(_decision_from(raw["d"]), _usage_from(raw["u"])),
+                lambda o: {"d": _decision_json(o.decision), "u": o.usage.to_dict()},
+                lambda raw: SendOutcome(_decision_from(raw["d"]), Usage.from_dict(raw["u"])),
             )
 
         return self.ledger.transact(unit)
@@ -470,7 +541,7 @@ class Engine:
 
         def decide(view: LedgerTx) -> tuple[BatchOutcome, int]:
             results, usage, cycle_start = self._decide_sends(
-                view, req.tenant_id, req.kind, req.contact_ids, None, "CheckSendBatch", req.request_id
+                view, req.tenant_id, req.kind, req.contact_ids, None, "CheckSendBatch", req.request_id, req.dry_run
             )
             allowed = sum(1 for _, d in results if d.decision is Decision.ALLOW)
             outcome = BatchOutcome(
@@ -499,14 +570,14 @@ class Engine:
                     "a": o.allowed,
                     "d": o.denied,
                     "n": o.newly_active,
-                    "u": _usage_json(o.usage),
+                    "u": o.usage.to_dict(),
                 },
                 lambda raw: BatchOutcome(
                     tuple((r[0], _decision_from(r[1:])) for r in raw["r"]),
                     raw["a"],
                     raw["d"],
                     raw["n"],
-                    _usage_from(raw["u"]),
+                    Usage.from_dict(raw["u"]),
                 ),
             )
 
@@ -521,6 +592,7 @@ class Engine:
         queued_since_us: int | None,
         rpc: str,
         request_id: str,
+        dry_run: bool,
     ) -> tuple[list[tuple[str, SendDecision]], Usage, int]:
         """Decides sends in order, each seeing the ones before it; a repeated id repeats
         its first decision and counts nothing more. Returns the decisions, the usage
@@ -544,7 +616,10 @@ class Engine:
             first[contact_id] = decision
             results.append((contact_id, decision))
         view.audit(audit)
-        return results, usage_of(tenant_id, plan, cycle, tally), cycle.start_us
+        usage = usage_of(tenant_id, plan, cycle, tally)
+        if not dry_run:
+            self._observe(view, plan, usage, now)
+        return results, usage, cycle.start_us
 
     def _decide_send(
         self,
@@ -715,6 +790,8 @@ class Engine:
             overage = counted and plan.enforcement is Enforcement.OVERAGE and after.count > plan.limit
             reason = Reason.OVERAGE if overage else Reason.OK
             usage = usage_of(req.tenant_id, plan, cycle, after)
+            if tx is not None:
+                self._observe(tx, plan, usage, now)
             return ContactAddOutcome(Decision.ALLOW, reason, len(new), usage), cycle.start_us
 
         if req.dry_run:
@@ -728,8 +805,10 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx, tx),
-                lambda o: {"d": o.decision.value, "r": o.reason.value, "a": o.added, "u": _usage_json(o.usage)},
-                lambda raw: ContactAddOutcome(Decision(raw["d"]), Reason(raw["r"]), raw["a"], _usage_from(raw["u"])),
+                lambda o: {"d": o.decision.value, "r": o.reason.value, "a": o.added, "u": o.usage.to_dict()},
+                lambda raw: ContactAddOutcome(
+                    Decision(raw["d"]), Reason(raw["r"]), raw["a"], Usage.from_dict(raw["u"])
+                ),
             )
 
         return self.ledger.transact(unit)
@@ -811,6 +890,13 @@ class Engine:
                 fresh = _activate(tx, cycle, ids, at, req.kind, replace(entry, request_id=req.request_id), audit)
             tx.audit(audit)
             usage = usage_of(req.tenant_id, booked, cycle, tally_of(tx, booked, req.tenant_id, cycle))
+            current = cycle_at(plan.cycle_anchor_us, now)
+            now_usage = (
+                usage
+                if current == cycle
+                else usage_of(req.tenant_id, plan, current, tally_of(tx, plan, req.tenant_id, current))
+            )
+            self._observe(tx, plan, now_usage, now)
             return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
 
         def unit(tx: LedgerTx) -> ActivityOutcome:
@@ -821,8 +907,8 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx),
-                lambda o: {"r": o.recorded, "n": o.newly_active, "u": _usage_json(o.usage)},
-                lambda raw: ActivityOutcome(raw["r"], raw["n"], _usage_from(raw["u"])),
+                lambda o: {"r": o.recorded, "n": o.newly_active, "u": o.usage.to_dict()},
+                lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
             )
 
         return self.ledger.transact(unit)
@@ -973,11 +1059,41 @@ class Engine:
                 self._reanchor(tx, previous, tenant_id, cycle, now)
             tx.put_plan(tenant_id, plan.to_json(), now)
             tx.audit([AuditEntry(now, tenant_id, cycle.start_us, "PutPlan", "", "PLAN_SET", plan.plan_name)])
-            return plan, usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))
+            usage = usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))
+            self._observe(tx, plan, usage, now, rearm=True)
+            return plan, usage
 
         plan, usage = self.ledger.transact(unit)
         self.ledger.expect_contacts(tenant_id, plan.limit)
         return plan, usage
+
+    def usage_events(self, tenant_id: str, after_seq: int, limit: int) -> list[UsageEvent]:
+        """Outbox events after `after_seq` in order, one tenant's or (tenant_id "") all."""
+        check_id("tenant_id", tenant_id, required=False)
+
+        def read(r: LedgerReader) -> list[UsageEvent]:
+            if tenant_id:
+                self._plan(r, tenant_id)
+            return r.events_after(after_seq, tenant_id, limit)
+
+        return self.ledger.read(read)
+
+    def tenant_usages(self) -> Iterator[Usage]:
+        """The current usage of every tenant with a plan, read in chunks."""
+        tenants = self.ledger.read(lambda r: r.tenants())
+        for i in range(0, len(tenants), 500):
+            chunk = tenants[i : i + 500]
+
+            def read(r: LedgerReader, chunk: list[str] = chunk) -> list[Usage]:
+                now = self.clock.now_us()
+                usages = []
+                for tenant_id in chunk:
+                    plan = self._plan(r, tenant_id)
+                    cycle = cycle_at(plan.cycle_anchor_us, now)
+                    usages.append(usage_of(tenant_id, plan, cycle, tally_of(r, plan, tenant_id, cycle)))
+                return usages
+
+            yield from self.ledger.read(read)
 
     def get_plan(self, tenant_id: str) -> Plan:
         check_id("tenant_id", tenant_id)

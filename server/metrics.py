@@ -1,7 +1,8 @@
 """The sidecar's Prometheus metrics, registered on a registry passed in.
 
-No contact id ever appears in a label; tenant ids do not either (their figures
-are served by GetUsage). Figures read at scrape time come from `LedgerCollector`,
+No contact id ever appears in a label. Tenant ids appear only on the limit
+proximity series, and only for a bounded number of pressing tenants
+(`TenantFigures`). Figures read at scrape time come from `SidecarCollector`,
 not from the hot path.
 """
 
@@ -14,7 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .board import UsageBoard
 from .dedupe import DedupeFilters
+from .model import Usage, UsageEventType, UsageState
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -75,6 +78,22 @@ class Metrics:
             "Ledger commits that failed (callers got UNAVAILABLE)",
             registry=registry,
         )
+        self.usage_events = Counter(
+            "quota_usage_events_total",
+            "Usage events written to the outbox, by type (THRESHOLD_CROSSED, REMINDER)",
+            ["type"],
+            registry=registry,
+        )
+        self.webhook_deliveries = Counter(
+            "quota_webhook_deliveries_total",
+            "Attempts to deliver a usage event to the webhook, by result (delivered, failed)",
+            ["result"],
+            registry=registry,
+        )
+        for kind in UsageEventType:
+            self.usage_events.labels(kind.name)
+        for result in ("delivered", "failed"):
+            self.webhook_deliveries.labels(result)
 
     def observe_commit(self, seconds: float, units: int, ok: bool) -> None:
         if ok:
@@ -85,31 +104,63 @@ class Metrics:
 
 
 class SidecarCollector(Collector):
-    """Figures read at scrape time: build info, readiness and the dedupe filters."""
+    """Figures read at scrape time: build info, readiness, the dedupe filters, the
+    tenants' usage (from the engine's board) and the notification outbox."""
 
-    def __init__(self, filters: DedupeFilters | None, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        filters: DedupeFilters | None,
+        ready: Callable[[], bool],
+        tenants: TenantFigures | None = None,
+        outbox: Callable[[], tuple[int, float]] | None = None,
+    ) -> None:
         self.filters = filters
         self.ready = ready
+        self.tenants = tenants
+        self.outbox = outbox
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("quota_build_info", "The sidecar's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily(
-            "quota_ready", "1 when the ledger is open and the filters are loaded", value=1 if self.ready() else 0
+            "quota_ready", "1 when the ledger is open and not failing", value=1 if self.ready() else 0
         )
-        if self.filters is None:
-            return
+        if self.filters is not None:
+            yield from self._filters(self.filters)
+        if self.tenants is not None:
+            yield from self.tenants.collect()
+        if self.outbox is not None:
+            pending, age = self.outbox()
+            yield GaugeMetricFamily(
+                "quota_usage_events_pending", "Usage events not yet delivered to the webhook", value=pending
+            )
+            yield GaugeMetricFamily(
+                "quota_webhook_oldest_pending_seconds",
+                "Age of the oldest usage event not yet delivered to the webhook (0 when none)",
+                value=age,
+            )
+
+    @staticmethod
+    def _filters(filters: DedupeFilters) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "quota_dedupe_filters", "Dedupe filters held in memory (tenant cycles)", value=len(self.filters)
+            "quota_dedupe_filters", "Dedupe filters held in memory (tenant cycles)", value=len(filters)
+        )
+        yield GaugeMetricFamily("quota_dedupe_filter_items", "Contacts held in the dedupe filters", value=filters.items)
+        yield GaugeMetricFamily(
+            "quota_dedupe_filter_bytes", "Memory of the dedupe filters' bit arrays", value=filters.size_bytes
         )
         yield GaugeMetricFamily(
-            "quota_dedupe_filter_items", "Contacts held in the dedupe filters", value=self.filters.items
+            "quota_dedupe_filter_false_positive_ratio",
+            "Estimated false-positive ratio of the fullest dedupe filter, from its fill",
+            value=filters.estimated_fp_rate,
         )
         yield GaugeMetricFamily(
-            "quota_dedupe_filter_bytes", "Memory of the dedupe filters' bit arrays", value=self.filters.size_bytes
+            "quota_dedupe_filter_false_positive_ratio_target",
+            "The false-positive ratio the dedupe filters are sized for (--filter-fp-rate)",
+            value=filters.fp_rate,
         )
-        stats = self.filters.stats
+        stats = filters.stats
         yield CounterMetricFamily("quota_dedupe_lookups", "Dedupe look-ups since start", value=stats.lookups)
         yield CounterMetricFamily(
             "quota_dedupe_certainly_new", "Look-ups the filter answered without the ledger", value=stats.certainly_new
@@ -118,4 +169,78 @@ class SidecarCollector(Collector):
             "quota_dedupe_confirmed_false_positives",
             "Filter 'maybe' answers that the ledger showed to be new contacts",
             value=stats.confirmed_false_positives,
+        )
+
+
+RATIO_STEPS = (0.5, 0.8, 0.9, 1.0, 1.1)
+QUIET_STATES = frozenset({UsageState.OK, UsageState.WARNING})
+
+
+class TenantFigures:
+    """The tenants' limit proximity with bounded cardinality.
+
+    Without a tenant label: tenants by usage state, and how many are at or above
+    each of RATIO_STEPS. With one: the usage ratio and state of tenants at or above
+    `min_ratio`, or in a state past WARNING, at most `max_series` of them, the
+    most pressing first; `quota_tenant_series_omitted` says how many were left out.
+    """
+
+    def __init__(
+        self,
+        board: UsageBoard,
+        now_us: Callable[[], int],
+        refresh: Callable[[str], Usage | None],
+        min_ratio: float,
+        max_series: int,
+    ) -> None:
+        self.board = board
+        self.now_us = now_us
+        self.refresh = refresh
+        self.min_ratio = min_ratio
+        self.max_series = max_series
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self.board.snapshot(self.now_us(), self.refresh)
+        by_state = dict.fromkeys(UsageState, 0)
+        at_least = dict.fromkeys(RATIO_STEPS, 0)
+        pressing: list[tuple[bool, float, str, UsageState]] = []
+        for tenant_id, f in figures.items():
+            by_state[f.state] += 1
+            for step in RATIO_STEPS:
+                if f.usage_ratio >= step:
+                    at_least[step] += 1
+            past_warning = f.state not in QUIET_STATES
+            if past_warning or f.usage_ratio >= self.min_ratio:
+                pressing.append((past_warning, f.usage_ratio, tenant_id, f.state))
+        states = GaugeMetricFamily("quota_tenants", "Tenants by usage state", labels=["state"])
+        for state, n in by_state.items():
+            states.add_metric([state.name], n)
+        yield states
+        steps = GaugeMetricFamily(
+            "quota_tenants_at_or_above_usage_ratio",
+            "Tenants whose usage ratio (metered count / limit) is at or above `ratio`",
+            labels=["ratio"],
+        )
+        for step, n in at_least.items():
+            steps.add_metric([format(step, "g")], n)
+        yield steps
+        pressing.sort(key=lambda p: (not p[0], -p[1], p[2]))
+        shown = pressing[: self.max_series]
+        ratio = GaugeMetricFamily(
+            "quota_tenant_usage_ratio",
+            "A tenant's metered count over its limit (0-1, above 1 past the limit); only pressing tenants",
+            labels=["tenant"],
+        )
+        state = GaugeMetricFamily(
+            "quota_tenant_usage_state", "1 for a pressing tenant's current usage state", labels=["tenant", "state"]
+        )
+        for _, r, tenant_id, s in shown:
+            ratio.add_metric([tenant_id], r)
+            state.add_metric([tenant_id, s.name], 1)
+        yield ratio
+        yield state
+        yield GaugeMetricFamily(
+            "quota_tenant_series_omitted",
+            "Pressing tenants left without per-tenant series by --metrics-tenant-max",
+            value=len(pressing) - len(shown),
         )

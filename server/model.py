@@ -8,7 +8,7 @@ the wire numbers, so the service layer converts with `Enum(number)`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from enum import IntEnum
 
@@ -101,6 +101,16 @@ class UsageState(IntEnum):
     IN_GRACE = 4
     BLOCKED = 5
     IN_OVERAGE = 6
+
+
+class UsageEventType(IntEnum):
+    THRESHOLD_CROSSED = 1
+    REMINDER = 2
+
+
+class UsageFigure(IntEnum):
+    CONTACTS = 1
+    SENDS = 2
 
 
 LIMIT_REASONS = frozenset({Reason.CONTACT_LIMIT_REACHED, Reason.OVER_GRACE, Reason.SENDS_LIMIT_REACHED})
@@ -264,6 +274,13 @@ class Usage:
     plan_name: str
     peak_contacts: int = 0
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Usage:
+        return cls(**{**raw, "state": UsageState(raw["state"])})
+
 
 @dataclass(frozen=True, slots=True)
 class SendDecision:
@@ -383,6 +400,32 @@ class AuditEntry:
     sends_delta: int = 0
     held_delta: int = 0
     request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeState:
+    """How far a tenant's figure has been announced: the highest notify threshold
+    crossed (`level`, 0 for none) as of cycle `cycle_start_us`, and when the last
+    event about it was written."""
+
+    level: float = 0.0
+    cycle_start_us: int = 0
+    last_at_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """A notification in the ledger's outbox. `sequence` orders events and is the
+    resume point of readers; `event_id` is unique and stable, for receivers' dedupe."""
+
+    event_id: str
+    type: UsageEventType
+    figure: UsageFigure
+    tenant_id: str
+    threshold: float
+    at_us: int
+    usage: Usage
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)

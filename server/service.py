@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 from typing import Any, TypeVar
 
@@ -49,9 +50,13 @@ from .model import (
     SendDecision,
     SourcePolicy,
     Usage,
+    UsageEvent,
 )
+from .outbox import EventFeed
 
 log = logging.getLogger("quota_sidecar.service")
+WATCH_READ_AHEAD = 100
+WATCH_POLL_S = 1.0
 E = TypeVar("E", bound=IntEnum)
 
 STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
@@ -184,6 +189,19 @@ def plan_input(message: pb.Plan) -> PlanInput:
     )
 
 
+def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
+    return pb.UsageEvent(
+        sequence=e.sequence,
+        event_id=e.event_id,
+        type=e.type.value,
+        figure=e.figure.value,
+        tenant_id=e.tenant_id,
+        threshold=e.threshold,
+        occurred_at=_ts(e.at_us),
+        usage=usage_pb(e.usage),
+    )
+
+
 def _decision_fields(d: SendDecision) -> dict[str, Any]:
     return {"decision": d.decision.value, "reason": d.reason.value, "newly_active": d.newly_active}
 
@@ -235,6 +253,11 @@ class _Servicer:
 
 
 class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
+    def __init__(self, engine: Engine, metrics: Metrics, feed: EventFeed, *, max_watchers: int = 8) -> None:
+        super().__init__(engine, metrics)
+        self.feed = feed
+        self._watchers = threading.BoundedSemaphore(max_watchers)
+
     @_handled("CheckSend")
     def CheckSend(self, request: pb.CheckSendRequest, context: grpc.ServicerContext) -> pb.CheckSendResponse:
         req = SendRequest(
@@ -335,6 +358,36 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
     def GetUsage(self, request: pb.GetUsageRequest, context: grpc.ServicerContext) -> pb.GetUsageResponse:
         at = _instant("cycle_start", request, "cycle_start")
         return pb.GetUsageResponse(usage=usage_pb(self.engine.get_usage(request.tenant_id, at)))
+
+    def WatchUsageEvents(
+        self, request: pb.WatchUsageEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchUsageEventsResponse]:
+        """Streams the outbox from `after_sequence`, then waits for commits that add
+        events. Each stream holds a server thread, so at most `max_watchers` run at
+        once; one more gets RESOURCE_EXHAUSTED."""
+        code = "OK"
+        if not self._watchers.acquire(blocking=False):
+            self.metrics.calls.labels("WatchUsageEvents", "RESOURCE_EXHAUSTED").inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many WatchUsageEvents streams; retry later")
+        try:
+            seen = request.after_sequence
+            while context.is_active() and not self.feed.closed:
+                events = self.engine.usage_events(request.tenant_id, seen, WATCH_READ_AHEAD)
+                for event in events:
+                    yield pb.WatchUsageEventsResponse(event=usage_event_pb(event))
+                    seen = event.sequence
+                if not events:
+                    self.feed.wait(seen, timeout=WATCH_POLL_S)
+        except QuotaError as exc:
+            code = STATUS_OF[type(exc)].name
+            _abort(context, exc)
+        except Exception:
+            code = "INTERNAL"
+            log.exception("WatchUsageEvents failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log")
+        finally:
+            self._watchers.release()
+            self.metrics.calls.labels("WatchUsageEvents", code).inc()
 
 
 class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):

@@ -7,6 +7,7 @@ clear line (`SettingsError`).
 from __future__ import annotations
 
 import argparse
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
@@ -31,6 +32,12 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     sqlite_synchronous: str = "FULL"
     filter_fp_rate: float = 0.001
+    metrics_tenant_min_ratio: float = 0.5
+    metrics_tenant_max: int = 100
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_timeout: float = 5.0
+    reminder_interval: float = 60.0
 
     def validate(self) -> Settings:
         if self.address.startswith("unix:"):
@@ -60,6 +67,20 @@ class Settings:
             raise SettingsError(f"--sqlite-synchronous: one of {', '.join(SYNCHRONOUS_MODES)}")
         if not 0 < self.filter_fp_rate < 1:
             raise SettingsError("--filter-fp-rate: must be between 0 and 1")
+        if self.metrics_tenant_min_ratio < 0:
+            raise SettingsError("--metrics-tenant-min-ratio: must not be negative")
+        if self.metrics_tenant_max < 0:
+            raise SettingsError("--metrics-tenant-max: must not be negative")
+        if self.webhook_url is not None:
+            parts = urllib.parse.urlsplit(self.webhook_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SettingsError(f"--webhook-url: expected an http:// or https:// URL, got {self.webhook_url!r}")
+        if self.webhook_secret is not None and not self.webhook_url:
+            raise SettingsError("--webhook-secret: needs --webhook-url")
+        if self.webhook_timeout <= 0:
+            raise SettingsError("--webhook-timeout: must be positive")
+        if self.reminder_interval <= 0:
+            raise SettingsError("--reminder-interval: must be positive")
         return self
 
 
@@ -82,6 +103,12 @@ HELP = {
     "max_message_bytes": "largest gRPC request accepted",
     "sqlite_synchronous": "SQLite synchronous mode: FULL (default), EXTRA or NORMAL",
     "filter_fp_rate": "target false-positive rate of the dedupe filters",
+    "metrics_tenant_min_ratio": "usage ratio from which a tenant gets its own limit-proximity series",
+    "metrics_tenant_max": "most tenants given their own limit-proximity series (the most pressing first)",
+    "webhook_url": "http(s) URL that receives every usage event as a JSON POST (at least once)",
+    "webhook_secret": "key of the X-Quota-Signature HMAC-SHA256 of each webhook body",
+    "webhook_timeout": "seconds to wait for the webhook to answer one event",
+    "reminder_interval": "seconds between checks for due reminders (renotify_interval, AC-1)",
 }
 
 

@@ -15,6 +15,8 @@ from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.app import Sidecar
 from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.engine import Engine
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token"
@@ -67,15 +69,17 @@ class RunningSidecar:
 
 
 def start_sidecar(
-    path: Path, clock: FakeClock, address: str = "127.0.0.1:0", *, metrics: bool = False
+    path: Path, clock: FakeClock, address: str = "127.0.0.1:0", *, metrics: bool = False, **settings: object
 ) -> RunningSidecar:
-    settings = Settings(
+    """A sidecar over a real channel; `settings` are further Settings fields (webhook_url, ...)."""
+    values: dict[str, object] = dict(
         address=address,
         ledger=f"sqlite:///{path}",
         metrics_address="127.0.0.1:0" if metrics else "",
         admin_token=ADMIN_TOKEN,
         drain_timeout=2,
-    ).validate()
+    )
+    settings = Settings(**{**values, **settings}).validate()  # type: ignore[arg-type]
     sidecar = Sidecar(settings, clock=clock, registry=CollectorRegistry())
     sidecar.start()
     return RunningSidecar(sidecar, clock, path)
@@ -84,6 +88,22 @@ def start_sidecar(
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(START)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def engine(db_path: Path, clock: FakeClock) -> Iterator[Engine]:
+    """An engine over a real SQLite ledger file (no server)."""
+    ledger = SQLiteLedger(db_path)
+    ledger.open()
+    try:
+        yield Engine(ledger, clock)
+    finally:
+        ledger.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ docs/domain.md; "Presets" and "Decision rules" to docs/api.md.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -57,21 +56,6 @@ JUN = datetime(2026, 6, 20, tzinfo=UTC)
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(NOW)
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "ledger.db"
-
-
-@pytest.fixture
-def engine(db_path: Path, clock: FakeClock) -> Iterator[Engine]:
-    ledger = SQLiteLedger(db_path)
-    ledger.open()
-    try:
-        yield Engine(ledger, clock)
-    finally:
-        ledger.close()
 
 
 def preset(name: str, **fields: object) -> PlanInput:

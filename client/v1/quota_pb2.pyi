@@ -106,6 +106,18 @@ class UsageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_STATE_IN_GRACE: _ClassVar[UsageState]
     USAGE_STATE_BLOCKED: _ClassVar[UsageState]
     USAGE_STATE_IN_OVERAGE: _ClassVar[UsageState]
+
+class UsageEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_EVENT_TYPE_UNSPECIFIED: _ClassVar[UsageEventType]
+    USAGE_EVENT_TYPE_THRESHOLD_CROSSED: _ClassVar[UsageEventType]
+    USAGE_EVENT_TYPE_REMINDER: _ClassVar[UsageEventType]
+
+class UsageFigure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_FIGURE_UNSPECIFIED: _ClassVar[UsageFigure]
+    USAGE_FIGURE_CONTACTS: _ClassVar[UsageFigure]
+    USAGE_FIGURE_SENDS: _ClassVar[UsageFigure]
 CHANNEL_UNSPECIFIED: Channel
 CHANNEL_EMAIL: Channel
 CHANNEL_WHATSAPP: Channel
@@ -169,6 +181,12 @@ USAGE_STATE_AT_LIMIT: UsageState
 USAGE_STATE_IN_GRACE: UsageState
 USAGE_STATE_BLOCKED: UsageState
 USAGE_STATE_IN_OVERAGE: UsageState
+USAGE_EVENT_TYPE_UNSPECIFIED: UsageEventType
+USAGE_EVENT_TYPE_THRESHOLD_CROSSED: UsageEventType
+USAGE_EVENT_TYPE_REMINDER: UsageEventType
+USAGE_FIGURE_UNSPECIFIED: UsageFigure
+USAGE_FIGURE_CONTACTS: UsageFigure
+USAGE_FIGURE_SENDS: UsageFigure
 
 class Usage(_message.Message):
     __slots__ = ("tenant_id", "cycle_start", "cycle_end", "active_contacts", "contact_limit", "usage_ratio", "sends", "sends_limit", "state", "overage_contacts", "overage_amount", "currency", "plan_name", "peak_contacts")
@@ -367,6 +385,40 @@ class GetUsageResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     usage: Usage
     def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class UsageEvent(_message.Message):
+    __slots__ = ("sequence", "event_id", "type", "figure", "tenant_id", "threshold", "occurred_at", "usage")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    FIGURE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    event_id: str
+    type: UsageEventType
+    figure: UsageFigure
+    tenant_id: str
+    threshold: float
+    occurred_at: _timestamp_pb2.Timestamp
+    usage: Usage
+    def __init__(self, sequence: _Optional[int] = ..., event_id: _Optional[str] = ..., type: _Optional[_Union[UsageEventType, str]] = ..., figure: _Optional[_Union[UsageFigure, str]] = ..., tenant_id: _Optional[str] = ..., threshold: _Optional[float] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class WatchUsageEventsRequest(_message.Message):
+    __slots__ = ("tenant_id", "after_sequence")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    after_sequence: int
+    def __init__(self, tenant_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchUsageEventsResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: UsageEvent
+    def __init__(self, event: _Optional[_Union[UsageEvent, _Mapping]] = ...) -> None: ...
 
 class SourceRule(_message.Message):
     __slots__ = ("source", "policy")

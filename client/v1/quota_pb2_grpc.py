@@ -65,6 +65,11 @@ class QuotaServiceStub:
                 request_serializer=quota_dot_v1_dot_quota__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.WatchUsageEvents = channel.unary_stream(
+                '/quota.v1.QuotaService/WatchUsageEvents',
+                request_serializer=quota_dot_v1_dot_quota__pb2.WatchUsageEventsRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__pb2.WatchUsageEventsResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -114,6 +119,16 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUsageEvents(self, request, context):
+        """Usage events (thresholds crossed, reminders) from the ledger's outbox, in
+        order: first those after `after_sequence`, then new ones as they are
+        committed, until the caller cancels or the sidecar stops. Resuming with the
+        last sequence seen loses nothing across restarts (at least once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +161,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=quota_dot_v1_dot_quota__pb2.GetUsageRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'WatchUsageEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUsageEvents,
+                    request_deserializer=quota_dot_v1_dot_quota__pb2.WatchUsageEventsRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__pb2.WatchUsageEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +331,33 @@ class QuotaService:
             '/quota.v1.QuotaService/GetUsage',
             quota_dot_v1_dot_quota__pb2.GetUsageRequest.SerializeToString,
             quota_dot_v1_dot_quota__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUsageEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/quota.v1.QuotaService/WatchUsageEvents',
+            quota_dot_v1_dot_quota__pb2.WatchUsageEventsRequest.SerializeToString,
+            quota_dot_v1_dot_quota__pb2.WatchUsageEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

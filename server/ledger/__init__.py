@@ -18,7 +18,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from ..model import Activation, AuditEntry, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
+from ..model import (
+    Activation,
+    AuditEntry,
+    ContactRecord,
+    Counters,
+    Holdings,
+    NoticeState,
+    StoredPlan,
+    StoredResult,
+    UsageEvent,
+    UsageFigure,
+)
 
 T = TypeVar("T")
 
@@ -49,6 +60,26 @@ class LedgerReader(Protocol):
         contact id, strictly after `after_contact_id`."""
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None: ...
+
+    def tenants(self) -> list[str]:
+        """Every tenant with a plan."""
+
+    def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None: ...
+
+    def raised_notices(self) -> list[tuple[str, UsageFigure, NoticeState]]:
+        """Every notice state above level 0 (the figures reminders may be due for)."""
+
+    def events_after(self, after_seq: int, tenant_id: str, limit: int) -> list[UsageEvent]:
+        """Usage events with a sequence above `after_seq` in order (one tenant's when
+        `tenant_id` is not empty)."""
+
+    def event_cursor(self, consumer: str) -> int:
+        """The sequence a consumer has delivered up to (0 for none)."""
+
+    def pending_events(self, after_seq: int) -> tuple[int, int | None]:
+        """How many events lie beyond `after_seq`, and the instant of the oldest."""
+
+    def last_event_seq(self) -> int: ...
 
 
 class LedgerTx(LedgerReader, Protocol):
@@ -85,6 +116,18 @@ class LedgerTx(LedgerReader, Protocol):
     ) -> None: ...
 
     def audit(self, entries: Iterable[AuditEntry]) -> None: ...
+
+    def put_notice(self, tenant_id: str, figure: UsageFigure, state: NoticeState) -> None: ...
+
+    def add_event(self, event: UsageEvent) -> int:
+        """Appends an event to the outbox; returns its sequence."""
+
+    def put_event_cursor(self, consumer: str, seq: int) -> None:
+        """Moves a consumer's delivered position forward (never back)."""
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Runs `callback` once this unit's transaction is committed, in commit order,
+        before the caller is answered; never if the unit or the commit fails."""
 
 
 class Ledger(ABC):

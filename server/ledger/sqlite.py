@@ -30,7 +30,20 @@ import sqlite_utils
 from ..cycles import cycle_at
 from ..dedupe import CycleFilter, DedupeFilters
 from ..errors import LedgerUnavailable
-from ..model import Activation, AuditEntry, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
+from ..model import (
+    Activation,
+    AuditEntry,
+    ContactRecord,
+    Counters,
+    Holdings,
+    NoticeState,
+    StoredPlan,
+    StoredResult,
+    Usage,
+    UsageEvent,
+    UsageEventType,
+    UsageFigure,
+)
 from . import Ledger, LedgerReader, LedgerTx
 
 T = TypeVar("T")
@@ -194,7 +207,25 @@ def _v2(db: sqlite_utils.Database) -> None:
         )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Notifications: each figure's notice state and the outbox of usage events, with
+    the position each consumer (the webhook) has delivered up to. AUTOINCREMENT keeps
+    a sequence from ever being reused, so a resume point stays valid."""
+    db["notices"].create(
+        {"tenant_id": str, "figure": int, "level": float, "cycle_start_us": int, "last_at_us": int},
+        pk=("tenant_id", "figure"),
+        not_null=["level", "cycle_start_us", "last_at_us"],
+    )
+    db.execute(
+        "CREATE TABLE usage_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,"
+        " at_us INTEGER NOT NULL, tenant_id TEXT NOT NULL, type INTEGER NOT NULL, figure INTEGER NOT NULL,"
+        " threshold REAL NOT NULL, usage_json TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX usage_events_tenant ON usage_events (tenant_id, seq)")
+    db["event_cursors"].create({"consumer": str, "seq": int}, pk="consumer", not_null=["seq"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -308,6 +339,58 @@ class _Reader:
         ).fetchone()
         return StoredResult(row[0], row[1]) if row else None
 
+    def tenants(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT tenant_id FROM plans ORDER BY tenant_id")]
+
+    def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None:
+        row = self.conn.execute(
+            "SELECT level, cycle_start_us, last_at_us FROM notices WHERE tenant_id = ? AND figure = ?",
+            (tenant_id, figure.value),
+        ).fetchone()
+        return NoticeState(*row) if row else None
+
+    def raised_notices(self) -> list[tuple[str, UsageFigure, NoticeState]]:
+        rows = self.conn.execute(
+            "SELECT tenant_id, figure, level, cycle_start_us, last_at_us FROM notices WHERE level > 0"
+            " ORDER BY tenant_id, figure"
+        )
+        return [(r[0], UsageFigure(r[1]), NoticeState(r[2], r[3], r[4])) for r in rows]
+
+    def events_after(self, after_seq: int, tenant_id: str, limit: int) -> list[UsageEvent]:
+        where = " AND tenant_id = ?" if tenant_id else ""
+        args: tuple[Any, ...] = (after_seq, tenant_id, limit) if tenant_id else (after_seq, limit)
+        rows = self.conn.execute(
+            "SELECT seq, event_id, type, figure, tenant_id, threshold, at_us, usage_json FROM usage_events"
+            f" WHERE seq > ?{where} ORDER BY seq LIMIT ?",
+            args,
+        )
+        return [
+            UsageEvent(
+                r[1],
+                UsageEventType(r[2]),
+                UsageFigure(r[3]),
+                r[4],
+                r[5],
+                r[6],
+                Usage.from_dict(json.loads(r[7])),
+                r[0],
+            )
+            for r in rows
+        ]
+
+    def event_cursor(self, consumer: str) -> int:
+        row = self.conn.execute("SELECT seq FROM event_cursors WHERE consumer = ?", (consumer,)).fetchone()
+        return row[0] if row else 0
+
+    def pending_events(self, after_seq: int) -> tuple[int, int | None]:
+        count, oldest = self.conn.execute(
+            "SELECT COUNT(*), MIN(at_us) FROM usage_events WHERE seq > ?", (after_seq,)
+        ).fetchone()
+        return count, oldest
+
+    def last_event_seq(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM usage_events").fetchone()[0]
+
 
 class _Tx(_Reader):
     """The writer's view inside a transaction: reads see the transaction's own writes."""
@@ -316,6 +399,10 @@ class _Tx(_Reader):
         super().__init__(conn)
         self.filters = filters
         self.hints = hints
+        self.committed: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.committed.append(callback)
 
     def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter:
         f = self.filters.get(tenant_id, cycle_start_us)
@@ -449,6 +536,37 @@ class _Tx(_Reader):
             "INSERT INTO request_results (tenant_id, rpc, request_id, cycle_start_us, fingerprint,"
             " response_json, created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (tenant_id, rpc, request_id, cycle_start_us, result.fingerprint, result.response_json, at_us),
+        )
+
+    def put_notice(self, tenant_id: str, figure: UsageFigure, state: NoticeState) -> None:
+        self.conn.execute(
+            "INSERT INTO notices (tenant_id, figure, level, cycle_start_us, last_at_us) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (tenant_id, figure) DO UPDATE SET level = excluded.level,"
+            " cycle_start_us = excluded.cycle_start_us, last_at_us = excluded.last_at_us",
+            (tenant_id, figure.value, state.level, state.cycle_start_us, state.last_at_us),
+        )
+
+    def add_event(self, event: UsageEvent) -> int:
+        cursor = self.conn.execute(
+            "INSERT INTO usage_events (event_id, at_us, tenant_id, type, figure, threshold, usage_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.event_id,
+                event.at_us,
+                event.tenant_id,
+                event.type.value,
+                event.figure.value,
+                event.threshold,
+                json.dumps(event.usage.to_dict(), separators=(",", ":")),
+            ),
+        )
+        return cursor.lastrowid or 0
+
+    def put_event_cursor(self, consumer: str, seq: int) -> None:
+        self.conn.execute(
+            "INSERT INTO event_cursors (consumer, seq) VALUES (?, ?)"
+            " ON CONFLICT (consumer) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            (consumer, seq),
         )
 
     def audit(self, entries: Iterable[AuditEntry]) -> None:
@@ -638,6 +756,7 @@ class SQLiteLedger(Ledger):
             conn.execute("BEGIN IMMEDIATE")
             for work, future in batch:
                 conn.execute("SAVEPOINT unit")
+                mark = len(tx.committed)
                 try:
                     result = work(tx)
                 except BaseException as exc:
@@ -645,14 +764,22 @@ class SQLiteLedger(Ledger):
                         raise
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
+                    del tx.committed[mark:]
                     outcomes.append((future, None, exc))
                     continue
                 conn.execute("RELEASE unit")
                 outcomes.append((future, result, None))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            tx.committed.clear()
             self._abort(conn, batch, exc)
             return
+        callbacks, tx.committed = tx.committed, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a callback after a ledger commit failed")
         if self._failing:
             log.warning("ledger commits succeed again")
             self._failing = False

@@ -42,6 +42,7 @@ from ._results import (
     SendDecision,
     SendResult,
     Usage,
+    UsageEvent,
 )
 from ._retry import Retry
 from ._sync import QuotaClient
@@ -77,6 +78,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Usage",
+    "UsageEvent",
 ]
 
 # Public classes report the public module, as in tracebacks: quota_sidecar.client.NotFound.

@@ -209,6 +209,17 @@ def get_usage(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Usage]:
     return Call("GetUsage", request, lambda response: Usage.from_pb(response.usage))
 
 
+def watch_request(tenant_id: str, after_sequence: int, follow: bool) -> quota_pb2.WatchUsageEventsRequest:
+    return quota_pb2.WatchUsageEventsRequest(
+        tenant_id=tenant_id, after_sequence=after_sequence, backlog_only=not follow
+    )
+
+
+def reconnect_pause(failures: int) -> float:
+    """Seconds before dialling a watch stream again: 0.1 s doubling to 10 s."""
+    return min(10.0, 0.1 * 2 ** max(0, failures - 1))
+
+
 def put_plan(tenant_id: str, plan: Plan | quota_pb2.Plan) -> Call[PlanChange]:
     message = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
     request = quota_pb2.PutPlanRequest(tenant_id=tenant_id, plan=message)

@@ -78,6 +78,37 @@ class Usage:
         )
 
 
+@dataclass(frozen=True)
+class UsageEvent:
+    """A usage notification: a notify threshold crossed, or a reminder that a figure is
+    still at or above one. `figure` is "CONTACTS" or "SENDS"; `sequence` is the resume
+    point for watch_usage_events; `event_id` is stable across redeliveries."""
+
+    sequence: int
+    event_id: str
+    type: str
+    figure: str
+    tenant_id: str
+    threshold: float
+    occurred_at: datetime | None
+    usage: Usage
+    raw: quota_pb2.UsageEvent = field(repr=False, compare=False)
+
+    @classmethod
+    def from_pb(cls, event: quota_pb2.UsageEvent) -> UsageEvent:
+        return cls(
+            sequence=event.sequence,
+            event_id=event.event_id,
+            type=enum_name(quota_pb2.UsageEventType, event.type),
+            figure=enum_name(quota_pb2.UsageFigure, event.figure),
+            tenant_id=event.tenant_id,
+            threshold=event.threshold,
+            occurred_at=from_timestamp(event.occurred_at) if event.HasField("occurred_at") else None,
+            usage=Usage.from_pb(event.usage),
+            raw=event,
+        )
+
+
 def _usage(message: quota_pb2.Usage, present: bool) -> Usage | None:
     return Usage.from_pb(message) if present else None
 

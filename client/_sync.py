@@ -33,6 +33,7 @@ from ._results import (
     PlanChange,
     SendDecision,
     Usage,
+    UsageEvent,
 )
 from ._retry import Retry
 from ._wire import EnumArg, TimestampArg
@@ -241,6 +242,38 @@ class QuotaClient:
     ) -> Usage:
         """The figures of the cycle containing `cycle_start` (default: the current one)."""
         return self._invoke(_calls.get_usage(tenant_id, cycle_start), timeout)
+
+    def watch_usage_events(
+        self, tenant_id: str = "", *, after_sequence: int = 0, follow: bool = True
+    ) -> Iterator[UsageEvent]:
+        """Usage events after `after_sequence` (0: every event kept), then each new one as
+        it is committed, for as long as the iterator is used; one tenant's, or every
+        tenant's when `tenant_id` is empty. A sidecar that stops or restarts is dialled
+        again and the stream resumes after the last event yielded, so none is skipped;
+        store `sequence` to resume after your own restart. Errors other than
+        UNAVAILABLE raise (NOT_FOUND for a tenant without a plan). With `follow=False`
+        it ends once the events already committed are read."""
+        seen = after_sequence
+        failures = 0
+        while True:
+            stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+            try:
+                for response in stream:
+                    failures = 0
+                    event = UsageEvent.from_pb(response.event)
+                    seen = event.sequence
+                    yield event
+            except grpc.RpcError as exc:
+                code, details = status_of(exc)
+                if code is not grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_status(code, details) from exc
+            else:
+                if not follow:
+                    return
+            finally:
+                stream.cancel()
+            failures += 1
+            time.sleep(_calls.reconnect_pause(failures))
 
     def put_plan(
         self,

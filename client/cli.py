@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from ._errors import QuotaError, Unavailable
-from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage
+from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent
 from ._sync import QuotaClient
 from ._wire import short_names
 from .v1 import quota_pb2
@@ -34,6 +34,7 @@ COMMANDS: tuple[str, ...] = (
     "contact",
     "active-contacts",
     "invoice",
+    "events",
 )
 """Every quotactl command, as typed after `quotactl`."""
 
@@ -237,6 +238,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     invoice.add_argument("tenant")
     invoice.add_argument("--cycle", type=_instant, help="any instant of the cycle (ISO 8601)")
+
+    events = command(
+        commands,
+        "events",
+        "list usage events: thresholds crossed and reminders (AC-1, CR-8, MK-2)",
+        _events,
+        "list usage events from the sidecar's outbox: notify thresholds crossed and reminders (AC-1, CR-8,"
+        " MK-2, SG-4), one tenant's or every tenant's; --follow keeps printing new ones as they happen;"
+        " --json prints one JSON document per line",
+    )
+    events.add_argument("tenant", nargs="?", default="", help="one tenant (default: every tenant)")
+    events.add_argument("--after", type=_count, default=0, metavar="SEQ", help="only events after this sequence")
+    events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
     return parser
 
 
@@ -478,14 +492,55 @@ def _invoice(client: QuotaClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_json(message: Message | None) -> None:
-    document = json_format.MessageToDict(
+def _events(client: QuotaClient, args: argparse.Namespace) -> int:
+    header = ["SEQ", "OCCURRED AT", "TENANT", "TYPE", "FIGURE", "THRESHOLD", "COUNT", "LIMIT", "STATE"]
+    stream = client.watch_usage_events(args.tenant, after_sequence=args.after, follow=args.follow)
+    if args.json:
+        for event in stream:
+            print(json.dumps(_message_dict(event.raw), separators=(",", ":")), flush=True)
+        return EXIT_OK
+    if not args.follow:
+        _print_table(header, [_event_row(event) for event in stream], right=(0, 5, 6, 7))
+        return EXIT_OK
+    print("\t".join(header), flush=True)
+    try:
+        for event in stream:
+            print("\t".join(_event_row(event)), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _event_row(event: UsageEvent) -> list[str]:
+    count, limit = (
+        (event.usage.active_contacts, event.usage.contact_limit)
+        if event.figure == "CONTACTS"
+        else (event.usage.sends, event.usage.sends_limit)
+    )
+    return [
+        str(event.sequence),
+        _when(event.occurred_at),
+        event.tenant_id,
+        event.type,
+        event.figure,
+        f"{event.threshold:g}",
+        str(count),
+        str(limit),
+        event.usage.state,
+    ]
+
+
+def _message_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(
         message,
         always_print_fields_with_no_presence=True,
         preserving_proto_field_name=True,
         unquote_int64_if_possible=True,
     )
-    print(json.dumps(document, indent=2))
+
+
+def _print_json(message: Message | None) -> None:
+    print(json.dumps(_message_dict(message), indent=2))
 
 
 def _print_fields(fields: Sequence[tuple[str, str]]) -> None:

@@ -377,6 +377,8 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
                     yield pb.WatchUsageEventsResponse(event=usage_event_pb(event))
                     seen = event.sequence
                 if not events:
+                    if request.backlog_only:
+                        break
                     self.feed.wait(seen, timeout=WATCH_POLL_S)
         except QuotaError as exc:
             code = STATUS_OF[type(exc)].name

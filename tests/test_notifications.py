@@ -4,9 +4,11 @@ order by the engine, over WatchUsageEvents and by a real HTTP webhook receiver."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import signal
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -20,8 +22,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from test_engine import ANCHOR, batch, plan, record, send
 from test_held import T as HELD
 from test_held import add, ids, preset
+from test_process import AUTH, free_port, start
 
+from quota_sidecar.client import AsyncQuotaClient, NotFound, QuotaClient
 from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import MICROS, FakeClock, to_us
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.model import ActivityKind, Enforcement, UsageEvent, UsageEventType, UsageFigure
@@ -421,3 +426,106 @@ def test_reminders_are_written_by_the_running_sidecar(tmp_path: Path, clock: Fak
     finally:
         running.stop()
     assert [json.loads(b)["type"] for _, b in posts[:2]] == ["THRESHOLD_CROSSED", "REMINDER"]
+
+
+def test_kill_9_keeps_every_acknowledged_crossing_for_the_webhook(tmp_path: Path, processes: list) -> None:
+    """The real process: events written while the receiver is down survive SIGKILL and reach
+    the receiver after the restart, once each; the decision that caused each was acknowledged."""
+    down = Receiver()
+    dead_url = down.url
+    down.close()
+    ledger = tmp_path / "ledger.db"
+    first = start(ledger, "--webhook-url", dead_url)
+    processes.append(first)
+    first.wait_serving()
+    tenants = [f"t{i}" for i in range(5)]
+    with grpc.insecure_channel(first.address) as channel:
+        admin = pb_grpc.QuotaAdminServiceStub(channel)
+        quota = pb_grpc.QuotaServiceStub(channel)
+        for tenant in tenants:
+            admin.PutPlan(pb.PutPlanRequest(tenant_id=tenant, plan=pb.Plan(**grpc_plan(10))), metadata=AUTH, timeout=10)
+            for i in range(8):
+                request = pb.CheckSendRequest(
+                    tenant_id=tenant, contact_id=f"c{i}", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN
+                )
+                assert quota.CheckSend(request, timeout=10).decision == pb.DECISION_ALLOW
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=10)
+
+    receiver = Receiver()
+    try:
+        again = start(ledger, "--webhook-url", receiver.url)
+        processes.append(again)
+        again.wait_serving()
+        posts = receiver.wait_for(len(tenants))
+        again.proc.send_signal(signal.SIGTERM)
+        assert again.proc.wait(timeout=30) == 0
+    finally:
+        receiver.close()
+    delivered = [json.loads(body) for _, body in receiver.received]
+    assert sorted(e["tenant_id"] for e in delivered) == tenants
+    assert len({e["event_id"] for e in delivered}) == len(delivered) == len(posts)
+    assert {e["threshold"] for e in delivered} == {0.8}
+
+
+# -- the client library ------------------------------------------------------------------------
+
+
+def test_the_client_watch_resumes_across_a_sidecar_restart_without_a_gap_or_a_repeat(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """CR-8 for a billing system that reads events with QuotaClient: a restart of the sidecar
+    costs the reader nothing."""
+    address = f"127.0.0.1:{free_port()}"
+    running = start_sidecar(tmp_path / "ledger.db", clock, address)
+    running.put_plan("acme", **grpc_plan(10))
+    grpc_send(running, "acme", [f"c{i}" for i in range(8)])
+    received: list = []
+    arrived = threading.Condition()
+
+    def watch() -> None:
+        with QuotaClient(address) as client:
+            for event in client.watch_usage_events("acme"):
+                with arrived:
+                    received.append(event)
+                    arrived.notify_all()
+                if len(received) == 2:
+                    return
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    with arrived:
+        assert arrived.wait_for(lambda: len(received) == 1, 10)
+    running.stop()
+    running = start_sidecar(tmp_path / "ledger.db", clock, address)
+    try:
+        grpc_send(running, "acme", ["c8", "c9"])
+        reader.join(timeout=20)
+    finally:
+        running.stop()
+    assert [(e.type, e.figure, e.threshold) for e in received] == [
+        ("THRESHOLD_CROSSED", "CONTACTS", 0.8),
+        ("THRESHOLD_CROSSED", "CONTACTS", 1.0),
+    ]
+    assert received[1].usage.active_contacts == 10 and received[1].usage.state == "AT_LIMIT"
+    assert received[0].sequence < received[1].sequence
+
+
+def test_the_async_client_watch_reads_the_backlog_and_names_errors(sidecar: RunningSidecar) -> None:
+    sidecar.put_plan("acme", **grpc_plan(10))
+    grpc_send(sidecar, "acme", [f"c{i}" for i in range(10)])
+
+    async def read() -> list:
+        async with AsyncQuotaClient(sidecar.address) as client:
+            events = []
+            async for event in client.watch_usage_events(after_sequence=0):
+                events.append(event)
+                if len(events) == 2:
+                    break
+            with pytest.raises(NotFound):
+                async for _ in client.watch_usage_events("nobody"):
+                    pass
+            return events
+
+    events = asyncio.run(read())
+    assert [e.threshold for e in events] == [0.8, 1.0] and {e.tenant_id for e in events} == {"acme"}

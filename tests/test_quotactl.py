@@ -657,3 +657,44 @@ def test_a_reader_that_stops_early_ends_quotactl_quietly(sidecar, quotactl: Run)
     assert proc.wait(30) == EXIT_BROKEN_PIPE
     assert proc.stderr.read() == ""
     proc.stderr.close()
+
+
+def test_events_lists_thresholds_crossed_and_follows_as_json_lines(sidecar, run_at: Callable[..., Run]) -> None:
+    """CR-8 / MK-2 from the shell: the events kept, one tenant's or all, and JSON lines."""
+    run = run_at(sidecar.address, sidecar.admin_token)
+    for tenant in ("a", "b"):
+        status, _, err = run(
+            *f"plan set {tenant} --name P --metering CYCLE_ACTIVE --enforcement HARD".split(),
+            *"--limit 4 --counted-kinds CAMPAIGN --notify 0.5,1.0".split(),
+        )
+        assert status == 0, err
+    for contact in ("c1", "c2", "c3", "c4"):
+        assert run("check", "a", contact)[0] == 0
+    assert run("check", "b", "c1")[0] == 0
+    assert run("check", "b", "c2")[0] == 0
+    status, out, err = run("events")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "SEQ",
+        "OCCURRED",
+        "AT",
+        "TENANT",
+        "TYPE",
+        "FIGURE",
+        "THRESHOLD",
+        "COUNT",
+        "LIMIT",
+        "STATE",
+    ]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[2], r[3], r[5], r[6], r[7], r[8]) for r in rows] == [
+        ("1", "a", "THRESHOLD_CROSSED", "0.5", "2", "4", "WARNING"),
+        ("2", "a", "THRESHOLD_CROSSED", "1", "4", "4", "AT_LIMIT"),
+        ("3", "b", "THRESHOLD_CROSSED", "0.5", "2", "4", "WARNING"),
+    ]
+    status, out, _ = run("events", "a", "--after", "1", "--json")
+    assert status == 0
+    (document,) = [json.loads(line) for line in out.splitlines()]
+    assert (document["sequence"], document["tenant_id"], document["threshold"]) == (2, "a", 1.0)
+    assert run("events", "nobody")[0] == 1

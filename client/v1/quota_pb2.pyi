@@ -407,12 +407,14 @@ class UsageEvent(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., event_id: _Optional[str] = ..., type: _Optional[_Union[UsageEventType, str]] = ..., figure: _Optional[_Union[UsageFigure, str]] = ..., tenant_id: _Optional[str] = ..., threshold: _Optional[float] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class WatchUsageEventsRequest(_message.Message):
-    __slots__ = ("tenant_id", "after_sequence")
+    __slots__ = ("tenant_id", "after_sequence", "backlog_only")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_ONLY_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     after_sequence: int
-    def __init__(self, tenant_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+    backlog_only: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., backlog_only: _Optional[bool] = ...) -> None: ...
 
 class WatchUsageEventsResponse(_message.Message):
     __slots__ = ("event",)

@@ -321,6 +321,12 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
     )
 
 
+def usage_at(view: LedgerReader, plan: Plan, tenant_id: str, at_us: int) -> Usage:
+    """The figures of the plan's cycle containing `at_us`, under that plan."""
+    cycle = cycle_at(plan.cycle_anchor_us, at_us)
+    return usage_of(tenant_id, plan, cycle, tally_of(view, plan, tenant_id, cycle))
+
+
 class _Overlay:
     """A dry run's view: committed state plus what the run would have written."""
 
@@ -450,9 +456,7 @@ class Engine:
             written: list[UsageEvent] = []
             for tenant_id in dict.fromkeys(t for t, _, _ in tx.raised_notices()):
                 plan = self._plan(tx, tenant_id)
-                cycle = cycle_at(plan.cycle_anchor_us, now)
-                usage = usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))
-                written += self._observe(tx, plan, usage, now, remind=True)
+                written += self._observe(tx, plan, usage_at(tx, plan, tenant_id, now), now, remind=True)
             return written
 
         return self.ledger.transact(unit)
@@ -890,12 +894,7 @@ class Engine:
                 fresh = _activate(tx, cycle, ids, at, req.kind, replace(entry, request_id=req.request_id), audit)
             tx.audit(audit)
             usage = usage_of(req.tenant_id, booked, cycle, tally_of(tx, booked, req.tenant_id, cycle))
-            current = cycle_at(plan.cycle_anchor_us, now)
-            now_usage = (
-                usage
-                if current == cycle
-                else usage_of(req.tenant_id, plan, current, tally_of(tx, plan, req.tenant_id, current))
-            )
+            now_usage = usage if cycle.contains(now) else usage_at(tx, plan, req.tenant_id, now)
             self._observe(tx, plan, now_usage, now)
             return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
 
@@ -1086,12 +1085,7 @@ class Engine:
 
             def read(r: LedgerReader, chunk: list[str] = chunk) -> list[Usage]:
                 now = self.clock.now_us()
-                usages = []
-                for tenant_id in chunk:
-                    plan = self._plan(r, tenant_id)
-                    cycle = cycle_at(plan.cycle_anchor_us, now)
-                    usages.append(usage_of(tenant_id, plan, cycle, tally_of(r, plan, tenant_id, cycle)))
-                return usages
+                return [usage_at(r, self._plan(r, tenant_id), tenant_id, now) for tenant_id in chunk]
 
             yield from self.ledger.read(read)
 

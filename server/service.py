@@ -220,6 +220,19 @@ def _abort(context: grpc.ServicerContext, exc: QuotaError) -> None:
     context.abort(code, str(exc))
 
 
+def _code_name(exc: Exception) -> str:
+    return STATUS_OF[type(exc)].name if isinstance(exc, QuotaError) else "INTERNAL"
+
+
+def _answer_failure(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+    """Ends the call with the status code of a failure; anything unexpected is logged
+    here and reaches the client as INTERNAL without a stack trace."""
+    if isinstance(exc, QuotaError):
+        _abort(context, exc)
+    log.exception("%s failed", method)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log")
+
+
 def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Times the call, counts it by status code and maps failures to status codes."""
 
@@ -230,13 +243,9 @@ def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             code = "OK"
             try:
                 return fn(self, request, context)
-            except QuotaError as exc:
-                code = STATUS_OF[type(exc)].name
-                _abort(context, exc)
-            except Exception:
-                code = "INTERNAL"
-                log.exception("%s failed", method)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log")
+            except Exception as exc:
+                code = _code_name(exc)
+                _answer_failure(context, method, exc)
             finally:
                 self.metrics.latency.labels(method).observe(time.perf_counter() - started)
                 self.metrics.calls.labels(method, code).inc()
@@ -380,13 +389,9 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
                     if request.backlog_only:
                         break
                     self.feed.wait(seen, timeout=WATCH_POLL_S)
-        except QuotaError as exc:
-            code = STATUS_OF[type(exc)].name
-            _abort(context, exc)
-        except Exception:
-            code = "INTERNAL"
-            log.exception("WatchUsageEvents failed")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log")
+        except Exception as exc:
+            code = _code_name(exc)
+            _answer_failure(context, "WatchUsageEvents", exc)
         finally:
             self._watchers.release()
             self.metrics.calls.labels("WatchUsageEvents", code).inc()

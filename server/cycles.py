@@ -37,8 +37,25 @@ def cycle_start(anchor_us: int, months: int) -> int:
     return to_us(_shift(from_us(anchor_us), months))
 
 
+_RECENT: dict[int, Cycle] = {}
+_RECENT_MAX = 65_536
+
+
 def cycle_at(anchor_us: int, instant_us: int) -> Cycle:
-    """The cycle that contains `instant_us` (cycles extend before the anchor too)."""
+    """The cycle that contains `instant_us` (cycles extend before the anchor too).
+    The last cycle found for each anchor is remembered: the current one is asked
+    for on every call."""
+    recent = _RECENT.get(anchor_us)
+    if recent is not None and recent.start_us <= instant_us < recent.end_us:
+        return recent
+    found = _find_cycle(anchor_us, instant_us)
+    if len(_RECENT) >= _RECENT_MAX:
+        _RECENT.clear()
+    _RECENT[anchor_us] = found
+    return found
+
+
+def _find_cycle(anchor_us: int, instant_us: int) -> Cycle:
     anchor = from_us(anchor_us)
     instant = from_us(instant_us)
     k = (instant.year - anchor.year) * 12 + (instant.month - anchor.month)

@@ -11,7 +11,7 @@ activations); HELD_CONTACTS counts the contacts a tenant holds (model 4: held
 and marketing), a state carried from cycle to cycle (`Holdings`, rolled into a
 new cycle by the first change in it, `_roll`) with each cycle's end and peak
 kept for invoices. `tally_of` gives either as one `Tally`; enforcement (`ceiling`,
-`_limited`, `_held_block`) and the figures (`usage_of`, `invoice_lines`) read it.
+`_Limits`, `_held_block`) and the figures (`usage_of`, `invoice_lines`) read it.
 Presets are expanded before validation (presets.py).
 """
 
@@ -370,8 +370,17 @@ class _Overlay:
             c, active_contacts=c.active_contacts + len(activations), sends=c.sends + sum(a.sends for a in activations)
         )
 
+    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
+        own = self.state.activations
+        found = {c for c in contact_ids if (tenant_id, cycle_start_us, c) in own}
+        rest = [c for c in contact_ids if c not in found]
+        return found | self.base.active_among(tenant_id, cycle_start_us, rest)
+
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         self.count_sends(tenant_id, cycle_start_us, sends)
+
+    def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
+        self.count_sends(tenant_id, cycle_start_us, len(contact_ids))
 
     def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
         c = self.counters(tenant_id, cycle_start_us)
@@ -387,6 +396,45 @@ def _decision_json(d: SendDecision) -> list[object]:
 
 def _decision_from(raw: list) -> SendDecision:
     return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
+
+
+NOT_COUNTED = SendDecision(Decision.ALLOW, Reason.NOT_COUNTED)
+ALLOW_ACTIVE = SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE)
+ALLOW_NEW = SendDecision(Decision.ALLOW, Reason.NEW_CONTACT_COUNTED, newly_active=True)
+ALLOW_OVERAGE = SendDecision(Decision.ALLOW, Reason.OVERAGE, newly_active=True)
+ALLOW_HELD = SendDecision(Decision.ALLOW, Reason.OK)
+REPEATED = {d: replace(d, newly_active=False) for d in (ALLOW_NEW, ALLOW_OVERAGE)}
+
+
+class _Limits:
+    """What a limit answers within one call: DENY, or for automation e-mails DEFER
+    until max_queue, then EXPIRED (AC-9). Made once per reason and call."""
+
+    __slots__ = ("plan", "kind", "queued_since_us", "now", "cycle", "_made")
+
+    def __init__(self, plan: Plan, kind: MessageKind, queued_since_us: int | None, now: int, cycle: Cycle) -> None:
+        self.plan = plan
+        self.kind = kind
+        self.queued_since_us = queued_since_us
+        self.now = now
+        self.cycle = cycle
+        self._made: dict[Reason, SendDecision] = {}
+
+    def __call__(self, reason: Reason) -> SendDecision:
+        made = self._made.get(reason)
+        if made is None:
+            made = self._made[reason] = self._decide(reason)
+        return made
+
+    def _decide(self, reason: Reason) -> SendDecision:
+        if self.kind is not MessageKind.AUTOMATION:
+            return SendDecision(Decision.DENY, reason)
+        now, plan = self.now, self.plan
+        waited = now - (self.queued_since_us if self.queued_since_us is not None else now)
+        if waited >= plan.max_queue_us:
+            return SendDecision(Decision.EXPIRED, Reason.QUEUED_TOO_LONG)
+        retry = min(self.cycle.end_us - now, plan.max_queue_us - waited, DEFER_POLL_US)
+        return SendDecision(Decision.DEFER, reason, retry_after_us=max(retry, MICROS))
 
 
 class Engine:
@@ -605,98 +653,117 @@ class Engine:
         plan = self._plan(view, tenant_id)
         cycle = cycle_at(plan.cycle_anchor_us, now)
         tally = tally_of(view, plan, tenant_id, cycle)
-        decide = self._decide_held_send if plan.metering is Metering.HELD_CONTACTS else self._decide_send
-        audit: list[AuditEntry] = []
-        first: dict[str, SendDecision] = {}
-        results: list[tuple[str, SendDecision]] = []
-        for contact_id in contact_ids:
-            earlier = first.get(contact_id)
-            if earlier is not None:
-                results.append((contact_id, replace(earlier, newly_active=False)))
-                continue
-            decision, tally = decide(
-                view, plan, tenant_id, cycle, contact_id, kind, queued_since_us, now, tally, audit, rpc, request_id
+        unique = list(dict.fromkeys(contact_ids))
+        limited = _Limits(plan, kind, queued_since_us, now, cycle)
+        if not plan.counts_kind(kind):
+            first = dict.fromkeys(unique, NOT_COUNTED)
+        elif plan.metering is Metering.HELD_CONTACTS:
+            first, tally = self._decide_held_sends(
+                view, plan, tenant_id, cycle, unique, limited, tally, rpc, request_id
             )
-            first[contact_id] = decision
-            results.append((contact_id, decision))
-        view.audit(audit)
+        else:
+            first, tally = self._decide_active_sends(view, plan, tenant_id, cycle, unique, kind, limited, now, tally)
+        if len(unique) == len(contact_ids):
+            results = [(c, first[c]) for c in contact_ids]
+        else:
+            seen: set[str] = set()
+            results = []
+            for c in contact_ids:
+                d = first[c]
+                if c in seen:
+                    d = REPEATED.get(d, d)
+                seen.add(c)
+                results.append((c, d))
         usage = usage_of(tenant_id, plan, cycle, tally)
         if not dry_run:
             self._observe(view, plan, usage, now)
         return results, usage, cycle.start_us
 
-    def _decide_send(
+    def _decide_active_sends(
         self,
         view: LedgerTx,
         plan: Plan,
         tenant_id: str,
         cycle: Cycle,
-        contact_id: str,
+        unique: list[str],
         kind: MessageKind,
-        queued_since_us: int | None,
+        limited: _Limits,
         now: int,
         tally: Tally,
-        audit: list[AuditEntry],
-        rpc: str,
-        request_id: str,
-    ) -> tuple[SendDecision, Tally]:
-        """One send under CYCLE_ACTIVE (SG-1..SG-10, CR-1c): the decision and the figures after it."""
-        if not plan.counts_kind(kind):
-            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED), tally
-        sends_limit = plan.effective_sends_limit
-        sends_left = not sends_limit or tally.sends < sends_limit
-        if view.activation(tenant_id, cycle.start_us, contact_id) is not None:
-            if not sends_left:
-                return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), tally
-            view.add_sends(tenant_id, cycle.start_us, contact_id, 1)
-            entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", "ALREADY_ACTIVE")
-            audit.append(replace(entry, sends_delta=1, request_id=request_id))
-            return SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE), tally.plus(0, 1)
+    ) -> tuple[dict[str, SendDecision], Tally]:
+        """Counted sends under CYCLE_ACTIVE (SG-1..SG-10, CR-1c), in order: a contact
+        already active this cycle is allowed while sends are left; a new one while the
+        count is below the ceiling (under OVERAGE always, past the limit as OVERAGE).
+        Reads the active ones at once and writes the new ones and the sends at once."""
+        active = view.active_among(tenant_id, cycle.start_us, unique)
+        count, sends = tally.count, tally.sends
+        sends_limit = plan.effective_sends_limit or None
         ceiling = plan.ceiling
-        if ceiling is not None and tally.count >= ceiling:
-            return self._limited(plan, kind, self._limit_reason(plan), queued_since_us, now, cycle), tally
-        if not sends_left:
-            return self._limited(plan, kind, Reason.SENDS_LIMIT_REACHED, queued_since_us, now, cycle), tally
-        view.activate(tenant_id, cycle.start_us, [Activation(contact_id, now, kind.name, 1)])
-        after = tally.plus(1, 1)
-        overage = plan.enforcement is Enforcement.OVERAGE and after.count > plan.limit
-        reason = Reason.OVERAGE if overage else Reason.NEW_CONTACT_COUNTED
-        entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", reason.name)
-        audit.append(replace(entry, active_delta=1, sends_delta=1, request_id=request_id))
-        return SendDecision(Decision.ALLOW, reason, newly_active=True), after
+        overage_from = plan.limit if plan.enforcement is Enforcement.OVERAGE else None
+        first: dict[str, SendDecision] = {}
+        fresh: list[str] = []
+        again: list[str] = []
+        for c in unique:
+            if c in active:
+                if sends_limit is not None and sends >= sends_limit:
+                    first[c] = limited(Reason.SENDS_LIMIT_REACHED)
+                    continue
+                again.append(c)
+                sends += 1
+                first[c] = ALLOW_ACTIVE
+            elif ceiling is not None and count >= ceiling:
+                first[c] = limited(self._limit_reason(plan))
+            elif sends_limit is not None and sends >= sends_limit:
+                first[c] = limited(Reason.SENDS_LIMIT_REACHED)
+            else:
+                fresh.append(c)
+                count += 1
+                sends += 1
+                first[c] = ALLOW_OVERAGE if overage_from is not None and count > overage_from else ALLOW_NEW
+        if fresh:
+            activity = kind.name
+            view.activate(tenant_id, cycle.start_us, [Activation(c, now, activity, 1) for c in fresh])
+        view.send_to_active(tenant_id, cycle.start_us, again)
+        return first, tally.plus(len(fresh), len(fresh) + len(again))
 
-    def _decide_held_send(
+    def _decide_held_sends(
         self,
         view: LedgerTx,
         plan: Plan,
         tenant_id: str,
         cycle: Cycle,
-        contact_id: str,
-        kind: MessageKind,
-        queued_since_us: int | None,
-        now: int,
+        unique: list[str],
+        limited: _Limits,
         tally: Tally,
-        audit: list[AuditEntry],
         rpc: str,
         request_id: str,
-    ) -> tuple[SendDecision, Tally]:
-        """One send under HELD_CONTACTS (AC-6..AC-9, MK-3, MK-4): campaign and automation
-        mail only to held (model 4: marketing) contacts, and none while the count is
-        past the ceiling; other kinds go to anyone, uncounted."""
-        if not plan.counts_kind(kind):
-            return SendDecision(Decision.ALLOW, Reason.NOT_COUNTED), tally
-        record = view.contact(tenant_id, contact_id)
-        if record is None or not record.held:
-            return SendDecision(Decision.DENY, Reason.UNKNOWN_CONTACT), tally
-        if plan.marketing_contacts_only and not record.marketing_at(now):
-            return SendDecision(Decision.DENY, Reason.NOT_MARKETING_CONTACT), tally
-        blocked = self._held_block(plan, tally)
-        if blocked is not None:
-            return self._limited(plan, kind, blocked, queued_since_us, now, cycle), tally
-        view.count_sends(tenant_id, cycle.start_us, 1)
-        entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", Reason.OK.name)
-        audit.append(replace(entry, sends_delta=1, request_id=request_id))
-        return SendDecision(Decision.ALLOW, Reason.OK), tally.plus(0, 1)
+    ) -> tuple[dict[str, SendDecision], Tally]:
+        """Counted sends under HELD_CONTACTS (AC-6..AC-9, MK-3, MK-4): campaign and
+        automation mail only to held (model 4: marketing) contacts, and none while the
+        count is past the ceiling. The call's sends are audited in one entry."""
+        now = limited.now
+        first: dict[str, SendDecision] = {}
+        counted = 0
+        for c in unique:
+            record = view.contact(tenant_id, c)
+            if record is None or not record.held:
+                first[c] = SendDecision(Decision.DENY, Reason.UNKNOWN_CONTACT)
+                continue
+            if plan.marketing_contacts_only and not record.marketing_at(now):
+                first[c] = SendDecision(Decision.DENY, Reason.NOT_MARKETING_CONTACT)
+                continue
+            blocked = self._held_block(plan, tally.plus(0, counted))
+            if blocked is not None:
+                first[c] = limited(blocked)
+                continue
+            counted += 1
+            first[c] = ALLOW_HELD
+        if counted:
+            view.count_sends(tenant_id, cycle.start_us, counted)
+            contact_id = unique[0] if len(unique) == 1 else ""
+            entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", Reason.OK.name)
+            view.audit([replace(entry, sends_delta=counted, request_id=request_id)])
+        return first, tally.plus(0, counted)
 
     @staticmethod
     def _limit_reason(plan: Plan) -> Reason:
@@ -712,19 +779,6 @@ class Engine:
         if sends_limit and tally.sends >= sends_limit:
             return Reason.SENDS_LIMIT_REACHED
         return None
-
-    @staticmethod
-    def _limited(
-        plan: Plan, kind: MessageKind, reason: Reason, queued_since_us: int | None, now: int, cycle: Cycle
-    ) -> SendDecision:
-        """A limit says no: DENY, or for automation e-mails DEFER until max_queue, then EXPIRED (AC-9)."""
-        if kind is not MessageKind.AUTOMATION:
-            return SendDecision(Decision.DENY, reason)
-        waited = now - (queued_since_us if queued_since_us is not None else now)
-        if waited >= plan.max_queue_us:
-            return SendDecision(Decision.EXPIRED, Reason.QUEUED_TOO_LONG)
-        retry = min(cycle.end_us - now, plan.max_queue_us - waited, DEFER_POLL_US)
-        return SendDecision(Decision.DEFER, reason, retry_after_us=max(retry, MICROS))
 
     def check_contact_add(self, req: ContactAddRequest) -> ContactAddOutcome:
         """May these contacts be added through this source (AC-2..AC-5)? All or nothing;

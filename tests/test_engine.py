@@ -119,10 +119,12 @@ def fill(engine: Engine, n: int, prefix: str = "c", tenant: str = T) -> list[str
 
 
 def snapshot(path: Path) -> dict[str, list[tuple]]:
-    """Every row of every table, read straight from the SQLite file."""
+    """Every row of every table and view, read straight from the SQLite file."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        tables = [
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")
+        ]
         return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
     finally:
         conn.close()

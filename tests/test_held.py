@@ -16,6 +16,7 @@ import sqlite_utils
 from test_engine import snapshot
 
 from quota_sidecar.server.clock import FakeClock, to_us
+from quota_sidecar.server.cycles import cycle_at
 from quota_sidecar.server.engine import (
     ActivityRequest,
     ContactAddRequest,
@@ -413,3 +414,56 @@ def test_a_new_cycle_anchor_keeps_held_contacts_and_moves_pending_switches(engin
     clock.set(datetime(2026, 3, 12, tzinfo=UTC))
     assert not engine.get_contact(T, "a").marketing
     assert engine.get_usage(T).active_contacts == 1
+
+
+# -- the schema-v4 migration -------------------------------------------------------------------
+
+
+def test_a_v3_ledger_keeps_every_activation_and_its_sends_through_the_compact_schema(db_path: Path) -> None:
+    """SG-1, SG-2, SG-8 across an upgrade: a v3 ledger's activations (two tenants, two cycles) move into the
+    compact v4 rows unchanged, readable through the `activations` view; a migrated contact is ALREADY_ACTIVE
+    and counts no second time, a new one is counted."""
+    db = sqlite_utils.Database(str(db_path))
+    for migration in MIGRATIONS[:3]:
+        migration(db)
+    db.execute("PRAGMA user_version = 3")
+    anchor = to_us(ANCHOR)
+    plan = Plan(Metering.CYCLE_ACTIVE, Enforcement.HARD, 10, anchor, counted_kinds=(MessageKind.CAMPAIGN,))
+    for tenant in (T, "other"):
+        db.execute("INSERT INTO plans VALUES (?, ?, ?)", (tenant, plan.to_json(), anchor))
+    feb, mar = cycle_at(anchor, to_us(NOW)), cycle_at(anchor, to_us(MAR))
+    rows = [
+        (T, feb.start_us, "a", feb.start_us + 5, "CAMPAIGN", 3),
+        (T, feb.start_us, "b", feb.start_us + 9, "MESSAGE_SENT", 0),
+        (T, mar.start_us, "a", mar.start_us + 1, "CAMPAIGN", 1),
+        ("other", feb.start_us, "a", feb.start_us + 2, "CAMPAIGN", 2),
+    ]
+    db.conn.executemany("INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?)", rows)
+    db.conn.executemany(
+        "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends) VALUES (?, ?, ?, ?)",
+        [(T, feb.start_us, 2, 3), (T, mar.start_us, 1, 1), ("other", feb.start_us, 1, 2)],
+    )
+    db.conn.commit()
+    db.close()
+
+    ledger = SQLiteLedger(db_path)
+    ledger.open()
+    try:
+        engine = Engine(ledger, FakeClock(MAR))
+        again = engine.check_send(SendRequest(T, "a", Channel.EMAIL, MessageKind.CAMPAIGN))
+        fresh = engine.check_send(SendRequest(T, "c", Channel.EMAIL, MessageKind.CAMPAIGN))
+        assert again.decision.reason is Reason.ALREADY_ACTIVE
+        assert fresh.decision.reason is Reason.NEW_CONTACT_COUNTED
+        assert (fresh.usage.active_contacts, fresh.usage.sends) == (2, 3)
+        assert engine.get_usage(T, feb.start_us).active_contacts == 2
+        assert engine.get_usage("other", feb.start_us).sends == 2
+    finally:
+        ledger.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        kept = conn.execute("SELECT * FROM activations WHERE contact_id IN ('a', 'b') ORDER BY 1, 2, 3").fetchall()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+    assert version == len(MIGRATIONS)
+    assert sorted(kept) == sorted([*rows[:2], (T, mar.start_us, "a", mar.start_us + 1, "CAMPAIGN", 2), rows[3]])

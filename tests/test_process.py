@@ -171,9 +171,10 @@ def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path,
     conn = sqlite3.connect(ledger)
     with conn:
         conn.execute("INSERT INTO plans VALUES ('t', ?, ?)", (plan.to_json(), anchor))
+        key = conn.execute("INSERT INTO cycle_keys (tenant_id, cycle_start_us) VALUES ('t', ?)", (cycle.start_us,))
+        code = conn.execute("INSERT INTO activity_names (name) VALUES ('CAMPAIGN')").lastrowid
         conn.executemany(
-            "INSERT INTO activations VALUES ('t', ?, ?, ?, 'CAMPAIGN', 1)",
-            ((cycle.start_us, f"p{i}", anchor) for i in range(n)),
+            "INSERT INTO cycle_activations VALUES (?, ?, 0, ?, 1)", ((key.lastrowid, f"p{i}", code) for i in range(n))
         )
         conn.execute(
             "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends) VALUES ('t', ?, ?, ?)",

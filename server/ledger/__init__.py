@@ -46,6 +46,9 @@ class LedgerReader(Protocol):
 
     def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None: ...
 
+    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
+        """Which of these contacts (no repeats) are active in the cycle."""
+
     def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None: ...
 
     def active_contacts(
@@ -108,6 +111,10 @@ class LedgerTx(LedgerReader, Protocol):
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         """Adds sends to a contact already active in the cycle, and to the cycle's figure."""
+
+    def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
+        """Adds one send to each of these contacts (no repeats, all active in the cycle)
+        and as many to the cycle's figure."""
 
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None: ...
 

@@ -225,7 +225,45 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["event_cursors"].create({"consumer": str, "seq": int}, pk="consumer", not_null=["seq"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Compact activations, the ledger's bulk: one row per contact and cycle, keyed by
+    a small integer per tenant cycle (`cycle_keys`) instead of the tenant id and the
+    cycle start, the activation instant as an offset into the cycle and the activity
+    as a code (`activity_names`), in a WITHOUT ROWID table so the contact id is
+    stored once. `activations` stays readable as a view with the former columns.
+    Sends under CYCLE_ACTIVE are no longer audited contact by contact: each
+    activation row carries its contact's sends."""
+    db.execute(
+        "CREATE TABLE cycle_keys (cycle_key INTEGER PRIMARY KEY, tenant_id TEXT NOT NULL,"
+        " cycle_start_us INTEGER NOT NULL, UNIQUE (tenant_id, cycle_start_us))"
+    )
+    db.execute("CREATE TABLE activity_names (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    db.execute(
+        "CREATE TABLE cycle_activations (cycle_key INTEGER NOT NULL, contact_id TEXT NOT NULL,"
+        " activated_after_us INTEGER NOT NULL, activity INTEGER NOT NULL, sends INTEGER NOT NULL,"
+        " PRIMARY KEY (cycle_key, contact_id)) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO cycle_keys (tenant_id, cycle_start_us)"
+        " SELECT DISTINCT tenant_id, cycle_start_us FROM activations ORDER BY 1, 2"
+    )
+    db.execute("INSERT INTO activity_names (name) SELECT DISTINCT activity FROM activations ORDER BY 1")
+    db.execute(
+        "INSERT INTO cycle_activations SELECT k.cycle_key, a.contact_id, a.activated_at_us - a.cycle_start_us,"
+        " n.code, a.sends FROM activations a"
+        " JOIN cycle_keys k ON k.tenant_id = a.tenant_id AND k.cycle_start_us = a.cycle_start_us"
+        " JOIN activity_names n ON n.name = a.activity ORDER BY 1, 2"
+    )
+    db.execute("DROP TABLE activations")
+    db.execute(
+        "CREATE VIEW activations AS SELECT k.tenant_id, k.cycle_start_us, a.contact_id,"
+        " k.cycle_start_us + a.activated_after_us AS activated_at_us, n.name AS activity, a.sends"
+        " FROM cycle_activations a JOIN cycle_keys k ON k.cycle_key = a.cycle_key"
+        " JOIN activity_names n ON n.code = a.activity"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -246,11 +284,13 @@ def migrate(path: Path) -> int:
         db.close()
 
 
+_KEY = "(SELECT cycle_key FROM cycle_keys WHERE tenant_id = ? AND cycle_start_us = ?)"
+
+
 def _cycle_contacts(conn: sqlite3.Connection, tenant_id: str, cycle_start_us: int) -> list[str]:
     """Every contact active in one tenant's cycle: what its dedupe filter is loaded from."""
-    rows = conn.execute(
-        "SELECT contact_id FROM activations WHERE tenant_id = ? AND cycle_start_us = ?", (tenant_id, cycle_start_us)
-    )
+    sql = f"SELECT contact_id FROM cycle_activations WHERE cycle_key = {_KEY}"
+    rows = conn.execute(sql, (tenant_id, cycle_start_us))
     return [r[0] for r in rows]
 
 
@@ -295,6 +335,9 @@ class _Reader:
             (tenant_id, cycle_start_us, contact_id),
         ).fetchone()
         return Activation(contact_id, row[0], row[1], row[2]) if row else None
+
+    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
+        return _active_among(self.conn, f"cycle_key = {_KEY}", (tenant_id, cycle_start_us), contact_ids)
 
     def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
         row = self.conn.execute(
@@ -392,6 +435,16 @@ class _Reader:
         return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM usage_events").fetchone()[0]
 
 
+def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], contact_ids: Sequence[str]) -> set[str]:
+    if not contact_ids:
+        return set()
+    if len(contact_ids) == 1:
+        sql = f"SELECT contact_id FROM cycle_activations WHERE {key_sql} AND contact_id = ?"
+        return {r[0] for r in conn.execute(sql, (*key, contact_ids[0]))}
+    sql = f"SELECT contact_id FROM cycle_activations WHERE {key_sql} AND contact_id IN (SELECT value FROM json_each(?))"
+    return {r[0] for r in conn.execute(sql, (*key, json.dumps(contact_ids)))}
+
+
 class _Tx(_Reader):
     """The writer's view inside a transaction: reads see the transaction's own writes."""
 
@@ -400,6 +453,53 @@ class _Tx(_Reader):
         self.filters = filters
         self.hints = hints
         self.committed: list[Callable[[], None]] = []
+        self._keys: dict[tuple[str, int], int] = {}
+        self._codes: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+
+    def forget(self) -> None:
+        """Drops what the writer remembers of rows a rolled-back transaction wrote."""
+        self._keys.clear()
+        self._codes.clear()
+        self._names.clear()
+
+    def _key(self, tenant_id: str, cycle_start_us: int, *, create: bool) -> int | None:
+        found = self._keys.get((tenant_id, cycle_start_us))
+        if found is not None:
+            return found
+        row = self.conn.execute(
+            "SELECT cycle_key FROM cycle_keys WHERE tenant_id = ? AND cycle_start_us = ?", (tenant_id, cycle_start_us)
+        ).fetchone()
+        if row is not None:
+            found = row[0]
+        elif create:
+            found = self.conn.execute(
+                "INSERT INTO cycle_keys (tenant_id, cycle_start_us) VALUES (?, ?)", (tenant_id, cycle_start_us)
+            ).lastrowid
+        if found is not None:
+            self._keys[(tenant_id, cycle_start_us)] = found
+        return found
+
+    def _code(self, activity: str) -> int:
+        found = self._codes.get(activity)
+        if found is None:
+            row = self.conn.execute("SELECT code FROM activity_names WHERE name = ?", (activity,)).fetchone()
+            if row is not None:
+                found = row[0]
+            else:
+                found = self.conn.execute("INSERT INTO activity_names (name) VALUES (?)", (activity,)).lastrowid
+            assert found is not None
+            self._codes[activity] = found
+            self._names[found] = activity
+        return found
+
+    def _name(self, code: int) -> str:
+        found = self._names.get(code)
+        if found is None:
+            found = self.conn.execute("SELECT name FROM activity_names WHERE code = ?", (code,)).fetchone()[0]
+            self._names[code] = found
+            self._codes[found] = code
+        return found
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)
@@ -417,9 +517,33 @@ class _Tx(_Reader):
         if contact_id not in self._filter(tenant_id, cycle_start_us):
             stats.certainly_new += 1
             return None
-        found = super().activation(tenant_id, cycle_start_us, contact_id)
-        if found is None:
+        key = self._key(tenant_id, cycle_start_us, create=False)
+        row = None
+        if key is not None:
+            row = self.conn.execute(
+                "SELECT activated_after_us, activity, sends FROM cycle_activations"
+                " WHERE cycle_key = ? AND contact_id = ?",
+                (key, contact_id),
+            ).fetchone()
+        if row is None:
             stats.confirmed_false_positives += 1
+            return None
+        return Activation(contact_id, cycle_start_us + row[0], self._name(row[1]), row[2])
+
+    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
+        """The bloom filter answers "certainly new" for most new contacts; the rest
+        (every active one and the false positives) are confirmed in one query."""
+        f = self._filter(tenant_id, cycle_start_us)
+        maybe = [c for c in contact_ids if c in f]
+        stats = self.filters.stats
+        stats.lookups += len(contact_ids)
+        stats.certainly_new += len(contact_ids) - len(maybe)
+        key = self._key(tenant_id, cycle_start_us, create=False)
+        if key is None or not maybe:
+            stats.confirmed_false_positives += len(maybe)
+            return set()
+        found = _active_among(self.conn, "cycle_key = ?", (key,), maybe)
+        stats.confirmed_false_positives += len(maybe) - len(found)
         return found
 
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
@@ -476,23 +600,44 @@ class _Tx(_Reader):
         if not activations:
             return
         f = self._filter(tenant_id, cycle_start_us)
+        key = self._key(tenant_id, cycle_start_us, create=True)
+        code = self._code
         self.conn.executemany(
-            "INSERT INTO activations (tenant_id, cycle_start_us, contact_id, activated_at_us, activity, sends)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(tenant_id, cycle_start_us, a.contact_id, a.activated_at_us, a.activity, a.sends) for a in activations],
+            "INSERT INTO cycle_activations (cycle_key, contact_id, activated_after_us, activity, sends)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(key, a.contact_id, a.activated_at_us - cycle_start_us, code(a.activity), a.sends) for a in activations],
         )
+        add = f.add
         for a in activations:
-            f.add(a.contact_id)
+            add(a.contact_id)
         self._bump(tenant_id, cycle_start_us, len(activations), sum(a.sends for a in activations))
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
+        key = self._key(tenant_id, cycle_start_us, create=False)
         changed = self.conn.execute(
-            "UPDATE activations SET sends = sends + ? WHERE tenant_id = ? AND cycle_start_us = ? AND contact_id = ?",
-            (sends, tenant_id, cycle_start_us, contact_id),
+            "UPDATE cycle_activations SET sends = sends + ? WHERE cycle_key = ? AND contact_id = ?",
+            (sends, key, contact_id),
         ).rowcount
         if changed != 1:
             raise LookupError(f"no activation of {contact_id!r} to add sends to")
         self._bump(tenant_id, cycle_start_us, 0, sends)
+
+    def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
+        if not contact_ids:
+            return
+        key = self._key(tenant_id, cycle_start_us, create=False)
+        if len(contact_ids) == 1:
+            sql = "UPDATE cycle_activations SET sends = sends + 1 WHERE cycle_key = ? AND contact_id = ?"
+            changed = self.conn.execute(sql, (key, contact_ids[0])).rowcount
+        else:
+            sql = (
+                "UPDATE cycle_activations SET sends = sends + 1"
+                " WHERE cycle_key = ? AND contact_id IN (SELECT value FROM json_each(?))"
+            )
+            changed = self.conn.execute(sql, (key, json.dumps(contact_ids))).rowcount
+        if changed != len(contact_ids):
+            raise LookupError(f"{len(contact_ids) - changed} of the contacts sent to are not active")
+        self._bump(tenant_id, cycle_start_us, 0, len(contact_ids))
 
     def _bump(self, tenant_id: str, cycle_start_us: int, active: int, sends: int) -> None:
         self.conn.execute(
@@ -765,6 +910,7 @@ class SQLiteLedger(Ledger):
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
                     del tx.committed[mark:]
+                    tx.forget()
                     outcomes.append((future, None, exc))
                     continue
                 conn.execute("RELEASE unit")
@@ -772,6 +918,7 @@ class SQLiteLedger(Ledger):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             tx.committed.clear()
+            tx.forget()
             self._abort(conn, batch, exc)
             return
         callbacks, tx.committed = tx.committed, []

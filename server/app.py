@@ -1,8 +1,10 @@
 """The running sidecar: the gRPC server, health, reflection, metrics and the ledger.
 
 Start-up order is what callers can rely on: the port is bound and the health
-service answers NOT_SERVING first; the ledger is then opened and its dedupe
-filters loaded; only then does health say SERVING. On stop, health says
+service answers NOT_SERVING first; the ledger is then opened (and migrated);
+then health says SERVING. The dedupe filters are built from the ledger in the
+background: until a tenant's is built its contacts are confirmed in the ledger,
+so answers are exact from the first call. On stop, health says
 NOT_SERVING, new calls are refused, in-flight calls finish, the ledger commits
 what is pending and closes.
 """
@@ -201,13 +203,13 @@ class Sidecar:
         )
 
     def open(self) -> None:
-        """Opens the ledger, loads the filters and tenants, then reports SERVING."""
+        """Opens the ledger and loads the tenants file, then reports SERVING."""
         self.ledger.open()
         if self.settings.tenants:
             count = load_tenants(self.engine, Path(self.settings.tenants), self.tenant_plans)
             log.info("loaded %d tenant plans from %s", count, self.settings.tenants)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("ledger open and dedupe filters loaded; SERVING")
+        log.info("ledger open; SERVING (dedupe filters are built in the background)")
         self._start_worker(self._fill_board, "tenant-figures")
         self._start_worker(self._remind, "reminders")
         if self.webhook is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from rbloom import Bloom
@@ -56,6 +56,27 @@ class CycleFilter:
 
     def __contains__(self, contact_id: str) -> bool:
         return any(contact_id in layer.bloom for layer in self.layers)
+
+    def maybe_among(self, contact_ids: Sequence[str]) -> list[str]:
+        """The contacts that may be in the filter (all that are, and false positives)."""
+        if len(self.layers) == 1:
+            contains = self.layers[0].bloom.__contains__
+            return [c for c in contact_ids if contains(c)]
+        return [c for c in contact_ids if c in self]
+
+    def add_all(self, contact_ids: Sequence[str]) -> None:
+        """Adds contacts, growing a layer at a time as each fills."""
+        done = 0
+        while done < len(contact_ids):
+            layer = self.layers[-1]
+            room = layer.capacity - layer.items
+            if room <= 0:
+                self._grow(layer.capacity * 2)
+                continue
+            chunk = contact_ids[done : done + room]
+            layer.bloom.update(chunk)
+            layer.items += len(chunk)
+            done += len(chunk)
 
     @property
     def items(self) -> int:
@@ -102,16 +123,22 @@ class DedupeFilters:
             self._filters.move_to_end(key)
         return f
 
-    def load(self, tenant_id: str, cycle_start_us: int, contact_ids: Iterable[str], capacity: int) -> CycleFilter:
-        """Installs a filter holding exactly the given (ledger-confirmed) contacts."""
-        ids = contact_ids if isinstance(contact_ids, list) else list(contact_ids)
-        f = CycleFilter.sized(max(capacity, len(ids) * 5 // 4), self.fp_rate)
-        for contact_id in ids:
-            f.add(contact_id)
+    def sized(self, capacity: int) -> CycleFilter:
+        """An empty filter for `capacity` contacts at the target false-positive rate."""
+        return CycleFilter.sized(capacity, self.fp_rate)
+
+    def put(self, tenant_id: str, cycle_start_us: int, f: CycleFilter) -> None:
         self._filters[(tenant_id, cycle_start_us)] = f
         self._filters.move_to_end((tenant_id, cycle_start_us))
         while len(self._filters) > self.max_filters:
             self._filters.popitem(last=False)
+
+    def load(self, tenant_id: str, cycle_start_us: int, contact_ids: Iterable[str], capacity: int) -> CycleFilter:
+        """Installs a filter holding exactly the given (ledger-confirmed) contacts."""
+        ids = contact_ids if isinstance(contact_ids, list) else list(contact_ids)
+        f = self.sized(max(capacity, len(ids) * 5 // 4))
+        f.add_all(ids)
+        self.put(tenant_id, cycle_start_us, f)
         return f
 
     def forget(self, tenant_id: str | None = None) -> None:

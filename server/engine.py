@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
+from functools import partial
 
 from .board import UsageBoard
 from .clock import MICROS, Clock
@@ -184,6 +185,8 @@ def _check_ids(field: str, ids: Sequence[str], maximum: int) -> None:
         raise InvalidArgument(field, "must list at least one contact")
     if len(ids) > maximum:
         raise InvalidArgument(field, f"lists {len(ids)} contacts; at most {maximum:,} per call")
+    if "" not in ids and max(map(len, ids)) <= MAX_ID_BYTES // 4 and "\x00" not in "".join(ids):
+        return
     for i, contact_id in enumerate(ids):
         check_id(f"{field}[{i}]", contact_id)
 
@@ -526,21 +529,22 @@ class Engine:
         tenant_id: str,
         rpc: str,
         request_id: str,
-        fingerprint: str,
+        fingerprint: Callable[[], str],
         decide: Callable[[], tuple[object, int]],
         encode: Callable[[object], object],
         decode: Callable[[object], object],
     ) -> object:
-        """Runs `decide` once per request_id: a retry returns the first answer, counting nothing."""
+        """Runs `decide` once per request_id: a retry returns the first answer, counting nothing.
+        The request's fingerprint is only computed when there is a request_id."""
         if request_id:
             stored = tx.stored_result(tenant_id, rpc, request_id)
             if stored is not None:
-                if stored.fingerprint != fingerprint:
+                if stored.fingerprint != fingerprint():
                     raise InvalidArgument("request_id", f"was already used for a different {rpc} request")
                 return decode(json.loads(stored.response_json))
         outcome, cycle_start_us = decide()
         if request_id:
-            result = StoredResult(fingerprint, json.dumps(encode(outcome), separators=(",", ":")))
+            result = StoredResult(fingerprint(), json.dumps(encode(outcome), separators=(",", ":")))
             tx.store_result(tenant_id, rpc, request_id, cycle_start_us, result, self.clock.now_us())
         return outcome
 
@@ -568,7 +572,7 @@ class Engine:
 
         if req.dry_run:
             return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
-        fingerprint = _fingerprint(req.contact_id, req.channel, req.kind, req.queued_since_us)
+        fingerprint = partial(_fingerprint, req.contact_id, req.channel, req.kind, req.queued_since_us)
 
         def unit(tx: LedgerTx) -> SendOutcome:
             return self._once(  # type: ignore[return-value]
@@ -607,7 +611,7 @@ class Engine:
 
         if req.dry_run:
             return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
-        fingerprint = _fingerprint(list(req.contact_ids), req.channel, req.kind)
+        fingerprint = partial(_fingerprint, list(req.contact_ids), req.channel, req.kind)
 
         def unit(tx: LedgerTx) -> BatchOutcome:
             return self._once(  # type: ignore[return-value]
@@ -789,7 +793,7 @@ class Engine:
         _check_ids("contact_ids", req.contact_ids, MAX_BATCH)
         check_id("request_id", req.request_id, required=False)
         marketing = req.marketing is not False
-        fingerprint = _fingerprint(req.source, list(req.contact_ids), marketing)
+        fingerprint = partial(_fingerprint, req.source, list(req.contact_ids), marketing)
 
         def decide(view: LedgerReader, tx: LedgerTx | None) -> tuple[ContactAddOutcome, int]:
             now = self.clock.now_us()
@@ -915,8 +919,14 @@ class Engine:
                 raise InvalidArgument("occurred_at", "is in the future; activity is recorded after it happened")
             if req.occurred_at_us < 0:
                 raise InvalidArgument("occurred_at", "is before 1970")
-        fingerprint = _fingerprint(
-            req.kind, list(req.contact_ids), req.occurred_at_us, req.marketing, req.source_type, req.source_id
+        fingerprint = partial(
+            _fingerprint,
+            req.kind,
+            list(req.contact_ids),
+            req.occurred_at_us,
+            req.marketing,
+            req.source_type,
+            req.source_id,
         )
 
         def decide(tx: LedgerTx) -> tuple[ActivityOutcome, int]:
@@ -1116,9 +1126,7 @@ class Engine:
             self._observe(tx, plan, usage, now, rearm=True)
             return plan, usage
 
-        plan, usage = self.ledger.transact(unit)
-        self.ledger.expect_contacts(tenant_id, plan.limit)
-        return plan, usage
+        return self.ledger.transact(unit)
 
     def usage_events(self, tenant_id: str, after_seq: int, limit: int) -> list[UsageEvent]:
         """Outbox events after `after_seq` in order, one tenant's or (tenant_id "") all."""

@@ -299,21 +299,27 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             request_id=request.request_id,
         )
         outcome = self.engine.check_send_batch(req)
-        tally: dict[tuple[str, str], int] = {}
-        results = []
-        for contact_id, d in outcome.results:
-            key = (d.decision.name, d.reason.name)
-            tally[key] = tally.get(key, 0) + 1
-            results.append(pb.CheckSendResult(contact_id=contact_id, **_decision_fields(d)))
-        for (decision, reason), n in tally.items():
-            self.metrics.decisions.labels("CheckSendBatch", decision, reason).inc(n)
-        return pb.CheckSendBatchResponse(
-            results=results,
+        response = pb.CheckSendBatchResponse(
             allowed=outcome.allowed,
             denied=outcome.denied,
             newly_active=outcome.newly_active,
             usage=usage_pb(outcome.usage),
         )
+        templates: dict[SendDecision, pb.CheckSendResult] = {}
+        tally: dict[SendDecision, int] = {}
+        add = response.results.add
+        for contact_id, d in outcome.results:
+            template = templates.get(d)
+            if template is None:
+                template = templates[d] = pb.CheckSendResult(**_decision_fields(d))
+                tally[d] = 0
+            tally[d] += 1
+            result = add()
+            result.CopyFrom(template)
+            result.contact_id = contact_id
+        for d, n in tally.items():
+            self.metrics.decisions.labels("CheckSendBatch", d.decision.name, d.reason.name).inc(n)
+        return response
 
     @_handled("CheckContactAdd")
     def CheckContactAdd(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Process:
     proc: subprocess.Popen
     address: str
     ledger: Path
+    metrics_address: str = ""
 
     def health(self) -> str:
         try:
@@ -63,6 +65,7 @@ class Process:
 
 def start(ledger: Path, *extra: str) -> Process:
     address = f"127.0.0.1:{free_port()}"
+    metrics_address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [
             str(BIN / "quota-sidecar"),
@@ -72,7 +75,7 @@ def start(ledger: Path, *extra: str) -> Process:
             "--ledger",
             f"sqlite:///{ledger}",
             "--metrics-address",
-            f"127.0.0.1:{free_port()}",
+            metrics_address,
             "--admin-token",
             TOKEN,
             *extra,
@@ -81,7 +84,7 @@ def start(ledger: Path, *extra: str) -> Process:
         stderr=subprocess.PIPE,
         text=True,
     )
-    return Process(proc, address, ledger)
+    return Process(proc, address, ledger, metrics_address)
 
 
 def put_plan(address: str, limit: int) -> None:
@@ -158,7 +161,13 @@ class Load:
             t.join(timeout=30)
 
 
-def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path, processes: list[Process]) -> None:
+def test_serving_without_waiting_for_filters_and_exact_while_they_are_built(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    """SG-2, SG-8, domain 'Counting is exact': with 600,000 contacts already active, the sidecar says SERVING
+    once the ledger is open, without reading them all first; from the first call a contact already active is
+    ALREADY_ACTIVE (never counted again) and a new one is counted once, while the dedupe filter is built in
+    the background; the filter ends up holding every active contact."""
     ledger = tmp_path / "big.db"
     migrate(ledger)
     now = SystemClock().now_us()
@@ -184,32 +193,40 @@ def test_health_serving_only_once_ledger_open_and_filters_loaded(tmp_path: Path,
 
     p = start(ledger)
     processes.append(p)
-    seen: list[str] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        status = p.health()
-        if not seen or seen[-1] != status:
-            seen.append(status)
-        if status == "SERVING":
-            break
-        if status == "NOT_SERVING":
-            with grpc.insecure_channel(p.address) as ch:
-                try:
-                    r = pb_grpc.QuotaServiceStub(ch).CheckSend(
-                        pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=5
-                    )
-                    assert r.reason == pb.REASON_ALREADY_ACTIVE
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
-        time.sleep(0.005)
-    assert seen[-1] == "SERVING"
-    assert "NOT_SERVING" in seen, f"health went {seen}: SERVING came before the filters were loaded"
+    p.wait_serving(60)
     with grpc.insecure_channel(p.address) as ch:
         stub = pb_grpc.QuotaServiceStub(ch)
-        old = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=5)
-        new = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id="fresh", channel=1, kind=1), timeout=5)
+        batch = stub.CheckSendBatch(
+            pb.CheckSendBatchRequest(tenant_id="t", contact_ids=["p7", "new-1", "p599999"], channel=1, kind=1),
+            timeout=30,
+        )
+        old = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id="p5", channel=1, kind=1), timeout=30)
+        new = stub.CheckSend(pb.CheckSendRequest(tenant_id="t", contact_id="fresh", channel=1, kind=1), timeout=30)
+    assert [r.reason for r in batch.results] == [
+        pb.REASON_ALREADY_ACTIVE,
+        pb.REASON_NEW_CONTACT_COUNTED,
+        pb.REASON_ALREADY_ACTIVE,
+    ]
     assert old.reason == pb.REASON_ALREADY_ACTIVE
-    assert new.reason == pb.REASON_NEW_CONTACT_COUNTED and new.usage.active_contacts == n + 1
+    assert new.reason == pb.REASON_NEW_CONTACT_COUNTED and new.usage.active_contacts == n + 2
+    metrics_url = f"http://{p.metrics_address}/metrics"
+    deadline = time.monotonic() + 60
+    while scrape_value(metrics_url, "quota_dedupe_filter_items") < n + 2:
+        assert time.monotonic() < deadline, "the dedupe filter was never built"
+        time.sleep(0.05)
+    with grpc.insecure_channel(p.address) as ch:
+        again = pb_grpc.QuotaServiceStub(ch).CheckSend(
+            pb.CheckSendRequest(tenant_id="t", contact_id="p123456", channel=1, kind=1), timeout=5
+        )
+    assert again.reason == pb.REASON_ALREADY_ACTIVE and again.usage.active_contacts == n + 2
+
+
+def scrape_value(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def test_sigterm_drains_in_flight_calls_and_loses_nothing(tmp_path: Path, processes: list[Process]) -> None:

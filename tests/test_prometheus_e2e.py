@@ -43,11 +43,6 @@ def grafana_substitute(expr: str) -> str:
     return _VARIABLE.sub(value, expr)
 
 
-def metrics_address(process: Process) -> str:
-    args = list(process.proc.args)
-    return args[args.index("--metrics-address") + 1]
-
-
 @dataclass
 class Prometheus:
     proc: subprocess.Popen
@@ -202,7 +197,7 @@ def test_prometheus_scrapes_the_sidecar_runs_every_panel_and_warns_of_the_tenant
     sidecar.wait_serving()
     load_tenants(sidecar.address, AUTH)
 
-    prometheus = start_prometheus(tmp_path, metrics_address(sidecar))
+    prometheus = start_prometheus(tmp_path, sidecar.metrics_address)
     try:
         with Traffic(sidecar.address) as traffic:
             found = Findings(missing=["Prometheus never became ready"])

@@ -161,9 +161,6 @@ class Ledger(ABC):
     def ready(self) -> bool:
         """True once open (and any in-memory accelerator loaded) and not failing."""
 
-    def expect_contacts(self, tenant_id: str, count: int) -> None:  # noqa: B027 - optional hook
-        """A sizing hint from the tenant's plan; backends without accelerators ignore it."""
-
 
 def open_ledger(url: str, **options: object) -> Ledger:
     """A ledger for a `--ledger` URL: `sqlite:///path`, or a bare file path."""

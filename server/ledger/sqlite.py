@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -287,13 +288,6 @@ def migrate(path: Path) -> int:
 _KEY = "(SELECT cycle_key FROM cycle_keys WHERE tenant_id = ? AND cycle_start_us = ?)"
 
 
-def _cycle_contacts(conn: sqlite3.Connection, tenant_id: str, cycle_start_us: int) -> list[str]:
-    """Every contact active in one tenant's cycle: what its dedupe filter is loaded from."""
-    sql = f"SELECT contact_id FROM cycle_activations WHERE cycle_key = {_KEY}"
-    rows = conn.execute(sql, (tenant_id, cycle_start_us))
-    return [r[0] for r in rows]
-
-
 class _Reader:
     """Reads over one connection; used by readers and, with the filter, the writer."""
 
@@ -445,13 +439,74 @@ def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], 
     return {r[0] for r in conn.execute(sql, (*key, json.dumps(contact_ids)))}
 
 
+@dataclass(slots=True)
+class _Build:
+    capacity: int
+    pending: list[str] = field(default_factory=list)
+
+
+class _Builds:
+    """Dedupe filters built from the ledger's rows in the background (at start-up, on
+    a cycle's first use, and bigger when one outgrows its size), so neither SERVING
+    nor the writer waits for a read of millions of rows. From the moment a build is
+    asked for, the writer records every contact it activates in that cycle; the
+    builder reads a snapshot taken after that moment; the writer installs the built
+    filter with the recorded contacts added. A contact is in the snapshot, in the
+    record, or both: the built filter misses no active contact. Recorded contacts
+    of a rolled-back unit only add false positives, which the ledger confirms."""
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, int], _Build] = {}
+        self.generation = 0
+        self.asked: queue.SimpleQueue[tuple[tuple[str, int], int, int] | None] = queue.SimpleQueue()
+
+    def request(self, key: tuple[str, int], capacity: int) -> None:
+        if key not in self.running:
+            self.running[key] = _Build(capacity)
+            self.asked.put((key, capacity, self.generation))
+
+    def record(self, key: tuple[str, int], contact_ids: list[str]) -> None:
+        build = self.running.get(key)
+        if build is not None:
+            build.pending.extend(contact_ids)
+
+    def finish(self, key: tuple[str, int], generation: int) -> list[str] | None:
+        """The contacts recorded while the build ran; None if it was abandoned."""
+        if generation != self.generation:
+            return None
+        build = self.running.pop(key, None)
+        return None if build is None else build.pending
+
+    def abandon(self) -> None:
+        self.running.clear()
+        self.generation += 1
+
+
+class _Install:
+    """A built filter handed to the writer, which installs it between commits."""
+
+    __slots__ = ("ledger", "key", "built", "generation")
+
+    def __init__(self, ledger: SQLiteLedger, key: tuple[str, int], built: CycleFilter | None, generation: int) -> None:
+        self.ledger = ledger
+        self.key = key
+        self.built = built
+        self.generation = generation
+
+    def __call__(self) -> None:
+        pending = self.ledger._builds.finish(self.key, self.generation)
+        if pending is not None and self.built is not None:
+            self.built.add_all(pending)
+            self.ledger.filters.put(self.key[0], self.key[1], self.built)
+
+
 class _Tx(_Reader):
     """The writer's view inside a transaction: reads see the transaction's own writes."""
 
-    def __init__(self, conn: sqlite3.Connection, filters: DedupeFilters, hints: dict[str, int]) -> None:
+    def __init__(self, conn: sqlite3.Connection, filters: DedupeFilters, builds: _Builds) -> None:
         super().__init__(conn)
         self.filters = filters
-        self.hints = hints
+        self.builds = builds
         self.committed: list[Callable[[], None]] = []
         self._keys: dict[tuple[str, int], int] = {}
         self._codes: dict[str, int] = {}
@@ -504,17 +559,19 @@ class _Tx(_Reader):
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)
 
-    def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter:
+    def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter | None:
+        """The cycle's filter; None while it is being built from the ledger's rows (a
+        build is asked for the first time), when every contact is "maybe"."""
         f = self.filters.get(tenant_id, cycle_start_us)
         if f is None:
-            ids = _cycle_contacts(self.conn, tenant_id, cycle_start_us)
-            f = self.filters.load(tenant_id, cycle_start_us, ids, self.hints.get(tenant_id, 0))
+            self.builds.request((tenant_id, cycle_start_us), 0)
         return f
 
     def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
         stats = self.filters.stats
         stats.lookups += 1
-        if contact_id not in self._filter(tenant_id, cycle_start_us):
+        f = self._filter(tenant_id, cycle_start_us)
+        if f is not None and contact_id not in f:
             stats.certainly_new += 1
             return None
         key = self._key(tenant_id, cycle_start_us, create=False)
@@ -534,7 +591,7 @@ class _Tx(_Reader):
         """The bloom filter answers "certainly new" for most new contacts; the rest
         (every active one and the false positives) are confirmed in one query."""
         f = self._filter(tenant_id, cycle_start_us)
-        maybe = [c for c in contact_ids if c in f]
+        maybe = contact_ids if f is None else f.maybe_among(contact_ids)
         stats = self.filters.stats
         stats.lookups += len(contact_ids)
         stats.certainly_new += len(contact_ids) - len(maybe)
@@ -607,9 +664,12 @@ class _Tx(_Reader):
             " VALUES (?, ?, ?, ?, ?)",
             [(key, a.contact_id, a.activated_at_us - cycle_start_us, code(a.activity), a.sends) for a in activations],
         )
-        add = f.add
-        for a in activations:
-            add(a.contact_id)
+        ids = [a.contact_id for a in activations]
+        if f is not None:
+            f.add_all(ids)
+            if len(f.layers) > 1:
+                self.builds.request((tenant_id, cycle_start_us), 2 * f.items)
+        self.builds.record((tenant_id, cycle_start_us), ids)
         self._bump(tenant_id, cycle_start_us, len(activations), sum(a.sends for a in activations))
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
@@ -774,7 +834,8 @@ class SQLiteLedger(Ledger):
         self._readers_lock = threading.Lock()
         self._open = False
         self._failing = False
-        self._hints: dict[str, int] = {}
+        self._builds = _Builds()
+        self._builder: threading.Thread | None = None
 
     @property
     def ready(self) -> bool:
@@ -799,7 +860,7 @@ class SQLiteLedger(Ledger):
         try:
             migrate(self.path)
             self._conn = self._connect()
-            self._load_filters()
+            self._request_filters()
         except (ValueError, sqlite3.Error) as exc:
             if self._conn is not None:
                 self._conn.close()
@@ -807,20 +868,63 @@ class SQLiteLedger(Ledger):
             os.close(self._lock_fd)
             self._lock_fd = None
             raise LedgerUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
+        self._open = True
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
-        self._open = True
+        self._builder = threading.Thread(target=self._build_loop, name="filter-builder", daemon=True)
+        self._builder.start()
 
-    def _load_filters(self) -> None:
-        """Loads the filter of every tenant's latest cycle from the ledger's rows."""
+    def _request_filters(self) -> None:
+        """Asks for the filter of every tenant's latest cycle, biggest first."""
         assert self._conn is not None
-        latest = self._conn.execute("SELECT tenant_id, MAX(cycle_start_us) FROM usage GROUP BY tenant_id").fetchall()
-        for tenant_id, cycle_start_us in latest:
-            self.filters.load(tenant_id, cycle_start_us, _cycle_contacts(self._conn, tenant_id, cycle_start_us), 0)
+        latest = self._conn.execute(
+            "SELECT tenant_id, cycle_start_us, active_contacts FROM usage u WHERE cycle_start_us ="
+            " (SELECT MAX(cycle_start_us) FROM usage WHERE tenant_id = u.tenant_id) ORDER BY active_contacts DESC"
+        ).fetchall()
+        for tenant_id, cycle_start_us, _ in latest:
+            self._builds.request((tenant_id, cycle_start_us), 0)
 
-    def expect_contacts(self, tenant_id: str, count: int) -> None:
-        """Sizes the tenant's future filters for `count` contacts (from its plan)."""
-        self._hints[tenant_id] = count
+    @property
+    def filters_building(self) -> int:
+        """How many dedupe filters are being built (until then those contacts are confirmed in the ledger)."""
+        return len(self._builds.running)
+
+    def _build_loop(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                asked = self._builds.asked.get()
+                if asked is None:
+                    return
+                key, capacity, generation = asked
+                try:
+                    built = self._build(conn, key, capacity)
+                except sqlite3.Error as exc:
+                    log.warning("building a dedupe filter failed (%s); contacts are confirmed in the ledger", exc)
+                    self._install(key, None, generation)
+                    continue
+                self._install(key, built, generation)
+        finally:
+            conn.close()
+
+    def _build(self, conn: sqlite3.Connection, key: tuple[str, int], capacity: int) -> CycleFilter:
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute(
+                "SELECT active_contacts FROM usage WHERE tenant_id = ? AND cycle_start_us = ?", key
+            ).fetchone()
+            f = self.filters.sized(max(capacity, (row[0] if row else 0) * 5 // 4))
+            rows = conn.execute(f"SELECT contact_id FROM cycle_activations WHERE cycle_key = {_KEY}", key)
+            while chunk := rows.fetchmany(65_536):
+                f.add_all([r[0] for r in chunk])
+            return f
+        finally:
+            conn.execute("COMMIT")
+
+    def _install(self, key: tuple[str, int], built: CycleFilter | None, generation: int) -> None:
+        with self._state:
+            if self._open:
+                self._queue.put(_Install(self, key, built, generation))
 
     def close(self) -> None:
         with self._state:
@@ -830,6 +934,9 @@ class SQLiteLedger(Ledger):
             self._queue.put(_STOP)
         if self._writer is not None:
             self._writer.join()
+        self._builds.asked.put(None)
+        if self._builder is not None:
+            self._builder.join()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
@@ -875,23 +982,27 @@ class SQLiteLedger(Ledger):
 
     def _write_loop(self) -> None:
         assert self._conn is not None
-        tx = _Tx(self._conn, self.filters, self._hints)
+        tx = _Tx(self._conn, self.filters, self._builds)
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch:
+            batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                    break
+                if isinstance(item, _Install):
+                    item()
+                else:
+                    batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._commit(tx, batch)
+            if batch:
+                self._commit(tx, batch)
 
     def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
         conn = tx.conn
@@ -945,6 +1056,7 @@ class SQLiteLedger(Ledger):
         except sqlite3.Error:
             log.exception("rollback after a failed commit failed")
         self.filters.forget()
+        self._builds.abandon()
         if not self._failing:
             log.error("ledger commit failed: %s", exc)
         self._failing = True

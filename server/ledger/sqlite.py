@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -439,6 +439,18 @@ def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], 
     return {r[0] for r in conn.execute(sql, (*key, json.dumps(contact_ids)))}
 
 
+_REMEMBERED = 100_000
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(cache: dict[K, V], key: K, value: V) -> None:
+    """What the writer remembers of rows only it writes, bounded."""
+    if len(cache) >= _REMEMBERED:
+        cache.clear()
+    cache[key] = value
+
+
 @dataclass(slots=True)
 class _Build:
     capacity: int
@@ -511,12 +523,32 @@ class _Tx(_Reader):
         self._keys: dict[tuple[str, int], int] = {}
         self._codes: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self._plans: dict[str, StoredPlan] = {}
+        self._counters: dict[tuple[str, int], Counters] = {}
 
     def forget(self) -> None:
         """Drops what the writer remembers of rows a rolled-back transaction wrote."""
         self._keys.clear()
         self._codes.clear()
         self._names.clear()
+        self._plans.clear()
+        self._counters.clear()
+
+    def plan(self, tenant_id: str) -> StoredPlan | None:
+        found = self._plans.get(tenant_id)
+        if found is None:
+            found = super().plan(tenant_id)
+            if found is not None:
+                _remember(self._plans, tenant_id, found)
+        return found
+
+    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
+        key = (tenant_id, cycle_start_us)
+        found = self._counters.get(key)
+        if found is None:
+            found = super().counters(tenant_id, cycle_start_us)
+            _remember(self._counters, key, found)
+        return found
 
     def _key(self, tenant_id: str, cycle_start_us: int, *, create: bool) -> int | None:
         found = self._keys.get((tenant_id, cycle_start_us))
@@ -610,6 +642,7 @@ class _Tx(_Reader):
             " updated_at_us = excluded.updated_at_us",
             (tenant_id, plan_json, at_us),
         )
+        _remember(self._plans, tenant_id, StoredPlan(plan_json, at_us))
         latest = self.plan_at(tenant_id, at_us + 1)
         if latest is not None and latest.plan_json == plan_json:
             return
@@ -636,6 +669,7 @@ class _Tx(_Reader):
             " marketing_peak = MAX(marketing_peak, excluded.marketing_peak)",
             (tenant_id, cycle_start_us, held, held, marketing, marketing),
         )
+        self._counters.pop((tenant_id, cycle_start_us), None)
 
     def switch_marketing(self, tenant_id: str, due_us: int) -> int:
         return self.conn.execute(
@@ -706,6 +740,11 @@ class _Tx(_Reader):
             " active_contacts = active_contacts + excluded.active_contacts, sends = sends + excluded.sends",
             (tenant_id, cycle_start_us, active, sends),
         )
+        known = self._counters.get((tenant_id, cycle_start_us))
+        if known is not None:
+            self._counters[(tenant_id, cycle_start_us)] = replace(
+                known, active_contacts=known.active_contacts + active, sends=known.sends + sends
+            )
 
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None:
         self.conn.executemany(
@@ -1010,23 +1049,28 @@ class SQLiteLedger(Ledger):
         started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            alone = len(batch) == 1
             for work, future in batch:
-                conn.execute("SAVEPOINT unit")
+                if not alone:
+                    conn.execute("SAVEPOINT unit")
                 mark = len(tx.committed)
                 try:
                     result = work(tx)
                 except BaseException as exc:
                     if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
                         raise
-                    conn.execute("ROLLBACK TO unit")
-                    conn.execute("RELEASE unit")
+                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO unit")
+                    if not alone:
+                        conn.execute("RELEASE unit")
                     del tx.committed[mark:]
                     tx.forget()
                     outcomes.append((future, None, exc))
                     continue
-                conn.execute("RELEASE unit")
+                if not alone:
+                    conn.execute("RELEASE unit")
                 outcomes.append((future, result, None))
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             tx.committed.clear()
             tx.forget()

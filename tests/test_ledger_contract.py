@@ -396,6 +396,33 @@ class TestLedgerContract:
         assert ledger.transact(lambda tx: [c for c in strangers if tx.activation(T, C1, c) is not None]) == []
         assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3000, 3000)
 
+    def test_dedupe_never_misses_a_contact_activated_while_a_bigger_filter_is_built(
+        self, backend: Backend, ledger: Ledger
+    ):
+        """SG-2, SG-8, domain 'Counting is exact': 8 writers activate contacts in shared commits while the
+        filter keeps outgrowing its size and is built again in the background; afterwards every one of them
+        is active to the writer, alone and in a batch, so none could be counted twice."""
+        rounds, writers, per_unit = 30, 8, 40
+        every: list[str] = []
+        lock = threading.Lock()
+
+        def writer(n: int) -> None:
+            for r in range(rounds):
+                ids = [f"w{n}-r{r}-{i}" for i in range(per_unit)]
+                ledger.transact(lambda tx, ids=ids: tx.activate(T, C1, [act(c) for c in ids]))
+                with lock:
+                    every.extend(ids)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(every) == rounds * writers * per_unit
+        assert ledger.transact(lambda tx: [c for c in every if tx.activation(T, C1, c) is None]) == []
+        assert ledger.transact(lambda tx: tx.active_among(T, C1, every)) == set(every)
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(len(every), len(every))
+
     def test_dedupe_filters_rebuilt_after_close_and_reopen_know_every_active_contact(
         self, backend: Backend, tmp_path: Path
     ):

@@ -462,20 +462,30 @@ class _Builds:
     a cycle's first use, and bigger when one outgrows its size), so neither SERVING
     nor the writer waits for a read of millions of rows. From the moment a build is
     asked for, the writer records every contact it activates in that cycle; the
-    builder reads a snapshot taken after that moment; the writer installs the built
-    filter with the recorded contacts added. A contact is in the snapshot, in the
-    record, or both: the built filter misses no active contact. Recorded contacts
-    of a rolled-back unit only add false positives, which the ledger confirms."""
+    build starts only once the transaction that asked for it has committed, so the
+    builder's snapshot holds every contact activated before the recording began; the
+    writer installs the built filter with the recorded contacts added. A contact is
+    in the snapshot, in the record, or both: the built filter misses no active
+    contact. Recorded contacts of a rolled-back unit only add false positives,
+    which the ledger confirms."""
 
     def __init__(self) -> None:
         self.running: dict[tuple[str, int], _Build] = {}
         self.generation = 0
+        self.requested: list[tuple[tuple[str, int], int, int]] = []
         self.asked: queue.SimpleQueue[tuple[tuple[str, int], int, int] | None] = queue.SimpleQueue()
 
     def request(self, key: tuple[str, int], capacity: int) -> None:
+        """Starts recording; the build itself is handed over by `dispatch`."""
         if key not in self.running:
             self.running[key] = _Build(capacity)
-            self.asked.put((key, capacity, self.generation))
+            self.requested.append((key, capacity, self.generation))
+
+    def dispatch(self) -> None:
+        """Hands the builds asked for to the builder, once what was written before is committed."""
+        for asked in self.requested:
+            self.asked.put(asked)
+        self.requested.clear()
 
     def record(self, key: tuple[str, int], contact_ids: list[str]) -> None:
         build = self.running.get(key)
@@ -491,6 +501,7 @@ class _Builds:
 
     def abandon(self) -> None:
         self.running.clear()
+        self.requested.clear()
         self.generation += 1
 
 
@@ -922,6 +933,7 @@ class SQLiteLedger(Ledger):
         ).fetchall()
         for tenant_id, cycle_start_us, _ in latest:
             self._builds.request((tenant_id, cycle_start_us), 0)
+        self._builds.dispatch()
 
     @property
     def filters_building(self) -> int:
@@ -1076,6 +1088,7 @@ class SQLiteLedger(Ledger):
             tx.forget()
             self._abort(conn, batch, exc)
             return
+        self._builds.dispatch()
         callbacks, tx.committed = tx.committed, []
         for callback in callbacks:
             try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from rbloom import Bloom
 
-MIN_CAPACITY = 1024
+MIN_CAPACITY = 32
 
 
 @dataclass(slots=True)

@@ -1,0 +1,340 @@
+"""The one table of medians, their ratios to a floor or baseline and the issue's goals, and the JSON file.
+
+Each row names a figure (its key in `Results`), what it is compared with and the
+issue 5 goal it answers, if any. Rows of scenarios that were not run are left out;
+a figure that could not be measured is shown as unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sizes import Sizes
+from timing import Results
+
+TEN_MILLION = 10_000_000
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal of issue 5: every condition must hold. A condition is (kind, bound) with kind
+    one of "<=", ">=" (on the figure) and "ratio<=", "ratio>=" (on its ratio)."""
+
+    text: str
+    conditions: tuple[tuple[str, float], ...] = ()
+    applies: bool = True
+
+    def met(self, value: float, ratio: float | None) -> str:
+        if not self.applies:
+            return "n/a"
+        for kind, bound in self.conditions:
+            subject = ratio if kind.startswith("ratio") else value
+            if subject is None or math.isnan(subject):
+                return "?"
+            if (kind.endswith("<=") and subject > bound) or (kind.endswith(">=") and subject < bound):
+                return "NO"
+        return "yes"
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    unit: str
+    versus: str | None = None
+    versus_label: str = ""
+    versus_factor: float = 1.0
+    goal: Goal | None = None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    rows: tuple[Row, ...]
+
+
+def sections(sizes: Sizes) -> list[Section]:
+    x = f"x{sizes.threads}"
+    floor = Section(
+        "gRPC floor: a no-op unary call on the sidecar's server stack",
+        (
+            Row("floor.p50_ms", "no-op call p50, 1 caller", "ms"),
+            Row("floor.p99_ms", "no-op call p99, 1 caller", "ms"),
+            Row("floor.rate", f"no-op calls/s, {sizes.threads} in flight", "/s"),
+        ),
+    )
+    redis = Section(
+        "Redis baseline: Lua script via redis-py (neither durable nor policy-aware)",
+        (
+            Row("redis.p50_ms", "script call p50, 1 caller", "ms"),
+            Row("redis.p99_ms", "script call p99, 1 caller", "ms"),
+            Row("redis.pipelined_new", f"pipelined x{sizes.redis_pipeline}: decisions/s, new", "/s"),
+            Row("redis.pipelined_active", f"pipelined x{sizes.redis_pipeline}: decisions/s, active", "/s"),
+            Row("redis.bytes_per_member", "memory per set member", "B"),
+        ),
+    )
+    sqlite = Section(
+        "SQLite's own rate: the ledger's insert pattern, WAL, synchronous=FULL",
+        (
+            Row("sqlite.rows_single", "rows/s, 1 row per commit", "/s"),
+            Row("sqlite.rows_grouped", f"rows/s, {sizes.sqlite_rows_per_commit:,} rows per commit", "/s"),
+            Row("sqlite.bytes_per_row", "bytes per row on disk", "B"),
+        ),
+    )
+
+    def versus_floor(key: str, label: str, unit: str, goal: Goal) -> Row:
+        base = {"p50_ms": "floor.p50_ms", "p99_ms": "floor.p99_ms", "rate": "floor.rate"}[key.rpartition(".")[2]]
+        return Row(key, label, unit, base, "floor", goal=goal)
+
+    p50, p99 = Goal("<= 1.1x floor", (("ratio<=", 1.1),)), Goal("<= 1.3x floor", (("ratio<=", 1.3),))
+    rate = Goal(">= 0.9x floor", (("ratio>=", 0.9),))
+    five = Goal(">= 5x plain unary", (("ratio>=", 5.0),))
+    c = sizes.callers
+    calls = Section(
+        "Sidecar calls (quota-sidecar serve, SQLite ledger, synchronous=FULL)",
+        (
+            versus_floor("checksend.new.p50_ms", "CheckSend p50, new contact", "ms", p50),
+            versus_floor("checksend.new.p99_ms", "CheckSend p99, new contact", "ms", p99),
+            versus_floor("checksend.active.p50_ms", "CheckSend p50, active contact", "ms", p50),
+            versus_floor("checksend.active.p99_ms", "CheckSend p99, active contact", "ms", p99),
+            versus_floor("checksend.new.rate", f"CheckSend calls/s {x}, new", "/s", rate),
+            versus_floor("checksend.active.rate", f"CheckSend calls/s {x}, active", "/s", rate),
+            Row(
+                "batch.new.rate",
+                f"CheckSendBatch x{sizes.batch:,}: decisions/s, new",
+                "/s",
+                "redis.pipelined_new",
+                "Redis pipelined",
+                goal=Goal(">= 100k/s, >= 2x Redis", ((">=", 100_000), ("ratio>=", 2.0))),
+            ),
+            Row(
+                "batch.active.rate",
+                f"CheckSendBatch x{sizes.batch:,}: decisions/s, active",
+                "/s",
+                "redis.pipelined_active",
+                "Redis pipelined",
+                goal=Goal(">= 150k/s, >= 2x Redis", ((">=", 150_000), ("ratio>=", 2.0))),
+            ),
+            Row(
+                "coalesce.plain.new.rate",
+                f"QuotaClient {c} callers, plain: calls/s, new",
+                "/s",
+                "floor.rate",
+                "floor",
+            ),
+            Row(
+                "coalesce.coalesced.new.rate",
+                f"QuotaClient {c} callers, coalesced: calls/s, new",
+                "/s",
+                "coalesce.plain.new.rate",
+                "plain",
+                goal=five,
+            ),
+            Row(
+                "coalesce.plain.active.rate",
+                f"QuotaClient {c} callers, plain: calls/s, active",
+                "/s",
+                "floor.rate",
+                "floor",
+            ),
+            Row(
+                "coalesce.coalesced.active.rate",
+                f"QuotaClient {c} callers, coalesced: calls/s, active",
+                "/s",
+                "coalesce.plain.active.rate",
+                "plain",
+                goal=five,
+            ),
+            Row("rename.seconds", f"RecordActivity STATUS_RENAMED x{sizes.rename_contacts:,} active", "s"),
+        ),
+    )
+    n = _count(sizes.memory_contacts)
+    storage_rows = [
+        Row(
+            "memory.rss_per_million",
+            f"RSS growth per 1M active contacts ({n} activated)",
+            "MB",
+            "redis.bytes_per_member",
+            "Redis member",
+            versus_factor=1e6,
+            scale=1e-6,
+        ),
+        Row(
+            "memory.dedupe_bytes_per_contact",
+            f"dedupe per active contact ({n} activated)",
+            "B",
+            "redis.bytes_per_member",
+            "Redis member",
+            goal=Goal("<= 2.5 B", (("<=", 2.5),)),
+        ),
+        Row(
+            "ledger.bytes_per_contact",
+            f"ledger on disk per active contact ({n})",
+            "B",
+            "sqlite.bytes_per_row",
+            "SQLite row",
+            goal=Goal("<= 64 B", (("<=", 64),)),
+        ),
+        Row("serving.empty.s", "start to SERVING, empty ledger", "s"),
+    ]
+    for m in sizes.serving_contacts:
+        at_goal = m >= TEN_MILLION
+        storage_rows += [
+            Row(
+                f"serving.{m}.s",
+                f"start to SERVING, {_count(m)} active contacts",
+                "s",
+                "serving.empty.s",
+                "empty ledger",
+                goal=Goal("<= 10 s at 10M", (("<=", 10),), applies=at_goal),
+            ),
+            Row(
+                f"serving.{m}.filters_s",
+                f"start to dedupe filters loaded, {_count(m)}",
+                "s",
+                f"serving.{m}.s",
+                "SERVING",
+            ),
+            Row(
+                f"serving.{m}.dedupe_bytes_per_contact",
+                f"dedupe per active contact after a restart ({_count(m)})",
+                "B",
+                "redis.bytes_per_member",
+                "Redis member",
+                goal=Goal("<= 2.5 B", (("<=", 2.5),)),
+            ),
+            Row(f"serving.{m}.rss_mb", f"RSS with the filters loaded, {_count(m)}", "MB"),
+        ]
+    storage = Section("Sidecar memory, ledger and start (16-character contact ids)", tuple(storage_rows))
+    t = sizes.tenants
+    tenant_rows = []
+    for figure, label, unit in (
+        ("batch_rate", "CheckSendBatch decisions/s, active", "/s"),
+        ("p50_ms", "CheckSend p50, active", "ms"),
+        ("rss_mb", "RSS with the filters loaded", "MB"),
+        ("dedupe_bytes_per_contact", "dedupe per active contact", "B"),
+        ("ledger_bytes_per_contact", "ledger on disk per active contact", "B"),
+        ("serving_s", "start to SERVING", "s"),
+        ("filters_s", "start to dedupe filters loaded", "s"),
+    ):
+        tenant_rows.append(Row(f"tenants.1.{figure}", f"1 tenant: {label}", unit))
+        tenant_rows.append(
+            Row(f"tenants.{t}.{figure}", f"{_count(t)} tenants: {label}", unit, f"tenants.1.{figure}", "1 tenant")
+        )
+    scaling = Section(
+        f"Tenant scaling: {_count(sizes.tenant_contacts)} active contacts in 1 tenant vs {_count(t)} tenants"
+        f" (batches of min({sizes.batch:,}, a tenant's share) spread over tenants)",
+        tuple(tenant_rows),
+    )
+    return [floor, redis, sqlite, calls, storage, scaling]
+
+
+def _count(n: int) -> str:
+    for size, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if n >= size and n % (size // 10) == 0:
+            return f"{n / size:g}{suffix}"
+    return f"{n:,}"
+
+
+def _format(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "MB":
+        return f"{value:,.1f} MB"
+    return f"{value:,.1f} {unit}"
+
+
+@dataclass(frozen=True)
+class Line:
+    section: str
+    key: str
+    label: str
+    median: float | None
+    shown: str
+    versus: str
+    ratio: float | None
+    goal: str
+    met: str
+
+
+def evaluate(results: Results, sizes: Sizes) -> list[Line]:
+    lines = []
+    for section in sections(sizes):
+        for row in section.rows:
+            median = results.median(row.key)
+            if median is None and row.key not in results.unavailable:
+                continue
+            ratio = None
+            if median is not None and row.versus is not None:
+                base = results.median(row.versus)
+                if base:
+                    ratio = median / (base * row.versus_factor)
+            if median is None:
+                shown, met = "unavailable", "?" if row.goal else ""
+            else:
+                shown = _format(median * row.scale, row.unit)
+                met = row.goal.met(median, ratio) if row.goal else ""
+            lines.append(
+                Line(
+                    section.title,
+                    row.key,
+                    row.label,
+                    median,
+                    shown,
+                    row.versus_label if row.versus else "",
+                    ratio,
+                    row.goal.text if row.goal else "",
+                    met,
+                )
+            )
+    return lines
+
+
+def table(lines: list[Line], results: Results, failures: dict[str, str], footer: list[str]) -> str:
+    width = max([len(line.label) for line in lines] + [30])
+    head = f"{'figure':<{width}}  {'median':>15}  {'ratio':>7}  {'vs':<16}  {'goal (issue 5)':<26}  met"
+    out = [head, "-" * len(head)]
+    section = None
+    for line in lines:
+        if line.section != section:
+            section = line.section
+            out.append(f"[{section}]")
+        ratio = f"{line.ratio:.2f}x" if line.ratio is not None else ""
+        out.append(
+            f"{line.label:<{width}}  {line.shown:>15}  {ratio:>7}  {line.versus:<16}  {line.goal:<26}  {line.met}"
+        )
+    out.append("-" * len(head))
+    for key, why in results.unavailable.items():
+        out.append(f"unavailable: {key}: {why}")
+    for scenario, why in failures.items():
+        out.append(f"FAILED: {scenario}: {why.splitlines()[0] if why else ''}")
+    out.extend(footer)
+    return "\n".join(out)
+
+
+def write_json(
+    path: Path,
+    lines: list[Line],
+    results: Results,
+    failures: dict[str, str],
+    sizes: Sizes,
+    extra: dict[str, Any],
+) -> None:
+    document = {
+        **extra,
+        "sizes": asdict(sizes),
+        "figures": results.figures,
+        "unavailable": results.unavailable,
+        "failures": failures,
+        "table": [asdict(line) for line in lines],
+    }
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")

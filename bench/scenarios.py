@@ -1,0 +1,326 @@
+"""The sidecar's scenarios, each against the real `quota-sidecar serve` process.
+
+The call scenarios (checksend, batch, coalesce, rename) share one sidecar on a
+fresh ledger, whose tenant has a CYCLE_ACTIVE / HARD plan with a contact limit no
+run reaches. The memory, serving and tenants scenarios work on filled ledgers
+(bench/fills.py). Contact ids are random 16-hex-character strings made before
+any timing starts; every answer is checked (ALLOW, and newly active or not as the
+scenario expects), so a figure never counts refused or failed calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import statistics
+from collections.abc import Callable, Sequence
+
+import grpc
+from fills import FILTERS_TIMEOUT, FilledLedger, Ledgers, bench_plan, send_batch, tenant_contacts, tenant_ids
+from floors import GrpcFloor
+from processes import SidecarProcess
+from session import Session
+from timing import latencies, new_contact_ids, percentile, rate_in_threads, split
+
+from quota_sidecar.client import QuotaClient
+from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+
+TENANT = "bench"
+NEVER_REACHED = 10_000_000
+UNARY_TIMEOUT = 10.0
+BATCH_TIMEOUT = 600.0
+MAX_BATCH = 10_000
+
+
+class WrongAnswer(RuntimeError):
+    pass
+
+
+def send_request(tenant_id: str, contact_id: str) -> pb.CheckSendRequest:
+    return pb.CheckSendRequest(
+        tenant_id=tenant_id, contact_id=contact_id, channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN
+    )
+
+
+def _expect(answer: pb.CheckSendResponse, newly_active: bool) -> None:
+    if answer.decision != pb.DECISION_ALLOW or answer.newly_active != newly_active:
+        raise WrongAnswer(
+            f"CheckSend answered {pb.Decision.Name(answer.decision)} {pb.Reason.Name(answer.reason)}"
+            f" newly_active={answer.newly_active}, expected ALLOW newly_active={newly_active}"
+        )
+
+
+def _checked_call(
+    stub: pb_grpc.QuotaServiceStub, request: pb.CheckSendRequest, newly_active: bool
+) -> Callable[[], None]:
+    def call() -> None:
+        _expect(stub.CheckSend(request, timeout=UNARY_TIMEOUT), newly_active)
+
+    return call
+
+
+def _caller(channel: grpc.Channel, requests: Sequence[pb.CheckSendRequest], newly_active: bool) -> Callable[[], int]:
+    """One concurrent caller: its own stub on the shared channel."""
+    stub = pb_grpc.QuotaServiceStub(channel)
+
+    def run() -> int:
+        for request in requests:
+            _expect(stub.CheckSend(request, timeout=UNARY_TIMEOUT), newly_active)
+        return len(requests)
+
+    return run
+
+
+def _activate(stub: pb_grpc.QuotaServiceStub, tenant_id: str, ids: list[str]) -> None:
+    for at in range(0, len(ids), MAX_BATCH):
+        chunk = ids[at : at + MAX_BATCH]
+        answer = stub.CheckSendBatch(send_batch(tenant_id, chunk), timeout=BATCH_TIMEOUT)
+        if answer.allowed != len(chunk):
+            raise WrongAnswer(f"CheckSendBatch allowed {answer.allowed} of {len(chunk)}")
+
+
+def call_sidecar(session: Session) -> SidecarProcess:
+    """The sidecar the call scenarios share, its tenant's plan stored."""
+    sidecar = SidecarProcess(session.processes, session.folder / "calls.db")
+    try:
+        sidecar.start()
+        sidecar.put_plan(TENANT, bench_plan(NEVER_REACHED, (pb.ACTIVITY_KIND_STATUS_RENAMED,)))
+    except BaseException:
+        sidecar.kill()
+        raise
+    return sidecar
+
+
+def checksend(session: Session, sidecar: SidecarProcess, floor: GrpcFloor | None = None) -> None:
+    """CheckSend p50/p99 of one caller and calls/s of `threads` callers, new then active contacts;
+    with `floor`, one run of the floor's figures right before each run of these."""
+    s = session.sizes
+    stub = sidecar.quota()
+    warm = [send_request(TENANT, c) for c in new_contact_ids(s.warmup)]
+    latencies([_checked_call(stub, r, True) for r in warm])
+    latencies([_checked_call(stub, r, False) for r in warm])
+    for _ in range(session.repeat):
+        if floor is not None:
+            floor.measure()
+        requests = [send_request(TENANT, c) for c in new_contact_ids(s.calls)]
+        for label, newly in (("new", True), ("active", False)):
+            samples = latencies([_checked_call(stub, r, newly) for r in requests])
+            session.results.add(f"checksend.{label}.p50_ms", percentile(samples, 0.5) * 1e3)
+            session.results.add(f"checksend.{label}.p99_ms", percentile(samples, 0.99) * 1e3)
+        parts = split([send_request(TENANT, c) for c in new_contact_ids(s.concurrent_calls)], s.threads)
+        for label, newly in (("new", True), ("active", False)):
+            rate = rate_in_threads([_caller(sidecar.channel(), part, newly) for part in parts])
+            session.results.add(f"checksend.{label}.rate", rate)
+
+
+def batch(session: Session, sidecar: SidecarProcess) -> None:
+    """CheckSendBatch decisions/s (median over batches), new contacts then the same ones active."""
+    s = session.sizes
+    stub = sidecar.quota()
+    warm = [send_batch(TENANT, new_contact_ids(s.batch)) for _ in range(2)]
+    _batch_rate(stub, warm, new=True)
+    _batch_rate(stub, warm, new=False)
+    for _ in range(session.repeat):
+        requests = [send_batch(TENANT, new_contact_ids(s.batch)) for _ in range(s.batches)]
+        session.results.add("batch.new.rate", _batch_rate(stub, requests, new=True))
+        session.results.add("batch.active.rate", _batch_rate(stub, requests, new=False))
+
+
+def _batch_rate(stub: pb_grpc.QuotaServiceStub, requests: list[pb.CheckSendBatchRequest], *, new: bool) -> float:
+    """Median decisions/s over the batches; `new`: every contact is expected to be newly active,
+    otherwise every one already active."""
+    rates = []
+    for request in requests:
+        size = len(request.contact_ids)
+        elapsed = latencies([functools.partial(_batch_call, stub, request, size if new else 0)])[0]
+        rates.append(size / elapsed)
+    return statistics.median(rates)
+
+
+def _batch_call(stub: pb_grpc.QuotaServiceStub, request: pb.CheckSendBatchRequest, newly_active: int) -> None:
+    answer = stub.CheckSendBatch(request, timeout=BATCH_TIMEOUT)
+    if answer.allowed != len(request.contact_ids) or answer.newly_active != newly_active:
+        raise WrongAnswer(
+            f"CheckSendBatch allowed {answer.allowed}, newly active {answer.newly_active}"
+            f" of {len(request.contact_ids)}; expected all allowed, {newly_active} newly active"
+        )
+
+
+def coalesce(session: Session, sidecar: SidecarProcess) -> None:
+    """CheckSend through one QuotaClient from `callers` threads: plain unary vs coalesced."""
+    s = session.sizes
+    clients: dict[str, QuotaClient] = {}
+    try:
+        try:
+            clients["plain"] = QuotaClient(sidecar.address, coalesce=False, timeout=UNARY_TIMEOUT)
+            clients["coalesced"] = QuotaClient(sidecar.address, coalesce=True, timeout=UNARY_TIMEOUT)
+        except TypeError:
+            clients["plain"] = QuotaClient(sidecar.address, timeout=UNARY_TIMEOUT)
+            for label in ("new", "active"):
+                session.results.missing(
+                    f"coalesce.coalesced.{label}.rate", "QuotaClient does not accept coalesce= in this checkout"
+                )
+        for client in clients.values():
+            ids = new_contact_ids(max(s.warmup, s.callers))
+            for newly in (True, False):
+                rate_in_threads([_client_caller(client, part, newly) for part in split(ids, s.callers)])
+        for _ in range(session.repeat):
+            for mode, client in clients.items():
+                parts = split(new_contact_ids(s.coalesce_calls), s.callers)
+                for label, newly in (("new", True), ("active", False)):
+                    rate = rate_in_threads([_client_caller(client, part, newly) for part in parts])
+                    session.results.add(f"coalesce.{mode}.{label}.rate", rate)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _client_caller(client: QuotaClient, contact_ids: Sequence[str], newly_active: bool) -> Callable[[], int]:
+    def run() -> int:
+        for contact_id in contact_ids:
+            d = client.check_send(TENANT, contact_id, "CAMPAIGN")
+            if d.fallback or d.decision != "ALLOW" or d.newly_active != newly_active:
+                raise WrongAnswer(
+                    f"check_send answered {d.decision} {d.reason} newly_active={d.newly_active}"
+                    f" fallback={d.fallback} ({d.error}), expected ALLOW newly_active={newly_active}"
+                )
+        return len(contact_ids)
+
+    return run
+
+
+def rename(session: Session, sidecar: SidecarProcess) -> None:
+    """RecordActivity STATUS_RENAMED with `rename_contacts` contacts, all active already: seconds per call."""
+    s = session.sizes
+    stub = sidecar.quota()
+    ids = new_contact_ids(s.rename_contacts)
+    _activate(stub, TENANT, ids)
+    request = pb.RecordActivityRequest(tenant_id=TENANT, kind=pb.ACTIVITY_KIND_STATUS_RENAMED, contact_ids=ids)
+
+    def call() -> None:
+        answer = stub.RecordActivity(request, timeout=BATCH_TIMEOUT)
+        if answer.recorded != len(ids) or answer.newly_active != 0:
+            raise WrongAnswer(f"RecordActivity recorded {answer.recorded}, newly active {answer.newly_active}")
+
+    latencies([call])
+    for _ in range(session.repeat):
+        samples = latencies([call] * s.rename_calls)
+        session.results.add("rename.seconds", statistics.median(samples))
+
+
+def memory(session: Session, ledgers: Ledgers) -> None:
+    """RSS growth per million contacts activated, dedupe bytes per contact and ledger bytes
+    per contact, from `repeat` fresh fills of one tenant (at its limit)."""
+    n = session.sizes.memory_contacts
+    for run in range(session.repeat):
+        filled = ledgers.fill(1, n, keep=run == session.repeat - 1)
+        session.results.add("memory.rss_per_million", (filled.rss_after - filled.rss_before) / n * 1e6)
+        if filled.dedupe_items >= n:
+            session.results.add("memory.dedupe_bytes_per_contact", filled.dedupe_bytes / filled.dedupe_items)
+        else:
+            session.results.missing(
+                "memory.dedupe_bytes_per_contact", f"the filters held {filled.dedupe_items:,.0f} of {n:,} contacts"
+            )
+        session.results.add("ledger.bytes_per_contact", filled.bytes_on_disk / n)
+        ledgers.discard(filled)
+
+
+def serving(session: Session, ledgers: Ledgers) -> None:
+    """Seconds from spawning `quota-sidecar serve` to health SERVING over a ledger of M active
+    contacts, and to its dedupe filters holding all M; then RSS and dedupe bytes per contact."""
+    for contacts in session.sizes.serving_contacts:
+        filled = ledgers.get(1, contacts)
+        _restart(session, filled)
+        for _ in range(session.repeat):
+            key = f"serving.{contacts}"
+            figures = _restart(session, filled)
+            session.results.add(f"{key}.s", figures["serving"])
+            if figures["filters"] is None:
+                session.results.missing(f"{key}.filters_s", f"filters not loaded within {FILTERS_TIMEOUT:.0f} s")
+                continue
+            session.results.add(f"{key}.filters_s", figures["filters"])
+            session.results.add(f"{key}.rss_mb", figures["rss"] / 1e6)
+            session.results.add(f"{key}.dedupe_bytes_per_contact", figures["dedupe_bytes"] / contacts)
+
+
+def _restart(session: Session, filled: FilledLedger) -> dict[str, float | None]:
+    with SidecarProcess(session.processes, filled.path) as sidecar:
+        serving_s = sidecar.start()
+        filters_s = sidecar.wait_filters(filled.contacts, FILTERS_TIMEOUT)
+        rss = sidecar.rss_bytes()
+        metrics = sidecar.metrics()
+    return {
+        "serving": serving_s,
+        "filters": filters_s,
+        "rss": rss,
+        "dedupe_bytes": metrics.get("quota_dedupe_filter_bytes", 0.0),
+    }
+
+
+class _TenantSample:
+    """Random picks of a filled ledger's active contacts: batches of one tenant's contacts and
+    single contacts, each from a random tenant."""
+
+    def __init__(self, filled: FilledLedger, batch: int, seed: int) -> None:
+        self.filled = filled
+        self.names = tenant_ids(filled.tenants)
+        self.size = min(batch, min(filled.counts))
+        self.rng = random.Random(seed)
+
+    def batches(self, n: int) -> list[pb.CheckSendBatchRequest]:
+        out = []
+        for _ in range(n):
+            t = self.rng.randrange(self.filled.tenants)
+            start = self.rng.randrange(self.filled.counts[t] - self.size + 1)
+            out.append(send_batch(self.names[t], tenant_contacts(t, start, self.size)))
+        return out
+
+    def singles(self, n: int) -> list[pb.CheckSendRequest]:
+        out = []
+        for _ in range(n):
+            t = self.rng.randrange(self.filled.tenants)
+            contact = tenant_contacts(t, self.rng.randrange(self.filled.counts[t]), 1)[0]
+            out.append(send_request(self.names[t], contact))
+        return out
+
+
+def tenants(session: Session, ledgers: Ledgers) -> None:
+    """The same total of active contacts in 1 tenant and in `tenants` tenants: batch decisions/s
+    (batches of the tenants' active contacts, spread over tenants), CheckSend p50 (active
+    contacts of random tenants), RSS and dedupe after SERVING, ledger bytes per contact and
+    time to SERVING and to the dedupe filters holding every contact (the figures after it are
+    taken once they do). Both layouts use the same batch size, at most one tenant's share."""
+    s = session.sizes
+    for count in (1, s.tenants):
+        filled = ledgers.get(count, s.tenant_contacts)
+        session.progress(f"tenants: {count:,} tenant(s), {session.repeat} start(s)")
+        sample = _TenantSample(filled, s.batch, seed=count)
+        key = f"tenants.{count}"
+        session.results.add(f"{key}.batch_size", sample.size)
+        session.results.add(f"{key}.ledger_bytes_per_contact", filled.bytes_on_disk / filled.contacts)
+        for _ in range(session.repeat):
+            warm_batches, timed_batches = sample.batches(2), sample.batches(s.batches)
+            warm_singles, timed_singles = sample.singles(s.warmup), sample.singles(s.calls)
+            with SidecarProcess(session.processes, filled.path) as sidecar:
+                seconds = sidecar.start()
+                filters_s = sidecar.wait_filters(filled.contacts, FILTERS_TIMEOUT)
+                rss = sidecar.rss_bytes()
+                metrics = sidecar.metrics()
+                stub = sidecar.quota()
+                _batch_rate(stub, warm_batches, new=False)
+                latencies([_checked_call(stub, r, False) for r in warm_singles])
+                rate = _batch_rate(stub, timed_batches, new=False)
+                samples = latencies([_checked_call(stub, r, False) for r in timed_singles])
+            session.results.add(f"{key}.serving_s", seconds)
+            session.results.add(f"{key}.rss_mb", rss / 1e6)
+            if filters_s is None:
+                session.results.missing(f"{key}.filters_s", f"filters not loaded within {FILTERS_TIMEOUT:.0f} s")
+            else:
+                session.results.add(f"{key}.filters_s", filters_s)
+                session.results.add(
+                    f"{key}.dedupe_bytes_per_contact",
+                    metrics.get("quota_dedupe_filter_bytes", 0.0) / filled.contacts,
+                )
+            session.results.add(f"{key}.batch_rate", rate)
+            session.results.add(f"{key}.p50_ms", percentile(samples, 0.5) * 1e3)

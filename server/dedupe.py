@@ -115,6 +115,7 @@ class DedupeFilters:
         self.max_filters = max_filters
         self._filters: OrderedDict[tuple[str, int], CycleFilter] = OrderedDict()
         self.stats = FilterStats()
+        self.building = 0
 
     def get(self, tenant_id: str, cycle_start_us: int) -> CycleFilter | None:
         key = (tenant_id, cycle_start_us)

@@ -148,6 +148,11 @@ class SidecarCollector(Collector):
         )
         yield GaugeMetricFamily("quota_dedupe_filter_items", "Contacts held in the dedupe filters", value=filters.items)
         yield GaugeMetricFamily(
+            "quota_dedupe_filters_building",
+            "Dedupe filters being built from the ledger; until one is, its contacts are confirmed in the ledger",
+            value=filters.building,
+        )
+        yield GaugeMetricFamily(
             "quota_dedupe_filter_bytes", "Memory of the dedupe filters' bit arrays", value=filters.size_bytes
         )
         yield GaugeMetricFamily(

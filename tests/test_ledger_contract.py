@@ -50,7 +50,7 @@ def _sqlite_make(location: Path, on_commit: CommitObserver | None = None) -> Led
 
 def _sqlite_pending(ledger: Ledger) -> int:
     assert isinstance(ledger, SQLiteLedger)
-    return ledger._queue.qsize()  # noqa: SLF001 - the test lines units up behind the writer
+    return ledger.queued_units
 
 
 def _sqlite_capacity(ledger: Ledger, tenant_id: str, cycle_start_us: int) -> int | None:

@@ -469,7 +469,8 @@ class _Builds:
     contact. Recorded contacts of a rolled-back unit only add false positives,
     which the ledger confirms."""
 
-    def __init__(self) -> None:
+    def __init__(self, filters: DedupeFilters) -> None:
+        self.filters = filters
         self.running: dict[tuple[str, int], _Build] = {}
         self.generation = 0
         self.requested: list[tuple[tuple[str, int], int, int]] = []
@@ -480,6 +481,7 @@ class _Builds:
         if key not in self.running:
             self.running[key] = _Build(capacity)
             self.requested.append((key, capacity, self.generation))
+            self.filters.building = len(self.running)
 
     def dispatch(self) -> None:
         """Hands the builds asked for to the builder, once what was written before is committed."""
@@ -497,12 +499,14 @@ class _Builds:
         if generation != self.generation:
             return None
         build = self.running.pop(key, None)
+        self.filters.building = len(self.running)
         return None if build is None else build.pending
 
     def abandon(self) -> None:
         self.running.clear()
         self.requested.clear()
         self.generation += 1
+        self.filters.building = 0
 
 
 class _Install:
@@ -884,7 +888,8 @@ class SQLiteLedger(Ledger):
         self._readers_lock = threading.Lock()
         self._open = False
         self._failing = False
-        self._builds = _Builds()
+        self._builds = _Builds(self.filters)
+        self._installs = 0
         self._builder: threading.Thread | None = None
 
     @property
@@ -936,9 +941,10 @@ class SQLiteLedger(Ledger):
         self._builds.dispatch()
 
     @property
-    def filters_building(self) -> int:
-        """How many dedupe filters are being built (until then those contacts are confirmed in the ledger)."""
-        return len(self._builds.running)
+    def queued_units(self) -> int:
+        """Units of work waiting for the writer."""
+        with self._state:
+            return self._queue.qsize() - self._installs
 
     def _build_loop(self) -> None:
         conn = self._connect()
@@ -975,6 +981,7 @@ class SQLiteLedger(Ledger):
     def _install(self, key: tuple[str, int], built: CycleFilter | None, generation: int) -> None:
         with self._state:
             if self._open:
+                self._installs += 1
                 self._queue.put(_Install(self, key, built, generation))
 
     def close(self) -> None:
@@ -1043,6 +1050,8 @@ class SQLiteLedger(Ledger):
                     stopping = True
                     break
                 if isinstance(item, _Install):
+                    with self._state:
+                        self._installs -= 1
                     item()
                 else:
                     batch.append(item)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from . import _calls
+from . import _calls, _coalesce
 from ._calls import (
     DEFAULT_ADMIN_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -20,7 +20,8 @@ from ._calls import (
     FailMode,
     status_of,
 )
-from ._errors import Unavailable, error_from_status
+from ._coalesce import ALONE, Answer, Batch, Lane, Lanes, Member, Outcome, Raise, settle
+from ._errors import QuotaError, Unavailable, error_from_status
 from ._results import (
     ActiveContact,
     ActiveContactsPage,
@@ -58,9 +59,21 @@ class AsyncQuotaClient:
         allows; either result has `fallback=True`. Other calls raise Unavailable.
     credentials: channel credentials for TLS; None uses a plaintext channel.
     channel_options: extra gRPC channel arguments, overriding the client's defaults.
+    coalesce: merge check_send calls made at the same time by this client's tasks
+        into CheckSendBatch calls, each caller still getting its own SendDecision. A
+        call made while no other of its tenant, channel and kind is under way goes out
+        at once as its own CheckSend, so a lone caller waits for nothing; calls made
+        while others are under way queue and leave together. Dry runs, calls with
+        `queued_since` and calls with a `request_id` of the caller's are never merged.
+    coalesce_window: how long queued calls wait for company once the sidecar could
+        take them, in seconds (the wait for a call in flight to come back is bounded by
+        each call's own deadline only); 0 sends them as soon as it can.
+    coalesce_max: the most calls one CheckSendBatch carries (1 to 10,000; 1 is the same
+        as coalesce=False).
 
     Build it inside the event loop that uses it (grpc.aio binds a channel to its loop).
-    Use it as an async context manager, or await close().
+    Use it as an async context manager, or await close(); calls still waiting then get
+    an answer or an error.
     """
 
     def __init__(
@@ -74,6 +87,9 @@ class AsyncQuotaClient:
         fail_mode: FailMode = "closed",
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        coalesce: bool = True,
+        coalesce_window: float = _coalesce.DEFAULT_WINDOW,
+        coalesce_max: int = _coalesce.DEFAULT_MAX_BATCH,
     ) -> None:
         self._config = ClientConfig(
             target,
@@ -84,6 +100,9 @@ class AsyncQuotaClient:
             fail_mode=fail_mode,
             channel_options=channel_options,
         )
+        self._lanes: Lanes[asyncio.Future[Outcome]] = Lanes(coalesce_window, coalesce_max)
+        self._coalesce = bool(coalesce) and coalesce_max > 1
+        self._batches: set[asyncio.Task[None]] = set()
         options = self._config.channel_options
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
@@ -113,8 +132,17 @@ class AsyncQuotaClient:
     def fail_mode(self) -> FailMode:
         return self._config.fail_mode
 
+    @property
+    def coalesce(self) -> bool:
+        return self._coalesce
+
     async def close(self) -> None:
+        queued = self._lanes.close()
+        for member in settle(queued, [ALONE for _ in queued]):
+            _resolve(member)
         await self._channel.close()
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
 
     async def __aenter__(self) -> AsyncQuotaClient:
         return self
@@ -165,9 +193,103 @@ class AsyncQuotaClient:
         """Decides one message to one contact and, when allowed, counts it.
 
         A call that is not a dry run gets a fresh request_id when none is given; pass
-        "" to send none."""
+        "" to send none. With `coalesce` on, calls made at the same time without
+        `queued_since`, `dry_run` or `request_id` may travel in one CheckSendBatch under
+        its own request_id: each gets the answer it would have got alone, with the
+        usage figures after that batch."""
+        if self._coalesce and _coalesce.mergeable(queued_since, dry_run, request_id):
+            return await self._coalesced(_calls.merged_check_send(tenant_id, contact_id, kind, channel), timeout)
         call = _calls.check_send(tenant_id, contact_id, kind, channel, queued_since, dry_run, request_id)
         return await self._invoke(call, timeout)
+
+    async def _coalesced(self, call: Call[SendDecision], timeout: float | None) -> SendDecision:
+        lanes = self._lanes
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        member = Member(call, now + self._config.deadline(call, timeout), now, loop.create_future())
+        lane, alone = lanes.join(_coalesce.lane_key(call.request), member)
+        if alone:
+            try:
+                return await self._invoke(member.own_call(), timeout)
+            finally:
+                lanes.finish(lane, time.monotonic(), 1)
+                self._dispatch(lane)
+        self._dispatch(lane)
+        expiry = loop.call_later(member.deadline - now, self._expire, lane, member)
+        try:
+            outcome = await member.wake
+        except asyncio.CancelledError:
+            if lanes.withdraw(lane, member):
+                self._dispatch(lane)
+            raise
+        finally:
+            expiry.cancel()
+        if isinstance(outcome, Answer):
+            return outcome.decision
+        if isinstance(outcome, Raise):
+            raise outcome.error
+        return await self._alone(member)
+
+    def _dispatch(self, lane: Lane[asyncio.Future[Outcome]]) -> None:
+        """Starts a task for each batch that may leave now, and a timer for the end of
+        the queue's window when that is what it waits for."""
+        lanes = self._lanes
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        while (batch := lanes.take(lane, now)) is not None:
+            task = loop.create_task(self._send(lane, batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        ends = lanes.window_ends(lane, now)
+        if ends is not None and lane.timer is None:
+            lane.timer = loop.call_later(ends - now, self._window_ended, lane)
+
+    def _window_ended(self, lane: Lane[asyncio.Future[Outcome]]) -> None:
+        lane.timer = None
+        self._dispatch(lane)
+
+    def _expire(self, lane: Lane[asyncio.Future[Outcome]], member: Member[asyncio.Future[Outcome]]) -> None:
+        if self._lanes.withdraw(lane, member):
+            self._dispatch(lane)
+        for expired in settle([member], [member.expired(self._config.fallback_decision)]):
+            _resolve(expired)
+
+    async def _alone(self, member: Member[asyncio.Future[Outcome]]) -> SendDecision:
+        remaining = member.deadline - time.monotonic()
+        if remaining <= 0:
+            return member.expired(self._config.fallback_decision).decision
+        return await self._invoke(member.own_call(), remaining)
+
+    async def _send_alone(self, member: Member[asyncio.Future[Outcome]], remaining: float) -> list[Outcome]:
+        try:
+            return [Answer(await self._invoke(member.own_call(), remaining))]
+        except QuotaError as error:
+            return [Raise(error)]
+
+    async def _send(self, lane: Lane[asyncio.Future[Outcome]], batch: Batch[asyncio.Future[Outcome]]) -> None:
+        """Sends a batch for everyone in it and settles them, within the latest of their
+        deadlines; a batch of one as that caller's own CheckSend."""
+        outcomes = batch.unsent()
+        try:
+            remaining = batch.deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise error_from_status(grpc.StatusCode.DEADLINE_EXCEEDED, None)
+                if batch.call is None:
+                    outcomes = await self._send_alone(batch.sender, remaining)
+                else:
+                    outcomes = batch.answers(await self._invoke(batch.call, remaining))
+            except QuotaError as error:
+                outcomes = batch.failed(error, self._config.fallback_decision)
+            except Exception:
+                # The call could not be made (a closed channel, ...): each caller then
+                # makes its own and meets the same failure there.
+                outcomes = batch.unsent()
+        finally:
+            for member in settle(batch.members, outcomes):
+                _resolve(member)
+            self._lanes.finish(lane, time.monotonic(), len(batch.members))
+            self._dispatch(lane)
 
     async def check_send_batch(
         self,
@@ -339,3 +461,9 @@ class AsyncQuotaClient:
     ) -> Invoice:
         """The billable figures of a cycle (admin; CR-6, CR-7)."""
         return await self._invoke(_calls.get_invoice(tenant_id, cycle_start), timeout)
+
+
+def _resolve(member: Member[asyncio.Future[Outcome]]) -> None:
+    if not member.wake.done():
+        assert member.outcome is not None
+        member.wake.set_result(member.outcome)

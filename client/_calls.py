@@ -6,12 +6,14 @@ async client differ only in how they send a Call; `ClientConfig` holds what they
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import grpc
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
 from ._errors import Unavailable
@@ -130,6 +132,30 @@ def check_send(
         **_stamp(queued_since, "queued_since"),
     )
     return Call("CheckSend", request, SendDecision.from_pb, fallback=SendDecision.from_fallback)
+
+
+def merged_check_send(tenant_id: str, contact_id: str, kind: EnumArg, channel: EnumArg) -> Call[SendDecision]:
+    """A CheckSend the client may merge into a CheckSendBatch: no queued_since, no dry run
+    and no request_id yet (it gets one only if it goes out alone; a batch has its own).
+    Mail workers repeat the same kind and channel, so their wire numbers are remembered."""
+    request = quota_pb2.CheckSendRequest(
+        tenant_id=tenant_id,
+        contact_id=contact_id,
+        channel=_remembered(quota_pb2.Channel, channel, "channel"),
+        kind=_remembered(quota_pb2.MessageKind, kind, "kind"),
+    )
+    return Call("CheckSend", request, SendDecision.from_pb, fallback=SendDecision.from_fallback)
+
+
+def _remembered(enum: EnumTypeWrapper, value: EnumArg, field: str) -> int:
+    if type(value) is str or type(value) is int:
+        return _enum_number(enum, value, field)
+    return enum_value(enum, value, field)
+
+
+@functools.lru_cache(maxsize=256)
+def _enum_number(enum: EnumTypeWrapper, value: EnumArg, field: str) -> int:
+    return enum_value(enum, value, field)
 
 
 def check_send_batch(

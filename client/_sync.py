@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -10,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from . import _calls
+from . import _calls, _coalesce
 from ._calls import (
     DEFAULT_ADMIN_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -19,7 +21,8 @@ from ._calls import (
     FailMode,
     status_of,
 )
-from ._errors import Unavailable, error_from_status
+from ._coalesce import ALONE, Answer, Batch, Lane, Lanes, Member, Outcome, Raise, Send, settle
+from ._errors import QuotaError, Unavailable, error_from_status
 from ._results import (
     ActiveContact,
     ActiveContactsPage,
@@ -56,8 +59,20 @@ class QuotaClient:
         allows; either result has `fallback=True`. Other calls raise Unavailable.
     credentials: channel credentials for TLS; None uses a plaintext channel.
     channel_options: extra gRPC channel arguments, overriding the client's defaults.
+    coalesce: merge check_send calls made at the same time by this client's threads
+        into CheckSendBatch calls, each caller still getting its own SendDecision. A
+        call made while no other of its tenant, channel and kind is under way goes out
+        at once as its own CheckSend, so a lone caller waits for nothing; calls made
+        while others are under way queue and leave together. Dry runs, calls with
+        `queued_since` and calls with a `request_id` of the caller's are never merged.
+    coalesce_window: how long queued calls wait for company once the sidecar could
+        take them, in seconds (the wait for a call in flight to come back is bounded by
+        each call's own deadline only); 0 sends them as soon as it can.
+    coalesce_max: the most calls one CheckSendBatch carries (1 to 10,000; 1 is the same
+        as coalesce=False).
 
-    Use it as a context manager, or call close().
+    Use it as a context manager, or call close(); calls still waiting then get an
+    answer or an error.
     """
 
     def __init__(
@@ -71,6 +86,9 @@ class QuotaClient:
         fail_mode: FailMode = "closed",
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        coalesce: bool = True,
+        coalesce_window: float = _coalesce.DEFAULT_WINDOW,
+        coalesce_max: int = _coalesce.DEFAULT_MAX_BATCH,
     ) -> None:
         self._config = ClientConfig(
             target,
@@ -81,6 +99,9 @@ class QuotaClient:
             fail_mode=fail_mode,
             channel_options=channel_options,
         )
+        self._lanes: Lanes[Signal] = Lanes(coalesce_window, coalesce_max)
+        self._coalesce = bool(coalesce) and coalesce_max > 1
+        self._lock = threading.Lock()
         options = self._config.channel_options
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -110,7 +131,14 @@ class QuotaClient:
     def fail_mode(self) -> FailMode:
         return self._config.fail_mode
 
+    @property
+    def coalesce(self) -> bool:
+        return self._coalesce
+
     def close(self) -> None:
+        with self._lock:
+            queued = self._lanes.close()
+            _wake_in_turn(settle(queued, [ALONE for _ in queued]))
         self._channel.close()
 
     def __enter__(self) -> QuotaClient:
@@ -162,9 +190,130 @@ class QuotaClient:
         """Decides one message to one contact and, when allowed, counts it.
 
         A call that is not a dry run gets a fresh request_id when none is given; pass
-        "" to send none."""
+        "" to send none. With `coalesce` on, calls made at the same time without
+        `queued_since`, `dry_run` or `request_id` may travel in one CheckSendBatch under
+        its own request_id: each gets the answer it would have got alone, with the
+        usage figures after that batch."""
+        if self._coalesce and _coalesce.mergeable(queued_since, dry_run, request_id):
+            return self._coalesced(_calls.merged_check_send(tenant_id, contact_id, kind, channel), timeout)
         call = _calls.check_send(tenant_id, contact_id, kind, channel, queued_since, dry_run, request_id)
         return self._invoke(call, timeout)
+
+    def _coalesced(self, call: Call[SendDecision], timeout: float | None) -> SendDecision:
+        lanes = self._lanes
+        now = time.monotonic()
+        member = Member(call, now + self._config.deadline(call, timeout), now, _signal())
+        with self._lock:
+            lane, alone = lanes.join(_coalesce.lane_key(call.request), member)
+            if not alone:
+                self._dispatch(lane, now)
+        if alone:
+            try:
+                return self._invoke(member.own_call(), timeout)
+            finally:
+                self._finish(lane, 1)
+        try:
+            outcome = self._wait(lane, member)
+        except BaseException:
+            self._abandon(lane, member)
+            raise
+        return self._settle(lane, member, outcome)
+
+    def _abandon(self, lane: Lane[Signal], member: Member[Signal]) -> None:
+        """A caller interrupted while it waits leaves the queue; a batch it was to send
+        sends none, its other callers each going alone."""
+        with self._lock:
+            now = time.monotonic()
+            if self._lanes.withdraw(lane, member):
+                self._dispatch(lane, now)
+            elif isinstance(member.outcome, Send):
+                batch = member.outcome.batch
+                _wake_in_turn(settle(batch.members, batch.unsent()))
+                self._lanes.finish(lane, now, 0)
+                self._dispatch(lane, now)
+
+    def _dispatch(self, lane: Lane[Signal], now: float) -> None:
+        """Under the lock: wakes the sender of each batch that may leave now, and the
+        queue's oldest caller when the end of its window is what it waits for."""
+        lanes = self._lanes
+        while (batch := lanes.take(lane, now)) is not None:
+            batch.sender.outcome = Send(batch)
+            _wake(batch.sender)
+        if lane.queue and lane.timer is not lane.queue[0] and lanes.window_ends(lane, now) is not None:
+            lane.timer = lane.queue[0]
+            _wake(lane.queue[0])
+
+    def _wait(self, lane: Lane[Signal], member: Member[Signal]) -> Outcome:
+        """Waits for the caller's outcome: woken by whoever settles it, or by its own
+        deadline, or, as the oldest queued caller, by the end of the queue's window."""
+        lanes = self._lanes
+        timed_out = False
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                if member.outcome is None and now >= member.deadline:
+                    member.outcome = member.expired(self._config.fallback_decision)
+                    if lanes.withdraw(lane, member):
+                        self._dispatch(lane, now)
+                elif member.outcome is None and (timed_out or lane.timer is member):
+                    self._dispatch(lane, now)
+                if member.outcome is not None:
+                    if member.after is not None:
+                        _wake(member.after)
+                    return member.outcome
+                until = member.deadline
+                ends = lanes.window_ends(lane, now)
+                if ends is not None and lane.queue[0] is member:
+                    lane.timer = member
+                    until = min(until, ends)
+            timed_out = not member.wake.acquire(timeout=until - now)
+
+    def _settle(self, lane: Lane[Signal], member: Member[Signal], outcome: Outcome) -> SendDecision:
+        if isinstance(outcome, Answer):
+            return outcome.decision
+        if isinstance(outcome, Raise):
+            raise outcome.error
+        if isinstance(outcome, Send):
+            return self._send(lane, outcome.batch, member)
+        return self._alone(member)
+
+    def _alone(self, member: Member[Signal]) -> SendDecision:
+        remaining = member.deadline - time.monotonic()
+        if remaining <= 0:
+            return member.expired(self._config.fallback_decision).decision
+        return self._invoke(member.own_call(), remaining)
+
+    def _send(self, lane: Lane[Signal], batch: Batch[Signal], sender: Member[Signal]) -> SendDecision:
+        """Sends a batch for everyone in it and settles them; the sender has the latest
+        deadline, which is the batch's."""
+        if batch.call is None:
+            try:
+                return self._alone(sender)
+            finally:
+                self._finish(lane, 1)
+        outcomes = batch.unsent()
+        try:
+            remaining = batch.deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise error_from_status(grpc.StatusCode.DEADLINE_EXCEEDED, None)
+                outcomes = batch.answers(self._invoke(batch.call, remaining))
+            except QuotaError as error:
+                outcomes = batch.failed(error, self._config.fallback_decision)
+        finally:
+            with self._lock:
+                own = outcomes[batch.members.index(sender)]
+                _wake_in_turn(settle(batch.members, outcomes))
+                now = time.monotonic()
+                self._lanes.finish(lane, now, len(batch.members))
+                self._dispatch(lane, now)
+        return self._settle(lane, sender, own)
+
+    def _finish(self, lane: Lane[Signal], answered: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._lanes.finish(lane, now, answered)
+            self._dispatch(lane, now)
 
     def check_send_batch(
         self,
@@ -335,3 +484,29 @@ class QuotaClient:
     ) -> Invoice:
         """The billable figures of a cycle (admin; CR-6, CR-7)."""
         return self._invoke(_calls.get_invoice(tenant_id, cycle_start), timeout)
+
+
+# A caller waits on a lock of its own, taken when it queues: waking it is releasing the
+# lock, which costs a third of a threading.Event. Wakers hold the client's lock, so the
+# lock is released only while taken, never twice.
+Signal = threading.Lock
+
+
+def _signal() -> Signal:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
+def _wake(member: Member[Signal]) -> None:
+    if member.wake.locked():
+        member.wake.release()
+
+
+def _wake_in_turn(members: list[Member[Signal]]) -> None:
+    """Wakes the first member; each wakes the next once it runs. Woken all at once, they
+    would all contend for the GIL, at a cost in CPU that grows with their number."""
+    for member, after in itertools.pairwise(members):
+        member.after = after
+    if members:
+        _wake(members[0])

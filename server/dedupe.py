@@ -64,6 +64,10 @@ class CycleFilter:
             return [c for c in contact_ids if contains(c)]
         return [c for c in contact_ids if c in self]
 
+    def not_among(self, contact_ids: Sequence[str]) -> list[str]:
+        """The contacts certainly not in the filter."""
+        return [c for c in dict.fromkeys(contact_ids) if c not in self]
+
     def add_all(self, contact_ids: Sequence[str]) -> None:
         """Adds contacts, growing a layer at a time as each fills."""
         done = 0

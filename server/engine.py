@@ -382,6 +382,11 @@ class _Overlay:
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         self.count_sends(tenant_id, cycle_start_us, sends)
 
+    def send_to_new(
+        self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str], at_us: int, activity: str
+    ) -> None:
+        self.activate(tenant_id, cycle_start_us, [Activation(c, at_us, activity, 1) for c in contact_ids])
+
     def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
         self.count_sends(tenant_id, cycle_start_us, len(contact_ids))
 
@@ -724,9 +729,7 @@ class Engine:
                 count += 1
                 sends += 1
                 first[c] = ALLOW_OVERAGE if overage_from is not None and count > overage_from else ALLOW_NEW
-        if fresh:
-            activity = kind.name
-            view.activate(tenant_id, cycle.start_us, [Activation(c, now, activity, 1) for c in fresh])
+        view.send_to_new(tenant_id, cycle.start_us, fresh, now, kind.name)
         view.send_to_active(tenant_id, cycle.start_us, again)
         return first, tally.plus(len(fresh), len(fresh) + len(again))
 

@@ -305,19 +305,17 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             newly_active=outcome.newly_active,
             usage=usage_pb(outcome.usage),
         )
-        templates: dict[SendDecision, pb.CheckSendResult] = {}
-        tally: dict[SendDecision, int] = {}
+        templates: dict[int, list[Any]] = {}
         add = response.results.add
         for contact_id, d in outcome.results:
-            template = templates.get(d)
-            if template is None:
-                template = templates[d] = pb.CheckSendResult(**_decision_fields(d))
-                tally[d] = 0
-            tally[d] += 1
+            found = templates.get(id(d))
+            if found is None:
+                found = templates[id(d)] = [pb.CheckSendResult(**_decision_fields(d)), d, 0]
+            found[2] += 1
             result = add()
-            result.CopyFrom(template)
+            result.CopyFrom(found[0])
             result.contact_id = contact_id
-        for d, n in tally.items():
+        for _, d, n in templates.values():
             self.metrics.decisions.labels("CheckSendBatch", d.decision.name, d.reason.name).inc(n)
         return response
 

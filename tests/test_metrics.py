@@ -157,9 +157,13 @@ def test_dedupe_filter_estimate_and_target_and_event_counts(tmp_path: Path, cloc
     try:
         running.put_plan("a", **plan(100, notify_thresholds=[0.5, 0.8]))
         send(running, "a", contacts("a", 90))
-        m = scrape(running)
+        deadline = time.monotonic() + 20
+        while (m := scrape(running))["quota_dedupe_filter_items"] != [({}, 90.0)]:
+            assert time.monotonic() < deadline, "the dedupe filter was never built"
+            time.sleep(0.01)
     finally:
         running.stop()
+    assert m["quota_dedupe_filters_building"] == [({}, 0.0)]
     assert m["quota_dedupe_filter_false_positive_ratio_target"] == [({}, 0.01)]
     ((_, estimate),) = m["quota_dedupe_filter_false_positive_ratio"]
     assert 0 < estimate < 0.01

@@ -112,6 +112,12 @@ class LedgerTx(LedgerReader, Protocol):
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         """Adds sends to a contact already active in the cycle, and to the cycle's figure."""
 
+    def send_to_new(
+        self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str], at_us: int, activity: str
+    ) -> None:
+        """Marks contacts (no repeats, none active in the cycle) active at `at_us` by one
+        send of `activity` each, and raises the cycle's active count and sends by as many."""
+
     def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
         """Adds one send to each of these contacts (no repeats, all active in the cycle)
         and as many to the cycle's figure."""

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -489,7 +490,7 @@ class _Builds:
             self.asked.put(asked)
         self.requested.clear()
 
-    def record(self, key: tuple[str, int], contact_ids: list[str]) -> None:
+    def record(self, key: tuple[str, int], contact_ids: Sequence[str]) -> None:
         build = self.running.get(key)
         if build is not None:
             build.pending.extend(contact_ids)
@@ -523,7 +524,7 @@ class _Install:
     def __call__(self) -> None:
         pending = self.ledger._builds.finish(self.key, self.generation)
         if pending is not None and self.built is not None:
-            self.built.add_all(pending)
+            self.built.add_all(self.built.not_among(pending))
             self.ledger.filters.put(self.key[0], self.key[1], self.built)
 
 
@@ -615,12 +616,14 @@ class _Tx(_Reader):
         return f
 
     def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
+        """Through the cycle's filter (the figures count only look-ups a filter answered)."""
         stats = self.filters.stats
-        stats.lookups += 1
         f = self._filter(tenant_id, cycle_start_us)
-        if f is not None and contact_id not in f:
-            stats.certainly_new += 1
-            return None
+        if f is not None:
+            stats.lookups += 1
+            if contact_id not in f:
+                stats.certainly_new += 1
+                return None
         key = self._key(tenant_id, cycle_start_us, create=False)
         row = None
         if key is not None:
@@ -630,7 +633,8 @@ class _Tx(_Reader):
                 (key, contact_id),
             ).fetchone()
         if row is None:
-            stats.confirmed_false_positives += 1
+            if f is not None:
+                stats.confirmed_false_positives += 1
             return None
         return Activation(contact_id, cycle_start_us + row[0], self._name(row[1]), row[2])
 
@@ -639,15 +643,13 @@ class _Tx(_Reader):
         (every active one and the false positives) are confirmed in one query."""
         f = self._filter(tenant_id, cycle_start_us)
         maybe = contact_ids if f is None else f.maybe_among(contact_ids)
-        stats = self.filters.stats
-        stats.lookups += len(contact_ids)
-        stats.certainly_new += len(contact_ids) - len(maybe)
         key = self._key(tenant_id, cycle_start_us, create=False)
-        if key is None or not maybe:
-            stats.confirmed_false_positives += len(maybe)
-            return set()
-        found = _active_among(self.conn, "cycle_key = ?", (key,), maybe)
-        stats.confirmed_false_positives += len(maybe) - len(found)
+        found = set() if key is None or not maybe else _active_among(self.conn, "cycle_key = ?", (key,), maybe)
+        if f is not None:
+            stats = self.filters.stats
+            stats.lookups += len(contact_ids)
+            stats.certainly_new += len(contact_ids) - len(maybe)
+            stats.confirmed_false_positives += len(maybe) - len(found)
         return found
 
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
@@ -713,13 +715,17 @@ class _Tx(_Reader):
             " VALUES (?, ?, ?, ?, ?)",
             [(key, a.contact_id, a.activated_at_us - cycle_start_us, code(a.activity), a.sends) for a in activations],
         )
-        ids = [a.contact_id for a in activations]
+        self._added(f, tenant_id, cycle_start_us, [a.contact_id for a in activations])
+        self._bump(tenant_id, cycle_start_us, len(activations), sum(a.sends for a in activations))
+
+    def _added(self, f: CycleFilter | None, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
+        """Puts newly active contacts in the cycle's filter (and in any build of it); a
+        filter that outgrew its size is built again bigger."""
         if f is not None:
-            f.add_all(ids)
+            f.add_all(contact_ids)
             if len(f.layers) > 1:
                 self.builds.request((tenant_id, cycle_start_us), 2 * f.items)
-        self.builds.record((tenant_id, cycle_start_us), ids)
-        self._bump(tenant_id, cycle_start_us, len(activations), sum(a.sends for a in activations))
+        self.builds.record((tenant_id, cycle_start_us), contact_ids)
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         key = self._key(tenant_id, cycle_start_us, create=False)
@@ -730,6 +736,22 @@ class _Tx(_Reader):
         if changed != 1:
             raise LookupError(f"no activation of {contact_id!r} to add sends to")
         self._bump(tenant_id, cycle_start_us, 0, sends)
+
+    def send_to_new(
+        self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str], at_us: int, activity: str
+    ) -> None:
+        if not contact_ids:
+            return
+        f = self._filter(tenant_id, cycle_start_us)
+        key = self._key(tenant_id, cycle_start_us, create=True)
+        offset, code = at_us - cycle_start_us, self._code(activity)
+        self.conn.executemany(
+            "INSERT INTO cycle_activations (cycle_key, contact_id, activated_after_us, activity, sends)"
+            " VALUES (?, ?, ?, ?, 1)",
+            zip(repeat(key), contact_ids, repeat(offset), repeat(code)),
+        )
+        self._added(f, tenant_id, cycle_start_us, contact_ids)
+        self._bump(tenant_id, cycle_start_us, len(contact_ids), len(contact_ids))
 
     def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
         if not contact_ids:
@@ -889,7 +911,10 @@ class SQLiteLedger(Ledger):
         self._open = False
         self._failing = False
         self._builds = _Builds(self.filters)
+        self._writing = threading.Lock()
+        self._tx: _Tx | None = None
         self._installs = 0
+        self._held = 0
         self._builder: threading.Thread | None = None
 
     @property
@@ -915,6 +940,7 @@ class SQLiteLedger(Ledger):
         try:
             migrate(self.path)
             self._conn = self._connect()
+            self._tx = _Tx(self._conn, self.filters, self._builds)
             self._request_filters()
         except (ValueError, sqlite3.Error) as exc:
             if self._conn is not None:
@@ -944,7 +970,7 @@ class SQLiteLedger(Ledger):
     def queued_units(self) -> int:
         """Units of work waiting for the writer."""
         with self._state:
-            return self._queue.qsize() - self._installs
+            return self._queue.qsize() - self._installs + self._held
 
     def _build_loop(self) -> None:
         conn = self._connect()
@@ -992,6 +1018,8 @@ class SQLiteLedger(Ledger):
             self._queue.put(_STOP)
         if self._writer is not None:
             self._writer.join()
+        with self._writing:
+            self._tx = None
         self._builds.asked.put(None)
         if self._builder is not None:
             self._builder.join()
@@ -1013,11 +1041,22 @@ class SQLiteLedger(Ledger):
         log.info("ledger flushed and closed")
 
     def transact(self, work: Callable[[LedgerTx], T]) -> T:
+        """Runs `work` in a committed transaction. A caller that finds no commit under
+        way commits itself, with whatever units wait in the queue; otherwise its unit
+        waits in the queue for the writer thread's next group commit."""
         future: Future[T] = Future()
         with self._state:
             if not self._open:
                 raise LedgerUnavailable("the ledger is not open")
-            self._queue.put((work, future))
+            leading = self._writing.acquire(blocking=False)
+            if not leading:
+                self._queue.put((work, future))
+        if leading:
+            try:
+                if self._commit_queued([(work, future)]):
+                    self._queue.put(_STOP)
+            finally:
+                self._writing.release()
         return future.result()
 
     def read(self, work: Callable[[LedgerReader], T]) -> T:
@@ -1039,30 +1078,48 @@ class SQLiteLedger(Ledger):
             raise LedgerUnavailable(f"the ledger cannot be read: {exc}") from exc
 
     def _write_loop(self) -> None:
-        assert self._conn is not None
-        tx = _Tx(self._conn, self.filters, self._builds)
+        """Commits what callers queued while another commit was under way."""
         stopping = False
         while not stopping:
-            batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]] = []
             item = self._queue.get()
-            while True:
-                if item is _STOP:
-                    stopping = True
-                    break
-                if isinstance(item, _Install):
+            held = isinstance(item, tuple)
+            with self._state:
+                if held:
+                    self._held = 1
+                elif isinstance(item, _Install):
+                    self._installs -= 1
+            with self._writing:
+                if held:
                     with self._state:
-                        self._installs -= 1
-                    item()
-                else:
-                    batch.append(item)
-                if len(batch) >= self.max_batch:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._commit(tx, batch)
+                        self._held = 0
+                stopping = self._commit_queued([], item)
+
+    def _commit_queued(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]], item: Any = None) -> bool:
+        """Under the writing lock: takes queued units (up to max_batch) after `batch`,
+        installs built filters met on the way, commits them as one transaction.
+        Returns whether the stop was met."""
+        stopping = False
+        while True:
+            if item is _STOP:
+                stopping = True
+                break
+            if isinstance(item, _Install):
+                item()
+            elif item is not None:
+                batch.append(item)
+            if len(batch) >= self.max_batch:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Install):
+                with self._state:
+                    self._installs -= 1
+        if batch:
+            assert self._tx is not None
+            self._commit(self._tx, batch)
+        return stopping
 
     def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
         conn = tx.conn

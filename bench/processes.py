@@ -64,8 +64,9 @@ def tail(path: Path, lines: int = 15) -> str:
 class Processes:
     """Starts child processes and kills those still running on close()."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, synchronous: str = "FULL") -> None:
         self.folder = folder
+        self.synchronous = synchronous
         self._running: list[subprocess.Popen[bytes]] = []
         self._count = 0
         self.logs: list[Path] = []
@@ -145,6 +146,8 @@ class SidecarProcess:
             ADMIN_TOKEN,
             "--metrics-address",
             f"127.0.0.1:{self.metrics_port}",
+            "--sqlite-synchronous",
+            self.processes.synchronous,
         ]
         self._channel = grpc.insecure_channel(self.address, options=FAST_RECONNECT)
         self.spawned_at = time.perf_counter()

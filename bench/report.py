@@ -58,7 +58,7 @@ class Section:
     rows: tuple[Row, ...]
 
 
-def sections(sizes: Sizes) -> list[Section]:
+def sections(sizes: Sizes, synchronous: str) -> list[Section]:
     x = f"x{sizes.threads}"
     floor = Section(
         "gRPC floor: a no-op unary call on the sidecar's server stack",
@@ -96,7 +96,7 @@ def sections(sizes: Sizes) -> list[Section]:
     five = Goal(">= 5x plain unary", (("ratio>=", 5.0),))
     c = sizes.callers
     calls = Section(
-        "Sidecar calls (quota-sidecar serve, SQLite ledger, synchronous=FULL)",
+        f"Sidecar calls (quota-sidecar serve, SQLite ledger, synchronous={synchronous})",
         (
             versus_floor("checksend.new.p50_ms", "CheckSend p50, new contact", "ms", p50),
             versus_floor("checksend.new.p99_ms", "CheckSend p99, new contact", "ms", p99),
@@ -266,9 +266,9 @@ class Line:
     met: str
 
 
-def evaluate(results: Results, sizes: Sizes) -> list[Line]:
+def evaluate(results: Results, sizes: Sizes, synchronous: str) -> list[Line]:
     lines = []
-    for section in sections(sizes):
+    for section in sections(sizes, synchronous):
         for row in section.rows:
             median = results.median(row.key)
             if median is None and row.key not in results.unavailable:

@@ -53,6 +53,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the table shows their median")
     parser.add_argument("--tmp", type=Path, default=None, help="folder to make the run's temporary folder in")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (ledgers, process logs)")
+    parser.add_argument(
+        "--sqlite-synchronous",
+        default="FULL",
+        choices=("FULL", "NORMAL"),
+        help="the sidecars' SQLite synchronous mode (FULL: durable at the answer; NORMAL: survives a crash of the"
+        " process, not of the machine)",
+    )
     sizes = parser.add_argument_group("sizes (override --quick/--full)")
     for field in dataclasses.fields(Sizes):
         kind = _counts if field.name == "serving_contacts" else int
@@ -201,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     failures: dict[str, str] = {}
     folder = Path(tempfile.mkdtemp(prefix="quota-bench-", dir=args.tmp))
-    processes = Processes(folder)
+    processes = Processes(folder, args.sqlite_synchronous)
     session = Session(folder, processes, args.sizes, args.repeat)
     session.progress(f"{args.mode} run of {', '.join(args.scenarios)} in {folder}; {args.repeat} run(s) each")
     try:
@@ -217,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     wall = time.monotonic() - started
     info = machine()
-    lines = report.evaluate(session.results, args.sizes)
+    lines = report.evaluate(session.results, args.sizes, args.sqlite_synchronous)
     footer = [
         f"{args.mode} run, medians of {args.repeat} run(s); wall time {wall:.0f} s; contact ids are 16 characters",
         f"machine: {info['cpu_model']}, {info['cores']} cores; Python {info['python']}, grpcio {info['grpc']},"
@@ -235,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "mode": args.mode,
             "repeat": args.repeat,
+            "sqlite_synchronous": args.sqlite_synchronous,
             "scenarios": args.scenarios,
             "started_at": started_at.isoformat(),
             "wall_seconds": round(wall, 1),

@@ -305,7 +305,7 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
     count = tally.count
     limit = plan.limit
     over = max(0, tally.peak - limit)
-    amount = Decimal(plan.overage_unit_price or "0") * over
+    amount = money(Decimal(plan.overage_unit_price or "0") * over) if over else NO_MONEY
     return Usage(
         tenant_id=tenant_id,
         cycle_start_us=cycle.start_us,
@@ -317,7 +317,7 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
         sends_limit=plan.effective_sends_limit,
         state=state_of(plan, count, tally.sends),
         overage_contacts=over,
-        overage_amount=money(amount),
+        overage_amount=amount,
         currency=plan.currency,
         plan_name=plan.plan_name,
         peak_contacts=tally.peak,
@@ -406,6 +406,7 @@ def _decision_from(raw: list) -> SendDecision:
     return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
 
 
+NO_MONEY = money(Decimal(0))
 NOT_COUNTED = SendDecision(Decision.ALLOW, Reason.NOT_COUNTED)
 ALLOW_ACTIVE = SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE)
 ALLOW_NEW = SendDecision(Decision.ALLOW, Reason.NEW_CONTACT_COUNTED, newly_active=True)

@@ -9,6 +9,7 @@ not from the hot path.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -90,10 +91,30 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self._timers: dict[str, Any] = {}
+        self._calls: dict[tuple[str, str], Any] = {}
+        self._decisions: dict[tuple[str, str, str], Any] = {}
         for kind in UsageEventType:
             self.usage_events.labels(kind.name)
         for result in ("delivered", "failed"):
             self.webhook_deliveries.labels(result)
+
+    def call_done(self, method: str, code: str, seconds: float) -> None:
+        """Times and counts one call (the labelled series looked up once each)."""
+        timer = self._timers.get(method)
+        if timer is None:
+            timer = self._timers[method] = self.latency.labels(method)
+        timer.observe(seconds)
+        counter = self._calls.get((method, code))
+        if counter is None:
+            counter = self._calls[(method, code)] = self.calls.labels(method, code)
+        counter.inc()
+
+    def decided(self, method: str, decision: str, reason: str, count: int = 1) -> None:
+        counter = self._decisions.get((method, decision, reason))
+        if counter is None:
+            counter = self._decisions[(method, decision, reason)] = self.decisions.labels(method, decision, reason)
+        counter.inc(count)
 
     def observe_commit(self, seconds: float, units: int, ok: bool) -> None:
         if ok:

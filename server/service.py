@@ -247,8 +247,7 @@ def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 code = _code_name(exc)
                 _answer_failure(context, method, exc)
             finally:
-                self.metrics.latency.labels(method).observe(time.perf_counter() - started)
-                self.metrics.calls.labels(method, code).inc()
+                self.metrics.call_done(method, code, time.perf_counter() - started)
 
         return handler
 
@@ -280,7 +279,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         )
         outcome = self.engine.check_send(req)
         d = outcome.decision
-        self.metrics.decisions.labels("CheckSend", d.decision.name, d.reason.name).inc()
+        self.metrics.decided("CheckSend", d.decision.name, d.reason.name)
         response = pb.CheckSendResponse(**_decision_fields(d), usage=usage_pb(outcome.usage))
         if d.retry_after_us:
             response.retry_after.CopyFrom(_dur(d.retry_after_us))
@@ -316,7 +315,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             result.CopyFrom(found[0])
             result.contact_id = contact_id
         for _, d, n in templates.values():
-            self.metrics.decisions.labels("CheckSendBatch", d.decision.name, d.reason.name).inc(n)
+            self.metrics.decided("CheckSendBatch", d.decision.name, d.reason.name, n)
         return response
 
     @_handled("CheckContactAdd")
@@ -332,7 +331,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             request_id=request.request_id,
         )
         outcome = self.engine.check_contact_add(req)
-        self.metrics.decisions.labels("CheckContactAdd", outcome.decision.name, outcome.reason.name).inc()
+        self.metrics.decided("CheckContactAdd", outcome.decision.name, outcome.reason.name)
         return pb.CheckContactAddResponse(
             decision=outcome.decision.value,
             reason=outcome.reason.value,
@@ -343,7 +342,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
     @_handled("CheckEnroll")
     def CheckEnroll(self, request: pb.CheckEnrollRequest, context: grpc.ServicerContext) -> pb.CheckEnrollResponse:
         outcome = self.engine.check_enroll(request.tenant_id, request.contact_id, request.automation_id)
-        self.metrics.decisions.labels("CheckEnroll", outcome.decision.name, outcome.reason.name).inc()
+        self.metrics.decided("CheckEnroll", outcome.decision.name, outcome.reason.name)
         return pb.CheckEnrollResponse(
             decision=outcome.decision.value, reason=outcome.reason.value, usage=usage_pb(outcome.usage)
         )

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
@@ -777,10 +777,10 @@ class _Tx(_Reader):
             " active_contacts = active_contacts + excluded.active_contacts, sends = sends + excluded.sends",
             (tenant_id, cycle_start_us, active, sends),
         )
-        known = self._counters.get((tenant_id, cycle_start_us))
-        if known is not None:
-            self._counters[(tenant_id, cycle_start_us)] = replace(
-                known, active_contacts=known.active_contacts + active, sends=known.sends + sends
+        k = self._counters.get((tenant_id, cycle_start_us))
+        if k is not None:
+            self._counters[(tenant_id, cycle_start_us)] = Counters(
+                k.active_contacts + active, k.sends + sends, k.held_end, k.held_peak, k.marketing_end, k.marketing_peak
             )
 
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None:

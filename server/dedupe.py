@@ -64,6 +64,12 @@ class CycleFilter:
             return [c for c in contact_ids if contains(c)]
         return [c for c in contact_ids if c in self]
 
+    def recount(self, items: int) -> None:
+        """Sets how many contacts the filter holds, when the ledger says so exactly (a
+        contact added twice, or not at all because it already read as maybe, is one)."""
+        earlier = sum(layer.items for layer in self.layers[:-1])
+        self.layers[-1].items = max(0, items - earlier)
+
     def not_among(self, contact_ids: Sequence[str]) -> list[str]:
         """The contacts certainly not in the filter."""
         return [c for c in dict.fromkeys(contact_ids) if c not in self]

@@ -525,6 +525,9 @@ class _Install:
         pending = self.ledger._builds.finish(self.key, self.generation)
         if pending is not None and self.built is not None:
             self.built.add_all(self.built.not_among(pending))
+            tx = self.ledger._tx
+            if tx is not None:
+                self.built.recount(tx.counters(*self.key).active_contacts)
             self.ledger.filters.put(self.key[0], self.key[1], self.built)
 
 
@@ -724,7 +727,7 @@ class _Tx(_Reader):
         if f is not None:
             f.add_all(contact_ids)
             if len(f.layers) > 1:
-                self.builds.request((tenant_id, cycle_start_us), 2 * f.items)
+                self.builds.request((tenant_id, cycle_start_us), f.items * 3 // 2)
         self.builds.record((tenant_id, cycle_start_us), contact_ids)
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:

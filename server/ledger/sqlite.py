@@ -441,6 +441,21 @@ def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], 
 
 
 _REMEMBERED = 100_000
+BUILDS_PER_READ = 1_000
+ROWS_PER_READ = 65_536
+
+
+def _cycle_size(conn: sqlite3.Connection, key: tuple[str, int]) -> tuple[int | None, int]:
+    """A tenant cycle's key and its count of active contacts."""
+    row = conn.execute(
+        "SELECT k.cycle_key, COALESCE(u.active_contacts, 0) FROM cycle_keys k LEFT JOIN usage u"
+        " ON u.tenant_id = k.tenant_id AND u.cycle_start_us = k.cycle_start_us"
+        " WHERE k.tenant_id = ? AND k.cycle_start_us = ?",
+        key,
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, 0)
+
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -475,7 +490,7 @@ class _Builds:
         self.running: dict[tuple[str, int], _Build] = {}
         self.generation = 0
         self.requested: list[tuple[tuple[str, int], int, int]] = []
-        self.asked: queue.SimpleQueue[tuple[tuple[str, int], int, int] | None] = queue.SimpleQueue()
+        self.asked: queue.SimpleQueue[list[tuple[tuple[str, int], int, int]] | None] = queue.SimpleQueue()
 
     def request(self, key: tuple[str, int], capacity: int) -> None:
         """Starts recording; the build itself is handed over by `dispatch`."""
@@ -486,9 +501,9 @@ class _Builds:
 
     def dispatch(self) -> None:
         """Hands the builds asked for to the builder, once what was written before is committed."""
-        for asked in self.requested:
-            self.asked.put(asked)
-        self.requested.clear()
+        if self.requested:
+            self.asked.put(self.requested)
+            self.requested = []
 
     def record(self, key: tuple[str, int], contact_ids: Sequence[str]) -> None:
         build = self.running.get(key)
@@ -511,24 +526,24 @@ class _Builds:
 
 
 class _Install:
-    """A built filter handed to the writer, which installs it between commits."""
+    """Built filters handed to the writer, which installs them between commits."""
 
-    __slots__ = ("ledger", "key", "built", "generation")
+    __slots__ = ("ledger", "built")
 
-    def __init__(self, ledger: SQLiteLedger, key: tuple[str, int], built: CycleFilter | None, generation: int) -> None:
+    def __init__(self, ledger: SQLiteLedger, built: list[tuple[tuple[str, int], CycleFilter | None, int]]) -> None:
         self.ledger = ledger
-        self.key = key
         self.built = built
-        self.generation = generation
 
     def __call__(self) -> None:
-        pending = self.ledger._builds.finish(self.key, self.generation)
-        if pending is not None and self.built is not None:
-            self.built.add_all(self.built.not_among(pending))
-            tx = self.ledger._tx
-            if tx is not None:
-                self.built.recount(tx.counters(*self.key).active_contacts)
-            self.ledger.filters.put(self.key[0], self.key[1], self.built)
+        ledger = self.ledger
+        for key, f, generation in self.built:
+            pending = ledger._builds.finish(key, generation)
+            if pending is None or f is None:
+                continue
+            f.add_all(f.not_among(pending))
+            if ledger._tx is not None:
+                f.recount(ledger._tx.counters(*key).active_contacts)
+            ledger.filters.put(key[0], key[1], f)
 
 
 class _Tx(_Reader):
@@ -982,36 +997,63 @@ class SQLiteLedger(Ledger):
                 asked = self._builds.asked.get()
                 if asked is None:
                     return
-                key, capacity, generation = asked
-                try:
-                    built = self._build(conn, key, capacity)
-                except sqlite3.Error as exc:
-                    log.warning("building a dedupe filter failed (%s); contacts are confirmed in the ledger", exc)
-                    self._install(key, None, generation)
-                    continue
-                self._install(key, built, generation)
+                for start in range(0, len(asked), BUILDS_PER_READ):
+                    self._build_some(conn, asked[start : start + BUILDS_PER_READ])
         finally:
             conn.close()
 
-    def _build(self, conn: sqlite3.Connection, key: tuple[str, int], capacity: int) -> CycleFilter:
-        conn.execute("BEGIN")
+    def _build_some(self, conn: sqlite3.Connection, asked: list[tuple[tuple[str, int], int, int]]) -> None:
+        """Builds filters and hands them to the writer in one install: small cycles in
+        one read transaction, a big one in chunks of rows, each in a transaction of its
+        own, so no snapshot is held long enough to keep the WAL from being checkpointed
+        (a contact committed between chunks is in a later chunk or in the record)."""
+        built: list[tuple[tuple[str, int], CycleFilter | None, int]] = []
         try:
-            row = conn.execute(
-                "SELECT active_contacts FROM usage WHERE tenant_id = ? AND cycle_start_us = ?", key
-            ).fetchone()
-            f = self.filters.sized(max(capacity, (row[0] if row else 0) * 5 // 4))
-            rows = conn.execute(f"SELECT contact_id FROM cycle_activations WHERE cycle_key = {_KEY}", key)
-            while chunk := rows.fetchmany(65_536):
-                f.add_all([r[0] for r in chunk])
-            return f
-        finally:
-            conn.execute("COMMIT")
-
-    def _install(self, key: tuple[str, int], built: CycleFilter | None, generation: int) -> None:
+            conn.execute("BEGIN")
+            try:
+                sizes = [(key, capacity, generation, _cycle_size(conn, key)) for key, capacity, generation in asked]
+                small = [entry for entry in sizes if entry[3][1] <= ROWS_PER_READ]
+                for key, capacity, generation, (cycle_key, count) in small:
+                    f = self.filters.sized(max(capacity, count * 5 // 4))
+                    if cycle_key is not None:
+                        rows = conn.execute(
+                            "SELECT contact_id FROM cycle_activations WHERE cycle_key = ?", (cycle_key,)
+                        )
+                        f.add_all([r[0] for r in rows])
+                    built.append((key, f, generation))
+            finally:
+                conn.execute("COMMIT")
+            for key, capacity, generation, (cycle_key, count) in sizes:
+                if count > ROWS_PER_READ:
+                    size = max(capacity, count * 5 // 4)
+                    big = self.filters.sized(size) if cycle_key is None else self._build_big(conn, cycle_key, size)
+                    built.append((key, big, generation))
+        except sqlite3.Error as exc:
+            log.warning("building dedupe filters failed (%s); their contacts are confirmed in the ledger", exc)
+            done = {key for key, _, _ in built}
+            built += [(key, None, generation) for key, _, generation in asked if key not in done]
         with self._state:
             if self._open:
                 self._installs += 1
-                self._queue.put(_Install(self, key, built, generation))
+                self._queue.put(_Install(self, built))
+
+    def _build_big(self, conn: sqlite3.Connection, cycle_key: int, capacity: int) -> CycleFilter:
+        f = self.filters.sized(capacity)
+        after = ""
+        while True:
+            conn.execute("BEGIN")
+            try:
+                chunk = conn.execute(
+                    "SELECT contact_id FROM cycle_activations WHERE cycle_key = ? AND contact_id > ?"
+                    " ORDER BY contact_id LIMIT ?",
+                    (cycle_key, after, ROWS_PER_READ),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            if not chunk:
+                return f
+            f.add_all([r[0] for r in chunk])
+            after = chunk[-1][0]
 
     def close(self) -> None:
         with self._state:

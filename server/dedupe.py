@@ -13,6 +13,7 @@ owner (the ledger's writer) is the only thread that touches it.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,13 @@ class DedupeFilters:
         self._filters: OrderedDict[tuple[str, int], CycleFilter] = OrderedDict()
         self.stats = FilterStats()
         self.building = 0
+        self._lock = threading.Lock()
+        self._reading = threading.Lock()
+        self._touched: set[tuple[str, int]] = set()
+        self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
+        self._fp: dict[tuple[str, int], float] = {}
+        self._items = 0
+        self._bytes = 0
 
     def get(self, tenant_id: str, cycle_start_us: int) -> CycleFilter | None:
         key = (tenant_id, cycle_start_us)
@@ -141,8 +149,16 @@ class DedupeFilters:
     def put(self, tenant_id: str, cycle_start_us: int, f: CycleFilter) -> None:
         self._filters[(tenant_id, cycle_start_us)] = f
         self._filters.move_to_end((tenant_id, cycle_start_us))
+        touched = [(tenant_id, cycle_start_us)]
         while len(self._filters) > self.max_filters:
-            self._filters.popitem(last=False)
+            touched.append(self._filters.popitem(last=False)[0])
+        self.touched(*touched)
+
+    def touched(self, *keys: tuple[str, int]) -> None:
+        """Marks filters whose contacts changed (or that came or went) since the figures
+        were last read; reading them then costs only what changed."""
+        with self._lock:
+            self._touched.update(keys)
 
     def load(self, tenant_id: str, cycle_start_us: int, contact_ids: Iterable[str], capacity: int) -> CycleFilter:
         """Installs a filter holding exactly the given (ledger-confirmed) contacts."""
@@ -154,24 +170,47 @@ class DedupeFilters:
 
     def forget(self, tenant_id: str | None = None) -> None:
         """Drops filters (one tenant's, or all) so they are reloaded from the ledger."""
-        if tenant_id is None:
-            self._filters.clear()
-            return
-        for key in [k for k in self._filters if k[0] == tenant_id]:
+        gone = [k for k in self._filters if tenant_id is None or k[0] == tenant_id]
+        for key in gone:
             del self._filters[key]
+        self.touched(*gone)
 
     def __len__(self) -> int:
         return len(self._filters)
 
+    def _refresh(self) -> None:
+        """Brings the running figures up to date with the filters touched since."""
+        with self._reading:
+            self._refresh_touched()
+
+    def _refresh_touched(self) -> None:
+        with self._lock:
+            touched, self._touched = self._touched, set()
+        for key in touched:
+            items, size = self._sizes.pop(key, (0, 0))
+            self._items -= items
+            self._bytes -= size
+            self._fp.pop(key, None)
+            f = self._filters.get(key)
+            if f is not None:
+                items, size = f.items, f.size_bytes
+                self._sizes[key] = (items, size)
+                self._items += items
+                self._bytes += size
+                self._fp[key] = f.estimated_fp_rate
+
     @property
     def items(self) -> int:
-        return sum(f.items for f in list(self._filters.values()))
+        self._refresh()
+        return self._items
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.size_bytes for f in list(self._filters.values()))
+        self._refresh()
+        return self._bytes
 
     @property
     def estimated_fp_rate(self) -> float:
         """The highest estimated false-positive rate of any filter (0 with none)."""
-        return max((f.estimated_fp_rate for f in list(self._filters.values())), default=0.0)
+        self._refresh()
+        return max(self._fp.values(), default=0.0)

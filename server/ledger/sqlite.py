@@ -741,6 +741,7 @@ class _Tx(_Reader):
         filter that outgrew its size is built again bigger."""
         if f is not None:
             f.add_all(contact_ids)
+            self.filters.touched((tenant_id, cycle_start_us))
             if len(f.layers) > 1:
                 self.builds.request((tenant_id, cycle_start_us), f.items * 3 // 2)
         self.builds.record((tenant_id, cycle_start_us), contact_ids)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rbloom import Bloom
@@ -46,14 +46,6 @@ class CycleFilter:
     def _grow(self, capacity: int) -> None:
         rate = self.fp_rate / (2 ** len(self.layers))
         self.layers.append(_Layer(Bloom(capacity, rate), capacity))
-
-    def add(self, contact_id: str) -> None:
-        layer = self.layers[-1]
-        if layer.items >= layer.capacity:
-            self._grow(layer.capacity * 2)
-            layer = self.layers[-1]
-        layer.bloom.add(contact_id)
-        layer.items += 1
 
     def __contains__(self, contact_id: str) -> bool:
         return any(contact_id in layer.bloom for layer in self.layers)
@@ -159,14 +151,6 @@ class DedupeFilters:
         were last read; reading them then costs only what changed."""
         with self._lock:
             self._touched.update(keys)
-
-    def load(self, tenant_id: str, cycle_start_us: int, contact_ids: Iterable[str], capacity: int) -> CycleFilter:
-        """Installs a filter holding exactly the given (ledger-confirmed) contacts."""
-        ids = contact_ids if isinstance(contact_ids, list) else list(contact_ids)
-        f = self.sized(max(capacity, len(ids) * 5 // 4))
-        f.add_all(ids)
-        self.put(tenant_id, cycle_start_us, f)
-        return f
 
     def forget(self, tenant_id: str | None = None) -> None:
         """Drops filters (one tenant's, or all) so they are reloaded from the ledger."""

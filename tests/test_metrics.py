@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock
-from quota_sidecar.server.dedupe import DedupeFilters
+from quota_sidecar.server.dedupe import CycleFilter, DedupeFilters
 
 from conftest import RunningSidecar, start_sidecar
 
@@ -194,15 +194,22 @@ def test_dedupe_figures_follow_filters_grown_replaced_evicted_and_dropped() -> N
     `_bytes`, `_false_positive_ratio`) are running totals, current after contacts are added to a filter, a
     filter is replaced by a rebuilt one, the least recently used is evicted, and filters are dropped."""
     filters = DedupeFilters(0.01, max_filters=2)
-    a = filters.load("a", 0, ["x", "y"], 0)
+
+    def load(tenant_id: str, ids: list[str], capacity: int) -> CycleFilter:
+        f = filters.sized(max(capacity, len(ids)))
+        f.add_all(ids)
+        filters.put(tenant_id, 0, f)
+        return f
+
+    a = load("a", ["x", "y"], 0)
     assert filters.items == 2 and filters.size_bytes == a.size_bytes
     a.add_all(["z"])
     filters.touched(("a", 0))
     assert filters.items == 3 and filters.estimated_fp_rate == a.estimated_fp_rate > 0
-    bigger = filters.load("a", 0, ["x", "y", "z", "w"], 1_000)
+    bigger = load("a", ["x", "y", "z", "w"], 1_000)
     assert filters.items == 4 and filters.size_bytes == bigger.size_bytes
-    b = filters.load("b", 0, ["p"], 0)
-    c = filters.load("c", 0, ["q"], 0)
+    b = load("b", ["p"], 0)
+    c = load("c", ["q"], 0)
     assert filters.get("a", 0) is None
     assert filters.items == 2 and filters.size_bytes == b.size_bytes + c.size_bytes
     filters.forget("b")

@@ -11,6 +11,7 @@ what is pending and closes.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import threading
@@ -68,6 +69,8 @@ class Sidecar:
             synchronous=settings.sqlite_synchronous,
             filter_fp_rate=settings.filter_fp_rate,
             on_commit=self.metrics.observe_commit,
+            on_ready=self._ledger_ready,
+            check_interval=settings.ledger_check_interval,
         )
         self.feed = EventFeed()
         self.engine = Engine(self.ledger, self.clock, on_events=self._events_committed)
@@ -99,12 +102,24 @@ class Sidecar:
             )
         )
         self.health = health.HealthServicer()
+        self._serving = False
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
+
+    def _ledger_ready(self, ready: bool) -> None:
+        """Health follows the ledger: NOT_SERVING while its commits fail, SERVING once one succeeds."""
+        if self._serving and not self._stopping.is_set():
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            self._set_health(status)
+            log.warning(
+                "health %s: the ledger %s",
+                "SERVING" if ready else "NOT_SERVING",
+                "takes writes again" if ready else "cannot commit",
+            )
 
     def _events_committed(self, events: Sequence[UsageEvent]) -> None:
         for event in events:
@@ -165,6 +180,7 @@ class Sidecar:
         s = self.settings
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=s.max_workers + s.max_pending_calls,
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", max(s.max_message_bytes, 64 * 1024 * 1024)),
@@ -180,14 +196,7 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if s.address.startswith("unix:"):
-            path = Path(s.address.removeprefix("unix://").removeprefix("unix:"))
-            if path.exists() and path.is_socket():
-                path.unlink()
-        port = self.server.add_insecure_port(s.address)
-        if port == 0 and not s.address.startswith("unix:"):
-            raise OSError(f"cannot listen on {s.address}")
-        self.port = port
+        self.port = self._listen(s)
         if s.metrics_address:
             host, _, mport = s.metrics_address.rpartition(":")
             self._metrics_server, _ = start_http_server(int(mport), addr=host.strip("[]"), registry=self.registry)
@@ -195,12 +204,58 @@ class Sidecar:
         self.server.start()
         metrics_at = f"http://{host}:{self.metrics_port}/metrics" if s.metrics_address else "disabled"
         log.info(
-            "quota-sidecar listening on %s (metrics %s), ledger %s, pid %d",
+            "quota-sidecar listening on %s%s (metrics %s), ledger %s, pid %d",
             self.address,
+            " with TLS" + (" (client certificates required)" if s.tls_client_ca else "") if s.tls_cert else "",
             metrics_at,
             s.ledger,
             os.getpid(),
         )
+        for wide in s.wide_binds:
+            log.warning(
+                "SECURITY: %s is reachable from other machines%s; bind to 127.0.0.1 or a unix socket"
+                " unless that is intended",
+                wide,
+                "" if wide.startswith("metrics") or s.tls_cert else ", in plaintext (no --tls-cert)",
+            )
+
+    def _listen(self, s: Settings) -> int:
+        """Adds the gRPC port (TLS when configured); a unix socket is created with mode
+        0600, or 0660 and the --socket-group, so only its owner (and that group) can connect."""
+        assert self.server is not None
+        credentials = None
+        if s.tls_cert and s.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+                root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
+                require_client_auth=s.tls_client_ca is not None,
+            )
+        if not s.address.startswith("unix:"):
+            if credentials is None:
+                port = self.server.add_insecure_port(s.address)
+            else:
+                port = self.server.add_secure_port(s.address, credentials)
+            if port == 0:
+                raise OSError(f"cannot listen on {s.address}")
+            return port
+        path = Path(s.address.removeprefix("unix://").removeprefix("unix:"))
+        if path.exists() and path.is_socket():
+            path.unlink()
+        umask = os.umask(0o177)
+        try:
+            port = (
+                self.server.add_insecure_port(s.address)
+                if credentials is None
+                else self.server.add_secure_port(s.address, credentials)
+            )
+        finally:
+            os.umask(umask)
+        if s.socket_group is not None:
+            os.chown(path, -1, grp.getgrnam(s.socket_group).gr_gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        return port
 
     def open(self) -> None:
         """Opens the ledger and loads the tenants file, then reports SERVING."""
@@ -208,7 +263,10 @@ class Sidecar:
         if self.settings.tenants:
             count = load_tenants(self.engine, Path(self.settings.tenants), self.tenant_plans)
             log.info("loaded %d tenant plans from %s", count, self.settings.tenants)
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if self.ledger.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         log.info("ledger open; SERVING (dedupe filters are built in the background)")
         self._start_worker(self._fill_board, "tenant-figures")
         self._start_worker(self._remind, "reminders")

@@ -234,12 +234,20 @@ def _answer_failure(context: grpc.ServicerContext, method: str, exc: Exception) 
 
 
 def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Times the call, counts it by status code and maps failures to status codes."""
+    """Times the call, counts it by status code and maps failures to status codes. A call
+    whose deadline passed while it waited for a worker is not worked on: its caller has
+    already given up, and a decision nobody receives would still be counted."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def handler(self: _Servicer, request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                self.metrics.call_done(method, "DEADLINE_EXCEEDED", 0.0)
+                context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the call waited; not worked on"
+                )
             code = "OK"
             try:
                 return fn(self, request, context)

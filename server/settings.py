@@ -7,6 +7,8 @@ clear line (`SettingsError`).
 from __future__ import annotations
 
 import argparse
+import grp
+import ipaddress
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, fields
@@ -38,6 +40,12 @@ class Settings:
     webhook_secret: str | None = None
     webhook_timeout: float = 5.0
     reminder_interval: float = 60.0
+    max_pending_calls: int = 256
+    ledger_check_interval: float = 0.5
+    socket_group: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
     def validate(self) -> Settings:
         if self.address.startswith("unix:"):
@@ -81,7 +89,48 @@ class Settings:
             raise SettingsError("--webhook-timeout: must be positive")
         if self.reminder_interval <= 0:
             raise SettingsError("--reminder-interval: must be positive")
+        if self.max_pending_calls < 0:
+            raise SettingsError("--max-pending-calls: must not be negative")
+        if self.ledger_check_interval <= 0:
+            raise SettingsError("--ledger-check-interval: must be positive")
+        if self.socket_group is not None:
+            if not self.address.startswith("unix:"):
+                raise SettingsError("--socket-group: needs a unix:// --address")
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise SettingsError(f"--socket-group: no such group {self.socket_group!r}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("--tls-client-ca: needs --tls-cert and --tls-key")
+        for flag, value in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        ):
+            if value is not None and not Path(value).is_file():
+                raise SettingsError(f"{flag}: no such file {value}")
         return self
+
+    @property
+    def wide_binds(self) -> list[str]:
+        """The listening addresses reachable from beyond this machine (not loopback, not a unix socket)."""
+        wide = []
+        if not self.address.startswith("unix:") and not _loopback(_host_port("--address", self.address)[0]):
+            wide.append(f"gRPC on {self.address}")
+        if self.metrics_address and not _loopback(_host_port("--metrics-address", self.metrics_address)[0]):
+            wide.append(f"metrics on {self.metrics_address}")
+        return wide
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_port(flag: str, value: str) -> tuple[str, int]:
@@ -109,6 +158,12 @@ HELP = {
     "webhook_secret": "key of the X-Quota-Signature HMAC-SHA256 of each webhook body",
     "webhook_timeout": "seconds to wait for the webhook to answer one event",
     "reminder_interval": "seconds between checks for due reminders (renotify_interval, AC-1)",
+    "max_pending_calls": "calls that may wait for a free worker; beyond them a call gets RESOURCE_EXHAUSTED at once",
+    "ledger_check_interval": "seconds between write attempts while the ledger fails, and checks that its file is there",
+    "socket_group": "group given read and write access to the unix socket (mode 0660 instead of 0600)",
+    "tls_cert": "PEM certificate chain of the gRPC port; with --tls-key, the port speaks TLS only",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle; with it every client must present a certificate it signed (mutual TLS)",
 }
 
 

@@ -8,6 +8,15 @@ it is durable. Readers use their own connections and see committed state.
 
 A lock file next to the database keeps a second sidecar off the same ledger:
 the dedupe filters are exact only while this process is the only writer.
+
+Faults of the store are answered, never hidden. A commit that fails (disk full,
+file made read-only, I/O error) fails every unit in it with LedgerUnavailable,
+leaves nothing half-written (SQLite rolls the transaction back) and marks the
+ledger not ready; a watcher thread then tries a small write every
+`check_interval` seconds and marks it ready again once one commits. A ledger
+file (or its WAL) removed underneath the sidecar is written back from the
+connection that still holds it, before any commit that went into the removed
+file is acknowledged, so nothing acknowledged is lost with it.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -265,7 +275,12 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """One row the fault watcher rewrites to learn whether the store takes writes again."""
+    db.execute("CREATE TABLE ledger_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at_us INTEGER NOT NULL)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -896,6 +911,26 @@ class _Stop:
     pass
 
 
+FileId = tuple[int, int]
+
+
+def _file_id(path: Path | str) -> FileId | None:
+    """The (device, inode) naming a file, or None when nothing is at `path`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 _STOP = _Stop()
 CommitObserver = Callable[[float, int, bool], None]
 
@@ -911,6 +946,8 @@ class SQLiteLedger(Ledger):
         max_batch: int = 1024,
         filter_fp_rate: float = 0.001,
         on_commit: CommitObserver | None = None,
+        on_ready: Callable[[bool], None] | None = None,
+        check_interval: float = 0.5,
     ) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
@@ -919,6 +956,8 @@ class SQLiteLedger(Ledger):
         self.max_batch = max_batch
         self.filters = DedupeFilters(filter_fp_rate)
         self.on_commit = on_commit
+        self.on_ready = on_ready
+        self.check_interval = check_interval
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -935,13 +974,32 @@ class SQLiteLedger(Ledger):
         self._installs = 0
         self._held = 0
         self._builder: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self._files: tuple[FileId | None, FileId | None] = (None, None)
+        self._generation = 0
+        self._wal = Path(f"{self.path}-wal")
 
     @property
     def ready(self) -> bool:
         return self._open and not self._failing
 
+    def _set_failing(self, failing: bool, why: object = None) -> None:
+        if failing == self._failing:
+            return
+        self._failing = failing
+        if failing:
+            log.error("ledger commits fail, calls that write get UNAVAILABLE: %s", why)
+        else:
+            log.warning("ledger commits succeed again")
+        if self.on_ready is not None:
+            self.on_ready(not failing)
+
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        """A connection to the existing ledger file (never creates one: a file removed
+        underneath is written back by the writer, not replaced by an empty one)."""
+        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA busy_timeout = 30000")
         return conn
@@ -961,6 +1019,7 @@ class SQLiteLedger(Ledger):
             self._conn = self._connect()
             self._tx = _Tx(self._conn, self.filters, self._builds)
             self._request_filters()
+            self._files = self._files_now()
         except (ValueError, sqlite3.Error) as exc:
             if self._conn is not None:
                 self._conn.close()
@@ -973,6 +1032,103 @@ class SQLiteLedger(Ledger):
         self._writer.start()
         self._builder = threading.Thread(target=self._build_loop, name="filter-builder", daemon=True)
         self._builder.start()
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch_loop, name="ledger-watch", daemon=True)
+        self._watcher.start()
+
+    def _files_now(self) -> tuple[FileId | None, FileId | None]:
+        return _file_id(self.path), _file_id(self._wal)
+
+    def _displaced(self) -> bool:
+        """Whether the ledger file, or its WAL, is no longer the one the writer holds."""
+        db, wal = self._files_now()
+        return db != self._files[0] or (self._files[1] is not None and wal != self._files[1])
+
+    def _watch_loop(self) -> None:
+        """While commits fail, tries a small write every check_interval seconds;
+        writes the ledger back when its file was removed, even when no call comes."""
+        while not self._watch_stop.wait(self.check_interval):
+            if not (self._failing or self._displaced()):
+                continue
+            with self._writing:
+                if not self._open:
+                    return
+                problem = self._restore() if self._displaced() else None
+                if problem is not None:
+                    self._set_failing(True, problem)
+                    continue
+                if self._failing:
+                    self._probe()
+
+    def _probe(self) -> None:
+        """Under the writing lock: one small committed write, to learn whether the store takes writes."""
+        assert self._conn is not None
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT OR REPLACE INTO ledger_checks (id, checked_at_us) VALUES (1, ?)", (time.time_ns() // 1000,)
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return
+        self._set_failing(False)
+
+    def _restore(self) -> str | None:
+        """Under the writing lock: writes the whole ledger, as the writer's connection
+        still sees it, back to its path after the file or its WAL was removed, and
+        moves every connection to the new file; returns why it could not. Refuses when
+        another file now sits at the path: that may be an operator's restore, and is
+        not overwritten."""
+        assert self._conn is not None and self._tx is not None
+        found = _file_id(self.path)
+        if found is not None and found != self._files[0]:
+            return f"ledger {self.path} was replaced by another file underneath the sidecar; restart to use that file"
+        spare = self.path.with_name(self.path.name + ".restoring")
+        try:
+            spare.unlink(missing_ok=True)
+            target = sqlite3.connect(spare)
+            try:
+                self._conn.backup(target)
+            finally:
+                target.close()
+            for leftover in (self._wal, Path(f"{self.path}-shm")):
+                leftover.unlink(missing_ok=True)
+            os.replace(spare, self.path)
+            _sync_dir(self.path.parent)
+            self._relock()
+            conn = self._connect()
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except (OSError, sqlite3.Error) as exc:
+            return f"ledger {self.path} was removed underneath the sidecar and cannot be written back yet: {exc}"
+        old, self._conn = self._conn, conn
+        self._tx.conn = conn
+        old.close()
+        self._generation += 1
+        self._files = self._files_now()
+        log.warning("ledger %s was removed underneath the sidecar; written back whole from the open ledger", self.path)
+        return None
+
+    def _relock(self) -> None:
+        """Takes the lock file again when it went with the ledger."""
+        assert self._lock_fd is not None
+        lock_path = f"{self.path}.lock"
+        held = os.fstat(self._lock_fd)
+        if _file_id(lock_path) == (held.st_dev, held.st_ino):
+            return
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError("another sidecar holds the ledger's lock file") from None
+        old, self._lock_fd = self._lock_fd, fd
+        os.close(old)
 
     def _request_filters(self) -> None:
         """Asks for the filter of every tenant's latest cycle, biggest first."""
@@ -993,11 +1149,20 @@ class SQLiteLedger(Ledger):
 
     def _build_loop(self) -> None:
         conn = self._connect()
+        generation = self._generation
         try:
             while True:
                 asked = self._builds.asked.get()
                 if asked is None:
                     return
+                if generation != self._generation:
+                    try:
+                        fresh = self._connect()
+                    except sqlite3.Error:
+                        pass
+                    else:
+                        conn.close()
+                        conn, generation = fresh, self._generation
                 for start in range(0, len(asked), BUILDS_PER_READ):
                     self._build_some(conn, asked[start : start + BUILDS_PER_READ])
         finally:
@@ -1062,8 +1227,11 @@ class SQLiteLedger(Ledger):
                 return
             self._open = False
             self._queue.put(_STOP)
+        self._watch_stop.set()
         if self._writer is not None:
             self._writer.join()
+        if self._watcher is not None:
+            self._watcher.join()
         with self._writing:
             self._tx = None
         self._builds.asked.put(None)
@@ -1110,11 +1278,18 @@ class SQLiteLedger(Ledger):
             raise LedgerUnavailable("the ledger is not open")
         conn = getattr(self._local, "conn", None)
         try:
+            if conn is not None and self._local.generation != self._generation:
+                with self._readers_lock:
+                    self._readers.remove(conn)
+                conn.close()
+                conn = None
             if conn is None:
+                generation = self._generation
                 conn = self._connect()
                 with self._readers_lock:
                     self._readers.append(conn)
                 self._local.conn = conn
+                self._local.generation = generation
             conn.execute("BEGIN")
             try:
                 return work(_Reader(conn))
@@ -1200,6 +1375,12 @@ class SQLiteLedger(Ledger):
             tx.forget()
             self._abort(conn, batch, exc)
             return
+        problem = self._restore() if self._displaced() else None
+        if problem is not None:
+            tx.committed.clear()
+            tx.forget()
+            self._fail(batch, problem)
+            return
         self._builds.dispatch()
         callbacks, tx.committed = tx.committed, []
         for callback in callbacks:
@@ -1207,9 +1388,7 @@ class SQLiteLedger(Ledger):
                 callback()
             except Exception:
                 log.exception("a callback after a ledger commit failed")
-        if self._failing:
-            log.warning("ledger commits succeed again")
-            self._failing = False
+        self._set_failing(False)
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(batch), True)
         for future, result, error in outcomes:
@@ -1224,14 +1403,16 @@ class SQLiteLedger(Ledger):
                 conn.execute("ROLLBACK")
         except sqlite3.Error:
             log.exception("rollback after a failed commit failed")
+        self._fail(batch, f"the ledger cannot commit: {exc}")
+
+    def _fail(self, batch: list[tuple[Any, Future[Any]]], why: str) -> None:
+        """Answers every unit of a commit that did not happen with UNAVAILABLE."""
         self.filters.forget()
         self._builds.abandon()
-        if not self._failing:
-            log.error("ledger commit failed: %s", exc)
-        self._failing = True
+        self._set_failing(True, why)
         if self.on_commit is not None:
             self.on_commit(0.0, len(batch), False)
-        error = LedgerUnavailable(f"the ledger cannot commit: {exc}")
+        error = LedgerUnavailable(why)
         for _, future in batch:
             future.set_exception(error)
 

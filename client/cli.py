@@ -15,8 +15,10 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -42,6 +44,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 ADDRESS_ENV = "QUOTA_ADDRESS"
 ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
+TLS_ENV = {"tls_ca": "QUOTA_TLS_CA", "tls_cert": "QUOTA_CLIENT_TLS_CERT", "tls_key": "QUOTA_CLIENT_TLS_KEY"}
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -66,8 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin_token=args.admin_token or None,
             timeout=args.timeout,
             admin_timeout=args.timeout,
+            credentials=_credentials(args),
         )
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -83,6 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuotaError as error:
         _fail(error)
         return EXIT_SERVER_ERROR
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls-ca (and --tls-cert/--tls-key for mutual TLS), or None for plaintext."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key: give both or neither")
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
 
 
 def _fail(error: QuotaError) -> None:
@@ -277,6 +294,24 @@ def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str],
         default=default(DEFAULT_TIMEOUT),
         metavar="SECONDS",
         help=f"the deadline of each call (default {DEFAULT_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--tls-ca",
+        default=default(environ.get(TLS_ENV["tls_ca"])),
+        metavar="PEM",
+        help=f"speak TLS, trusting this CA bundle (env {TLS_ENV['tls_ca']}; the system's roots when empty)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        default=default(environ.get(TLS_ENV["tls_cert"])),
+        metavar="PEM",
+        help=f"client certificate for mutual TLS (env {TLS_ENV['tls_cert']})",
+    )
+    group.add_argument(
+        "--tls-key",
+        default=default(environ.get(TLS_ENV["tls_key"])),
+        metavar="PEM",
+        help=f"private key of --tls-cert (env {TLS_ENV['tls_key']})",
     )
     group.add_argument("--json", action="store_true", default=default(False), help="print JSON")
 

@@ -8,7 +8,8 @@ maps each class to one status code in one place (service.STATUS_OF)::
     ├── NotFound             NOT_FOUND (a tenant with no plan, an unknown contact)
     ├── Unauthenticated      UNAUTHENTICATED (no admin credential)
     ├── PermissionDenied     PERMISSION_DENIED (a wrong one, or none configured)
-    └── LedgerUnavailable    UNAVAILABLE (the ledger cannot commit or is not open)
+    ├── LedgerUnavailable    UNAVAILABLE (the ledger cannot commit or is not open)
+    └── DeadlineExceeded     DEADLINE_EXCEEDED (the call's deadline passed before its work ran)
 """
 
 from __future__ import annotations
@@ -38,4 +39,8 @@ class PermissionDenied(QuotaError):
 
 
 class LedgerUnavailable(QuotaError):
+    pass
+
+
+class DeadlineExceeded(QuotaError):
     pass

@@ -25,8 +25,10 @@ from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 
 from .clock import MICROS
+from .deadline import serving_until
 from .engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, PlanInput, SendRequest
 from .errors import (
+    DeadlineExceeded,
     InvalidArgument,
     LedgerUnavailable,
     NotFound,
@@ -65,9 +67,15 @@ STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     LedgerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 MIN_TIMESTAMP_S = -62_135_596_800
 MAX_TIMESTAMP_S = 253_402_300_799
+# The cycle containing a requested instant, and the months beside it that cycle
+# arithmetic reads, must fall within years 1..9999.
+CYCLE_MARGIN_S = 62 * 86_400
+# Event sequences are SQLite rowids (int64); none comes after this one.
+MAX_SEQUENCE = 2**63 - 1
 
 
 def _enum(field: str, value: int, kind: type[E], *, required: bool = True) -> E | None:
@@ -92,6 +100,16 @@ def _instant(field: str, message: Any, name: str) -> int | None:
     if not (MIN_TIMESTAMP_S <= ts.seconds <= MAX_TIMESTAMP_S) or not (0 <= ts.nanos < 1_000_000_000):
         raise InvalidArgument(field, "is not a valid timestamp")
     return ts.seconds * MICROS + ts.nanos // 1000
+
+
+def _cycle_instant(field: str, message: Any, name: str) -> int | None:
+    """An instant that selects a billing cycle (`cycle_start` of a request)."""
+    at = _instant(field, message, name)
+    if at is not None and not (
+        (MIN_TIMESTAMP_S + CYCLE_MARGIN_S) * MICROS <= at <= (MAX_TIMESTAMP_S - CYCLE_MARGIN_S) * MICROS
+    ):
+        raise InvalidArgument(field, "is too close to year 1 or year 9999 to select a billing cycle")
+    return at
 
 
 def _duration(field: str, message: Any, name: str) -> int | None:
@@ -235,22 +253,19 @@ def _answer_failure(context: grpc.ServicerContext, method: str, exc: Exception) 
 
 def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Times the call, counts it by status code and maps failures to status codes. A call
-    whose deadline passed while it waited for a worker is not worked on: its caller has
-    already given up, and a decision nobody receives would still be counted."""
+    whose deadline passed before its work ran is not worked on (server/deadline.py)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def handler(self: _Servicer, request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                self.metrics.call_done(method, "DEADLINE_EXCEEDED", 0.0)
-                context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the call waited; not worked on"
-                )
             code = "OK"
             try:
-                return fn(self, request, context)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("the deadline passed while the call waited for a worker; nothing was done")
+                with serving_until(remaining):
+                    return fn(self, request, context)
             except Exception as exc:
                 code = _code_name(exc)
                 _answer_failure(context, method, exc)
@@ -376,7 +391,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
 
     @_handled("GetUsage")
     def GetUsage(self, request: pb.GetUsageRequest, context: grpc.ServicerContext) -> pb.GetUsageResponse:
-        at = _instant("cycle_start", request, "cycle_start")
+        at = _cycle_instant("cycle_start", request, "cycle_start")
         return pb.GetUsageResponse(usage=usage_pb(self.engine.get_usage(request.tenant_id, at)))
 
     def WatchUsageEvents(
@@ -390,7 +405,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             self.metrics.calls.labels("WatchUsageEvents", "RESOURCE_EXHAUSTED").inc()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many WatchUsageEvents streams; retry later")
         try:
-            seen = request.after_sequence
+            seen = min(request.after_sequence, MAX_SEQUENCE)
             while context.is_active() and not self.feed.closed:
                 events = self.engine.usage_events(request.tenant_id, seen, WATCH_READ_AHEAD)
                 for event in events:
@@ -461,14 +476,14 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
         self, request: pb.ListActiveContactsRequest, context: grpc.ServicerContext
     ) -> pb.ListActiveContactsResponse:
         self._authorize(context)
-        at = _instant("cycle_start", request, "cycle_start")
+        at = _cycle_instant("cycle_start", request, "cycle_start")
         rows, token = self.engine.list_active_contacts(request.tenant_id, at, request.page_size, request.page_token)
         return pb.ListActiveContactsResponse(contacts=[_active_pb(a) for a in rows], next_page_token=token)
 
     @_handled("GetInvoice")
     def GetInvoice(self, request: pb.GetInvoiceRequest, context: grpc.ServicerContext) -> pb.GetInvoiceResponse:
         self._authorize(context)
-        at = _instant("cycle_start", request, "cycle_start")
+        at = _cycle_instant("cycle_start", request, "cycle_start")
         invoice: Invoice = self.engine.get_invoice(request.tenant_id, at)
         return pb.GetInvoiceResponse(
             usage=usage_pb(invoice.usage),

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from ..cycles import cycle_at
+from ..deadline import within_deadline
 from ..dedupe import CycleFilter, DedupeFilters
 from ..errors import LedgerUnavailable
 from ..model import (
@@ -1258,6 +1259,7 @@ class SQLiteLedger(Ledger):
         """Runs `work` in a committed transaction. A caller that finds no commit under
         way commits itself, with whatever units wait in the queue; otherwise its unit
         waits in the queue for the writer thread's next group commit."""
+        work = within_deadline(work)
         future: Future[T] = Future()
         with self._state:
             if not self._open:

@@ -15,13 +15,12 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from ._credentials import tls_credentials
 from ._errors import QuotaError, Unavailable
 from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent
 from ._sync import QuotaClient
@@ -69,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin_token=args.admin_token or None,
             timeout=args.timeout,
             admin_timeout=args.timeout,
-            credentials=_credentials(args),
+            credentials=tls_credentials(args.tls_ca, args.tls_cert, args.tls_key),
         )
     except (ValueError, OSError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
@@ -87,19 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuotaError as error:
         _fail(error)
         return EXIT_SERVER_ERROR
-
-
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """TLS credentials from --tls-ca (and --tls-cert/--tls-key for mutual TLS), or None for plaintext."""
-    if not (args.tls_ca or args.tls_cert or args.tls_key):
-        return None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key: give both or neither")
-
-    def read(path: str | None) -> bytes | None:
-        return Path(path).read_bytes() if path else None
-
-    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
 
 
 def _fail(error: QuotaError) -> None:

@@ -6,8 +6,9 @@ sidecar's listen address into one a client can connect to, asking for the
 status of the whole server (or one named service) and mapping the answer to a
 single status name and an exit code. It does not serve health; the server does.
 
-Run as `python -m quota_sidecar.server.probe [--address A] [--timeout S] [--service N]`;
-it prints one line and exits 0 only when the answer is SERVING.
+Run as `python -m quota_sidecar.server.probe [--address A] [--timeout S] [--service N]`
+(with `--tls-ca` and, for mutual TLS, `--tls-cert`/`--tls-key` when the port speaks
+TLS); it prints one line and exits 0 only when the answer is SERVING.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from quota_sidecar.client._credentials import tls_credentials
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_ENV = "QUOTA_ADDRESS"
@@ -51,7 +54,13 @@ def connectable_address(address: str) -> str:
     return address
 
 
-def check(address: str, timeout: float = DEFAULT_TIMEOUT, service: str = "") -> str:
+def check(
+    address: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> str:
     """Asks the health service at `address` for the status of `service` ("" = the whole server).
 
     Returns the status name the server answered ("SERVING", "NOT_SERVING",
@@ -59,7 +68,12 @@ def check(address: str, timeout: float = DEFAULT_TIMEOUT, service: str = "") -> 
     "UNREACHABLE" when no health service answered within `timeout` seconds.
     """
     target = connectable_address(address)
-    with grpc.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    else:
+        options = [*_CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+        channel = grpc.secure_channel(target, credentials, options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -100,8 +114,29 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help='the service whose status to ask for (default: "", the whole server)',
     )
+    for flag, env, what in (
+        ("--tls-ca", "QUOTA_TLS_CA", "speak TLS, trusting this PEM CA bundle"),
+        ("--tls-cert", "QUOTA_CLIENT_TLS_CERT", "PEM client certificate for mutual TLS"),
+        ("--tls-key", "QUOTA_CLIENT_TLS_KEY", "PEM private key of --tls-cert"),
+        (
+            "--tls-server-name",
+            "QUOTA_TLS_SERVER_NAME",
+            "the name the server's certificate carries, when not the address's host",
+        ),
+    ):
+        parser.add_argument(flag, default=os.environ.get(env) or None, help=f"{what} (default: ${env})")
     args = parser.parse_args(argv)
-    status = check(args.address, timeout=args.timeout, service=args.service)
+    try:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    status = check(
+        args.address,
+        timeout=args.timeout,
+        service=args.service,
+        credentials=credentials,
+        server_name=args.tls_server_name,
+    )
     print(f"{status} {connectable_address(args.address)}")
     return 0 if status == SERVING else 1
 

@@ -29,6 +29,7 @@ from quota_sidecar.client.cli import main as quotactl
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.probe import main as probe
 
 from conftest import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
 
@@ -247,6 +248,37 @@ def test_tls_port_serves_tls_only(tmp_path: Path, tls_files: dict[str, Path], ca
         status = quotactl(["--address", running.address, "--tls-ca", str(tls_files["ca"]), "--json", "usage", "t"])
         assert status == 0
         assert json.loads(capsys.readouterr().out)["usage"]["active_contacts"] == 1
+    finally:
+        running.stop()
+
+
+def test_health_probe_speaks_tls_and_mutual_tls(
+    tmp_path: Path, tls_files: dict[str, Path], ca: trustme.CA, capsys: pytest.CaptureFixture
+) -> None:
+    """`quota-sidecar health` reaches a mutual-TLS port with --tls-ca and a client certificate,
+    naming the server with --tls-server-name when its certificate is for another name than the
+    address probed; without them it reports the port UNREACHABLE."""
+    internal = ca.issue_cert("quota.internal")
+    internal.cert_chain_pems[0].write_to_path(str(tmp_path / "internal.pem"))
+    internal.private_key_pem.write_to_path(str(tmp_path / "internal-key.pem"))
+    files = {**tls_files, "cert": tmp_path / "internal.pem", "key": tmp_path / "internal-key.pem"}
+    running = tls_sidecar(tmp_path, files, mutual=True)
+    try:
+        client = [
+            "--tls-ca",
+            str(files["ca"]),
+            "--tls-cert",
+            str(files["client_cert"]),
+            "--tls-key",
+            str(files["client_key"]),
+        ]
+        at = ["--address", running.address]
+        assert probe([*at, *client, "--tls-server-name", "quota.internal"]) == 0
+        assert probe([*at, *client]) == 1
+        assert probe([*at, "--tls-ca", str(files["ca"]), "--tls-server-name", "quota.internal"]) == 1
+        assert probe(at) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == ["SERVING", "UNREACHABLE", "UNREACHABLE", "UNREACHABLE"]
     finally:
         running.stop()
 

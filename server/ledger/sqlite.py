@@ -1345,6 +1345,10 @@ class SQLiteLedger(Ledger):
         return stopping
 
     def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
+        problem = self._restore() if self._displaced() else None
+        if problem is not None:
+            self._fail(batch, problem)
+            return
         conn = tx.conn
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         started = time.perf_counter()

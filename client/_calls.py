@@ -280,7 +280,13 @@ def get_invoice(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Invoic
 
 
 def status_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str | None]:
-    """The status code and message of a failed call, from the sync or the aio stack."""
+    """The status code and message of a failed call, from the sync or the aio stack.
+
+    CANCELLED reads as UNAVAILABLE: this client never cancels a call it is waiting for, so
+    the call was cancelled on the way, before any answer (a sidecar stopping cancels the
+    calls it had not started), and is retried and falls back like any other unanswered call."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else None
+    if code is grpc.StatusCode.CANCELLED:
+        return grpc.StatusCode.UNAVAILABLE, f"the call was cancelled before it was answered ({details})"
     return code, details

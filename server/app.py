@@ -27,7 +27,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
 from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 
 from .clock import Clock, SystemClock
 from .engine import Engine
@@ -37,7 +36,7 @@ from .ledger.sqlite import SQLiteLedger, sqlite_path
 from .metrics import Metrics, SidecarCollector, TenantFigures
 from .model import Usage, UsageEvent
 from .outbox import EventFeed, Webhook
-from .service import QuotaAdminService, QuotaService
+from .service import QuotaAdminService, QuotaService, register
 from .settings import Settings
 from .tenants import load_tenants
 
@@ -187,12 +186,12 @@ class Sidecar:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_QuotaServiceServicer_to_server(
-            QuotaService(self.engine, self.metrics, self.feed, max_watchers=max(1, s.max_workers // 4)), self.server
+        register(
+            self.server,
+            "QuotaService",
+            QuotaService(self.engine, self.metrics, self.feed, max_watchers=max(1, s.max_workers // 4)),
         )
-        pb_grpc.add_QuotaAdminServiceServicer_to_server(
-            QuotaAdminService(self.engine, self.metrics, s.admin_token), self.server
-        )
+        register(self.server, "QuotaAdminService", QuotaAdminService(self.engine, self.metrics, s.admin_token))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -75,6 +75,12 @@ MAX_ID_BYTES = 256
 MAX_BATCH = 10_000
 MAX_ACTIVITY_CONTACTS = 100_000
 MAX_PAGE_SIZE = 1_000
+# Figures travel as int64 on the wire and in the ledger.
+MAX_FIGURE = 2**63 - 1
+# Amounts are exact decimals of at most 28 digits (the decimal context): a price this
+# size leaves room for billions of overage contacts.
+MAX_PRICE = Decimal(10) ** 12
+PRICE_STEP = Decimal("0.000001")
 DEFAULT_PAGE_SIZE = 100
 FUTURE_SKEW_US = 5 * 60 * MICROS
 DEFER_POLL_US = 5 * 60 * MICROS
@@ -213,6 +219,10 @@ def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
             raise InvalidArgument(f"plan.{field}", "must not be negative")
     if given.contact_limit + given.addon_contacts <= 0:
         raise InvalidArgument("plan.contact_limit", "the limit (contact_limit + addon_contacts) must be positive")
+    if given.contact_limit + given.addon_contacts > MAX_FIGURE:
+        raise InvalidArgument("plan.contact_limit", f"the limit (contact_limit + addon_contacts) exceeds {MAX_FIGURE}")
+    if given.sends_per_contact * (given.contact_limit + given.addon_contacts) > MAX_FIGURE:
+        raise InvalidArgument("plan.sends_per_contact", f"times the limit, the sends allowance exceeds {MAX_FIGURE}")
     if given.grace_percent > 100:
         raise InvalidArgument("plan.grace_percent", "must be at most 100")
     if given.grace_percent and given.enforcement is not Enforcement.GRACE:
@@ -232,9 +242,13 @@ def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
             raise InvalidArgument("plan.overage_unit_price", "must be a decimal number such as 0.25") from None
         if not price.is_finite() or price < 0:
             raise InvalidArgument("plan.overage_unit_price", "must be a non-negative decimal")
+        if price >= MAX_PRICE or price != price.quantize(PRICE_STEP):
+            raise InvalidArgument("plan.overage_unit_price", "must be below 10^12 with at most 6 decimal places")
         if not given.currency:
             raise InvalidArgument("plan.currency", "is required with overage_unit_price")
-    if given.currency and not (len(given.currency) == 3 and given.currency.isascii() and given.currency.isupper()):
+    if given.currency and not (
+        len(given.currency) == 3 and given.currency.isascii() and given.currency.isalpha() and given.currency.isupper()
+    ):
         raise InvalidArgument("plan.currency", "must be an ISO 4217 code such as EUR")
     if given.metering is Metering.CYCLE_ACTIVE and not given.counted_kinds and not given.counted_activities:
         raise InvalidArgument(
@@ -1203,8 +1217,11 @@ class Engine:
             try:
                 raw = json.loads(base64.urlsafe_b64decode(page_token.encode()))
                 token_cycle, after = int(raw["c"]), str(raw["a"])
-            except (ValueError, KeyError, TypeError):
+                after.encode()
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
                 raise InvalidArgument("page_token", "is not a token this service returned") from None
+            if not -MAX_FIGURE - 1 <= token_cycle <= MAX_FIGURE:
+                raise InvalidArgument("page_token", "is not a token this service returned")
 
         def read(r: LedgerReader) -> tuple[list[Activation], str]:
             now = self.clock.now_us()
@@ -1218,6 +1235,8 @@ class Engine:
                     raise InvalidArgument("page_token", "belongs to another cycle")
             if plan.metering is Metering.HELD_CONTACTS:
                 if start != current:
+                    if at_us is None:
+                        raise InvalidArgument("page_token", "belongs to another cycle")
                     raise InvalidArgument(
                         "cycle_start", "held contacts are listed as they are now: ask for the current cycle"
                     )

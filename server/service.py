@@ -13,11 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -116,7 +118,7 @@ def _duration(field: str, message: Any, name: str) -> int | None:
     if not message.HasField(name):
         return None
     d: duration_pb2.Duration = getattr(message, name)
-    if abs(d.seconds) > 315_576_000_000 or abs(d.nanos) >= 1_000_000_000:
+    if abs(d.seconds) > 315_576_000_000 or abs(d.nanos) >= 1_000_000_000 or d.seconds * d.nanos < 0:
         raise InvalidArgument(field, "is not a valid duration")
     return d.seconds * MICROS + d.nanos // 1000
 
@@ -220,6 +222,47 @@ def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
     )
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes do not parse as its message (invalid UTF-8 in a string, a
+    broken wire format): handed to the servicer so it is refused as bad input, where
+    gRPC's own deserializer would answer INTERNAL."""
+
+    message: str
+    problem: str
+
+    def refuse(self) -> InvalidArgument:
+        return InvalidArgument("request", f"is not a valid {self.message}: {self.problem}")
+
+
+def _parser(message: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message.DESCRIPTOR.full_name, str(exc) or "the bytes do not parse")
+
+    return parse
+
+
+def register(server: grpc.Server, service: str, servicer: object) -> None:
+    """Serves `servicer` as the quota.v1 service named `service`, as the generated
+    add_*_to_server would, except that requests that do not parse reach the servicer
+    as `Undecodable`."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_parser(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
 def _decision_fields(d: SendDecision) -> dict[str, Any]:
     return {"decision": d.decision.value, "reason": d.reason.value, "newly_active": d.newly_active}
 
@@ -261,6 +304,8 @@ def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             started = time.perf_counter()
             code = "OK"
             try:
+                if isinstance(request, Undecodable):
+                    raise request.refuse()
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("the deadline passed while the call waited for a worker; nothing was done")
@@ -405,6 +450,8 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             self.metrics.calls.labels("WatchUsageEvents", "RESOURCE_EXHAUSTED").inc()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many WatchUsageEvents streams; retry later")
         try:
+            if isinstance(request, Undecodable):
+                raise request.refuse()
             seen = min(request.after_sequence, MAX_SEQUENCE)
             while context.is_active() and not self.feed.closed:
                 events = self.engine.usage_events(request.tenant_id, seen, WATCH_READ_AHEAD)

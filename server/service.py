@@ -295,8 +295,9 @@ def _answer_failure(context: grpc.ServicerContext, method: str, exc: Exception) 
 
 
 def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Times the call, counts it by status code and maps failures to status codes. A call
-    whose deadline passed before its work ran is not worked on (server/deadline.py)."""
+    """Checks access, times the call, counts it by status code and maps failures to status
+    codes. A call whose deadline passed before its work ran is not worked on
+    (server/deadline.py)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -304,6 +305,7 @@ def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             started = time.perf_counter()
             code = "OK"
             try:
+                self.authorize(context)
                 if isinstance(request, Undecodable):
                     raise request.refuse()
                 remaining = context.time_remaining()
@@ -326,6 +328,9 @@ class _Servicer:
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
+
+    def authorize(self, context: grpc.ServicerContext) -> None:
+        """Refuses a caller without access; checked before anything else of a call."""
 
 
 class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
@@ -477,7 +482,7 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
         super().__init__(engine, metrics)
         self._expected = f"Bearer {admin_token}".encode() if admin_token else None
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
+    def authorize(self, context: grpc.ServicerContext) -> None:
         if self._expected is None:
             raise PermissionDenied("admin RPCs are disabled: the sidecar was started without --admin-token")
         given = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
@@ -489,7 +494,6 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
     @_handled("PutPlan")
     def PutPlan(self, request: pb.PutPlanRequest, context: grpc.ServicerContext) -> pb.PutPlanResponse:
-        self._authorize(context)
         if not request.HasField("plan"):
             raise InvalidArgument("plan", "is required")
         plan, usage = self.engine.put_plan(request.tenant_id, plan_input(request.plan))
@@ -497,12 +501,10 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
     @_handled("GetPlan")
     def GetPlan(self, request: pb.GetPlanRequest, context: grpc.ServicerContext) -> pb.GetPlanResponse:
-        self._authorize(context)
         return pb.GetPlanResponse(plan=plan_pb(self.engine.get_plan(request.tenant_id)))
 
     @_handled("GetContact")
     def GetContact(self, request: pb.GetContactRequest, context: grpc.ServicerContext) -> pb.GetContactResponse:
-        self._authorize(context)
         c: ContactState = self.engine.get_contact(request.tenant_id, request.contact_id)
         state = pb.ContactState(
             tenant_id=c.tenant_id,
@@ -522,14 +524,12 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
     def ListActiveContacts(
         self, request: pb.ListActiveContactsRequest, context: grpc.ServicerContext
     ) -> pb.ListActiveContactsResponse:
-        self._authorize(context)
         at = _cycle_instant("cycle_start", request, "cycle_start")
         rows, token = self.engine.list_active_contacts(request.tenant_id, at, request.page_size, request.page_token)
         return pb.ListActiveContactsResponse(contacts=[_active_pb(a) for a in rows], next_page_token=token)
 
     @_handled("GetInvoice")
     def GetInvoice(self, request: pb.GetInvoiceRequest, context: grpc.ServicerContext) -> pb.GetInvoiceResponse:
-        self._authorize(context)
         at = _cycle_instant("cycle_start", request, "cycle_start")
         invoice: Invoice = self.engine.get_invoice(request.tenant_id, at)
         return pb.GetInvoiceResponse(

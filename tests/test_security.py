@@ -99,6 +99,22 @@ def test_every_admin_rpc_needs_the_exact_token_and_changes_nothing_without_it(
         ADMIN_CALLS[method](admin, sidecar.auth)
 
 
+def test_access_is_checked_before_the_request_is_read(sidecar: RunningSidecar) -> None:
+    """An admin call whose bytes do not even parse is UNAUTHENTICATED without the token and
+    PERMISSION_DENIED with a wrong one; only with the token is it told INVALID_ARGUMENT, so
+    nothing about the request is answered to a caller without access."""
+    call = sidecar.channel().unary_unary("/quota.v1.QuotaAdminService/GetPlan")
+    broken = b"\x0a\x02\xff\xfe"
+    for metadata, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        (WRONG_CREDENTIALS["another token"], grpc.StatusCode.PERMISSION_DENIED),
+        (sidecar.auth, grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call(broken, metadata=metadata, timeout=5)
+        assert refused.value.code() == code
+
+
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory every user may enter (pytest's own are 0700, which would hide the socket

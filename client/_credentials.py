@@ -6,6 +6,13 @@ from pathlib import Path
 
 import grpc
 
+TLS_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--tls-ca", "QUOTA_TLS_CA", "speak TLS, trusting this PEM CA bundle (the system's roots when empty)"),
+    ("--tls-cert", "QUOTA_CLIENT_TLS_CERT", "PEM client certificate for mutual TLS"),
+    ("--tls-key", "QUOTA_CLIENT_TLS_KEY", "PEM private key of --tls-cert"),
+)
+"""The command-line tools' TLS flags: (flag, environment variable, help)."""
+
 
 def tls_credentials(ca: str | None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials | None:
     """TLS credentials trusting the `ca` bundle (the system's roots when None), presenting

@@ -20,7 +20,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from ._credentials import tls_credentials
+from ._credentials import TLS_FLAGS, tls_credentials
 from ._errors import QuotaError, Unavailable
 from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent
 from ._sync import QuotaClient
@@ -43,7 +43,6 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 ADDRESS_ENV = "QUOTA_ADDRESS"
 ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
-TLS_ENV = {"tls_ca": "QUOTA_TLS_CA", "tls_cert": "QUOTA_CLIENT_TLS_CERT", "tls_key": "QUOTA_CLIENT_TLS_KEY"}
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -281,24 +280,8 @@ def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str],
         metavar="SECONDS",
         help=f"the deadline of each call (default {DEFAULT_TIMEOUT:g})",
     )
-    group.add_argument(
-        "--tls-ca",
-        default=default(environ.get(TLS_ENV["tls_ca"])),
-        metavar="PEM",
-        help=f"speak TLS, trusting this CA bundle (env {TLS_ENV['tls_ca']}; the system's roots when empty)",
-    )
-    group.add_argument(
-        "--tls-cert",
-        default=default(environ.get(TLS_ENV["tls_cert"])),
-        metavar="PEM",
-        help=f"client certificate for mutual TLS (env {TLS_ENV['tls_cert']})",
-    )
-    group.add_argument(
-        "--tls-key",
-        default=default(environ.get(TLS_ENV["tls_key"])),
-        metavar="PEM",
-        help=f"private key of --tls-cert (env {TLS_ENV['tls_key']})",
-    )
+    for flag, env, what in TLS_FLAGS:
+        group.add_argument(flag, default=default(environ.get(env)), metavar="PEM", help=f"{what} (env {env})")
     group.add_argument("--json", action="store_true", default=default(False), help="print JSON")
 
 

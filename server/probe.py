@@ -20,7 +20,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from quota_sidecar.client._credentials import tls_credentials
+from quota_sidecar.client._credentials import TLS_FLAGS, tls_credentials
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_ENV = "QUOTA_ADDRESS"
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         help='the service whose status to ask for (default: "", the whole server)',
     )
     for flag, env, what in (
-        ("--tls-ca", "QUOTA_TLS_CA", "speak TLS, trusting this PEM CA bundle"),
-        ("--tls-cert", "QUOTA_CLIENT_TLS_CERT", "PEM client certificate for mutual TLS"),
-        ("--tls-key", "QUOTA_CLIENT_TLS_KEY", "PEM private key of --tls-cert"),
+        *TLS_FLAGS,
         (
             "--tls-server-name",
             "QUOTA_TLS_SERVER_NAME",

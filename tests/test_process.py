@@ -63,8 +63,9 @@ class Process:
         raise AssertionError("sidecar never reported SERVING")
 
 
-def start(ledger: Path, *extra: str) -> Process:
-    address = f"127.0.0.1:{free_port()}"
+def start(ledger: Path, *extra: str, address: str | None = None) -> Process:
+    """The real `quota-sidecar serve` on `ledger`, on `address` (a free loopback port by default)."""
+    address = address or f"127.0.0.1:{free_port()}"
     metrics_address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [

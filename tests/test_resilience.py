@@ -16,7 +16,6 @@ import asyncio
 import signal
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from test_process import BIN, TOKEN, Process, free_port, ledger_figures, put_plan, start
+from test_process import TOKEN, Process, free_port, ledger_figures, put_plan, start
 
 from quota_sidecar.client import (
     AsyncQuotaClient,
@@ -203,28 +202,6 @@ class Relay:
     def close(self) -> None:
         self._listener.close()
         self.cut()
-
-
-def serve(ledger: Path, address: str) -> Process:
-    """`quota-sidecar serve` as tests/test_process.start runs it, on a given address."""
-    proc = subprocess.Popen(
-        [
-            str(BIN / "quota-sidecar"),
-            "serve",
-            "--address",
-            address,
-            "--ledger",
-            f"sqlite:///{ledger}",
-            "--metrics-address",
-            f"127.0.0.1:{free_port()}",
-            "--admin-token",
-            TOKEN,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return Process(proc, address, ledger)
 
 
 def activation_sends(ledger: Path) -> dict[str, int]:
@@ -495,7 +472,7 @@ def test_a_restart_under_load_loses_nothing_and_counts_each_contact_once_SG_8(
     retry across a restart counted twice) and the new process reports those figures."""
     ledger = tmp_path / "ledger.db"
     address = f"127.0.0.1:{free_port()}"
-    current = serve(ledger, address)
+    current = start(ledger, address=address)
     processes.append(current)
     current.wait_serving()
     put_plan(address, 1_000_000)
@@ -523,7 +500,7 @@ def test_a_restart_under_load_loses_nothing_and_counts_each_contact_once_SG_8(
                     assert current.proc.wait(timeout=SAFETY) == exited
                     workers.wait_until(lambda: all(workers.in_call), "every worker retrying while nothing listens")
                     restarts.append(time.monotonic())
-                    current = serve(ledger, address)
+                    current = start(ledger, address=address)
                     processes.append(current)
                     current.wait_serving()
                     relay.resume()

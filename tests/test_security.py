@@ -142,8 +142,7 @@ def connect_as_nobody(sock: Path) -> subprocess.CompletedProcess[str]:
 
 def start_on_socket(open_dir: Path, processes: list[Process], *extra: str) -> tuple[Process, Path]:
     sock = open_dir / "quota.sock"
-    p = start(open_dir / "ledger.db", "--address", f"unix://{sock}", *extra)
-    p.address = f"unix://{sock}"
+    p = start(open_dir / "ledger.db", *extra, address=f"unix://{sock}")
     processes.append(p)
     p.wait_serving()
     return p, sock

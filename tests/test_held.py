@@ -25,7 +25,7 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.errors import InvalidArgument, NotFound
-from quota_sidecar.server.ledger.sqlite import MIGRATIONS, SQLiteLedger
+from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
 from quota_sidecar.server.model import (
     DAY_US,
     HOUR_US,
@@ -358,9 +358,8 @@ def test_a_past_cycle_is_invoiced_under_the_plan_it_ended_with(engine: Engine, c
 def test_a_v1_ledger_is_migrated_with_its_held_contacts_and_pending_switches(db_path: Path) -> None:
     """MK-6 across an upgrade: a v1 ledger's contacts become holdings; a switch already due is applied,
     one not yet due stays pending until the next cycle."""
+    migrate(db_path, target=1)
     db = sqlite_utils.Database(str(db_path))
-    MIGRATIONS[0](db)
-    db.execute("PRAGMA user_version = 1")
     anchor = to_us(ANCHOR)
     plan = Plan(Metering.HELD_CONTACTS, Enforcement.OVERAGE, 10, anchor, marketing_contacts_only=True)
     db.execute("INSERT INTO plans VALUES (?, ?, ?)", (T, plan.to_json(), anchor))
@@ -423,10 +422,8 @@ def test_a_v3_ledger_keeps_every_activation_and_its_sends_through_the_compact_sc
     """SG-1, SG-2, SG-8 across an upgrade: a v3 ledger's activations (two tenants, two cycles) move into the
     compact v4 rows unchanged, readable through the `activations` view; a migrated contact is ALREADY_ACTIVE
     and counts no second time, a new one is counted."""
+    migrate(db_path, target=3)
     db = sqlite_utils.Database(str(db_path))
-    for migration in MIGRATIONS[:3]:
-        migration(db)
-    db.execute("PRAGMA user_version = 3")
     anchor = to_us(ANCHOR)
     plan = Plan(Metering.CYCLE_ACTIVE, Enforcement.HARD, 10, anchor, counted_kinds=(MessageKind.CAMPAIGN,))
     for tenant in (T, "other"):
@@ -465,5 +462,5 @@ def test_a_v3_ledger_keeps_every_activation_and_its_sends_through_the_compact_sc
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     finally:
         conn.close()
-    assert version == len(MIGRATIONS)
+    assert version == SCHEMA_VERSION
     assert sorted(kept) == sorted([*rows[:2], (T, mar.start_us, "a", mar.start_us + 1, "CAMPAIGN", 2), rows[3]])

@@ -81,94 +81,52 @@ def sqlite_path(url: str) -> Path:
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["plans"].create(
-        {"tenant_id": str, "plan_json": str, "updated_at_us": int},
-        pk="tenant_id",
-        not_null=["plan_json", "updated_at_us"],
+    db.execute(
+        "CREATE TABLE plans (tenant_id TEXT PRIMARY KEY, plan_json TEXT NOT NULL, updated_at_us INTEGER NOT NULL)"
     )
-    db["contacts"].create(
-        {
-            "tenant_id": str,
-            "contact_id": str,
-            "held": int,
-            "marketing": int,
-            "marketing_until_next_update": int,
-            "marketing_source_type": str,
-            "marketing_source_id": str,
-            "updated_at_us": int,
-        },
-        pk=("tenant_id", "contact_id"),
-        not_null=["held", "marketing", "marketing_until_next_update", "updated_at_us"],
-        defaults={"marketing_source_type": "", "marketing_source_id": ""},
+    db.execute(
+        "CREATE TABLE contacts (tenant_id TEXT, contact_id TEXT, held INTEGER NOT NULL, marketing INTEGER NOT NULL,"
+        " marketing_until_next_update INTEGER NOT NULL, marketing_source_type TEXT DEFAULT '',"
+        " marketing_source_id TEXT DEFAULT '', updated_at_us INTEGER NOT NULL, PRIMARY KEY (tenant_id, contact_id))"
     )
-    db["activations"].create(
-        {
-            "tenant_id": str,
-            "cycle_start_us": int,
-            "contact_id": str,
-            "activated_at_us": int,
-            "activity": str,
-            "sends": int,
-        },
-        pk=("tenant_id", "cycle_start_us", "contact_id"),
-        not_null=["activated_at_us", "activity", "sends"],
+    db.execute(
+        "CREATE TABLE activations (tenant_id TEXT, cycle_start_us INTEGER, contact_id TEXT,"
+        " activated_at_us INTEGER NOT NULL, activity TEXT NOT NULL, sends INTEGER NOT NULL,"
+        " PRIMARY KEY (tenant_id, cycle_start_us, contact_id))"
     )
-    db["usage"].create(
-        {"tenant_id": str, "cycle_start_us": int, "active_contacts": int, "sends": int},
-        pk=("tenant_id", "cycle_start_us"),
-        not_null=["active_contacts", "sends"],
+    db.execute(
+        "CREATE TABLE usage (tenant_id TEXT, cycle_start_us INTEGER, active_contacts INTEGER NOT NULL,"
+        " sends INTEGER NOT NULL, PRIMARY KEY (tenant_id, cycle_start_us))"
     )
-    db["request_results"].create(
-        {
-            "tenant_id": str,
-            "rpc": str,
-            "request_id": str,
-            "cycle_start_us": int,
-            "fingerprint": str,
-            "response_json": str,
-            "created_at_us": int,
-        },
-        pk=("tenant_id", "rpc", "request_id"),
-        not_null=["cycle_start_us", "fingerprint", "response_json", "created_at_us"],
+    db.execute(
+        "CREATE TABLE request_results (tenant_id TEXT, rpc TEXT, request_id TEXT, cycle_start_us INTEGER NOT NULL,"
+        " fingerprint TEXT NOT NULL, response_json TEXT NOT NULL, created_at_us INTEGER NOT NULL,"
+        " PRIMARY KEY (tenant_id, rpc, request_id))"
     )
-    db["audit"].create(
-        {
-            "seq": int,
-            "at_us": int,
-            "tenant_id": str,
-            "cycle_start_us": int,
-            "rpc": str,
-            "request_id": str,
-            "contact_id": str,
-            "decision": str,
-            "reason": str,
-            "active_delta": int,
-            "sends_delta": int,
-            "held_delta": int,
-        },
-        pk="seq",
-        not_null=["at_us", "tenant_id", "cycle_start_us", "rpc", "decision", "reason"],
+    db.execute(
+        "CREATE TABLE audit (seq INTEGER PRIMARY KEY, at_us INTEGER NOT NULL, tenant_id TEXT NOT NULL,"
+        " cycle_start_us INTEGER NOT NULL, rpc TEXT NOT NULL, request_id TEXT, contact_id TEXT,"
+        " decision TEXT NOT NULL, reason TEXT NOT NULL, active_delta INTEGER, sends_delta INTEGER,"
+        " held_delta INTEGER)"
     )
-    db["audit"].create_index(["tenant_id", "cycle_start_us"])
+    db.execute("CREATE INDEX idx_audit_tenant_id_cycle_start_us ON audit (tenant_id, cycle_start_us)")
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Held-contact metering: the MK-6 switch instant and the held-since instant per
     contact, a tenant's held and marketing counts, per-cycle end and peak counts,
     and the plan in force over time (invoices of past cycles)."""
-    db["contacts"].add_column("marketing_until_us", int, not_null_default=0)
-    db["contacts"].add_column("held_since_us", int, not_null_default=0)
+    for column in ("marketing_until_us", "held_since_us"):
+        db.execute(f"ALTER TABLE contacts ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
     for column in ("held_end", "held_peak", "marketing_end", "marketing_peak"):
-        db["usage"].add_column(column, int, not_null_default=0)
-    db["holdings"].create(
-        {"tenant_id": str, "cycle_start_us": int, "held": int, "marketing": int, "pending": int},
-        pk="tenant_id",
-        not_null=["cycle_start_us", "held", "marketing", "pending"],
+        db.execute(f"ALTER TABLE usage ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "CREATE TABLE holdings (tenant_id TEXT PRIMARY KEY, cycle_start_us INTEGER NOT NULL, held INTEGER NOT NULL,"
+        " marketing INTEGER NOT NULL, pending INTEGER NOT NULL)"
     )
-    db["plan_versions"].create(
-        {"tenant_id": str, "effective_us": int, "plan_json": str},
-        pk=("tenant_id", "effective_us"),
-        not_null=["plan_json"],
+    db.execute(
+        "CREATE TABLE plan_versions (tenant_id TEXT, effective_us INTEGER, plan_json TEXT NOT NULL,"
+        " PRIMARY KEY (tenant_id, effective_us))"
     )
     db.execute("UPDATE contacts SET held_since_us = updated_at_us WHERE held = 1")
     db.execute(
@@ -224,10 +182,9 @@ def _v3(db: sqlite_utils.Database) -> None:
     """Notifications: each figure's notice state and the outbox of usage events, with
     the position each consumer (the webhook) has delivered up to. AUTOINCREMENT keeps
     a sequence from ever being reused, so a resume point stays valid."""
-    db["notices"].create(
-        {"tenant_id": str, "figure": int, "level": float, "cycle_start_us": int, "last_at_us": int},
-        pk=("tenant_id", "figure"),
-        not_null=["level", "cycle_start_us", "last_at_us"],
+    db.execute(
+        "CREATE TABLE notices (tenant_id TEXT, figure INTEGER, level REAL NOT NULL, cycle_start_us INTEGER NOT NULL,"
+        " last_at_us INTEGER NOT NULL, PRIMARY KEY (tenant_id, figure))"
     )
     db.execute(
         "CREATE TABLE usage_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,"
@@ -235,7 +192,7 @@ def _v3(db: sqlite_utils.Database) -> None:
         " threshold REAL NOT NULL, usage_json TEXT NOT NULL)"
     )
     db.execute("CREATE INDEX usage_events_tenant ON usage_events (tenant_id, seq)")
-    db["event_cursors"].create({"consumer": str, "seq": int}, pk="consumer", not_null=["seq"])
+    db.execute("CREATE TABLE event_cursors (consumer TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
 
 
 def _v4(db: sqlite_utils.Database) -> None:
@@ -285,21 +242,64 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4,
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def migrate(path: Path) -> int:
-    """Brings the schema at `path` to SCHEMA_VERSION; returns the version found."""
-    db = sqlite_utils.Database(str(path))
+def migrate(path: Path, target: int | None = None) -> int:
+    """Brings the schema at `path` to `target` (SCHEMA_VERSION when not given; an older
+    one builds a ledger as an earlier release left it); returns the version found.
+
+    Each step runs in one `BEGIN IMMEDIATE` transaction that also sets its version
+    number, so a process killed at any point leaves the ledger at one version or the
+    next, never between. The version is read again inside each transaction: a second
+    process migrating the same file meanwhile waits for the lock and finds the step done.
+    """
+    goal = SCHEMA_VERSION if target is None else target
+    if not 0 <= goal <= SCHEMA_VERSION:
+        raise ValueError(f"target version {goal} is not one of 0..{SCHEMA_VERSION}")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
-        db.enable_wal()
-        found = db.execute("PRAGMA user_version").fetchone()[0]
-        if found > SCHEMA_VERSION:
-            raise ValueError(f"ledger {path} has schema version {found}, newer than this sidecar's {SCHEMA_VERSION}")
-        for version in range(found, SCHEMA_VERSION):
-            with db.conn:
-                MIGRATIONS[version](db)
-                db.execute(f"PRAGMA user_version = {version + 1}")
+        _use_wal(conn)
+        found = version = _schema_version(conn, path)
+        if found > goal:
+            raise ValueError(f"ledger {path} is at schema version {found}, past the target version {goal}")
+        db = sqlite_utils.Database(conn)
+        while version < goal:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = _schema_version(conn, path)
+                if version < goal:
+                    MIGRATIONS[version](db)
+                    version += 1
+                    conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         return found
     finally:
-        db.close()
+        conn.close()
+
+
+def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
+    """Switches the file to WAL (atomic on its own; it cannot run inside a transaction).
+    Two connections switching one file at once each hold a read lock and need the other's
+    gone, so SQLite answers one of them "locked" at once, without waiting: that one
+    tries again until the other has switched."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
+
+
+def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"ledger {path} has schema version {version}, newer than this sidecar's {SCHEMA_VERSION}")
+    return version
 
 
 _KEY = "(SELECT cycle_key FROM cycle_keys WHERE tenant_id = ? AND cycle_start_us = ?)"

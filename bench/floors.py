@@ -223,5 +223,5 @@ def ledger_bytes(path: Path) -> int:
 
 
 def remove_ledger(path: Path) -> None:
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}.lock")):
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         p.unlink(missing_ok=True)

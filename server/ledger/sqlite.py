@@ -6,8 +6,10 @@ it takes every unit pending, runs each inside its own savepoint of one
 callers: concurrent decisions share one fsync, and none is acknowledged before
 it is durable. Readers use their own connections and see committed state.
 
-A lock file next to the database keeps a second sidecar off the same ledger:
-the dedupe filters are exact only while this process is the only writer.
+An exclusive `flock` on the database file itself keeps a second sidecar off the
+same ledger, whatever name reaches the file (a symlink, a hard link): the dedupe
+filters and the writer's counters are exact only while this process is the only
+writer, and a hard link would even give the file a second WAL.
 
 Faults of the store are answered, never hidden. A commit that fails (disk full,
 file made read-only, I/O error) fails every unit in it with LedgerUnavailable,
@@ -932,6 +934,70 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _hold(path: Path) -> int:
+    """An open descriptor of the ledger file at `path` (created when missing) with an
+    exclusive flock on it. The lock is on the file, not on a name, so a second sidecar
+    reaching it through a symlink or a hard link meets it too. flock locks belong to
+    the open file description and never touch the POSIX byte-range locks SQLite takes
+    on the same file, so they neither conflict nor get dropped with them.
+
+    Two sidecars creating the file at once open the same new file (O_CREAT alone) and
+    one of them gets the lock. A name given to another file between the open and the
+    lock (the holder writing the ledger back) is opened again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise LedgerUnavailable(f"ledger {path} is in use by {holder}") from None
+        except OSError:
+            os.close(fd)
+            raise
+        if _file_id(path) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the flock on the file open at `fd`, from Linux's /proc/locks
+    ("N: FLOCK ADVISORY WRITE pid major:minor:inode ...", device numbers in hex)."""
+    st = os.fstat(fd)
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                # A pid of 0 is a holder outside this process's pid namespace.
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == file and fields[4].isdigit():
+                    if int(fields[4]) > 0:
+                        return f"another sidecar (pid {fields[4]})"
+    except OSError:
+        pass
+    return "another sidecar"
+
+
+def _leave_legacy_lock(path: Path) -> None:
+    """Earlier releases locked a `.lock` file beside the ledger instead of the ledger. One
+    still running on this path (an upgrade under way) holds that lock, and this sidecar
+    stays off; a lock file nobody holds is removed, so none is left beside the ledger."""
+    legacy = Path(f"{path}.lock")
+    try:
+        fd = os.open(legacy, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LedgerUnavailable(f"ledger {path} is in use by {_holder(fd)}, through {legacy.name}") from None
+        legacy.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 _STOP = _Stop()
 CommitObserver = Callable[[float, int, bool], None]
 
@@ -1006,27 +1072,26 @@ class SQLiteLedger(Ledger):
         return conn
 
     def open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = _hold(self.path)
+        except OSError as exc:
+            raise LedgerUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise LedgerUnavailable(f"ledger {self.path} is in use by another sidecar") from None
-        try:
+            _leave_legacy_lock(self.path)
+            if os.fstat(self._lock_fd).st_size == 0:
+                # A new file: its name is made durable before anything is committed into it.
+                _sync_dir(Path(os.path.realpath(self.path)).parent)
             migrate(self.path)
             self._conn = self._connect()
             self._tx = _Tx(self._conn, self.filters, self._builds)
             self._request_filters()
             self._files = self._files_now()
-        except (ValueError, sqlite3.Error) as exc:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        except LedgerUnavailable:
+            self._let_go()
+            raise
+        except (ValueError, OSError, sqlite3.Error) as exc:
+            self._let_go()
             raise LedgerUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
         self._open = True
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
@@ -1036,6 +1101,16 @@ class SQLiteLedger(Ledger):
         self._watch_stop.clear()
         self._watcher = threading.Thread(target=self._watch_loop, name="ledger-watch", daemon=True)
         self._watcher.start()
+
+    def _let_go(self) -> None:
+        """Closes the writer's connection, then the locked descriptor: last, since closing
+        any descriptor of the file drops the POSIX locks SQLite holds on it."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _files_now(self) -> tuple[FileId | None, FileId | None]:
         return _file_id(self.path), _file_id(self._wal)
@@ -1093,43 +1168,36 @@ class SQLiteLedger(Ledger):
         spare = self.path.with_name(self.path.name + ".restoring")
         try:
             spare.unlink(missing_ok=True)
-            target = sqlite3.connect(spare)
+            # Locked before it takes the ledger's name, so no second sidecar gets in between.
+            fd = _hold(spare)
             try:
-                self._conn.backup(target)
-            finally:
-                target.close()
-            for leftover in (self._wal, Path(f"{self.path}-shm")):
-                leftover.unlink(missing_ok=True)
-            os.replace(spare, self.path)
-            _sync_dir(self.path.parent)
-            self._relock()
-            conn = self._connect()
-            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        except (OSError, sqlite3.Error) as exc:
+                target = sqlite3.connect(spare)
+                try:
+                    self._conn.backup(target)
+                finally:
+                    target.close()
+                for leftover in (self._wal, Path(f"{self.path}-shm")):
+                    leftover.unlink(missing_ok=True)
+                os.replace(spare, self.path)
+                _sync_dir(self.path.parent)
+                conn = self._connect()
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except BaseException:
+                os.close(fd)
+                raise
+        except (OSError, sqlite3.Error, LedgerUnavailable) as exc:
             return f"ledger {self.path} was removed underneath the sidecar and cannot be written back yet: {exc}"
         old, self._conn = self._conn, conn
         self._tx.conn = conn
         old.close()
+        # The removed file has no name left to reach it by: the lock moves to the new one.
+        assert self._lock_fd is not None
+        os.close(self._lock_fd)
+        self._lock_fd = fd
         self._generation += 1
         self._files = self._files_now()
         log.warning("ledger %s was removed underneath the sidecar; written back whole from the open ledger", self.path)
         return None
-
-    def _relock(self) -> None:
-        """Takes the lock file again when it went with the ledger."""
-        assert self._lock_fd is not None
-        lock_path = f"{self.path}.lock"
-        held = os.fstat(self._lock_fd)
-        if _file_id(lock_path) == (held.st_dev, held.st_ino):
-            return
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OSError("another sidecar holds the ledger's lock file") from None
-        old, self._lock_fd = self._lock_fd, fd
-        os.close(old)
 
     def _request_filters(self) -> None:
         """Asks for the filter of every tenant's latest cycle, biggest first."""
@@ -1248,11 +1316,7 @@ class SQLiteLedger(Ledger):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 log.warning("WAL checkpoint at close failed; the WAL is replayed at next open")
-            self._conn.close()
-            self._conn = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._let_go()
         log.info("ledger flushed and closed")
 
     def transact(self, work: Callable[[LedgerTx], T]) -> T:

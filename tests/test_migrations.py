@@ -17,8 +17,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlite_utils
 from test_process import AUTH, Process, start
 
+import quota_sidecar.server.ledger.sqlite as ledger_sqlite
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import to_us
@@ -316,3 +318,21 @@ def test_the_sidecar_serves_a_ledger_killed_inside_an_upgrade(tmp_path: Path, pr
     p.proc.send_signal(signal.SIGTERM)
     assert p.proc.wait(timeout=30) == 0
     assert dump(origin) == dump(reference)
+
+
+def test_a_step_that_commits_on_its_own_is_stopped_before_its_version_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step must leave the commit to migrate(), which sets its version in the same transaction; one that
+    commits itself is stopped, naming it, and the ledger keeps the version it had."""
+
+    def _commits_itself(db: sqlite_utils.Database) -> None:
+        db.execute("CREATE TABLE extra (id INTEGER PRIMARY KEY)")
+        db.conn.commit()
+
+    monkeypatch.setattr(ledger_sqlite, "MIGRATIONS", [*ledger_sqlite.MIGRATIONS, _commits_itself])
+    monkeypatch.setattr(ledger_sqlite, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    path = tmp_path / "ledger.db"
+    with pytest.raises(RuntimeError, match="_commits_itself"):
+        migrate(path)
+    assert dump(path)[0] == SCHEMA_VERSION

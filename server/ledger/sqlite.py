@@ -240,6 +240,8 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE ledger_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at_us INTEGER NOT NULL)")
 
 
+# Each step runs inside the one transaction migrate() opens for it, which it must not end
+# (no commit of its own), so that the step and its version number commit together.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -268,7 +270,10 @@ def migrate(path: Path, target: int | None = None) -> int:
             try:
                 version = _schema_version(conn, path)
                 if version < goal:
-                    MIGRATIONS[version](db)
+                    step = MIGRATIONS[version]
+                    step(db)
+                    if not conn.in_transaction:
+                        raise RuntimeError(f"the migration step {step.__name__} committed part of itself on its own")
                     version += 1
                     conn.execute(f"PRAGMA user_version = {version}")
                 conn.execute("COMMIT")
@@ -283,9 +288,8 @@ def migrate(path: Path, target: int | None = None) -> int:
 
 def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
     """Switches the file to WAL (atomic on its own; it cannot run inside a transaction).
-    Two connections switching one file at once each hold a read lock and need the other's
-    gone, so SQLite answers one of them "locked" at once, without waiting: that one
-    tries again until the other has switched."""
+    When two connections switch one file at once, SQLite answers one of them "locked"
+    without waiting out its busy timeout: that one tries again until the other is done."""
     deadline = time.monotonic() + patience
     while True:
         try:

@@ -75,6 +75,8 @@ MAX_ID_BYTES = 256
 MAX_BATCH = 10_000
 MAX_ACTIVITY_CONTACTS = 100_000
 MAX_PAGE_SIZE = 1_000
+# Each threshold a change crosses writes an event in the deciding call's transaction.
+MAX_NOTIFY_THRESHOLDS = 10
 # Figures travel as int64 on the wire and in the ledger.
 MAX_FIGURE = 2**63 - 1
 # Amounts are exact decimals of at most 28 digits (the decimal context): a price this
@@ -258,6 +260,11 @@ def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
         value = getattr(given, name)
         if value is not None and value < 0:
             raise InvalidArgument(f"plan.{name.removesuffix('_us')}", "must not be negative")
+    if len(given.notify_thresholds) > MAX_NOTIFY_THRESHOLDS:
+        raise InvalidArgument(
+            "plan.notify_thresholds",
+            f"lists {len(given.notify_thresholds)} thresholds; at most {MAX_NOTIFY_THRESHOLDS}",
+        )
     for t in given.notify_thresholds:
         if not (0 < t <= 1):
             raise InvalidArgument(

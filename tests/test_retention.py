@@ -8,8 +8,11 @@ Sizes are measured on the real SQLite file (its page count), times with a fake c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -379,3 +382,16 @@ def test_put_plan_with_too_many_notify_thresholds_is_invalid_and_stores_nothing(
     assert again.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     kept = admin.GetPlan(pb.GetPlanRequest(tenant_id="kept"), metadata=sidecar.auth, timeout=5).plan
     assert list(kept.notify_thresholds) == many[:10]
+
+
+def test_a_retention_that_is_not_positive_stops_the_start(tmp_path: Path) -> None:
+    """The retentions come from flags or QUOTA_* variables; zero or less is refused before any port is bound."""
+    command = [str(Path(sys.executable).parent / "quota-sidecar"), "serve", "--ledger", str(tmp_path / "l.db")]
+    flagged = subprocess.run([*command, "--request-retention", "0"], capture_output=True, text=True, timeout=30)
+    assert flagged.returncode == 2
+    assert flagged.stderr.strip() == "quota-sidecar: --request-retention: must be positive"
+    env = {**os.environ, "QUOTA_AUDIT_RETENTION": "-1"}
+    from_env = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    assert from_env.returncode == 2
+    assert from_env.stderr.strip() == "quota-sidecar: --audit-retention: must be positive"
+    assert not (tmp_path / "l.db").exists()

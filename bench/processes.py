@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -117,9 +118,12 @@ def wait_serving(channel: grpc.Channel, proc: subprocess.Popen[bytes], log: Path
 class SidecarProcess:
     """One `quota-sidecar serve` over a SQLite ledger file, on free ports."""
 
-    def __init__(self, processes: Processes, ledger: Path, *, serving_timeout: float = 3600.0) -> None:
+    def __init__(
+        self, processes: Processes, ledger: Path, *, serving_timeout: float = 3600.0, flags: Sequence[str] = ()
+    ) -> None:
         self.processes = processes
         self.ledger = ledger
+        self.flags = list(flags)
         self.serving_timeout = serving_timeout
         self.port = free_port()
         self.metrics_port = free_port()
@@ -151,6 +155,7 @@ class SidecarProcess:
             f"127.0.0.1:{self.metrics_port}",
             "--sqlite-synchronous",
             self.processes.synchronous,
+            *self.flags,
         ]
         self._channel = grpc.insecure_channel(self.address, options=FAST_RECONNECT)
         self.spawned_at = time.perf_counter()

@@ -180,6 +180,20 @@ def sections(sizes: Sizes, synchronous: str) -> list[Section]:
             "SQLite row",
             goal=Goal("<= 64 B", (("<=", 64),)),
         ),
+        Row(
+            "retention.kept_bytes_per_call",
+            "ledger growth per CheckSend with a request_id, answers kept",
+            "B",
+            goal=Goal("<= 100 B", (("<=", 100),)),
+        ),
+        Row(
+            "retention.steady_bytes_per_call",
+            f"the same at steady state (--request-retention {sizes.retention_seconds} s)",
+            "B",
+            "retention.kept_bytes_per_call",
+            "answers kept",
+            goal=Goal("<= 5 B", (("<=", 5),)),
+        ),
         Row("serving.empty.s", "start to SERVING, empty ledger", "s"),
     ]
     for m in sizes.serving_contacts:

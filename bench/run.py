@@ -40,7 +40,7 @@ from sizes import FULL, HELP, QUICK, Sizes
 
 REPO = Path(__file__).resolve().parent.parent
 CALL_SCENARIOS = ("checksend", "batch", "coalesce", "rename")
-SCENARIOS = ("floor", "redis", "sqlite", *CALL_SCENARIOS, "memory", "serving", "tenants")
+SCENARIOS = ("floor", "redis", "sqlite", *CALL_SCENARIOS, "retention", "memory", "serving", "tenants")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -185,6 +185,8 @@ def run_scenarios(session: Session, names: list[str], failures: dict[str, str]) 
                     running.stop()
                 except Exception as exc:
                     failures["sidecar stop"] = f"{type(exc).__name__}: {exc}"
+    if "retention" in names:
+        attempt("retention", lambda: scenarios.retention(session))
     ledgers = Ledgers(session)
     for name in ("memory", "serving", "tenants"):
         if name in names:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import functools
 import random
+import sqlite3
 import statistics
+import time
+import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from fills import FILTERS_TIMEOUT, FilledLedger, Ledgers, bench_plan, send_batch, tenant_contacts, tenant_ids
@@ -207,6 +211,58 @@ def rename(session: Session, sidecar: SidecarProcess) -> None:
     for _ in range(session.repeat):
         samples = latencies([call] * s.rename_calls)
         session.results.add("rename.seconds", statistics.median(samples))
+
+
+def retention(session: Session) -> None:
+    """Ledger bytes per CheckSend to an active contact under a fresh request_id (as the Python
+    client sends one): while every answer is still kept, and at steady state, once answers
+    past --request-retention are pruned as fast as they come (--prune-interval 0.1 s). Each
+    run waits for the answers of the run before to be pruned first."""
+    keep = session.sizes.retention_seconds
+    sidecar = SidecarProcess(
+        session.processes,
+        session.folder / "retention.db",
+        flags=["--request-retention", str(keep), "--prune-interval", "0.1"],
+    )
+    sidecar.start()
+    try:
+        sidecar.put_plan(TENANT, bench_plan(NEVER_REACHED))
+        stub = sidecar.quota()
+        contacts = new_contact_ids(100)
+        for c in contacts:
+            stub.CheckSend(send_request(TENANT, c), timeout=UNARY_TIMEOUT)
+        for _ in range(session.repeat):
+            time.sleep(keep + 0.5)
+            started = time.monotonic()
+            before, sent = ledger_bytes(sidecar.ledger), _send_for(stub, contacts, keep * 0.8)
+            session.results.add("retention.kept_bytes_per_call", (ledger_bytes(sidecar.ledger) - before) / sent)
+            _send_for(stub, contacts, started + 2 * keep - time.monotonic())
+            before, sent = ledger_bytes(sidecar.ledger), _send_for(stub, contacts, 2 * keep)
+            session.results.add("retention.steady_bytes_per_call", (ledger_bytes(sidecar.ledger) - before) / sent)
+    finally:
+        sidecar.stop()
+
+
+def _send_for(stub: pb_grpc.QuotaServiceStub, contacts: Sequence[str], seconds: float) -> int:
+    """CheckSends to active contacts, each under a fresh request_id, for `seconds`; returns how many."""
+    until, sent = time.monotonic() + seconds, 0
+    while time.monotonic() < until:
+        request = send_request(TENANT, contacts[sent % len(contacts)])
+        request.request_id = uuid.uuid4().hex
+        _checked_call(stub, request, False)()
+        sent += 1
+    return sent
+
+
+def ledger_bytes(path: Path) -> int:
+    """The bytes of the ledger's pages in use (free pages left by pruning excluded; its
+    WAL's committed pages included), read from the file."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
 
 
 def memory(session: Session, ledgers: Ledgers) -> None:

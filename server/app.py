@@ -28,14 +28,14 @@ from prometheus_client.exposition import start_http_server
 
 from quota_sidecar.client.v1 import quota_pb2 as pb
 
-from .clock import Clock, SystemClock
-from .engine import Engine
+from .clock import MICROS, Clock, SystemClock
+from .engine import Engine, Retention
 from .errors import QuotaError
 from .ledger import Ledger
 from .ledger.sqlite import SQLiteLedger, sqlite_path
 from .metrics import Metrics, SidecarCollector, TenantFigures
 from .model import Usage, UsageEvent
-from .outbox import EventFeed, Webhook
+from .outbox import WEBHOOK, EventFeed, Webhook
 from .service import QuotaAdminService, QuotaService, register
 from .settings import Settings
 from .tenants import load_tenants
@@ -146,6 +146,22 @@ class Sidecar:
                 self.engine.send_reminders()
             except QuotaError as exc:
                 log.warning("reminders not written this time: %s", exc)
+
+    def _prune(self) -> None:
+        """Every --prune-interval seconds deletes what is past its retention."""
+        s = self.settings
+        retention = Retention(
+            round(s.request_retention * MICROS), round(s.event_retention * MICROS), round(s.audit_retention * MICROS)
+        )
+        consumers = (WEBHOOK,) if self.webhook is not None else ()
+        while not self._stopping.wait(s.prune_interval):
+            try:
+                pruned = self.engine.prune(retention, consumers)
+            except QuotaError as exc:
+                log.warning("nothing pruned this time: %s", exc)
+                continue
+            for kind, rows in pruned.items():
+                self.metrics.pruned.labels(kind).inc(rows)
 
     def _fill_board(self) -> None:
         """Puts every tenant's current usage on the board, behind SERVING (it reads
@@ -269,6 +285,7 @@ class Sidecar:
         log.info("ledger open; SERVING (dedupe filters are built in the background)")
         self._start_worker(self._fill_board, "tenant-figures")
         self._start_worker(self._remind, "reminders")
+        self._start_worker(self._prune, "pruner")
         if self.webhook is not None:
             self.webhook.start()
             log.info("usage events are posted to the webhook %s", _without_secrets(self.settings.webhook_url))

@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from functools import partial
+from typing import Any
 
+from . import replies
 from .board import UsageBoard
 from .clock import MICROS, Clock
 from .cycles import Cycle, cycle_at
@@ -63,6 +65,7 @@ from .model import (
     StoredPlan,
     StoredResult,
     Usage,
+    UsageContext,
     UsageEvent,
     UsageFigure,
     UsageState,
@@ -75,6 +78,13 @@ MAX_ID_BYTES = 256
 MAX_BATCH = 10_000
 MAX_ACTIVITY_CONTACTS = 100_000
 MAX_PAGE_SIZE = 1_000
+# Rows one pruning transaction deletes at most: a short unit between decisions.
+PRUNE_ROWS = 1_000
+DAY_US = 86_400 * MICROS
+# Bytes of the request's hash kept with its answer: a retry with the same id must match them.
+FINGERPRINT_BYTES = 8
+# Each threshold a change crosses writes an event in the deciding call's transaction.
+MAX_NOTIFY_THRESHOLDS = 10
 # Figures travel as int64 on the wire and in the ledger.
 MAX_FIGURE = 2**63 - 1
 # Amounts are exact decimals of at most 28 digits (the decimal context): a price this
@@ -131,6 +141,16 @@ class ContactAddRequest:
     dry_run: bool = False
     marketing: bool | None = None
     request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long the ledger keeps what no figure is computed from: answers kept for
+    retries of a request_id, outbox events (once delivered) and audit rows."""
+
+    requests_us: int = DAY_US
+    events_us: int = 7 * DAY_US
+    audit_us: int = 90 * DAY_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +222,8 @@ def _required(field: str, value: object) -> None:
         raise InvalidArgument(field, "is required")
 
 
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()[:32]
+def _fingerprint(*parts: object) -> bytes:
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
 
 
 def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
@@ -258,6 +278,11 @@ def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
         value = getattr(given, name)
         if value is not None and value < 0:
             raise InvalidArgument(f"plan.{name.removesuffix('_us')}", "must not be negative")
+    if len(given.notify_thresholds) > MAX_NOTIFY_THRESHOLDS:
+        raise InvalidArgument(
+            "plan.notify_thresholds",
+            f"lists {len(given.notify_thresholds)} thresholds; at most {MAX_NOTIFY_THRESHOLDS}",
+        )
     for t in given.notify_thresholds:
         if not (0 < t <= 1):
             raise InvalidArgument(
@@ -318,7 +343,7 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
     itself under CYCLE_ACTIVE, the highest held count under HELD_CONTACTS)."""
     count = tally.count
     limit = plan.limit
-    over = max(0, tally.peak - limit)
+    over = replies.overage_contacts(tally.peak, limit)
     amount = money(Decimal(plan.overage_unit_price or "0") * over) if over else NO_MONEY
     return Usage(
         tenant_id=tenant_id,
@@ -326,7 +351,7 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
         cycle_end_us=cycle.end_us,
         active_contacts=count,
         contact_limit=limit,
-        usage_ratio=count / limit if limit else 0.0,
+        usage_ratio=replies.usage_ratio(count, limit),
         sends=tally.sends,
         sends_limit=plan.effective_sends_limit,
         state=state_of(plan, count, tally.sends),
@@ -412,15 +437,11 @@ class _Overlay:
         return None
 
 
-def _decision_json(d: SendDecision) -> list[object]:
-    return [d.decision.value, d.reason.value, d.newly_active, d.retry_after_us]
-
-
-def _decision_from(raw: list) -> SendDecision:
+def _legacy_decision(raw: list) -> SendDecision:
     return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
 
 
-NO_MONEY = money(Decimal(0))
+NO_MONEY = replies.NO_MONEY
 NOT_COUNTED = SendDecision(Decision.ALLOW, Reason.NOT_COUNTED)
 ALLOW_ACTIVE = SendDecision(Decision.ALLOW, Reason.ALREADY_ACTIVE)
 ALLOW_NEW = SendDecision(Decision.ALLOW, Reason.NEW_CONTACT_COUNTED, newly_active=True)
@@ -549,23 +570,28 @@ class Engine:
         tenant_id: str,
         rpc: str,
         request_id: str,
-        fingerprint: Callable[[], str],
-        decide: Callable[[], tuple[object, int]],
-        encode: Callable[[object], object],
-        decode: Callable[[object], object],
+        fingerprint: Callable[[], bytes],
+        decide: Callable[[], tuple[Any, int]],
+        pack: Callable[[Any], tuple[bytes, UsageContext]],
+        unpack: Callable[[bytes, UsageContext], object],
+        legacy: Callable[[Any], object],
     ) -> object:
         """Runs `decide` once per request_id: a retry returns the first answer, counting nothing.
-        The request's fingerprint is only computed when there is a request_id."""
+        The request's fingerprint is only computed when there is a request_id. An answer
+        kept before the packed form (`legacy`, from its JSON) is answered until pruned."""
         if request_id:
             stored = tx.stored_result(tenant_id, rpc, request_id)
             if stored is not None:
-                if stored.fingerprint != fingerprint():
+                if stored.fingerprint != fingerprint()[: len(stored.fingerprint)]:
                     raise InvalidArgument("request_id", f"was already used for a different {rpc} request")
-                return decode(json.loads(stored.response_json))
-        outcome, cycle_start_us = decide()
+                if stored.context is None:
+                    return legacy(json.loads(stored.legacy_json))
+                return unpack(stored.packed, stored.context)
+        outcome, _ = decide()
         if request_id:
-            result = StoredResult(fingerprint(), json.dumps(encode(outcome), separators=(",", ":")))
-            tx.store_result(tenant_id, rpc, request_id, cycle_start_us, result, self.clock.now_us())
+            packed, context = pack(outcome)
+            result = StoredResult(fingerprint()[:FINGERPRINT_BYTES], packed, context)
+            tx.store_result(tenant_id, rpc, request_id, result, self.clock.now_us())
         return outcome
 
     # -- the data plane -------------------------------------------------------------------
@@ -602,8 +628,9 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx),
-                lambda o: {"d": _decision_json(o.decision), "u": o.usage.to_dict()},
-                lambda raw: SendOutcome(_decision_from(raw["d"]), Usage.from_dict(raw["u"])),
+                replies.pack_send,
+                replies.unpack_send,
+                lambda raw: SendOutcome(_legacy_decision(raw["d"]), Usage.from_dict(raw["u"])),
             )
 
         return self.ledger.transact(unit)
@@ -619,15 +646,7 @@ class Engine:
             results, usage, cycle_start = self._decide_sends(
                 view, req.tenant_id, req.kind, req.contact_ids, None, "CheckSendBatch", req.request_id, req.dry_run
             )
-            allowed = sum(1 for _, d in results if d.decision is Decision.ALLOW)
-            outcome = BatchOutcome(
-                results=tuple(results),
-                allowed=allowed,
-                denied=len(results) - allowed,
-                newly_active=sum(1 for _, d in results if d.newly_active),
-                usage=usage,
-            )
-            return outcome, cycle_start
+            return replies.batch_outcome(results, usage), cycle_start
 
         if req.dry_run:
             return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
@@ -641,15 +660,10 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx),
-                lambda o: {
-                    "r": [[c, *_decision_json(d)] for c, d in o.results],
-                    "a": o.allowed,
-                    "d": o.denied,
-                    "n": o.newly_active,
-                    "u": o.usage.to_dict(),
-                },
+                replies.pack_batch,
+                partial(replies.unpack_batch, req.contact_ids),
                 lambda raw: BatchOutcome(
-                    tuple((r[0], _decision_from(r[1:])) for r in raw["r"]),
+                    tuple((r[0], _legacy_decision(r[1:])) for r in raw["r"]),
                     raw["a"],
                     raw["d"],
                     raw["n"],
@@ -885,7 +899,8 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx, tx),
-                lambda o: {"d": o.decision.value, "r": o.reason.value, "a": o.added, "u": o.usage.to_dict()},
+                replies.pack_contact_add,
+                replies.unpack_contact_add,
                 lambda raw: ContactAddOutcome(
                     Decision(raw["d"]), Reason(raw["r"]), raw["a"], Usage.from_dict(raw["u"])
                 ),
@@ -988,7 +1003,8 @@ class Engine:
                 req.request_id,
                 fingerprint,
                 lambda: decide(tx),
-                lambda o: {"r": o.recorded, "n": o.newly_active, "u": o.usage.to_dict()},
+                replies.pack_activity,
+                replies.unpack_activity,
                 lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
             )
 
@@ -1145,6 +1161,27 @@ class Engine:
             return plan, usage
 
         return self.ledger.transact(unit)
+
+    def prune(self, retention: Retention, consumers: Sequence[str] = ()) -> dict[str, int]:
+        """Deletes what is older than its retention, oldest first, in transactions of at
+        most PRUNE_ROWS rows that queue with decisions like any unit: answers kept for
+        retries ("results"), outbox events ("events") every consumer in `consumers` has
+        delivered (every event, with none), and audit rows ("audit"). Returns the rows
+        deleted of each."""
+        now = self.clock.now_us()
+        through = self.ledger.read(lambda r: min((r.event_cursor(c) for c in consumers), default=MAX_FIGURE))
+        jobs: dict[str, Callable[[LedgerTx], int]] = {
+            "results": lambda tx: tx.prune_results(now - retention.requests_us, PRUNE_ROWS),
+            "events": lambda tx: tx.prune_events(now - retention.events_us, through, PRUNE_ROWS),
+            "audit": lambda tx: tx.prune_audit(now - retention.audit_us, PRUNE_ROWS),
+        }
+        pruned: dict[str, int] = {}
+        for kind, job in jobs.items():
+            pruned[kind] = deleted = self.ledger.transact(job)
+            while deleted >= PRUNE_ROWS:
+                deleted = self.ledger.transact(job)
+                pruned[kind] += deleted
+        return pruned
 
     def usage_events(self, tenant_id: str, after_seq: int, limit: int) -> list[UsageEvent]:
         """Outbox events after `after_seq` in order, one tenant's or (tenant_id "") all."""

@@ -91,6 +91,12 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.pruned = Counter(
+            "quota_ledger_pruned_rows_total",
+            "Ledger rows deleted past their retention, by kind (results, events, audit)",
+            ["kind"],
+            registry=registry,
+        )
         self._timers: dict[str, Any] = {}
         self._calls: dict[tuple[str, str], Any] = {}
         self._decisions: dict[tuple[str, str, str], Any] = {}
@@ -98,6 +104,8 @@ class Metrics:
             self.usage_events.labels(kind.name)
         for result in ("delivered", "failed"):
             self.webhook_deliveries.labels(result)
+        for kind in ("results", "events", "audit"):
+            self.pruned.labels(kind)
 
     def call_done(self, method: str, code: str, seconds: float) -> None:
         """Times and counts one call (the labelled series looked up once each)."""

@@ -435,9 +435,29 @@ class StoredPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageContext:
+    """What a usage takes from the plan and the cycle: stored once and shared by the
+    answers kept for retries that carry it."""
+
+    tenant_id: str
+    cycle_start_us: int
+    cycle_end_us: int
+    contact_limit: int
+    sends_limit: int
+    currency: str
+    plan_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoredResult:
-    fingerprint: str
-    response_json: str
+    """An answer kept for retries of its request_id: the start of a hash of the request
+    (`fingerprint`), the answer packed (replies.py) and the usage context it needs.
+    An answer kept before the packed form has `legacy_json` instead, until it is pruned."""
+
+    fingerprint: bytes
+    packed: bytes = b""
+    context: UsageContext | None = None
+    legacy_json: str = ""
 
 
 @dataclass(slots=True)

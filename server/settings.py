@@ -46,6 +46,10 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    request_retention: float = 86_400.0
+    event_retention: float = 7 * 86_400.0
+    audit_retention: float = 90 * 86_400.0
+    prune_interval: float = 60.0
 
     def validate(self) -> Settings:
         if self.address.startswith("unix:"):
@@ -91,6 +95,14 @@ class Settings:
             raise SettingsError("--reminder-interval: must be positive")
         if self.max_pending_calls < 0:
             raise SettingsError("--max-pending-calls: must not be negative")
+        for flag, value in (
+            ("--request-retention", self.request_retention),
+            ("--event-retention", self.event_retention),
+            ("--audit-retention", self.audit_retention),
+            ("--prune-interval", self.prune_interval),
+        ):
+            if not value > 0:
+                raise SettingsError(f"{flag}: must be positive")
         if self.ledger_check_interval <= 0:
             raise SettingsError("--ledger-check-interval: must be positive")
         if self.socket_group is not None:
@@ -164,6 +176,10 @@ HELP = {
     "tls_cert": "PEM certificate chain of the gRPC port; with --tls-key, the port speaks TLS only",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle; with it every client must present a certificate it signed (mutual TLS)",
+    "request_retention": "seconds an answer is kept for retries of its request_id (then pruned)",
+    "event_retention": "seconds a usage event is kept in the outbox once the webhook delivered it",
+    "audit_retention": "seconds an audit row is kept",
+    "prune_interval": "seconds between prunings of what is past its retention",
 }
 
 

@@ -428,7 +428,7 @@ def test_uncounted_kind_is_allowed_not_counted_and_touches_no_figure(engine: Eng
     assert [d.reason for _, d in b.results] == [Reason.NOT_COUNTED] * 3
     assert (b.allowed, b.denied, b.newly_active) == (3, 0, 0)
     after = snapshot(db_path)
-    for table in ("usage", "activations", "contacts", "request_results"):
+    for table in ("usage", "activations", "contacts", "request_replies"):
         assert after[table] == before[table], table
     with pytest.raises(NotFound):
         engine.get_contact(T, "stranger")

@@ -26,7 +26,15 @@ import pytest
 from quota_sidecar.server.errors import LedgerUnavailable
 from quota_sidecar.server.ledger import Ledger, LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import Activation, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
+from quota_sidecar.server.model import (
+    Activation,
+    ContactRecord,
+    Counters,
+    Holdings,
+    StoredPlan,
+    StoredResult,
+    UsageContext,
+)
 
 CommitObserver = Callable[[float, int, bool], None]
 
@@ -65,6 +73,7 @@ BACKENDS = [
 
 T = "tenant-a"
 C1 = 1_771_142_400_000_000  # a cycle start
+CONTEXT = UsageContext(T, C1, C1 + 28 * 86_400_000_000, 100, 0, "EUR", "Growth \u00e9")
 C0 = 1_768_464_000_000_000  # the cycle before it
 
 
@@ -236,7 +245,7 @@ class TestLedgerContract:
         def bad(tx: LedgerTx) -> None:
             tx.put_plan(T, "plan", 1)
             tx.activate(T, C1, [act("a")])
-            tx.store_result(T, "CheckSend", "r1", C1, StoredResult("fp", "{}"), 1)
+            tx.store_result(T, "CheckSend", "r1", StoredResult(b"fp", b"\x01", CONTEXT), 1)
             raise ValueError("the unit fails")
 
         with pytest.raises(ValueError, match="the unit fails"):
@@ -480,11 +489,11 @@ class TestLedgerContract:
 
     def test_stored_results_round_trip_and_survive_reopen(self, backend: Backend, tmp_path: Path):
         """SG-8 / api.md Errors: request_id answers are durable and scoped to tenant and RPC."""
-        result = StoredResult("f" * 32, '{"d":[1,3,true,0],"u":{"x":"é"}}')
+        result = StoredResult(b"\xff" * 8, bytes([1, 3, 1, 0, 200, 1]) + "é".encode(), CONTEXT)
         lg = backend.make(tmp_path)
         lg.open()
         try:
-            lg.transact(lambda tx: tx.store_result(T, "CheckSend", "req-1", C1, result, 42))
+            lg.transact(lambda tx: tx.store_result(T, "CheckSend", "req-1", result, 42))
             assert lg.read(lambda r: r.stored_result(T, "CheckSend", "req-1")) == result
             assert lg.transact(lambda tx: tx.stored_result(T, "CheckSend", "req-1")) == result
             # scoped to tenant and rpc

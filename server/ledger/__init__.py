@@ -124,9 +124,19 @@ class LedgerTx(LedgerReader, Protocol):
 
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None: ...
 
-    def store_result(
-        self, tenant_id: str, rpc: str, request_id: str, cycle_start_us: int, result: StoredResult, at_us: int
-    ) -> None: ...
+    def store_result(self, tenant_id: str, rpc: str, request_id: str, result: StoredResult, at_us: int) -> None:
+        """Keeps a packed answer (with its usage context) for retries of the request_id."""
+
+    def prune_results(self, before_us: int, limit: int) -> int:
+        """Deletes up to `limit` answers kept since before `before_us`, oldest first, and
+        then the usage contexts no answer kept takes; returns how many answers."""
+
+    def prune_events(self, before_us: int, through_seq: int, limit: int) -> int:
+        """Deletes up to `limit` outbox events written before `before_us` with a
+        sequence at most `through_seq`, oldest first; returns how many."""
+
+    def prune_audit(self, before_us: int, limit: int) -> int:
+        """Deletes up to `limit` audit rows written before `before_us`, oldest first; returns how many."""
 
     def audit(self, entries: Iterable[AuditEntry]) -> None: ...
 

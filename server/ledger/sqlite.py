@@ -24,6 +24,7 @@ file is acknowledged, so nothing acknowledged is lost with it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +56,7 @@ from ..model import (
     StoredPlan,
     StoredResult,
     Usage,
+    UsageContext,
     UsageEvent,
     UsageEventType,
     UsageFigure,
@@ -240,9 +242,28 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE ledger_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at_us INTEGER NOT NULL)")
 
 
+def _compact_request_results(db: sqlite_utils.Database) -> None:
+    """Answers kept for retries in their packed form (replies.py), keyed by a digest of
+    tenant, RPC and request_id, in insertion order (`seq`) so pruning by age reads the
+    oldest first; the usage context of an answer stored once in `usage_contexts`
+    (`used_us`: when an answer last took it, so unused ones are pruned too). Answers
+    kept as JSON in `request_results` are still answered, until they are pruned."""
+    db.execute(
+        "CREATE TABLE usage_contexts (id INTEGER PRIMARY KEY, tenant_id TEXT NOT NULL,"
+        " cycle_start_us INTEGER NOT NULL, cycle_end_us INTEGER NOT NULL, contact_limit INTEGER NOT NULL,"
+        " sends_limit INTEGER NOT NULL, currency TEXT NOT NULL, plan_name TEXT NOT NULL, used_us INTEGER NOT NULL,"
+        " UNIQUE (tenant_id, cycle_start_us, cycle_end_us, contact_limit, sends_limit, currency, plan_name))"
+    )
+    db.execute(
+        "CREATE TABLE request_replies (seq INTEGER PRIMARY KEY, key BLOB NOT NULL, at_s INTEGER NOT NULL,"
+        " fingerprint BLOB NOT NULL, context INTEGER NOT NULL, reply BLOB NOT NULL)"
+    )
+    db.execute("CREATE UNIQUE INDEX request_replies_key ON request_replies (key)")
+
+
 # Each step runs inside the one transaction migrate() opens for it, which it must not end
 # (no commit of its own), so that the step and its version number commit together.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _compact_request_results]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -309,6 +330,24 @@ def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
 
 
 _KEY = "(SELECT cycle_key FROM cycle_keys WHERE tenant_id = ? AND cycle_start_us = ?)"
+_CONTEXT = "tenant_id, cycle_start_us, cycle_end_us, contact_limit, sends_limit, currency, plan_name"
+# A usage context's `used_us` is rewritten at most this often; one unused for longer
+# than the request retention and this is taken by no answer kept.
+CONTEXT_REFRESH_US = 3600 * 1_000_000
+
+
+def _request_key(tenant_id: str, rpc: str, request_id: str) -> bytes:
+    """128 bits naming a request_id within its tenant and RPC (ids hold no NUL)."""
+    name = f"{tenant_id}\x00{rpc}\x00{request_id}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(name, digest_size=16).digest()
+
+
+def _prune_oldest(conn: sqlite3.Connection, table: str, key: str, age: str, before: int, limit: int) -> int:
+    """Deletes, among the `limit` oldest rows of `table` by `key`, those whose `age` is below `before`."""
+    return conn.execute(
+        f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} ORDER BY {key} LIMIT ?) AND {age} < ?",
+        (limit, before),
+    ).rowcount
 
 
 class _Reader:
@@ -394,10 +433,17 @@ class _Reader:
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
         row = self.conn.execute(
+            f"SELECT r.fingerprint, r.reply, {_CONTEXT} FROM request_replies r"
+            " JOIN usage_contexts c ON c.id = r.context WHERE r.key = ?",
+            (_request_key(tenant_id, rpc, request_id),),
+        ).fetchone()
+        if row is not None:
+            return StoredResult(row[0], row[1], UsageContext(*row[2:]))
+        row = self.conn.execute(
             "SELECT fingerprint, response_json FROM request_results WHERE tenant_id = ? AND rpc = ? AND request_id = ?",
             (tenant_id, rpc, request_id),
         ).fetchone()
-        return StoredResult(row[0], row[1]) if row else None
+        return StoredResult(bytes.fromhex(row[0]), legacy_json=row[1]) if row else None
 
     def tenants(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT tenant_id FROM plans ORDER BY tenant_id")]
@@ -581,9 +627,11 @@ class _Tx(_Reader):
         self._names: dict[int, str] = {}
         self._plans: dict[str, StoredPlan] = {}
         self._counters: dict[tuple[str, int], Counters] = {}
+        self._contexts: dict[UsageContext, tuple[int, int]] = {}
 
     def forget(self) -> None:
         """Drops what the writer remembers of rows a rolled-back transaction wrote."""
+        self._contexts.clear()
         self._keys.clear()
         self._codes.clear()
         self._names.clear()
@@ -851,14 +899,51 @@ class _Tx(_Reader):
             ],
         )
 
-    def store_result(
-        self, tenant_id: str, rpc: str, request_id: str, cycle_start_us: int, result: StoredResult, at_us: int
-    ) -> None:
+    def store_result(self, tenant_id: str, rpc: str, request_id: str, result: StoredResult, at_us: int) -> None:
+        assert result.context is not None
         self.conn.execute(
-            "INSERT INTO request_results (tenant_id, rpc, request_id, cycle_start_us, fingerprint,"
-            " response_json, created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (tenant_id, rpc, request_id, cycle_start_us, result.fingerprint, result.response_json, at_us),
+            "INSERT INTO request_replies (key, at_s, fingerprint, context, reply) VALUES (?, ?, ?, ?, ?)",
+            (
+                _request_key(tenant_id, rpc, request_id),
+                at_us // 1_000_000,
+                result.fingerprint,
+                self._context(result.context, at_us),
+                result.packed,
+            ),
         )
+
+    def _context(self, context: UsageContext, at_us: int) -> int:
+        """The id of a usage context, stored the first time; its `used_us` kept within CONTEXT_REFRESH_US."""
+        found = self._contexts.get(context)
+        if found is not None and found[1] >= at_us - CONTEXT_REFRESH_US:
+            return found[0]
+        row = self.conn.execute(
+            f"INSERT INTO usage_contexts ({_CONTEXT}, used_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            f" ON CONFLICT ({_CONTEXT}) DO UPDATE SET used_us = MAX(used_us, excluded.used_us)"
+            " RETURNING id, used_us",
+            (*astuple(context), at_us),
+        ).fetchone()
+        _remember(self._contexts, context, (row[0], row[1]))
+        return row[0]
+
+    def prune_results(self, before_us: int, limit: int) -> int:
+        pruned = _prune_oldest(self.conn, "request_replies", "seq", "at_s", before_us // 1_000_000, limit)
+        pruned += _prune_oldest(self.conn, "request_results", "rowid", "created_at_us", before_us, limit - pruned)
+        if pruned < limit:
+            unused = "DELETE FROM usage_contexts WHERE used_us < ?"
+            if self.conn.execute(unused, (before_us - CONTEXT_REFRESH_US,)).rowcount:
+                self._contexts.clear()
+        return pruned
+
+    def prune_events(self, before_us: int, through_seq: int, limit: int) -> int:
+        return self.conn.execute(
+            "DELETE FROM usage_events WHERE seq IN (SELECT seq FROM usage_events WHERE seq <= ? ORDER BY seq LIMIT ?)"
+            " AND at_us < ?",
+            (through_seq, limit, before_us),
+        ).rowcount
+
+    def prune_audit(self, before_us: int, limit: int) -> int:
+        return _prune_oldest(self.conn, "audit", "seq", "at_us", before_us, limit)
 
     def put_notice(self, tenant_id: str, figure: UsageFigure, state: NoticeState) -> None:
         self.conn.execute(

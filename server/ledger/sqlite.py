@@ -50,6 +50,7 @@ from ..model import (
     Counters,
     Holdings,
     NoticeState,
+    Reanchor,
     StoredPlan,
     StoredResult,
     Usage,
@@ -281,7 +282,16 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE ledger_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at_us INTEGER NOT NULL)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _record_reanchors(db: sqlite_utils.Database) -> None:
+    """Re-anchors: the instants at which a plan with a new anchor closed a tenant's cycle,
+    with the anchor of the cycle that closed, so past cycles stay where they were."""
+    db.execute(
+        "CREATE TABLE reanchors (tenant_id TEXT NOT NULL, at_us INTEGER NOT NULL,"
+        " anchor_before_us INTEGER NOT NULL, PRIMARY KEY (tenant_id, at_us)) WITHOUT ROWID"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _record_reanchors]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -324,6 +334,16 @@ class _Reader:
             (tenant_id, before_us),
         ).fetchone()
         return StoredPlan(row[0], row[1]) if row else None
+
+    def reanchors_around(self, tenant_id: str, instant_us: int) -> tuple[int | None, Reanchor | None]:
+        since = self.conn.execute(
+            "SELECT MAX(at_us) FROM reanchors WHERE tenant_id = ? AND at_us <= ?", (tenant_id, instant_us)
+        ).fetchone()[0]
+        after = self.conn.execute(
+            "SELECT at_us, anchor_before_us FROM reanchors WHERE tenant_id = ? AND at_us > ? ORDER BY at_us LIMIT 1",
+            (tenant_id, instant_us),
+        ).fetchone()
+        return since, Reanchor(*after) if after else None
 
     def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
         row = self.conn.execute(
@@ -701,6 +721,13 @@ class _Tx(_Reader):
             "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (?, ?, ?)"
             " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",
             (tenant_id, at_us, plan_json),
+        )
+
+    def put_reanchor(self, tenant_id: str, reanchor: Reanchor) -> None:
+        self.conn.execute(
+            "INSERT INTO reanchors (tenant_id, at_us, anchor_before_us) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant_id, at_us) DO NOTHING",
+            (tenant_id, reanchor.at_us, reanchor.anchor_before_us),
         )
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:

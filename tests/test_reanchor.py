@@ -243,6 +243,24 @@ def test_mk6_pending_non_marketing_switch_happens_at_the_close(engine: Engine, c
     assert usage(engine, IN_CLOSED).active_contacts == 3
 
 
+def test_mk6_held_figures_untouched_for_cycles_roll_through_them_up_to_the_close(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """MK-6 with holdings last changed cycles before the re-anchor: the switch due at the end of that cycle
+    happened there, the cycles passed over keep the count it left, and the close changes nothing more."""
+    clock.set(datetime(2026, 1, 20, tzinfo=UTC))
+    engine.put_plan(T, preset("marketing-contacts", contact_limit=10))
+    add(engine, ["m1", "m2"])
+    record(engine, ActivityKind.MARKETING_STATUS_SET, ["m2"], marketing=False)
+    clock.set(us(NOW))
+    reanchor(engine, preset("marketing-contacts", anchor=TODAY, contact_limit=10))
+    january = usage(engine, datetime(2026, 1, 25, tzinfo=UTC))
+    assert (january.cycle_end_us, january.active_contacts, january.peak_contacts) == (us(OLD_START), 2, 2)
+    closed = usage(engine, IN_CLOSED)
+    assert (span(closed), closed.active_contacts, closed.peak_contacts) == (Cycle(us(OLD_START), us(NOW)), 1, 1)
+    assert (usage(engine).active_contacts, engine.get_contact(T, "m2").marketing) == (1, False)
+
+
 def test_ac7_held_contacts_carry_into_the_new_cycle_and_the_closed_one_keeps_end_and_peak(
     engine: Engine, clock: FakeClock
 ) -> None:

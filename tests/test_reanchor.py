@@ -14,10 +14,12 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock, from_us, to_us
-from quota_sidecar.server.cycles import Cycle
+from quota_sidecar.server.cycles import Cycle, cycle_at
 from quota_sidecar.server.engine import (
     ActivityRequest,
     BatchRequest,
@@ -27,6 +29,7 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.errors import InvalidArgument
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.model import (
     ActivityKind,
     Channel,
@@ -391,6 +394,73 @@ def test_sg7_cr7_reanchoring_twice_keeps_every_cycle_with_the_plan_it_ended_unde
     ]
     # a money figure never goes missing: the sum over the cycles is what was billed along the way
     assert sum(Decimal(invoice(engine, at).usage.overage_amount) for at, *_ in cycles) == Decimal("4.50")
+
+
+# -- any sequence of re-anchors -------------------------------------------------------------------
+
+ANCHOR_CHOICES = [
+    ANCHOR,
+    datetime(2027, 1, 15, 8, 0, tzinfo=UTC),  # the same boundaries a year on
+    TODAY,
+    datetime(2026, 1, 31, tzinfo=UTC),
+    datetime(2030, 6, 1, tzinfo=UTC),
+    datetime(2019, 11, 29, 23, 59, 59, tzinfo=UTC),
+]
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 45 * 24), st.integers(0, 3), st.sampled_from(ANCHOR_CHOICES)), min_size=1, max_size=6
+    )
+)
+def test_sg7_cr6_any_reanchors_tile_time_and_every_activation_stays_in_its_cycle(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int, datetime]]
+) -> None:
+    """SG-7, CR-6: after any sequence of sends and anchor changes, the tenant's cycles follow one another without
+    gap or overlap, each boundary is a re-anchor instant or a boundary of the anchor then in force, and every
+    contact activated stays listed and counted in the cycle its send was counted in: nothing disappears."""
+    clock = FakeClock(datetime(2025, 12, 1, tzinfo=UTC))
+    ledger = SQLiteLedger(tmp_path_factory.mktemp("reanchors") / "ledger.db")
+    ledger.open()
+    try:
+        engine = Engine(ledger, clock)
+        engine.put_plan(T, overage_plan())
+        sent: dict[str, int] = {}
+        segments = [(None, us(ANCHOR))]  # (from, anchor) as the plans were stored
+        for i, (hours, contacts, anchor) in enumerate(steps):
+            clock.advance(hours * 3600)
+            ids = [f"s{i}c{j}" for j in range(contacts)]
+            if ids:
+                counted_in = batch(engine, ids).usage
+                assert counted_in.cycle_start_us <= clock.now_us() < counted_in.cycle_end_us
+                sent.update(dict.fromkeys(ids, counted_in.cycle_start_us))
+            engine.put_plan(T, overage_plan(anchor=anchor))
+            before = from_us(segments[-1][1])
+            if (anchor.day, anchor.time()) != (before.day, before.time()):  # the boundaries move
+                segments.append((clock.now_us(), us(anchor)))
+        clock.advance(3600)
+
+        def anchor_at(instant: int) -> int:
+            return [a for since, a in segments if since is None or since <= instant][-1]
+
+        reanchored = {since for since, _ in segments if since is not None}
+        instant = engine.get_usage(T, us(datetime(2025, 10, 1, tzinfo=UTC))).cycle_start_us
+        last = clock.now_us() + 70 * 86_400_000_000
+        counted = 0
+        while instant < last:
+            u = engine.get_usage(T, instant)
+            assert u.cycle_start_us == instant < u.cycle_end_us
+            for edge in (u.cycle_start_us, u.cycle_end_us):
+                assert edge in reanchored or cycle_at(anchor_at(edge), edge).start_us == edge
+            assert [c for c, start in sorted(sent.items()) if start == u.cycle_start_us] == listed(
+                engine, from_us(instant)
+            )
+            counted += u.active_contacts
+            instant = u.cycle_end_us
+        assert counted == len(sent)
+    finally:
+        ledger.close()
 
 
 # -- over a real channel ------------------------------------------------------------------------

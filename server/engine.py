@@ -30,7 +30,7 @@ from typing import Any
 from . import replies
 from .board import UsageBoard
 from .clock import MICROS, Clock
-from .cycles import Cycle, cycle_at
+from .cycles import Cycle, cycle_within, same_boundaries
 from .errors import InvalidArgument, NotFound
 from .ledger import Ledger, LedgerReader, LedgerTx
 from .model import (
@@ -58,6 +58,7 @@ from .model import (
     NoticeState,
     OverlayState,
     Plan,
+    Reanchor,
     Reason,
     SendDecision,
     SendOutcome,
@@ -364,9 +365,24 @@ def usage_of(tenant_id: str, plan: Plan, cycle: Cycle, tally: Tally) -> Usage:
 
 
 def usage_at(view: LedgerReader, plan: Plan, tenant_id: str, at_us: int) -> Usage:
-    """The figures of the plan's cycle containing `at_us`, under that plan."""
-    cycle = cycle_at(plan.cycle_anchor_us, at_us)
+    """The figures of the tenant's cycle containing `at_us`, under `plan`."""
+    cycle = cycle_of(view, tenant_id, plan, at_us)
     return usage_of(tenant_id, plan, cycle, tally_of(view, plan, tenant_id, cycle))
+
+
+def cycle_of(view: LedgerReader, tenant_id: str, plan: Plan, instant_us: int) -> Cycle:
+    """The tenant's cycle containing `instant_us`, `plan` being its current plan (SG-7).
+
+    Every re-anchor closed the cycle running then and started the next one at that
+    instant, so an instant before the current anchor began (`Plan.anchored_at_us`) lies
+    in a cycle of the anchor then in force, cut short by the re-anchor that followed it
+    (the ledger's re-anchors). The current cycle costs no read."""
+    if plan.anchored_at_us is None or instant_us >= plan.anchored_at_us:
+        return cycle_within(plan.cycle_anchor_us, instant_us, plan.anchored_at_us, None)
+    since, after = view.reanchors_around(tenant_id, instant_us)
+    if after is None:
+        return cycle_within(plan.cycle_anchor_us, instant_us, since, plan.anchored_at_us)
+    return cycle_within(after.anchor_before_us, instant_us, since, after.at_us)
 
 
 class _Overlay:
@@ -381,6 +397,9 @@ class _Overlay:
 
     def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
         return self.base.plan_at(tenant_id, before_us)
+
+    def reanchors_around(self, tenant_id: str, instant_us: int) -> tuple[int | None, Reanchor | None]:
+        return self.base.reanchors_around(tenant_id, instant_us)
 
     def holdings(self, tenant_id: str) -> Holdings | None:
         return self.base.holdings(tenant_id)
@@ -689,7 +708,7 @@ class Engine:
         after them and the cycle they were counted in."""
         now = self.clock.now_us()
         plan = self._plan(view, tenant_id)
-        cycle = cycle_at(plan.cycle_anchor_us, now)
+        cycle = cycle_of(view, tenant_id, plan, now)
         tally = tally_of(view, plan, tenant_id, cycle)
         unique = list(dict.fromkeys(contact_ids))
         limited = _Limits(plan, kind, queued_since_us, now, cycle)
@@ -830,7 +849,7 @@ class Engine:
         def decide(view: LedgerReader, tx: LedgerTx | None) -> tuple[ContactAddOutcome, int]:
             now = self.clock.now_us()
             plan = self._plan(view, req.tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, now)
+            cycle = cycle_of(view, req.tenant_id, plan, now)
             tally = tally_of(view, plan, req.tenant_id, cycle)
             ids = list(dict.fromkeys(req.contact_ids))
             new = [c for c in ids if not ((record := view.contact(req.tenant_id, c)) and record.held)]
@@ -917,7 +936,7 @@ class Engine:
         def read(r: LedgerReader) -> EnrollOutcome:
             now = self.clock.now_us()
             plan = self._plan(r, tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, now)
+            cycle = cycle_of(r, tenant_id, plan, now)
             tally = tally_of(r, plan, tenant_id, cycle)
             usage = usage_of(tenant_id, plan, cycle, tally)
             if plan.metering is Metering.HELD_CONTACTS:
@@ -980,7 +999,7 @@ class Engine:
                     req.source_type,
                     req.source_id,
                     now,
-                    cycle_at(plan.cycle_anchor_us, now),
+                    cycle_of(tx, req.tenant_id, plan, now),
                     "RecordActivity",
                     req.request_id,
                     audit,
@@ -1023,26 +1042,39 @@ class Engine:
             if h.pending:
                 tx.switch_marketing(tenant_id, cycle.start_us)
             rolled = Holdings(cycle.start_us, h.held, h.marketing - h.pending, 0)
-            gap = cycle_at(plan.cycle_anchor_us, h.cycle_start_us).end_us
+            gap = cycle_of(tx, tenant_id, plan, h.cycle_start_us).end_us
             for _ in range(MAX_GAP_CYCLES):
                 if gap >= cycle.start_us:
                     break
                 tx.record_held(tenant_id, gap, rolled.held, rolled.marketing)
-                gap = cycle_at(plan.cycle_anchor_us, gap).end_us
+                gap = cycle_of(tx, tenant_id, plan, gap).end_us
         tx.record_held(tenant_id, cycle.start_us, rolled.held, rolled.marketing)
         tx.put_holdings(tenant_id, rolled)
         return rolled
 
-    def _reanchor(self, tx: LedgerTx, old: Plan, tenant_id: str, cycle: Cycle, now: int) -> None:
-        """A plan with a new anchor: the holdings, rolled to now under the old cycles, become
-        the figures of the new current cycle, and pending MK-6 switches move to its end."""
-        if tx.holdings(tenant_id) is None:
+    def _close_for_reanchor(self, tx: LedgerTx, old: Plan, tenant_id: str, now: int) -> Cycle:
+        """Before a plan with a new anchor is stored at `now`: brings the holdings into the
+        cycle running under the old anchor, so that it keeps its end and peak counts, and,
+        when the change cuts that cycle short, moves the pending MK-6 switches to the close,
+        the next cycle start. Returns the interrupted cycle."""
+        interrupted = cycle_of(tx, tenant_id, old, now)
+        if tx.holdings(tenant_id) is not None:
+            h = self._roll(tx, old, tenant_id, interrupted)
+            if h.pending and interrupted.start_us < now:
+                tx.reschedule_marketing(tenant_id, now)
+        return interrupted
+
+    def _open_after_reanchor(self, tx: LedgerTx, plan: Plan, tenant_id: str, interrupted: Cycle, cycle: Cycle) -> None:
+        """Once the new plan is stored: the held contacts carry into the new cycle (the
+        switches due at the close applied), or, when nothing was cut short, the pending
+        switches wait for the new cycle's end."""
+        h = tx.holdings(tenant_id)
+        if h is None:
             return
-        h = self._roll(tx, old, tenant_id, cycle_at(old.cycle_anchor_us, now))
-        if h.pending:
+        if interrupted.start_us < cycle.start_us:
+            self._roll(tx, plan, tenant_id, cycle)
+        elif h.pending:
             tx.reschedule_marketing(tenant_id, cycle.end_us)
-        tx.put_holdings(tenant_id, replace(h, cycle_start_us=cycle.start_us))
-        tx.record_held(tenant_id, cycle.start_us, h.held, h.marketing)
 
     def _change_contacts(
         self,
@@ -1098,7 +1130,7 @@ class Engine:
         """The cycle of the current `plan` containing `at_us` (default now) and the plan in
         force at its end: a past cycle is reported and invoiced under the plan it ended with."""
         now = self.clock.now_us()
-        cycle = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else now)
+        cycle = cycle_of(r, tenant_id, plan, at_us if at_us is not None else now)
         if cycle.end_us <= now:
             stored = r.plan_at(tenant_id, cycle.end_us)
             if stored is not None:
@@ -1129,6 +1161,12 @@ class Engine:
             anchor = given.cycle_anchor_us
             if anchor is None:
                 anchor = previous.cycle_anchor_us if previous is not None else now
+            anchored_at = previous.anchored_at_us if previous is not None else None
+            interrupted: Cycle | None = None
+            if previous is not None and not same_boundaries(anchor, previous.cycle_anchor_us):
+                interrupted = self._close_for_reanchor(tx, previous, tenant_id, now)
+                tx.put_reanchor(tenant_id, Reanchor(now, previous.cycle_anchor_us))
+                anchored_at = now
             plan = Plan(
                 metering=given.metering,  # type: ignore[arg-type]
                 enforcement=given.enforcement,  # type: ignore[arg-type]
@@ -1150,11 +1188,12 @@ class Engine:
                 renotify_interval_us=given.renotify_interval_us or 0,
                 preset=given.preset,
                 marketing_contacts_only=given.marketing_contacts_only,
+                anchored_at_us=anchored_at,
             )
-            cycle = cycle_at(plan.cycle_anchor_us, now)
-            if previous is not None and anchor != previous.cycle_anchor_us:
-                self._reanchor(tx, previous, tenant_id, cycle, now)
             tx.put_plan(tenant_id, plan.to_json(), now)
+            cycle = cycle_of(tx, tenant_id, plan, now)
+            if interrupted is not None:
+                self._open_after_reanchor(tx, plan, tenant_id, interrupted, cycle)
             tx.audit([AuditEntry(now, tenant_id, cycle.start_us, "PutPlan", "", "PLAN_SET", plan.plan_name)])
             usage = usage_of(tenant_id, plan, cycle, tally_of(tx, plan, tenant_id, cycle))
             self._observe(tx, plan, usage, now, rearm=True)
@@ -1217,7 +1256,7 @@ class Engine:
         def read(r: LedgerReader) -> ContactState:
             now = self.clock.now_us()
             plan = self._plan(r, tenant_id)
-            cycle = cycle_at(plan.cycle_anchor_us, now)
+            cycle = cycle_of(r, tenant_id, plan, now)
             record = r.contact(tenant_id, contact_id)
             active = r.activation(tenant_id, cycle.start_us, contact_id)
             if record is None and active is None:
@@ -1263,11 +1302,11 @@ class Engine:
         def read(r: LedgerReader) -> tuple[list[Activation], str]:
             now = self.clock.now_us()
             plan = self._plan(r, tenant_id)
-            current = cycle_at(plan.cycle_anchor_us, now).start_us
+            current = cycle_of(r, tenant_id, plan, now).start_us
             if token_cycle is not None and at_us is None:
                 start = token_cycle
             else:
-                start = cycle_at(plan.cycle_anchor_us, at_us if at_us is not None else now).start_us
+                start = cycle_of(r, tenant_id, plan, at_us if at_us is not None else now).start_us
                 if token_cycle is not None and token_cycle != start:
                     raise InvalidArgument("page_token", "belongs to another cycle")
             if plan.metering is Metering.HELD_CONTACTS:

@@ -141,6 +141,9 @@ class Plan:
     renotify_interval_us: int = 0
     preset: str = ""
     marketing_contacts_only: bool = False
+    # The instant this anchor's cycles began: a re-anchor then closed the cycle running
+    # under the previous anchor. None while the tenant's cycles have always followed it.
+    anchored_at_us: int | None = None
 
     @property
     def limit(self) -> int:
@@ -200,6 +203,7 @@ class Plan:
                 "renotify_interval_us": self.renotify_interval_us,
                 "preset": self.preset,
                 "marketing_contacts_only": self.marketing_contacts_only,
+                "anchored_at_us": self.anchored_at_us,
             },
             sort_keys=True,
         )
@@ -228,6 +232,7 @@ class Plan:
             renotify_interval_us=raw["renotify_interval_us"],
             preset=raw["preset"],
             marketing_contacts_only=raw.get("marketing_contacts_only", False),
+            anchored_at_us=raw.get("anchored_at_us"),
         )
 
 
@@ -446,6 +451,15 @@ class UsageContext:
     sends_limit: int
     currency: str
     plan_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reanchor:
+    """A plan stored with an anchor that moved the cycle boundaries: at `at_us` the
+    cycle running under `anchor_before_us` closed and the next one started."""
+
+    at_us: int
+    anchor_before_us: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from quota_sidecar.server.clock import from_us, to_us
-from quota_sidecar.server.cycles import Cycle, cycle_at, cycle_start
+from quota_sidecar.server.cycles import Cycle, cycle_at, cycle_start, cycle_within, same_boundaries
 
 UTC = UTC
 
@@ -285,3 +285,30 @@ def test_sg7_property_cycle_start_sequence_is_strictly_increasing_and_tiles():
                 assert previous < s
                 assert cycle_at(anchor_us, previous).end_us == s
             previous = s
+
+
+# -- re-anchoring: the boundaries an anchor gives, and a cycle cut by re-anchors ----------------
+
+
+def test_sg7_anchors_with_the_same_day_and_time_of_day_give_the_same_boundaries():
+    assert same_boundaries(at(2025, 1, 31, 10), at(2027, 8, 31, 10))
+    assert same_boundaries(at(2025, 1, 30), at(2025, 6, 30))
+    assert not same_boundaries(at(2025, 1, 31), at(2025, 2, 28))  # Feb 28 anchors give Mar 28, not Mar 31
+    assert not same_boundaries(at(2025, 1, 15, 8), at(2025, 1, 15, 9))
+    for anchor, other in [(at(2025, 1, 31, 10), at(2027, 8, 31, 10)), (at(2025, 1, 30), at(2025, 6, 30))]:
+        assert {cycle_at(anchor, i) for i in range(at(2024, 1, 1), at(2027, 1, 1), 86_400_000_000 * 7)} == {
+            cycle_at(other, i) for i in range(at(2024, 1, 1), at(2027, 1, 1), 86_400_000_000 * 7)
+        }
+
+
+def test_sg7_a_cycle_within_re_anchors_is_cut_at_either_one():
+    anchor = at(2026, 1, 15, 8)
+    whole = Cycle(at(2026, 2, 15, 8), at(2026, 3, 15, 8))
+    assert cycle_within(anchor, at(2026, 3, 1), None, None) == whole
+    assert cycle_within(anchor, at(2026, 3, 1), at(2026, 2, 20), None) == Cycle(at(2026, 2, 20), whole.end_us)
+    assert cycle_within(anchor, at(2026, 3, 1), None, at(2026, 3, 10, 12)) == Cycle(whole.start_us, at(2026, 3, 10, 12))
+    assert cycle_within(anchor, at(2026, 3, 1), at(2026, 2, 20), at(2026, 3, 2)) == Cycle(
+        at(2026, 2, 20), at(2026, 3, 2)
+    )
+    # re-anchors outside the cycle leave it whole
+    assert cycle_within(anchor, at(2026, 3, 1), at(2026, 1, 1), at(2026, 4, 1)) == whole

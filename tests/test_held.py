@@ -394,24 +394,24 @@ def test_a_v1_ledger_is_migrated_with_its_held_contacts_and_pending_switches(db_
         ledger.close()
 
 
-def test_a_new_cycle_anchor_keeps_held_contacts_and_moves_pending_switches(engine: Engine, clock: FakeClock) -> None:
-    """MK-6 and AC-6 across a change of subscription anchor: the held count is kept, and a pending switch to
-    non-marketing happens at the end of the new current cycle, not the old one."""
+def test_a_new_cycle_anchor_keeps_held_contacts_and_switches_pending_ones_at_the_close(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """MK-6 and AC-6 across a change of subscription anchor: the change closes the current cycle, so the held
+    count is kept, a pending switch to non-marketing happens at the change (the next cycle boundary) and the
+    closed cycle still counts the contact; the new cycle runs to the new anchor's next boundary."""
     engine.put_plan(T, preset("marketing-contacts", contact_limit=5))
     add(engine, ["a", "b"])
     record(engine, ActivityKind.MARKETING_STATUS_SET, ["a"], marketing=False)
     new_anchor = datetime(2026, 1, 12, tzinfo=UTC)
     _, usage = engine.put_plan(T, preset("marketing-contacts", contact_limit=5, cycle_anchor_us=to_us(new_anchor)))
-    assert (usage.cycle_start_us, usage.cycle_end_us) == (
-        to_us(datetime(2026, 2, 12, tzinfo=UTC)),
-        to_us(datetime(2026, 3, 12, tzinfo=UTC)),
-    )
-    assert usage.active_contacts == 2
-    clock.set(datetime(2026, 3, 11, 23, tzinfo=UTC))
-    assert engine.get_contact(T, "a").marketing_until_next_update
-    assert engine.get_usage(T).active_contacts == 2
+    assert (usage.cycle_start_us, usage.cycle_end_us) == (to_us(NOW), to_us(datetime(2026, 3, 12, tzinfo=UTC)))
+    assert usage.active_contacts == 1
+    state = engine.get_contact(T, "a")
+    assert state.held and not state.marketing and not state.marketing_until_next_update
+    closed = engine.get_usage(T, to_us(NOW) - 1)
+    assert (closed.cycle_end_us, closed.active_contacts) == (to_us(NOW), 2)
     clock.set(datetime(2026, 3, 12, tzinfo=UTC))
-    assert not engine.get_contact(T, "a").marketing
     assert engine.get_usage(T).active_contacts == 1
 
 

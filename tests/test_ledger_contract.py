@@ -31,6 +31,7 @@ from quota_sidecar.server.model import (
     ContactRecord,
     Counters,
     Holdings,
+    Reanchor,
     StoredPlan,
     StoredResult,
     UsageContext,
@@ -206,6 +207,18 @@ class TestLedgerContract:
         assert ledger.read(lambda r: r.plan_at(T, 20)) == StoredPlan("v1", 10)
         assert ledger.read(lambda r: r.plan_at(T, 21)) == StoredPlan("v2", 20)
         assert ledger.read(lambda r: r.plan_at(T, 40)) == StoredPlan("v2", 20)
+
+    def test_reanchors_answer_which_anchor_a_past_instant_was_under(self, ledger: Ledger):
+        """SG-7 / api.md Plan: a re-anchor closes the cycle running then; the first one kept at an instant wins."""
+        assert ledger.read(lambda r: r.reanchors_around(T, 5)) == (None, None)
+        ledger.transact(lambda tx: tx.put_reanchor(T, Reanchor(10, 1)))
+        ledger.transact(lambda tx: tx.put_reanchor(T, Reanchor(20, 2)))
+        ledger.transact(lambda tx: tx.put_reanchor(T, Reanchor(20, 3)))
+        ledger.transact(lambda tx: tx.put_reanchor("other", Reanchor(15, 9)))
+        assert ledger.read(lambda r: r.reanchors_around(T, 9)) == (None, Reanchor(10, 1))
+        assert ledger.read(lambda r: r.reanchors_around(T, 10)) == (10, Reanchor(20, 2))
+        assert ledger.read(lambda r: r.reanchors_around(T, 19)) == (10, Reanchor(20, 2))
+        assert ledger.read(lambda r: r.reanchors_around(T, 20)) == (20, None)
 
     def test_holdings_peaks_and_marketing_switches(self, ledger: Ledger):
         """AC-10 (the count falls, the cycle's peak stays), MK-6 (due switches applied in one statement),

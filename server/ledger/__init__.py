@@ -25,6 +25,7 @@ from ..model import (
     Counters,
     Holdings,
     NoticeState,
+    Reanchor,
     StoredPlan,
     StoredResult,
     UsageEvent,
@@ -39,6 +40,10 @@ class LedgerReader(Protocol):
 
     def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
         """The plan stored last before `before_us` (the one in force at that instant)."""
+
+    def reanchors_around(self, tenant_id: str, instant_us: int) -> tuple[int | None, Reanchor | None]:
+        """The instant of the tenant's last re-anchor at or before `instant_us` (None if
+        none) and its first re-anchor after it (None if none)."""
 
     def counters(self, tenant_id: str, cycle_start_us: int) -> Counters: ...
 
@@ -89,6 +94,10 @@ class LedgerTx(LedgerReader, Protocol):
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
         """Stores the tenant's plan and keeps it as the version in force from `at_us`
         (a plan equal to the one already in force adds no version)."""
+
+    def put_reanchor(self, tenant_id: str, reanchor: Reanchor) -> None:
+        """Keeps a re-anchor; a second one at the same instant keeps the first's
+        `anchor_before_us`, the anchor of the cycle that closed then."""
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None: ...
 

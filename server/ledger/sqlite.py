@@ -53,6 +53,7 @@ from ..model import (
     Counters,
     Holdings,
     NoticeState,
+    Reanchor,
     StoredPlan,
     StoredResult,
     Usage,
@@ -261,9 +262,19 @@ def _compact_request_results(db: sqlite_utils.Database) -> None:
     db.execute("CREATE UNIQUE INDEX request_replies_key ON request_replies (key)")
 
 
+def _record_reanchors(db: sqlite_utils.Database) -> None:
+    """Re-anchors: the instants at which a plan with a new anchor closed a tenant's cycle,
+    with the anchor of the cycle that closed, so past cycles stay where they were."""
+    db.execute(
+        "CREATE TABLE reanchors (tenant_id TEXT NOT NULL, at_us INTEGER NOT NULL,"
+        " anchor_before_us INTEGER NOT NULL, PRIMARY KEY (tenant_id, at_us)) WITHOUT ROWID"
+    )
+
+
+
 # Each step runs inside the one transaction migrate() opens for it, which it must not end
 # (no commit of its own), so that the step and its version number commit together.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _compact_request_results]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _compact_request_results, _record_reanchors]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -369,6 +380,16 @@ class _Reader:
             (tenant_id, before_us),
         ).fetchone()
         return StoredPlan(row[0], row[1]) if row else None
+
+    def reanchors_around(self, tenant_id: str, instant_us: int) -> tuple[int | None, Reanchor | None]:
+        since = self.conn.execute(
+            "SELECT MAX(at_us) FROM reanchors WHERE tenant_id = ? AND at_us <= ?", (tenant_id, instant_us)
+        ).fetchone()[0]
+        after = self.conn.execute(
+            "SELECT at_us, anchor_before_us FROM reanchors WHERE tenant_id = ? AND at_us > ? ORDER BY at_us LIMIT 1",
+            (tenant_id, instant_us),
+        ).fetchone()
+        return since, Reanchor(*after) if after else None
 
     def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
         row = self.conn.execute(
@@ -755,6 +776,13 @@ class _Tx(_Reader):
             "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (?, ?, ?)"
             " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",
             (tenant_id, at_us, plan_json),
+        )
+
+    def put_reanchor(self, tenant_id: str, reanchor: Reanchor) -> None:
+        self.conn.execute(
+            "INSERT INTO reanchors (tenant_id, at_us, anchor_before_us) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant_id, at_us) DO NOTHING",
+            (tenant_id, reanchor.at_us, reanchor.anchor_before_us),
         )
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:

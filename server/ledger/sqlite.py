@@ -58,11 +58,13 @@ from ..model import (
     UsageFigure,
 )
 from . import Ledger, LedgerReader, LedgerTx
+from .verify import Mismatch, find_mismatches
 
 T = TypeVar("T")
 log = logging.getLogger("quota_sidecar.ledger")
 
 SYNCHRONOUS_MODES = ("FULL", "EXTRA", "NORMAL")
+STARTUP_TENANTS_LOGGED = 20
 
 
 def sqlite_path(url: str) -> Path:
@@ -281,7 +283,23 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE ledger_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at_us INTEGER NOT NULL)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _keep_ledger_time(db: sqlite_utils.Database) -> None:
+    """Ledger time: the latest instant a committed write decided at, so a wall clock
+    stepped back, even across a restart, never dates a decision before a stored one.
+    Starts at the latest instant the ledger already stores where the sidecar's own
+    clock wrote it (activation instants and the cycles they open can be a caller's,
+    and are left out)."""
+    db.execute("CREATE TABLE ledger_time (id INTEGER PRIMARY KEY CHECK (id = 1), at_us INTEGER NOT NULL)")
+    db.execute(
+        "INSERT INTO ledger_time (id, at_us) SELECT 1, MAX(at_us) FROM ("
+        " SELECT MAX(updated_at_us) AS at_us FROM plans UNION ALL SELECT MAX(effective_us) FROM plan_versions"
+        " UNION ALL SELECT MAX(updated_at_us) FROM contacts UNION ALL SELECT MAX(at_us) FROM audit"
+        " UNION ALL SELECT MAX(created_at_us) FROM request_results UNION ALL SELECT MAX(at_us) FROM usage_events"
+        " UNION ALL SELECT MAX(cycle_start_us) FROM holdings) HAVING MAX(at_us) IS NOT NULL"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _keep_ledger_time]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -570,6 +588,7 @@ class _Tx(_Reader):
         self.filters = filters
         self.builds = builds
         self.committed: list[Callable[[], None]] = []
+        self.noted_us = 0
         self._keys: dict[tuple[str, int], int] = {}
         self._codes: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -640,6 +659,10 @@ class _Tx(_Reader):
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)
+
+    def note_time(self, at_us: int) -> None:
+        if at_us > self.noted_us:
+            self.noted_us = at_us
 
     def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter | None:
         """The cycle's filter; None while it is being built from the ledger's rows (a
@@ -980,6 +1003,11 @@ class SQLiteLedger(Ledger):
         self._files: tuple[FileId | None, FileId | None] = (None, None)
         self._generation = 0
         self._wal = Path(f"{self.path}-wal")
+        self._time_us = 0
+
+    @property
+    def time_us(self) -> int:
+        return self._time_us
 
     @property
     def ready(self) -> bool:
@@ -1019,6 +1047,8 @@ class SQLiteLedger(Ledger):
             migrate(self.path)
             self._conn = self._connect()
             self._tx = _Tx(self._conn, self.filters, self._builds)
+            self._time_us = self._conn.execute("SELECT COALESCE(MAX(at_us), 0) FROM ledger_time").fetchone()[0]
+            self._verify()
             self._request_filters()
             self._files = self._files_now()
         except (ValueError, sqlite3.Error) as exc:
@@ -1036,6 +1066,38 @@ class SQLiteLedger(Ledger):
         self._watch_stop.clear()
         self._watcher = threading.Thread(target=self._watch_loop, name="ledger-watch", daemon=True)
         self._watcher.start()
+
+    def _verify(self) -> None:
+        """Refuses a ledger whose current figures (each tenant's latest cycle and its
+        holdings) disagree with their rows: served, they would allow and bill from a
+        wrong count. Logs each tenant's mismatches (the first STARTUP_TENANTS_LOGGED)."""
+        assert self._conn is not None
+        self._conn.execute("BEGIN")
+        try:
+            found = find_mismatches(self._conn, every_cycle=False)
+        finally:
+            self._conn.execute("COMMIT")
+        if not found:
+            return
+        tenants: dict[str, list[Mismatch]] = {}
+        for m in found:
+            tenants.setdefault(m.tenant_id, []).append(m)
+        for tenant_id, mismatches in list(tenants.items())[:STARTUP_TENANTS_LOGGED]:
+            log.error(
+                "ledger figures of tenant %r disagree with their rows: %s",
+                tenant_id,
+                "; ".join(m.describe() for m in mismatches),
+            )
+        names = ", ".join(repr(t) for t in list(tenants)[:STARTUP_TENANTS_LOGGED])
+        more = len(tenants) - STARTUP_TENANTS_LOGGED
+        if more > 0:
+            log.error("and %d more tenants whose figures disagree with their rows", more)
+            names += f" and {more} more"
+        raise ValueError(
+            f"the stored figures of tenant {names} disagree with their rows; run"
+            f" `quota-sidecar verify --ledger sqlite:///{self.path}` to list every mismatch,"
+            " and with --repair to recompute the figures from the rows"
+        )
 
     def _files_now(self) -> tuple[FileId | None, FileId | None]:
         return _file_id(self.path), _file_id(self._wal)
@@ -1354,6 +1416,7 @@ class SQLiteLedger(Ledger):
         started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             alone = len(batch) == 1
             for work, future in batch:
                 if not alone:
@@ -1375,7 +1438,9 @@ class SQLiteLedger(Ledger):
                     conn.execute("RELEASE unit")
                 outcomes.append((future, result, None))
             if conn.in_transaction:
+                stamped = self._stamp(tx, changes)
                 conn.execute("COMMIT")
+                self._time_us = max(self._time_us, stamped)
         except sqlite3.Error as exc:
             tx.committed.clear()
             tx.forget()
@@ -1402,6 +1467,18 @@ class SQLiteLedger(Ledger):
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    def _stamp(self, tx: _Tx, changes: int) -> int:
+        """Inside the commit: moves the stored ledger time to the latest instant the
+        batch noted, when the batch wrote anything (a batch that only read, a retry
+        answered from its stored result, leaves the file as it was); returns it."""
+        if tx.noted_us <= self._time_us or tx.conn.total_changes == changes:
+            return self._time_us
+        tx.conn.execute(
+            "INSERT INTO ledger_time (id, at_us) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at_us = excluded.at_us",
+            (tx.noted_us,),
+        )
+        return tx.noted_us
 
     def _abort(self, conn: sqlite3.Connection, batch: list[tuple[Any, Future[Any]]], exc: sqlite3.Error) -> None:
         try:

@@ -20,10 +20,10 @@ from test_process import BIN, Process, put_plan, start
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import FakeClock
-from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput
+from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput, SendRequest
 from quota_sidecar.server.errors import LedgerUnavailable
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import ContactSource
+from quota_sidecar.server.model import Channel, ContactSource, MessageKind
 
 pytestmark = pytest.mark.process
 
@@ -185,3 +185,34 @@ def test_held_counts_that_disagree_with_the_contacts_rows_are_refused_and_repair
         assert (usage.active_contacts, usage.peak_contacts) == (3, 3)
     finally:
         ledger.close()
+
+
+def test_a_past_cycle_is_not_checked_at_start_but_verify_lists_and_repairs_it(tmp_path: Path) -> None:
+    """CR-6, CR-7: a past cycle's figures only feed its invoice; the start checks each tenant's current
+    figures, `verify` every cycle's."""
+    path = tmp_path / "ledger.db"
+    clock = FakeClock(1_773_000_000_000_000)
+    ledger = SQLiteLedger(path)
+    ledger.open()
+    engine = Engine(ledger, clock)
+    engine.put_plan("p", PlanInput(preset="active-cycle-hard", contact_limit=10, cycle_anchor_us=clock.now_us()))
+    engine.check_send(SendRequest("p", "c1", Channel.EMAIL, MessageKind.CAMPAIGN))
+    engine.check_send(SendRequest("p", "c1", Channel.EMAIL, MessageKind.CAMPAIGN))
+    past = engine.get_usage("p")
+    clock.advance(40 * 86_400)
+    engine.check_send(SendRequest("p", "c2", Channel.EMAIL, MessageKind.CAMPAIGN))
+    ledger.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE usage SET sends = 7 WHERE tenant_id = 'p' AND cycle_start_us = ?", (past.cycle_start_us,))
+    conn.close()
+
+    ledger = SQLiteLedger(path)
+    ledger.open()
+    ledger.close()
+    report = json.loads(verify(path, "--json").stdout)
+    assert [(m["cycle_start_us"], m["figure"], m["stored"], m["from_rows"]) for m in report["mismatches"]] == [
+        (past.cycle_start_us, "usage.sends", 7, 2)
+    ]
+    assert verify(path, "--repair").returncode == 0
+    assert verify(path).returncode == 0

@@ -92,7 +92,8 @@ WHERE u.held_peak < u.held_end OR u.marketing_peak < u.marketing_end
 @dataclass(frozen=True, slots=True)
 class Mismatch:
     """A stored figure that is not what its rows say; `stored` is None where no row
-    stores the figure at all. A peak's `from_rows` is the least it can be."""
+    stores the figure at all (a figure no row stores reads as 0, and only disagrees
+    when its rows say otherwise). A peak's `from_rows` is the least it can be."""
 
     tenant_id: str
     cycle_start_us: int
@@ -126,9 +127,9 @@ def find_mismatches(conn: sqlite3.Connection, *, every_cycle: bool) -> list[Mism
     for tenant, cycle, active, sends, rows, row_sends in conn.execute(
         _COUNTERS.format(cycles=cycles, held_sends=_HELD_SENDS)
     ):
-        if active != rows or (active is None and rows == 0):
+        if (active or 0) != rows:
             found.append(Mismatch(tenant, cycle, "usage.active_contacts", active, rows))
-        if sends != row_sends:
+        if (sends or 0) != row_sends:
             found.append(Mismatch(tenant, cycle, "usage.sends", sends, row_sends))
     for row in conn.execute(_HOLDINGS):
         tenant, cycle, held, marketing, pending, n_held, n_marketing, n_pending, has_usage, end, m_end, latest = row
@@ -139,11 +140,14 @@ def find_mismatches(conn: sqlite3.Connection, *, every_cycle: bool) -> list[Mism
             ("holdings.marketing", marketing, n_marketing),
             ("holdings.pending", pending, n_pending),
         ):
-            if stored != counted:
+            if (stored or 0) != counted:
                 found.append(Mismatch(tenant, cycle, figure, stored, counted))
-        if held is not None and (end, m_end) != (n_held, n_marketing):
-            found.append(Mismatch(tenant, cycle, "usage.held_end", end if has_usage else None, n_held))
-            found.append(Mismatch(tenant, cycle, "usage.marketing_end", m_end if has_usage else None, n_marketing))
+        if held is None:
+            continue
+        for figure, stored, counted in (("usage.held_end", end, n_held), ("usage.marketing_end", m_end, n_marketing)):
+            value = stored if has_usage else None
+            if (value or 0) != counted:
+                found.append(Mismatch(tenant, cycle, figure, value, counted))
     for tenant, cycle, held_peak, held_end, marketing_peak, marketing_end in conn.execute(_PEAKS.format(cycles=cycles)):
         if held_peak < held_end:
             found.append(Mismatch(tenant, cycle, "usage.held_peak", held_peak, held_end))

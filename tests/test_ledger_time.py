@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from quota_sidecar.server.clock import FakeClock, to_us
 from quota_sidecar.server.engine import (
@@ -22,7 +23,7 @@ from quota_sidecar.server.engine import (
     PlanInput,
     SendRequest,
 )
-from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger, _keep_ledger_time
 from quota_sidecar.server.model import ActivityKind, Channel, ContactSource, MessageKind
 
 T = "tenant-t"
@@ -179,3 +180,29 @@ def test_a_clock_step_back_is_logged_once_per_step(
     engine.check_send(SendRequest(T, "c10", Channel.EMAIL, MessageKind.CAMPAIGN))
     steps = [r.getMessage() for r in caplog.records if r.name == "quota_sidecar.clock"]
     assert steps[1:] == ["clock stepped back by 60.000 s; deciding at ledger time"]
+
+
+def test_an_upgraded_ledger_starts_its_time_at_the_latest_instant_it_stores(db_path: Path, clock: FakeClock) -> None:
+    """The migration that adds ledger time starts it at the latest instant the sidecar wrote (a contact's
+    update here), so the first start after the upgrade already refuses to decide before it."""
+    ledger = SQLiteLedger(db_path)
+    ledger.open()
+    engine = Engine(ledger, clock)
+    engine.put_plan(T, preset("contact-limit", contact_limit=10))
+    clock.set(BOUNDARY + timedelta(seconds=10))
+    engine.check_contact_add(ContactAddRequest(T, ContactSource.API, ["h1"]))
+    ledger.close()
+    db = sqlite_utils.Database(str(db_path))
+    with db.conn:
+        db.execute("DROP TABLE ledger_time")
+        _keep_ledger_time(db)
+    assert db.execute("SELECT at_us FROM ledger_time").fetchall() == [(to_us(BOUNDARY + timedelta(seconds=10)),)]
+    db.close()
+
+    clock.set(BOUNDARY - timedelta(seconds=20))
+    ledger = SQLiteLedger(db_path)
+    ledger.open()
+    try:
+        assert Engine(ledger, clock).get_usage(T).cycle_start_us == to_us(BOUNDARY)
+    finally:
+        ledger.close()

@@ -56,7 +56,11 @@ class LedgerTime:
     decision before one already stored, even in the previous cycle, and the figures
     of the two cycles would disagree with their rows. While the wall clock is behind
     by more than STEP_TOLERANCE_US, decisions are made at ledger time and the step is
-    logged once (again for a later step, once the clock has caught up)."""
+    logged once (again for a later step, once the clock has caught up).
+
+    Thread-safe; readers and writers share one floor. A read raises it too (to an
+    instant the wall clock already showed), which can only make a later decision
+    later, never earlier than a stored one; the ledger keeps what writers note."""
 
     def __init__(self, clock: Clock, committed_us: Callable[[], int]) -> None:
         self.clock = clock

@@ -1419,11 +1419,12 @@ class SQLiteLedger(Ledger):
         try:
             conn.execute("BEGIN IMMEDIATE")
             changes = conn.total_changes
+            tx.noted_us = self._time_us
             alone = len(batch) == 1
             for work, future in batch:
                 if not alone:
                     conn.execute("SAVEPOINT unit")
-                mark = len(tx.committed)
+                mark, noted = len(tx.committed), tx.noted_us
                 try:
                     result = work(tx)
                 except BaseException as exc:
@@ -1433,6 +1434,7 @@ class SQLiteLedger(Ledger):
                     if not alone:
                         conn.execute("RELEASE unit")
                     del tx.committed[mark:]
+                    tx.noted_us = noted
                     tx.forget()
                     outcomes.append((future, None, exc))
                     continue
@@ -1472,8 +1474,9 @@ class SQLiteLedger(Ledger):
 
     def _stamp(self, tx: _Tx, changes: int) -> int:
         """Inside the commit: moves the stored ledger time to the latest instant the
-        batch noted, when the batch wrote anything (a batch that only read, a retry
-        answered from its stored result, leaves the file as it was); returns it."""
+        batch's committed units noted, when the batch wrote anything (a batch that
+        only read, a retry answered from its stored result, leaves the file as it
+        was); returns it."""
         if tx.noted_us <= self._time_us or tx.conn.total_changes == changes:
             return self._time_us
         tx.conn.execute(

@@ -67,7 +67,11 @@ def verify(ledger: Path, *extra: str) -> subprocess.CompletedProcess:
 def refused_start(ledger: Path, processes: list[Process]) -> str:
     p = start(ledger)
     processes.append(p)
-    assert p.proc.wait(timeout=30) != 0
+    try:
+        code = p.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the sidecar kept running on the corrupted ledger, health {p.health()}") from None
+    assert code != 0
     return p.proc.stderr.read()
 
 

@@ -87,7 +87,7 @@ class Sidecar:
         )
         tenants = TenantFigures(
             self.engine.board,
-            self.clock.now_us,
+            self.engine.clock.now_us,
             self._current_usage,
             settings.metrics_tenant_min_ratio,
             settings.metrics_tenant_max,
@@ -135,7 +135,7 @@ class Sidecar:
         if self.webhook is None or not self.ledger.ready:
             return 0, 0.0
         try:
-            return self.webhook.pending(self.clock.now_us())
+            return self.webhook.pending(self.engine.clock.now_us())
         except QuotaError:
             return 0, 0.0
 

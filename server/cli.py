@@ -2,12 +2,16 @@
 
 `quota-sidecar serve` runs the sidecar until SIGTERM or SIGINT, then drains
 in-flight calls, flushes the ledger and exits 0. `quota-sidecar health` probes
-a running sidecar's health service (exit 0 when SERVING).
+a running sidecar's health service (exit 0 when SERVING). `quota-sidecar verify`
+checks every stored figure of a ledger against its rows (exit 0 when all agree,
+1 when some do not, 2 when the ledger cannot be checked); with --repair it
+recomputes them from the rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -21,6 +25,8 @@ from prometheus_client import disable_created_metrics
 from . import __version__
 from .app import Sidecar
 from .errors import QuotaError
+from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
+from .ledger.verify import VerifyError, verify_ledger
 from .settings import SettingsError, add_arguments, resolve
 from .tenants import TenantsFileError, check_tenants
 
@@ -68,12 +74,52 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    try:
+        report = verify_ledger(sqlite_path(args.ledger), schema_version=SCHEMA_VERSION, repair_figures=args.repair)
+    except (ValueError, VerifyError) as exc:
+        print(f"quota-sidecar verify: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ledger": args.ledger,
+                    "mismatches": [m.to_dict() for m in report.mismatches],
+                    "repaired": report.repaired,
+                    "integrity": report.integrity,
+                }
+            )
+        )
+    else:
+        for m in report.mismatches:
+            print(("repaired: " if report.repaired else "") + m.describe())
+        if report.integrity != ["ok"]:
+            for problem in report.integrity:
+                print(f"integrity: {problem}")
+        tenants = len({m.tenant_id for m in report.mismatches})
+        if not report.mismatches:
+            print("every figure equals its rows")
+        elif report.repaired:
+            print(f"repaired {len(report.mismatches)} figure(s) of {tenants} tenant(s) from their rows")
+        else:
+            print(
+                f"{len(report.mismatches)} figure(s) of {tenants} tenant(s) disagree with their rows;"
+                " --repair recomputes them from the rows"
+            )
+    return 0 if report.clean else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quota-sidecar", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quota-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_arguments(commands.add_parser("serve", help="run the sidecar"))
     commands.add_parser("health", help="probe a running sidecar's health service", add_help=False)
+    checking = commands.add_parser("verify", help="check every stored figure of a ledger against its rows")
+    checking.add_argument("--ledger", required=True, help="the ledger: sqlite:///PATH or a bare file path")
+    checking.add_argument("--repair", action="store_true", help="recompute disagreeing figures from the rows")
+    checking.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args, rest = parser.parse_known_args(argv)
     if args.command == "health":
         from .probe import main as probe
@@ -81,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return probe(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "verify":
+        return verify(args)
     return serve(args)
 
 

@@ -1,6 +1,7 @@
 """The decision engine: plain values in, decisions and figures out.
 
-It imports nothing from grpc and reads time only from the injected clock.
+It imports nothing from grpc and reads time only from the injected clock, as
+ledger time (`LedgerTime`: never earlier than a decision already committed).
 Every decision that counts runs inside one ledger transaction (`Ledger.transact`),
 so the decision and its counting are atomic and durable before the caller
 hears the answer; dry runs read committed state through an in-memory overlay
@@ -25,11 +26,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from . import replies
 from .board import UsageBoard
-from .clock import MICROS, Clock
+from .clock import MICROS, Clock, LedgerTime
 from .cycles import Cycle, cycle_within, same_boundaries
 from .errors import InvalidArgument, NotFound
 from .ledger import Ledger, LedgerReader, LedgerTx
@@ -500,6 +501,9 @@ class _Limits:
         return SendDecision(Decision.DEFER, reason, retry_after_us=max(retry, MICROS))
 
 
+R = TypeVar("R")
+
+
 class Engine:
     """Decides and counts. One per process; thread-safe."""
 
@@ -507,11 +511,21 @@ class Engine:
         self, ledger: Ledger, clock: Clock, on_events: Callable[[Sequence[UsageEvent]], None] | None = None
     ) -> None:
         self.ledger = ledger
-        self.clock = clock
+        self.clock = LedgerTime(clock, lambda: ledger.time_us)
         self.board = UsageBoard()
         self.on_events = on_events
         self._plans: dict[str, tuple[str, Plan]] = {}
         self._notices: dict[tuple[str, UsageFigure], NoticeState] = {}
+
+    def _transact(self, unit: Callable[[LedgerTx], R]) -> R:
+        """Runs `unit` in a ledger transaction that keeps the ledger time it decided at."""
+
+        def timed(tx: LedgerTx) -> R:
+            result = unit(tx)
+            tx.note_time(self.clock.latest_us)
+            return result
+
+        return self.ledger.transact(timed)
 
     def _observe(
         self, tx: LedgerTx, plan: Plan, usage: Usage, now: int, *, rearm: bool = False, remind: bool = False
@@ -570,7 +584,7 @@ class Engine:
                 written += self._observe(tx, plan, usage_at(tx, plan, tenant_id, now), now, remind=True)
             return written
 
-        return self.ledger.transact(unit)
+        return self._transact(unit)
 
     def _plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
         stored = reader.plan(tenant_id)
@@ -652,7 +666,7 @@ class Engine:
                 lambda raw: SendOutcome(_legacy_decision(raw["d"]), Usage.from_dict(raw["u"])),
             )
 
-        return self.ledger.transact(unit)
+        return self._transact(unit)
 
     def check_send_batch(self, req: BatchRequest) -> BatchOutcome:
         check_id("tenant_id", req.tenant_id)
@@ -690,7 +704,7 @@ class Engine:
                 ),
             )
 
-        return self.ledger.transact(unit)
+        return self._transact(unit)
 
     def _decide_sends(
         self,
@@ -925,7 +939,7 @@ class Engine:
                 ),
             )
 
-        return self.ledger.transact(unit)
+        return self._transact(unit)
 
     def check_enroll(self, tenant_id: str, contact_id: str, automation_id: str = "") -> EnrollOutcome:
         """May this contact enter an automation now (AC-8 with AC-7's grace)? Counts nothing."""
@@ -1027,7 +1041,7 @@ class Engine:
                 lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
             )
 
-        return self.ledger.transact(unit)
+        return self._transact(unit)
 
     @staticmethod
     def _roll(tx: LedgerTx, plan: Plan, tenant_id: str, cycle: Cycle) -> Holdings:
@@ -1199,7 +1213,7 @@ class Engine:
             self._observe(tx, plan, usage, now, rearm=True)
             return plan, usage
 
-        return self.ledger.transact(unit)
+        return self._transact(unit)
 
     def prune(self, retention: Retention, consumers: Sequence[str] = ()) -> dict[str, int]:
         """Deletes what is older than its retention, oldest first, in transactions of at

@@ -252,6 +252,43 @@ class TestLedgerContract:
         marketing = ledger.read(lambda r: r.counted_contacts(T, True, C1 + 8, "", 1))
         assert [c.contact_id for c in marketing] == ["a"]
 
+    def test_ledger_time_is_the_latest_instant_a_committed_write_noted_and_survives_a_reopen(
+        self, backend: Backend, ledger: Ledger, tmp_path: Path
+    ):
+        """Ledger time never goes back: raised by a unit that wrote, not by one that only read, nor by one
+        that raised, nor by an earlier instant; kept across a reopen."""
+        assert ledger.time_us == 0
+
+        def wrote(at_us: int) -> Callable[[LedgerTx], None]:
+            def unit(tx: LedgerTx) -> None:
+                tx.put_plan(T, f"plan-{at_us}", at_us)
+                tx.note_time(at_us)
+
+            return unit
+
+        ledger.transact(wrote(500))
+        assert ledger.time_us == 500
+        ledger.transact(wrote(400))
+        ledger.transact(lambda tx: (tx.plan(T), tx.note_time(900)))
+
+        def raises(tx: LedgerTx) -> None:
+            wrote(800)(tx)
+            raise ValueError("the unit fails")
+
+        with pytest.raises(ValueError):
+            ledger.transact(raises)
+        assert ledger.time_us == 500
+        ledger.transact(wrote(600))
+        assert ledger.time_us == 600
+        ledger.close()
+        again = backend.make(tmp_path)
+        again.open()
+        try:
+            assert again.time_us == 600
+        finally:
+            again.close()
+        ledger.open()
+
     def test_a_unit_that_raises_leaves_no_trace(self, ledger: Ledger):
         """api.md Errors: nothing is half-written; a unit that raises leaves no trace."""
 

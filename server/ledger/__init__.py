@@ -157,6 +157,10 @@ class LedgerTx(LedgerReader, Protocol):
     def put_event_cursor(self, consumer: str, seq: int) -> None:
         """Moves a consumer's delivered position forward (never back)."""
 
+    def note_time(self, at_us: int) -> None:
+        """The unit decided at `at_us`: once a unit that wrote commits, the ledger's time
+        is at least that, across restarts too."""
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Runs `callback` once this unit's transaction is committed, in commit order,
         before the caller is answered; never if the unit or the commit fails."""
@@ -180,6 +184,11 @@ class Ledger(ABC):
     @abstractmethod
     def read(self, work: Callable[[LedgerReader], T]) -> T:
         """Runs `work` against a consistent snapshot of committed state."""
+
+    @property
+    @abstractmethod
+    def time_us(self) -> int:
+        """Ledger time: the latest instant noted by a committed unit that wrote (0 before any)."""
 
     @property
     @abstractmethod

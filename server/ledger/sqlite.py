@@ -63,11 +63,13 @@ from ..model import (
     UsageFigure,
 )
 from . import Ledger, LedgerReader, LedgerTx
+from .verify import Mismatch, find_mismatches
 
 T = TypeVar("T")
 log = logging.getLogger("quota_sidecar.ledger")
 
 SYNCHRONOUS_MODES = ("FULL", "EXTRA", "NORMAL")
+STARTUP_TENANTS_LOGGED = 20
 
 
 def sqlite_path(url: str) -> Path:
@@ -271,10 +273,26 @@ def _record_reanchors(db: sqlite_utils.Database) -> None:
     )
 
 
+def _keep_ledger_time(db: sqlite_utils.Database) -> None:
+    """Ledger time: the latest instant a committed write decided at, so a wall clock
+    stepped back, even across a restart, never dates a decision before a stored one.
+    Starts at the latest instant the ledger already stores where the sidecar's own
+    clock wrote it (activation instants and the cycles they open can be a caller's,
+    and are left out)."""
+    db.execute("CREATE TABLE ledger_time (id INTEGER PRIMARY KEY CHECK (id = 1), at_us INTEGER NOT NULL)")
+    db.execute(
+        "INSERT INTO ledger_time (id, at_us) SELECT 1, MAX(at_us) FROM ("
+        " SELECT MAX(updated_at_us) AS at_us FROM plans UNION ALL SELECT MAX(effective_us) FROM plan_versions"
+        " UNION ALL SELECT MAX(updated_at_us) FROM contacts UNION ALL SELECT MAX(at_us) FROM audit"
+        " UNION ALL SELECT MAX(created_at_us) FROM request_results UNION ALL SELECT MAX(at_us) FROM usage_events"
+        " UNION ALL SELECT MAX(cycle_start_us) FROM holdings) HAVING MAX(at_us) IS NOT NULL"
+    )
+
+
 
 # Each step runs inside the one transaction migrate() opens for it, which it must not end
 # (no commit of its own), so that the step and its version number commit together.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _compact_request_results, _record_reanchors]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _compact_request_results, _record_reanchors, _keep_ledger_time]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -643,6 +661,7 @@ class _Tx(_Reader):
         self.filters = filters
         self.builds = builds
         self.committed: list[Callable[[], None]] = []
+        self.noted_us = 0
         self._keys: dict[tuple[str, int], int] = {}
         self._codes: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -715,6 +734,10 @@ class _Tx(_Reader):
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)
+
+    def note_time(self, at_us: int) -> None:
+        if at_us > self.noted_us:
+            self.noted_us = at_us
 
     def _filter(self, tenant_id: str, cycle_start_us: int) -> CycleFilter | None:
         """The cycle's filter; None while it is being built from the ledger's rows (a
@@ -1163,6 +1186,11 @@ class SQLiteLedger(Ledger):
         self._files: tuple[FileId | None, FileId | None] = (None, None)
         self._generation = 0
         self._wal = Path(f"{self.path}-wal")
+        self._time_us = 0
+
+    @property
+    def time_us(self) -> int:
+        return self._time_us
 
     @property
     def ready(self) -> bool:
@@ -1202,6 +1230,8 @@ class SQLiteLedger(Ledger):
             migrate(self.path)
             self._conn = self._connect()
             self._tx = _Tx(self._conn, self.filters, self._builds)
+            self._time_us = self._conn.execute("SELECT COALESCE(MAX(at_us), 0) FROM ledger_time").fetchone()[0]
+            self._verify()
             self._request_filters()
             self._files = self._files_now()
         except LedgerUnavailable:
@@ -1228,6 +1258,40 @@ class SQLiteLedger(Ledger):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _verify(self) -> None:
+        """Refuses a ledger whose current figures (each tenant's latest cycle and its
+        holdings) disagree with their rows: served, they would allow and bill from a
+        wrong count. Logs each tenant's mismatches (the first STARTUP_TENANTS_LOGGED)."""
+        assert self._conn is not None
+        started = time.perf_counter()
+        self._conn.execute("BEGIN")
+        try:
+            found = find_mismatches(self._conn, every_cycle=False)
+        finally:
+            self._conn.execute("COMMIT")
+        log.info("ledger figures checked against their rows in %.2f s", time.perf_counter() - started)
+        if not found:
+            return
+        tenants: dict[str, list[Mismatch]] = {}
+        for m in found:
+            tenants.setdefault(m.tenant_id, []).append(m)
+        for tenant_id, mismatches in list(tenants.items())[:STARTUP_TENANTS_LOGGED]:
+            log.error(
+                "ledger figures of tenant %r disagree with their rows: %s",
+                tenant_id,
+                "; ".join(m.describe() for m in mismatches),
+            )
+        names = ", ".join(repr(t) for t in list(tenants)[:STARTUP_TENANTS_LOGGED])
+        more = len(tenants) - STARTUP_TENANTS_LOGGED
+        if more > 0:
+            log.error("and %d more tenants whose figures disagree with their rows", more)
+            names += f" and {more} more"
+        raise ValueError(
+            f"the stored figures of tenant {names} disagree with their rows; run"
+            f" `quota-sidecar verify --ledger sqlite:///{self.path}` to list every mismatch,"
+            " and with --repair to recompute the figures from the rows"
+        )
 
     def _files_now(self) -> tuple[FileId | None, FileId | None]:
         return _file_id(self.path), _file_id(self._wal)
@@ -1535,11 +1599,13 @@ class SQLiteLedger(Ledger):
         started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
+            tx.noted_us = self._time_us
             alone = len(batch) == 1
             for work, future in batch:
                 if not alone:
                     conn.execute("SAVEPOINT unit")
-                mark = len(tx.committed)
+                mark, noted = len(tx.committed), tx.noted_us
                 try:
                     result = work(tx)
                 except BaseException as exc:
@@ -1549,6 +1615,7 @@ class SQLiteLedger(Ledger):
                     if not alone:
                         conn.execute("RELEASE unit")
                     del tx.committed[mark:]
+                    tx.noted_us = noted
                     tx.forget()
                     outcomes.append((future, None, exc))
                     continue
@@ -1556,7 +1623,9 @@ class SQLiteLedger(Ledger):
                     conn.execute("RELEASE unit")
                 outcomes.append((future, result, None))
             if conn.in_transaction:
+                stamped = self._stamp(tx, changes)
                 conn.execute("COMMIT")
+                self._time_us = max(self._time_us, stamped)
         except sqlite3.Error as exc:
             tx.committed.clear()
             tx.forget()
@@ -1583,6 +1652,19 @@ class SQLiteLedger(Ledger):
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    def _stamp(self, tx: _Tx, changes: int) -> int:
+        """Inside the commit: moves the stored ledger time to the latest instant the
+        batch's committed units noted, when the batch wrote anything (a batch that
+        only read, a retry answered from its stored result, leaves the file as it
+        was); returns it."""
+        if tx.noted_us <= self._time_us or tx.conn.total_changes == changes:
+            return self._time_us
+        tx.conn.execute(
+            "INSERT INTO ledger_time (id, at_us) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at_us = excluded.at_us",
+            (tx.noted_us,),
+        )
+        return tx.noted_us
 
     def _abort(self, conn: sqlite3.Connection, batch: list[tuple[Any, Future[Any]]], exc: sqlite3.Error) -> None:
         try:

@@ -133,7 +133,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "create or replace a tenant's plan",
         _plan_set,
         "create or replace a tenant's plan, from a preset (one of the four billing models) or field by field;"
-        " with --preset, the options given beside it override the preset's values",
+        " with --preset, the options given beside it override the preset's values, 0 or empty included"
+        ' (--grace-percent 0, --notify "")',
     )
     plan_set.add_argument("tenant")
     plan_set.add_argument(
@@ -188,7 +189,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     plan_set.add_argument("--notify", dest="notify_thresholds", type=_ratios, metavar="R,...", help="e.g. 0.8,1.0")
     plan_set.add_argument(
         "--marketing-contacts-only",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="HELD_CONTACTS counts marketing contacts only (model 4, MK-1)",
     )

@@ -172,6 +172,9 @@ class PlanInput:
     renotify_interval_us: int | None = None
     preset: str = ""
     marketing_contacts_only: bool = False
+    # Fields given explicitly at their default (0, "", an empty list): given beside a
+    # preset, they still beat its value.
+    given: frozenset[str] = frozenset()
 
 
 def check_id(field: str, value: str, *, required: bool = True) -> None:

@@ -71,10 +71,19 @@ def read_plans(path: Path) -> dict[str, pb.Plan]:
         if not isinstance(raw, dict):
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: the plan must be a mapping")
         try:
-            plans[str(tenant_id)] = json_format.ParseDict(_normalise(raw), pb.Plan())
+            plan = json_format.ParseDict(_normalise(raw), pb.Plan())
         except json_format.ParseError as exc:
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
+        plan.given_fields.paths.extend(_repeated_keys(raw))
+        plans[str(tenant_id)] = plan
     return plans
+
+
+def _repeated_keys(raw: dict[str, Any]) -> list[str]:
+    """The repeated Plan fields the entry names: present, even as `[]`, they are given."""
+    descriptor = pb.Plan.DESCRIPTOR
+    named = (descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key) for key in raw)
+    return sorted({f.name for f in named if f is not None and f.is_repeated})
 
 
 def check_tenants(path: Path) -> dict[str, pb.Plan]:

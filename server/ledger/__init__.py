@@ -67,6 +67,9 @@ class LedgerReader(Protocol):
     def tenants(self) -> list[str]:
         """Every tenant with a plan."""
 
+    def file_entry(self, tenant_id: str) -> str | None:
+        """The digest of the tenant's `--tenants` file entry as last applied (None: never)."""
+
     def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None: ...
 
     def raised_notices(self) -> list[tuple[str, UsageFigure, NoticeState]]:
@@ -89,6 +92,9 @@ class LedgerTx(LedgerReader, Protocol):
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
         """Stores the tenant's plan and keeps it as the version in force from `at_us`
         (a plan equal to the one already in force adds no version)."""
+
+    def put_file_entry(self, tenant_id: str, digest: str, at_us: int) -> None:
+        """Remembers the digest of the tenant's `--tenants` file entry just applied."""
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None: ...
 

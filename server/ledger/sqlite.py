@@ -281,7 +281,23 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE ledger_checks (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at_us INTEGER NOT NULL)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _remember_tenant_file_entries(db: sqlite_utils.Database) -> None:
+    """The digest of each tenant's `--tenants` file entry as last applied, so a start applies
+    an entry only when it changed and keeps a PutPlan made since."""
+    db.execute(
+        "CREATE TABLE tenant_file_entries (tenant_id TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+        " applied_at_us INTEGER NOT NULL)"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1,
+    _v2,
+    _v3,
+    _v4,
+    _v5,
+    _remember_tenant_file_entries,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -395,6 +411,10 @@ class _Reader:
 
     def tenants(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT tenant_id FROM plans ORDER BY tenant_id")]
+
+    def file_entry(self, tenant_id: str) -> str | None:
+        row = self.conn.execute("SELECT digest FROM tenant_file_entries WHERE tenant_id = ?", (tenant_id,)).fetchone()
+        return row[0] if row else None
 
     def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None:
         row = self.conn.execute(
@@ -701,6 +721,13 @@ class _Tx(_Reader):
             "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (?, ?, ?)"
             " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",
             (tenant_id, at_us, plan_json),
+        )
+
+    def put_file_entry(self, tenant_id: str, digest: str, at_us: int) -> None:
+        self.conn.execute(
+            "INSERT INTO tenant_file_entries (tenant_id, digest, applied_at_us) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET digest = excluded.digest, applied_at_us = excluded.applied_at_us",
+            (tenant_id, digest, at_us),
         )
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:

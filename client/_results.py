@@ -420,12 +420,14 @@ class ContactState:
 
 @dataclass(frozen=True)
 class ActiveContact:
-    """A contact active in a cycle, and what activated it."""
+    """A contact active in a cycle, and what activated it; under HELD_CONTACTS one span in
+    which it counted: from `activated_at` until `counted_until` (None while it counts)."""
 
     contact_id: str
     activated_at: datetime | None
     activity: str
     raw: quota_pb2.ActiveContact = field(repr=False, compare=False)
+    counted_until: datetime | None = None
 
     @classmethod
     def from_pb(cls, contact: quota_pb2.ActiveContact) -> ActiveContact:
@@ -434,6 +436,7 @@ class ActiveContact:
             activated_at=from_timestamp(contact.activated_at) if contact.HasField("activated_at") else None,
             activity=contact.activity,
             raw=contact,
+            counted_until=from_timestamp(contact.counted_until) if contact.HasField("counted_until") else None,
         )
 
 

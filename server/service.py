@@ -578,4 +578,7 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
 
 def _active_pb(a: Activation) -> pb.ActiveContact:
-    return pb.ActiveContact(contact_id=a.contact_id, activated_at=_ts(a.activated_at_us), activity=a.activity)
+    contact = pb.ActiveContact(contact_id=a.contact_id, activated_at=_ts(a.activated_at_us), activity=a.activity)
+    if a.counted_until_us:
+        contact.counted_until.CopyFrom(_ts(a.counted_until_us))
+    return contact

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,15 @@ import pytest
 from quota_sidecar.server.errors import LedgerUnavailable
 from quota_sidecar.server.ledger import Ledger, LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import Activation, ContactRecord, Counters, Holdings, StoredPlan, StoredResult
+from quota_sidecar.server.model import (
+    Activation,
+    ContactRecord,
+    Counters,
+    HeldSpan,
+    Holdings,
+    StoredPlan,
+    StoredResult,
+)
 
 CommitObserver = Callable[[float, int, bool], None]
 
@@ -229,6 +237,34 @@ class TestLedgerContract:
         assert [c.contact_id for c in marketing] == []
         marketing = ledger.read(lambda r: r.counted_contacts(T, True, C1 + 8, "", 1))
         assert [c.contact_id for c in marketing] == ["a"]
+
+    def test_held_spans_follow_every_change_of_a_contact(self, ledger: Ledger):
+        """AC-10 (a deleted contact's span ends when it is deleted), MK-6 (a marketing span ends at the
+        switch instant, due or written), spans listed by overlap with a cycle, in (contact, start) order."""
+        a = ContactRecord("a", held=True, marketing=True, held_since_us=10)
+        ledger.transact(lambda tx: tx.put_contacts(T, [a, ContactRecord("b", held=True, held_since_us=10)], 10))
+        ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("b", held=False, held_since_us=10)], 20))
+        spans = lambda *args: ledger.read(lambda r: r.held_spans(T, *args))  # noqa: E731
+        assert spans(False, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, None), HeldSpan("b", 10, 20)]
+        assert spans(False, 20, 100, ("", 0), 10) == [HeldSpan("a", 10, None)]
+        assert spans(False, 0, 100, ("a", 10), 10) == [HeldSpan("b", 10, 20)]
+        assert spans(False, 0, 100, ("", 0), 10, "b") == [HeldSpan("b", 10, 20)]
+        assert spans(True, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, None)]
+        pending = replace(a, marketing_until_next_update=True, marketing_until_us=50)
+        ledger.transact(lambda tx: tx.put_contacts(T, [pending], 30))
+        assert spans(True, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, 50)]
+        ledger.transact(lambda tx: tx.switch_marketing(T, 50))
+        assert spans(True, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, 50)]
+        assert spans(True, 50, 100, ("", 0), 10) == []
+        ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("b", held=True, held_since_us=60)], 60))
+        assert spans(False, 0, 100, ("a", 10), 10) == [HeldSpan("b", 10, 20), HeldSpan("b", 60, None)]
+
+    def test_a_tenants_file_entry_is_remembered(self, ledger: Ledger):
+        """The digest of the `--tenants` entry applied last, per tenant."""
+        assert ledger.read(lambda r: r.file_entry(T)) is None
+        ledger.transact(lambda tx: tx.put_file_entry(T, "d1", 5))
+        ledger.transact(lambda tx: tx.put_file_entry(T, "d2", 6))
+        assert (ledger.read(lambda r: r.file_entry(T)), ledger.read(lambda r: r.file_entry("other"))) == ("d2", None)
 
     def test_a_unit_that_raises_leaves_no_trace(self, ledger: Ledger):
         """api.md Errors: nothing is half-written; a unit that raises leaves no trace."""

@@ -23,6 +23,7 @@ from ..model import (
     AuditEntry,
     ContactRecord,
     Counters,
+    HeldSpan,
     Holdings,
     NoticeState,
     StoredPlan,
@@ -61,6 +62,20 @@ class LedgerReader(Protocol):
     ) -> list[ContactRecord]:
         """Held contacts (marketing ones at `at_us` when `marketing_only`) ordered by
         contact id, strictly after `after_contact_id`."""
+
+    def held_spans(
+        self,
+        tenant_id: str,
+        marketing_only: bool,
+        start_us: int,
+        end_us: int,
+        after: tuple[str, int],
+        limit: int,
+        contact_id: str | None = None,
+    ) -> list[HeldSpan]:
+        """The spans in which contacts counted under HELD_CONTACTS (held; marketing and held
+        when `marketing_only`) that overlap [start_us, end_us), ordered by contact id and
+        start, strictly after `after` (contact id, start); one contact's when `contact_id`."""
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None: ...
 

@@ -48,6 +48,7 @@ from ..model import (
     AuditEntry,
     ContactRecord,
     Counters,
+    HeldSpan,
     Holdings,
     NoticeState,
     StoredPlan,
@@ -290,6 +291,65 @@ def _remember_tenant_file_entries(db: sqlite_utils.Database) -> None:
     )
 
 
+# Spans that ended longer ago than this are dropped when the contact next changes: kept for
+# thirteen monthly invoices and more.
+HELD_SPANS_KEPT_US = 400 * 86_400 * 1_000_000
+
+
+def _keep_held_spans(db: sqlite_utils.Database) -> None:
+    """When each contact counted under HELD_CONTACTS: one row per span held (`marketing` 0)
+    and per span held as a marketing contact (`marketing` 1), `to_us` NULL while open, so the
+    contacts behind any cycle's invoice line can be listed. Triggers on `contacts` write the
+    spans in the transaction that changes the contact, whatever path changes it (a contact
+    change, or the MK-6 switch, which ends the span at the switch instant). Seeded from the
+    contacts held now (spans of contacts no longer held were not recorded before).
+
+    A span that ended at the instant it opens again is reopened by deleting it first: a
+    trigger cannot rely on INSERT OR REPLACE, as the statement firing it sets the policy."""
+    db.execute(
+        "CREATE TABLE held_spans (tenant_id TEXT NOT NULL, contact_id TEXT NOT NULL, marketing INTEGER NOT NULL,"
+        " from_us INTEGER NOT NULL, to_us INTEGER, PRIMARY KEY (tenant_id, marketing, contact_id, from_us))"
+        " WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO held_spans SELECT tenant_id, contact_id, 0, held_since_us, NULL FROM contacts WHERE held = 1"
+    )
+    db.execute(
+        "INSERT INTO held_spans SELECT tenant_id, contact_id, 1, held_since_us, NULL FROM contacts"
+        " WHERE held = 1 AND marketing = 1"
+    )
+    contact = "tenant_id = NEW.tenant_id AND contact_id = NEW.contact_id"
+    held_from, marketing_from = "NEW.held_since_us", "NEW.updated_at_us"
+    opens_held = "OLD.held = 0 AND NEW.held = 1"
+    opens_marketing = "NOT (OLD.held = 1 AND OLD.marketing = 1) AND NEW.held = 1 AND NEW.marketing = 1"
+    db.execute(
+        "CREATE TRIGGER contacts_held_spans_insert AFTER INSERT ON contacts WHEN NEW.held = 1 BEGIN"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing = 0 AND from_us = {held_from};"
+        f" INSERT INTO held_spans VALUES (NEW.tenant_id, NEW.contact_id, 0, {held_from}, NULL);"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing = 1 AND from_us = {marketing_from}"
+        " AND NEW.marketing = 1;"
+        f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 1, {marketing_from}, NULL"
+        " WHERE NEW.marketing = 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER contacts_held_spans_update AFTER UPDATE OF held, marketing ON contacts"
+        " WHEN OLD.held != NEW.held OR (OLD.held AND OLD.marketing) != (NEW.held AND NEW.marketing) BEGIN"
+        f" UPDATE held_spans SET to_us = NEW.updated_at_us WHERE {contact} AND marketing = 0 AND to_us IS NULL"
+        " AND OLD.held = 1 AND NEW.held = 0;"
+        " UPDATE held_spans SET to_us = CASE WHEN NEW.held = 1 AND OLD.marketing_until_us > 0"
+        f" THEN OLD.marketing_until_us ELSE NEW.updated_at_us END WHERE {contact} AND marketing = 1"
+        " AND to_us IS NULL AND OLD.held = 1 AND OLD.marketing = 1 AND NOT (NEW.held = 1 AND NEW.marketing = 1);"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing = 0 AND from_us = {held_from} AND {opens_held};"
+        f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 0, {held_from}, NULL WHERE {opens_held};"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing = 1 AND from_us = {marketing_from}"
+        f" AND {opens_marketing};"
+        f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 1, {marketing_from}, NULL"
+        f" WHERE {opens_marketing};"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing IN (0, 1)"
+        f" AND to_us < NEW.updated_at_us - {HELD_SPANS_KEPT_US}; END"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -297,6 +357,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v4,
     _v5,
     _remember_tenant_file_entries,
+    _keep_held_spans,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -390,6 +451,33 @@ class _Reader:
             args,
         ).fetchall()
         return [ContactRecord(r[0], bool(r[1]), bool(r[2]), bool(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    def held_spans(
+        self,
+        tenant_id: str,
+        marketing_only: bool,
+        start_us: int,
+        end_us: int,
+        after: tuple[str, int],
+        limit: int,
+        contact_id: str | None = None,
+    ) -> list[HeldSpan]:
+        """An open marketing span whose MK-6 switch is due ends at the switch instant,
+        though the switch itself is written by the tenant's next change. A span that starts
+        in the cycle is in it even when it ended at once: the peak counted it."""
+        one = " AND h.contact_id = ?" if contact_id is not None else ""
+        rows = self.conn.execute(
+            "SELECT h.contact_id, h.from_us, COALESCE(h.to_us, CASE WHEN h.marketing = 1"
+            " AND c.marketing_until_us > 0 THEN c.marketing_until_us END) AS until FROM held_spans h"
+            " JOIN contacts c ON c.tenant_id = h.tenant_id AND c.contact_id = h.contact_id"
+            " WHERE h.tenant_id = ? AND h.marketing = ? AND (h.contact_id, h.from_us) > (?, ?)"
+            " AND h.from_us < ? AND (h.from_us >= ? OR until IS NULL OR until > ?)"
+            f"{one} ORDER BY h.contact_id, h.from_us LIMIT ?",
+            (tenant_id, int(marketing_only), after[0], after[1], end_us, start_us, start_us)
+            + ((contact_id,) if contact_id is not None else ())
+            + (limit,),
+        ).fetchall()
+        return [HeldSpan(*row) for row in rows]
 
     def active_contacts(
         self, tenant_id: str, cycle_start_us: int, after_contact_id: str, limit: int

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from quota_sidecar.server.errors import LedgerUnavailable
-from quota_sidecar.server.ledger import Ledger, LedgerTx
+from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.model import (
     Activation,
@@ -258,6 +258,18 @@ class TestLedgerContract:
         assert spans(True, 50, 100, ("", 0), 10) == []
         ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("b", held=True, held_since_us=60)], 60))
         assert spans(False, 0, 100, ("a", 10), 10) == [HeldSpan("b", 10, 20), HeldSpan("b", 60, None)]
+
+    def test_a_contact_keeps_a_bounded_number_of_spans(self, ledger: Ledger):
+        """common.md (every resource a caller can grow is bounded): deleted and added again without end,
+        a contact keeps its latest HELD_SPANS_PER_CONTACT spans."""
+        for at in range(1, 2 * HELD_SPANS_PER_CONTACT + 10):
+            held = at % 2 == 1
+            ledger.transact(
+                lambda tx, at=at, held=held: tx.put_contacts(T, [ContactRecord("a", held, held_since_us=at)], at)
+            )
+        spans = ledger.read(lambda r: r.held_spans(T, False, 0, 10**6, ("", 0), 10**3))
+        assert len(spans) == HELD_SPANS_PER_CONTACT
+        assert spans[-1] == HeldSpan("a", 2 * HELD_SPANS_PER_CONTACT + 9, None)
 
     def test_a_tenants_file_entry_is_remembered(self, ledger: Ledger):
         """The digest of the `--tenants` entry applied last, per tenant."""

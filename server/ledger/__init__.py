@@ -34,6 +34,13 @@ from ..model import (
 
 T = TypeVar("T")
 
+# What every backend keeps of a contact's held spans (`held_spans`): those that ended longer
+# ago than this are dropped when the contact next changes (thirteen monthly invoices and
+# more), and at most this many of its latest spans of each kind, however often a caller
+# deletes and adds it again.
+HELD_SPANS_KEPT_US = 400 * 86_400 * 1_000_000
+HELD_SPANS_PER_CONTACT = 64
+
 
 class LedgerReader(Protocol):
     def plan(self, tenant_id: str) -> StoredPlan | None: ...

@@ -58,7 +58,7 @@ from ..model import (
     UsageEventType,
     UsageFigure,
 )
-from . import Ledger, LedgerReader, LedgerTx
+from . import HELD_SPANS_KEPT_US, HELD_SPANS_PER_CONTACT, Ledger, LedgerReader, LedgerTx
 
 T = TypeVar("T")
 log = logging.getLogger("quota_sidecar.ledger")
@@ -291,11 +291,6 @@ def _remember_tenant_file_entries(db: sqlite_utils.Database) -> None:
     )
 
 
-# Spans that ended longer ago than this are dropped when the contact next changes: kept for
-# thirteen monthly invoices and more.
-HELD_SPANS_KEPT_US = 400 * 86_400 * 1_000_000
-
-
 def _keep_held_spans(db: sqlite_utils.Database) -> None:
     """When each contact counted under HELD_CONTACTS: one row per span held (`marketing` 0)
     and per span held as a marketing contact (`marketing` 1), `to_us` NULL while open, so the
@@ -304,8 +299,11 @@ def _keep_held_spans(db: sqlite_utils.Database) -> None:
     change, or the MK-6 switch, which ends the span at the switch instant). Seeded from the
     contacts held now (spans of contacts no longer held were not recorded before).
 
-    A span that ended at the instant it opens again is reopened by deleting it first: a
-    trigger cannot rely on INSERT OR REPLACE, as the statement firing it sets the policy."""
+    A contact's first row has no spans yet (contacts rows are never deleted); later, a span
+    that ended at the instant it opens again is reopened by deleting it first: a trigger
+    cannot rely on INSERT OR REPLACE, as the statement firing it sets the policy.
+    Opening a span prunes the contact's spans (HELD_SPANS_KEPT_US, HELD_SPANS_PER_CONTACT):
+    only an opening adds a row."""
     db.execute(
         "CREATE TABLE held_spans (tenant_id TEXT NOT NULL, contact_id TEXT NOT NULL, marketing INTEGER NOT NULL,"
         " from_us INTEGER NOT NULL, to_us INTEGER, PRIMARY KEY (tenant_id, marketing, contact_id, from_us))"
@@ -319,15 +317,20 @@ def _keep_held_spans(db: sqlite_utils.Database) -> None:
         " WHERE held = 1 AND marketing = 1"
     )
     contact = "tenant_id = NEW.tenant_id AND contact_id = NEW.contact_id"
+
+    def keep_latest(marketing: int, when: str) -> str:
+        span = f"{contact} AND marketing = {marketing}"
+        return (
+            f"DELETE FROM held_spans WHERE {span} AND {when} AND from_us < (SELECT from_us FROM held_spans"
+            f" WHERE {span} ORDER BY from_us DESC LIMIT 1 OFFSET {HELD_SPANS_PER_CONTACT - 1});"
+        )
+
     held_from, marketing_from = "NEW.held_since_us", "NEW.updated_at_us"
     opens_held = "OLD.held = 0 AND NEW.held = 1"
     opens_marketing = "NOT (OLD.held = 1 AND OLD.marketing = 1) AND NEW.held = 1 AND NEW.marketing = 1"
     db.execute(
         "CREATE TRIGGER contacts_held_spans_insert AFTER INSERT ON contacts WHEN NEW.held = 1 BEGIN"
-        f" DELETE FROM held_spans WHERE {contact} AND marketing = 0 AND from_us = {held_from};"
         f" INSERT INTO held_spans VALUES (NEW.tenant_id, NEW.contact_id, 0, {held_from}, NULL);"
-        f" DELETE FROM held_spans WHERE {contact} AND marketing = 1 AND from_us = {marketing_from}"
-        " AND NEW.marketing = 1;"
         f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 1, {marketing_from}, NULL"
         " WHERE NEW.marketing = 1; END"
     )
@@ -346,7 +349,8 @@ def _keep_held_spans(db: sqlite_utils.Database) -> None:
         f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 1, {marketing_from}, NULL"
         f" WHERE {opens_marketing};"
         f" DELETE FROM held_spans WHERE {contact} AND marketing IN (0, 1)"
-        f" AND to_us < NEW.updated_at_us - {HELD_SPANS_KEPT_US}; END"
+        f" AND to_us < NEW.updated_at_us - {HELD_SPANS_KEPT_US} AND ({opens_held} OR {opens_marketing});"
+        f" {keep_latest(0, opens_held)} {keep_latest(1, opens_marketing)} END"
     )
 
 

@@ -266,32 +266,34 @@ class ActivityRecord:
 @dataclass(frozen=True)
 class Plan:
     """What a tenant bought. Every field is optional on the way in; `preset` fills the
-    fields left at their defaults. Enum fields take short names or protobuf numbers and
-    come back as short names; `source_rules` maps a contact source to its policy (a
-    mapping, or (source, policy) pairs). `marketing_contacts_only` makes a HELD_CONTACTS
-    plan count marketing contacts only (model 4, MK-1)."""
+    fields left out (None, or 0 / "" for the fields no preset sets), and a field given
+    beside it wins, 0 or empty included (`grace_percent=0`, `notify_thresholds=()`).
+    Enum fields take short names or protobuf numbers and come back as short names;
+    `source_rules` maps a contact source to its policy (a mapping, or (source, policy)
+    pairs). `marketing_contacts_only` makes a HELD_CONTACTS plan count marketing
+    contacts only (model 4, MK-1)."""
 
     plan_name: str = ""
     metering: EnumArg = 0
     enforcement: EnumArg = 0
     contact_limit: int = 0
     addon_contacts: int = 0
-    grace_percent: int = 0
-    sends_limit: int = 0
-    sends_per_contact: int = 0
+    grace_percent: int | None = None
+    sends_limit: int | None = None
+    sends_per_contact: int | None = None
     overage_unit_price: Decimal | str | None = None
-    currency: str = ""
+    currency: str | None = None
     cycle_anchor: TimestampArg | None = None
     billing_interval: EnumArg = 0
-    counted_kinds: Sequence[EnumArg] = ()
-    counted_activities: Sequence[EnumArg] = ()
-    source_rules: Mapping[EnumArg, EnumArg] | Iterable[tuple[EnumArg, EnumArg]] = field(default_factory=dict)
+    counted_kinds: Sequence[EnumArg] | None = None
+    counted_activities: Sequence[EnumArg] | None = None
+    source_rules: Mapping[EnumArg, EnumArg] | Iterable[tuple[EnumArg, EnumArg]] | None = None
     max_queue: DurationArg | None = None
-    notify_thresholds: Sequence[float] = ()
+    notify_thresholds: Sequence[float] | None = None
     renotify_interval: DurationArg | None = None
     preset: str = ""
     # Keyword-only: a later addition, so the positional order of the fields before it stays.
-    marketing_contacts_only: bool = field(default=False, kw_only=True)
+    marketing_contacts_only: bool | None = field(default=None, kw_only=True)
     raw: quota_pb2.Plan | None = field(default=None, repr=False, compare=False)
 
     def to_pb(self) -> quota_pb2.Plan:
@@ -301,17 +303,22 @@ class Plan:
             enforcement=enum_value(quota_pb2.Enforcement, self.enforcement, "plan.enforcement"),
             contact_limit=self.contact_limit,
             addon_contacts=self.addon_contacts,
-            grace_percent=self.grace_percent,
-            sends_limit=self.sends_limit,
-            sends_per_contact=self.sends_per_contact,
-            currency=self.currency,
             billing_interval=enum_value(quota_pb2.BillingInterval, self.billing_interval, "plan.billing_interval"),
-            counted_kinds=enum_values(quota_pb2.MessageKind, self.counted_kinds, "plan.counted_kinds"),
-            counted_activities=enum_values(quota_pb2.ActivityKind, self.counted_activities, "plan.counted_activities"),
-            notify_thresholds=list(self.notify_thresholds),
+            counted_kinds=enum_values(quota_pb2.MessageKind, self.counted_kinds or (), "plan.counted_kinds"),
+            counted_activities=enum_values(
+                quota_pb2.ActivityKind, self.counted_activities or (), "plan.counted_activities"
+            ),
+            notify_thresholds=list(self.notify_thresholds or ()),
             preset=self.preset,
-            marketing_contacts_only=self.marketing_contacts_only,
         )
+        for name in ("grace_percent", "sends_limit", "sends_per_contact", "currency", "marketing_contacts_only"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(plan, name, value)
+        # A repeated field cannot carry presence: naming it says "given", so an empty list beats a preset's.
+        for name in ("counted_kinds", "counted_activities", "source_rules", "notify_thresholds"):
+            if getattr(self, name) is not None:
+                plan.given_fields.paths.append(name)
         if self.overage_unit_price is not None:
             plan.overage_unit_price = to_decimal_string(self.overage_unit_price, "plan.overage_unit_price")
         if self.cycle_anchor is not None:
@@ -320,7 +327,7 @@ class Plan:
             plan.max_queue.CopyFrom(to_duration(self.max_queue, "plan.max_queue"))
         if self.renotify_interval is not None:
             plan.renotify_interval.CopyFrom(to_duration(self.renotify_interval, "plan.renotify_interval"))
-        for source, policy in _pairs(self.source_rules):
+        for source, policy in _pairs(self.source_rules or {}):
             plan.source_rules.add(
                 source=enum_value(quota_pb2.ContactSource, source, "plan.source_rules.source"),
                 policy=enum_value(quota_pb2.SourcePolicy, policy, "plan.source_rules.policy"),
@@ -413,12 +420,14 @@ class ContactState:
 
 @dataclass(frozen=True)
 class ActiveContact:
-    """A contact active in a cycle, and what activated it."""
+    """A contact active in a cycle, and what activated it; under HELD_CONTACTS one span in
+    which it counted: from `activated_at` until `counted_until` (None while it counts)."""
 
     contact_id: str
     activated_at: datetime | None
     activity: str
     raw: quota_pb2.ActiveContact = field(repr=False, compare=False)
+    counted_until: datetime | None = None
 
     @classmethod
     def from_pb(cls, contact: quota_pb2.ActiveContact) -> ActiveContact:
@@ -427,6 +436,7 @@ class ActiveContact:
             activated_at=from_timestamp(contact.activated_at) if contact.HasField("activated_at") else None,
             activity=contact.activity,
             raw=contact,
+            counted_until=from_timestamp(contact.counted_until) if contact.HasField("counted_until") else None,
         )
 
 

@@ -133,7 +133,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "create or replace a tenant's plan",
         _plan_set,
         "create or replace a tenant's plan, from a preset (one of the four billing models) or field by field;"
-        " with --preset, the options given beside it override the preset's values",
+        " with --preset, the options given beside it override the preset's values, 0 or empty included"
+        ' (--grace-percent 0, --notify "")',
     )
     plan_set.add_argument("tenant")
     plan_set.add_argument(
@@ -188,7 +189,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     plan_set.add_argument("--notify", dest="notify_thresholds", type=_ratios, metavar="R,...", help="e.g. 0.8,1.0")
     plan_set.add_argument(
         "--marketing-contacts-only",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="HELD_CONTACTS counts marketing contacts only (model 4, MK-1)",
     )
@@ -222,13 +223,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "list the contacts behind an invoice's metered line",
         _active_contacts,
         "list the contacts behind an invoice's metered line: those active in the cycle, or under"
-        " HELD_CONTACTS those held (model 4: the marketing ones) now",
+        " HELD_CONTACTS every contact held (model 4: as a marketing contact) at some time in the cycle,"
+        " from when until when",
     )
     active.add_argument("tenant")
+    active.add_argument("--cycle", type=_instant, help="any instant of the cycle (ISO 8601); default: the current one")
     active.add_argument(
-        "--cycle", type=_instant, help="any instant of the cycle (ISO 8601; HELD_CONTACTS: the current cycle only)"
+        "--csv", action="store_true", help="print CSV: contact_id, activated_at, activity, counted_until"
     )
-    active.add_argument("--csv", action="store_true", help="print CSV: contact_id, activated_at, activity")
 
     invoice = command(
         commands,
@@ -470,10 +472,13 @@ def _active_contacts(client: QuotaClient, args: argparse.Namespace) -> int:
         _print_json(quota_pb2.ListActiveContactsResponse(contacts=[contact.raw for contact in contacts]))
     elif args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["contact_id", "activated_at", "activity"])
-        writer.writerows([contact.contact_id, _when(contact.activated_at), contact.activity] for contact in contacts)
+        writer.writerow(["contact_id", "activated_at", "activity", "counted_until"])
+        writer.writerows(
+            [contact.contact_id, _when(contact.activated_at), contact.activity, _csv_when(contact.counted_until)]
+            for contact in contacts
+        )
     else:
-        _print_table(["CONTACT", "ACTIVATED AT", "ACTIVITY"], _active_rows(contacts))
+        _print_table(["CONTACT", "ACTIVATED AT", "ACTIVITY", "COUNTED UNTIL"], _active_rows(contacts))
         print(f"{len(contacts)} {_counted_noun(contacts)}{'' if len(contacts) == 1 else 's'}")
     return EXIT_OK
 
@@ -563,6 +568,10 @@ def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Se
             for column, (cell, width) in enumerate(zip(row, widths, strict=False))
         )
         print("  ".join(cells).rstrip())
+
+
+def _csv_when(value: datetime | None) -> str:
+    return "" if value is None else _when(value)
 
 
 def _when(value: datetime | None) -> str:
@@ -686,7 +695,10 @@ def _contact_fields(contact: ContactState) -> list[tuple[str, str]]:
 
 
 def _active_rows(contacts: Iterable[ActiveContact]) -> list[list[str]]:
-    return [[contact.contact_id, _when(contact.activated_at), contact.activity or "-"] for contact in contacts]
+    return [
+        [contact.contact_id, _when(contact.activated_at), contact.activity or "-", _when(contact.counted_until)]
+        for contact in contacts
+    ]
 
 
 def _print_invoice(invoice: Invoice) -> None:

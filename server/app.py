@@ -276,8 +276,8 @@ class Sidecar:
         """Opens the ledger and loads the tenants file, then reports SERVING."""
         self.ledger.open()
         if self.settings.tenants:
-            count = load_tenants(self.engine, Path(self.settings.tenants), self.tenant_plans)
-            log.info("loaded %d tenant plans from %s", count, self.settings.tenants)
+            loaded = load_tenants(self.engine, Path(self.settings.tenants), self.tenant_plans)
+            log.info("tenants file %s: %s", self.settings.tenants, loaded.summary())
         self._serving = True
         self._set_health(
             health_pb2.HealthCheckResponse.SERVING if self.ledger.ready else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -194,6 +194,9 @@ class PlanInput:
     renotify_interval_us: int | None = None
     preset: str = ""
     marketing_contacts_only: bool = False
+    # Fields given explicitly at their default (0, "", an empty list): given beside a
+    # preset, they still beat its value.
+    given: frozenset[str] = frozenset()
 
 
 def check_id(field: str, value: str, *, required: bool = True) -> None:
@@ -1002,6 +1005,9 @@ class Engine:
             booked, cycle = self._plan_of_cycle(tx, req.tenant_id, plan, at)
             ids = list(dict.fromkeys(req.contact_ids))
             audit: list[AuditEntry] = []
+            now_cycle = cycle_of(tx, req.tenant_id, plan, now)
+            held = plan.metering is Metering.HELD_CONTACTS
+            counted_before = tally_of(tx, plan, req.tenant_id, now_cycle).count if held else 0
             if req.kind in CONTACT_KINDS:
                 self._change_contacts(
                     tx,
@@ -1013,7 +1019,7 @@ class Engine:
                     req.source_type,
                     req.source_id,
                     now,
-                    cycle_of(tx, req.tenant_id, plan, now),
+                    now_cycle,
                     "RecordActivity",
                     req.request_id,
                     audit,
@@ -1026,7 +1032,10 @@ class Engine:
             usage = usage_of(req.tenant_id, booked, cycle, tally_of(tx, booked, req.tenant_id, cycle))
             now_usage = usage if cycle.contains(now) else usage_at(tx, plan, req.tenant_id, now)
             self._observe(tx, plan, now_usage, now)
-            return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
+            # Under HELD_CONTACTS the contacts this call made count: one call has one kind, so the
+            # count only rises (creation, marketing set) or only falls (deletion), by that many.
+            newly = max(0, now_usage.active_contacts - counted_before) if held else len(fresh)
+            return ActivityOutcome(len(ids), newly, usage), cycle.start_us
 
         def unit(tx: LedgerTx) -> ActivityOutcome:
             return self._once(  # type: ignore[return-value]
@@ -1272,8 +1281,11 @@ class Engine:
             plan = self._plan(r, tenant_id)
             cycle = cycle_of(r, tenant_id, plan, now)
             record = r.contact(tenant_id, contact_id)
-            active = r.activation(tenant_id, cycle.start_us, contact_id)
-            if record is None and active is None:
+            if plan.metering is Metering.HELD_CONTACTS:
+                active = _counted(r, plan, tenant_id, cycle, now, ("", 0), 1, contact_id)
+            else:
+                active = [a for a in [r.activation(tenant_id, cycle.start_us, contact_id)] if a is not None]
+            if record is None and not active:
                 raise NotFound(f"tenant {tenant_id!r} has no contact {contact_id!r}")
             record = record or ContactRecord(contact_id, held=False)
             marketing = record.marketing_at(now)
@@ -1281,8 +1293,8 @@ class Engine:
                 tenant_id=tenant_id,
                 contact_id=contact_id,
                 held=record.held,
-                active_this_cycle=active is not None,
-                activated_at_us=active.activated_at_us if active else 0,
+                active_this_cycle=bool(active),
+                activated_at_us=active[0].activated_at_us if active else 0,
                 marketing=marketing,
                 marketing_until_next_update=marketing and record.marketing_until_next_update,
                 marketing_source_type=record.marketing_source_type,
@@ -1295,28 +1307,29 @@ class Engine:
         self, tenant_id: str, at_us: int | None, page_size: int, page_token: str
     ) -> tuple[list[Activation], str]:
         """The contacts behind the cycle's metered figure, by contact id: those active in
-        the cycle under CYCLE_ACTIVE; those held (model 4: marketing) now under
-        HELD_CONTACTS, where `activated_at` is when the contact was first held."""
+        the cycle under CYCLE_ACTIVE; under HELD_CONTACTS every span in which a contact
+        counted (held; model 4: held and marketing) at some time in the cycle, current or
+        past, by contact id and start: `activated_at` when it started counting and
+        `counted_until` when it stopped (0 while it counts)."""
         check_id("tenant_id", tenant_id)
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = ""
+        after = ("", 0)
         token_cycle: int | None = None
         if page_token:
             try:
                 raw = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                token_cycle, after = int(raw["c"]), str(raw["a"])
-                after.encode()
-            except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+                token_cycle, after = int(raw["c"]), (str(raw["a"]), int(raw.get("f", MAX_FIGURE)))
+                after[0].encode()
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
                 raise InvalidArgument("page_token", "is not a token this service returned") from None
-            if not -MAX_FIGURE - 1 <= token_cycle <= MAX_FIGURE:
+            if not all(-MAX_FIGURE - 1 <= n <= MAX_FIGURE for n in (token_cycle, after[1])):
                 raise InvalidArgument("page_token", "is not a token this service returned")
 
         def read(r: LedgerReader) -> tuple[list[Activation], str]:
             now = self.clock.now_us()
             plan = self._plan(r, tenant_id)
-            current = cycle_of(r, tenant_id, plan, now).start_us
             if token_cycle is not None and at_us is None:
                 start = token_cycle
             else:
@@ -1324,24 +1337,44 @@ class Engine:
                 if token_cycle is not None and token_cycle != start:
                     raise InvalidArgument("page_token", "belongs to another cycle")
             if plan.metering is Metering.HELD_CONTACTS:
-                if start != current:
-                    if at_us is None:
-                        raise InvalidArgument("page_token", "belongs to another cycle")
-                    raise InvalidArgument(
-                        "cycle_start", "held contacts are listed as they are now: ask for the current cycle"
-                    )
-                label = "MARKETING_CONTACT" if plan.marketing_contacts_only else "HELD_CONTACT"
-                held = r.counted_contacts(tenant_id, plan.marketing_contacts_only, now, after, size + 1)
-                rows = [Activation(c.contact_id, c.held_since_us, label) for c in held]
+                try:
+                    booked, cycle = self._plan_of_cycle(r, tenant_id, plan, start)
+                except (ValueError, OverflowError):
+                    raise InvalidArgument("page_token", "is not a token this service returned") from None
+                if cycle.start_us != start:
+                    raise InvalidArgument("page_token", "belongs to another cycle")
+                rows = _counted(r, booked, tenant_id, cycle, now, after, size + 1)
             else:
-                rows = r.active_contacts(tenant_id, start, after, size + 1)
+                rows = r.active_contacts(tenant_id, start, after[0], size + 1)
             if len(rows) <= size:
                 return rows, ""
             rows = rows[:size]
-            token = base64.urlsafe_b64encode(json.dumps({"c": start, "a": rows[-1].contact_id}).encode()).decode()
-            return rows, token
+            last = {"c": start, "a": rows[-1].contact_id, "f": rows[-1].activated_at_us}
+            return rows, base64.urlsafe_b64encode(json.dumps(last).encode()).decode()
 
         return self.ledger.read(read)
+
+
+def _counted(
+    r: LedgerReader,
+    plan: Plan,
+    tenant_id: str,
+    cycle: Cycle,
+    now: int,
+    after: tuple[str, int],
+    limit: int,
+    contact_id: str | None = None,
+) -> list[Activation]:
+    """The spans in which contacts counted under a HELD_CONTACTS plan in the cycle, as listed;
+    an end still to come (a pending MK-6 switch) is not reported."""
+    label = "MARKETING_CONTACT" if plan.marketing_contacts_only else "HELD_CONTACT"
+    spans = r.held_spans(
+        tenant_id, plan.marketing_contacts_only, cycle.start_us, cycle.end_us, after, limit, contact_id
+    )
+    return [
+        Activation(s.contact_id, s.from_us, label, 0, s.until_us if s.until_us is not None and s.until_us <= now else 0)
+        for s in spans
+    ]
 
 
 def _activate(

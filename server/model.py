@@ -353,6 +353,18 @@ class Activation:
     activated_at_us: int
     activity: str
     sends: int = 0
+    # Listed under HELD_CONTACTS: when the contact stopped counting (0 while it counts).
+    counted_until_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSpan:
+    """A time a contact counted under HELD_CONTACTS: held (model 4: held and marketing)
+    from `from_us` until `until_us` (None while it still counts and no MK-6 switch is due)."""
+
+    contact_id: str
+    from_us: int
+    until_us: int | None
 
 
 @dataclass(frozen=True, slots=True)

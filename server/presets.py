@@ -1,9 +1,10 @@
 """The four billing models of domain.md as plan presets (the table in api.md).
 
-A preset fills the plan fields a caller left unset; a field given explicitly
-beside the preset wins. "Unset" is the protobuf default (0, "", an empty list,
-an unspecified enum), so a preset's value can be overridden by any other value
-but not by the default itself.
+A preset fills the plan fields a caller left unset; a field given beside the
+preset wins, a zero or empty value included. A field counts as given when it
+holds anything but its default, when it is named in `PlanInput.given` (the
+service fills that from proto3 field presence and `Plan.given_fields`), or, for
+the fields whose default is None (durations, the anchor), when it is not None.
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ def _unset(value: object) -> bool:
     return value is None or value == 0 or value == "" or value == () or value == [] or value is False
 
 
+def given_fields(given: PlanInput) -> set[str]:
+    """The names of the fields the caller gave, zero or empty ones included."""
+    named = set(given.given)
+    for f in fields(given):
+        value = getattr(given, f.name)
+        if f.name != "given" and (value is not None if f.default is None else not _unset(value)):
+            named.add(f.name)
+    return named
+
+
 def apply_preset(given: PlanInput) -> PlanInput:
     """The plan with its preset's values filled in where the caller left a field unset."""
     if not given.preset:
@@ -90,7 +101,7 @@ def apply_preset(given: PlanInput) -> PlanInput:
     preset = PRESETS.get(given.preset)
     if preset is None:
         raise InvalidArgument("plan.preset", f"unknown preset {given.preset!r}; one of {', '.join(PRESETS)}")
-    explicit = {f.name for f in fields(given) if not _unset(getattr(given, f.name))}
+    explicit = given_fields(given)
     values = {name: value for name, value in preset.items() if name not in explicit}
     enforcement = given.enforcement or preset["enforcement"]
     metering = given.metering or preset["metering"]

@@ -177,9 +177,39 @@ def plan_pb(p: Plan) -> pb.Plan:
     )
 
 
+# The Plan fields with proto3 presence whose value a preset may set; given at 0 or ""
+# they still beat the preset.
+PRESENT_PLAN_FIELDS = (
+    "grace_percent",
+    "sends_limit",
+    "sends_per_contact",
+    "overage_unit_price",
+    "currency",
+    "marketing_contacts_only",
+)
+# Plan field names as PlanInput spells them (instants and durations in microseconds).
+_PLAN_INPUT_NAMES = {
+    "cycle_anchor": "cycle_anchor_us",
+    "max_queue": "max_queue_us",
+    "renotify_interval": "renotify_interval_us",
+}
+
+
+def _given_fields(message: pb.Plan) -> frozenset[str]:
+    """The fields the caller gave at their default value: by presence, or named in given_fields."""
+    known = {f.name for f in pb.Plan.DESCRIPTOR.fields} - {"given_fields"}
+    given = {name for name in PRESENT_PLAN_FIELDS if message.HasField(name)}
+    for i, path in enumerate(message.given_fields.paths):
+        if path not in known:
+            raise InvalidArgument(f"plan.given_fields.paths[{i}]", f"{path!r} is not a field of Plan")
+        given.add(_PLAN_INPUT_NAMES.get(path, path))
+    return frozenset(given)
+
+
 def plan_input(message: pb.Plan) -> PlanInput:
     """A Plan message as the engine's PlanInput; unknown enum numbers are refused."""
     return PlanInput(
+        given=_given_fields(message),
         metering=_enum("plan.metering", message.metering, Metering, required=False),
         enforcement=_enum("plan.enforcement", message.enforcement, Enforcement, required=False),
         contact_limit=message.contact_limit,
@@ -548,4 +578,7 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
 
 def _active_pb(a: Activation) -> pb.ActiveContact:
-    return pb.ActiveContact(contact_id=a.contact_id, activated_at=_ts(a.activated_at_us), activity=a.activity)
+    contact = pb.ActiveContact(contact_id=a.contact_id, activated_at=_ts(a.activated_at_us), activity=a.activity)
+    if a.counted_until_us:
+        contact.counted_until.CopyFrom(_ts(a.counted_until_us))
+    return contact

@@ -1,5 +1,9 @@
 """The `--tenants` file: plans to store at start, validated exactly like PutPlan.
 
+A tenant's entry is applied when the tenant has no plan yet or the entry differs from
+the one applied last (its digest is kept in the ledger); otherwise the stored plan,
+perhaps changed by PutPlan since, is left alone.
+
 YAML or JSON, a mapping `tenants: {TENANT_ID: PLAN}` where PLAN uses the field
 names of quota.v1.Plan (protobuf JSON), enum values with or without their
 prefix (`CYCLE_ACTIVE` or `METERING_CYCLE_ACTIVE`), durations as "86400s" and
@@ -8,6 +12,8 @@ the anchor as an RFC 3339 timestamp.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,10 @@ ENUM_PREFIX = {
     "source": "CONTACT_SOURCE_",
     "policy": "SOURCE_POLICY_",
 }
+
+
+# The start-up log names at most this many tenants per kind of change.
+LOGGED_NAMES = 20
 
 
 class TenantsFileError(ValueError):
@@ -71,10 +81,19 @@ def read_plans(path: Path) -> dict[str, pb.Plan]:
         if not isinstance(raw, dict):
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: the plan must be a mapping")
         try:
-            plans[str(tenant_id)] = json_format.ParseDict(_normalise(raw), pb.Plan())
+            plan = json_format.ParseDict(_normalise(raw), pb.Plan())
         except json_format.ParseError as exc:
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
+        plan.given_fields.paths.extend(_repeated_keys(raw))
+        plans[str(tenant_id)] = plan
     return plans
+
+
+def _repeated_keys(raw: dict[str, Any]) -> list[str]:
+    """The repeated Plan fields the entry names: present, even as `[]`, they are given."""
+    descriptor = pb.Plan.DESCRIPTOR
+    named = (descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key) for key in raw)
+    return sorted({f.name for f in named if f is not None and f.is_repeated})
 
 
 def check_tenants(path: Path) -> dict[str, pb.Plan]:
@@ -88,14 +107,56 @@ def check_tenants(path: Path) -> dict[str, pb.Plan]:
     return plans
 
 
-def load_tenants(engine: Engine, path: Path, plans: dict[str, pb.Plan] | None = None) -> int:
-    """Stores every plan of the file (already read when `plans` is given); the first invalid
-    one stops with one clear line."""
+@dataclass(frozen=True)
+class TenantsLoaded:
+    """What a start did with each tenant of the file."""
+
+    created: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    # The entry is the one applied last: the stored plan, perhaps changed by PutPlan since, stays.
+    kept: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"{label}: {_names(ids)}"
+            for label, ids in (("created", self.created), ("changed", self.changed), ("left as stored", self.kept))
+            if ids
+        ]
+        return "; ".join(parts) or "no tenants"
+
+
+def _names(ids: list[str]) -> str:
+    shown = ", ".join(ids[:LOGGED_NAMES])
+    return shown if len(ids) <= LOGGED_NAMES else f"{shown} and {len(ids) - LOGGED_NAMES} more"
+
+
+def entry_digest(plan: pb.Plan) -> str:
+    """The digest of a file entry as parsed, so that formatting, key order and comments do not count."""
+    return hashlib.sha256(plan.SerializeToString(deterministic=True)).hexdigest()
+
+
+def load_tenants(engine: Engine, path: Path, plans: dict[str, pb.Plan] | None = None) -> TenantsLoaded:
+    """Stores the plan of each tenant of the file (already read when `plans` is given) that
+    has no plan yet or whose entry differs from the one applied last; the first invalid one
+    stops with one clear line.
+
+    The plan and the entry's digest are written in two transactions: the file is loaded
+    before the sidecar serves, so nothing can come between them, and a crash between them
+    only makes the next start apply the same entry again."""
     if plans is None:
         plans = read_plans(path)
+    loaded = TenantsLoaded()
     for tenant_id, plan in plans.items():
+        digest = entry_digest(plan)
+        stored, applied = engine.ledger.read(lambda r, t=tenant_id: (r.plan(t), r.file_entry(t)))
+        if stored is not None and applied == digest:
+            loaded.kept.append(tenant_id)
+            continue
         try:
             engine.put_plan(tenant_id, plan_input(plan))
         except QuotaError as exc:
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
-    return len(plans)
+        at = engine.clock.now_us()
+        engine.ledger.transact(lambda tx, t=tenant_id, d=digest, at=at: tx.put_file_entry(t, d, at))
+        (loaded.created if stored is None else loaded.changed).append(tenant_id)
+    return loaded

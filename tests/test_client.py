@@ -727,8 +727,9 @@ def test_async_client_makes_every_call(sidecar) -> None:
 
 
 def test_async_client_adds_enrolls_and_invoices_AC_4_AC_8_CR_6(sidecar) -> None:
-    """AC-4, AC-8, CR-6, MK-1: the asyncio client returns the same typed results as the
-    blocking one for contact adds, enrolments, invoices and the new plan and usage fields."""
+    """AC-4, AC-8, CR-6, MK-1, AC-10: the asyncio client returns the same typed results as the
+    blocking one for contact adds, enrolments, invoices and the new plan and usage fields; the
+    contacts behind the peak include the deleted one, with when it stopped counting."""
 
     async def scenario() -> None:
         async with AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:
@@ -762,7 +763,8 @@ def test_async_client_adds_enrolls_and_invoices_AC_4_AC_8_CR_6(sidecar) -> None:
                 ("Overage contacts", 1, Decimal("0.00")),
             ]
             held = [contact async for contact in client.iter_active_contacts(TENANT)]
-            assert [(c.contact_id, c.activity) for c in held] == [(c, "HELD_CONTACT") for c in ("c1", "c2", "c3")]
+            assert [(c.contact_id, c.activity) for c in held] == [(c, "HELD_CONTACT") for c in ("c1", "c2", "c3", "c4")]
+            assert [c.contact_id for c in held if c.counted_until is not None] == ["c4"]
 
             with pytest.raises(InvalidArgument, match="source"):
                 await client.check_contact_add(TENANT, ["c5"], 99)

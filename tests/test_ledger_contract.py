@@ -18,18 +18,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from quota_sidecar.server.errors import LedgerUnavailable
-from quota_sidecar.server.ledger import Ledger, LedgerTx
+from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.model import (
     Activation,
     ContactRecord,
     Counters,
+    HeldSpan,
     Holdings,
     Reanchor,
     StoredPlan,
@@ -288,6 +289,46 @@ class TestLedgerContract:
         finally:
             again.close()
         ledger.open()
+
+    def test_held_spans_follow_every_change_of_a_contact(self, ledger: Ledger):
+        """AC-10 (a deleted contact's span ends when it is deleted), MK-6 (a marketing span ends at the
+        switch instant, due or written), spans listed by overlap with a cycle, in (contact, start) order."""
+        a = ContactRecord("a", held=True, marketing=True, held_since_us=10)
+        ledger.transact(lambda tx: tx.put_contacts(T, [a, ContactRecord("b", held=True, held_since_us=10)], 10))
+        ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("b", held=False, held_since_us=10)], 20))
+        spans = lambda *args: ledger.read(lambda r: r.held_spans(T, *args))  # noqa: E731
+        assert spans(False, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, None), HeldSpan("b", 10, 20)]
+        assert spans(False, 20, 100, ("", 0), 10) == [HeldSpan("a", 10, None)]
+        assert spans(False, 0, 100, ("a", 10), 10) == [HeldSpan("b", 10, 20)]
+        assert spans(False, 0, 100, ("", 0), 10, "b") == [HeldSpan("b", 10, 20)]
+        assert spans(True, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, None)]
+        pending = replace(a, marketing_until_next_update=True, marketing_until_us=50)
+        ledger.transact(lambda tx: tx.put_contacts(T, [pending], 30))
+        assert spans(True, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, 50)]
+        ledger.transact(lambda tx: tx.switch_marketing(T, 50))
+        assert spans(True, 0, 100, ("", 0), 10) == [HeldSpan("a", 10, 50)]
+        assert spans(True, 50, 100, ("", 0), 10) == []
+        ledger.transact(lambda tx: tx.put_contacts(T, [ContactRecord("b", held=True, held_since_us=60)], 60))
+        assert spans(False, 0, 100, ("a", 10), 10) == [HeldSpan("b", 10, 20), HeldSpan("b", 60, None)]
+
+    def test_a_contact_keeps_a_bounded_number_of_spans(self, ledger: Ledger):
+        """common.md (every resource a caller can grow is bounded): deleted and added again without end,
+        a contact keeps its latest HELD_SPANS_PER_CONTACT spans."""
+        for at in range(1, 2 * HELD_SPANS_PER_CONTACT + 10):
+            held = at % 2 == 1
+            ledger.transact(
+                lambda tx, at=at, held=held: tx.put_contacts(T, [ContactRecord("a", held, held_since_us=at)], at)
+            )
+        spans = ledger.read(lambda r: r.held_spans(T, False, 0, 10**6, ("", 0), 10**3))
+        assert len(spans) == HELD_SPANS_PER_CONTACT
+        assert spans[-1] == HeldSpan("a", 2 * HELD_SPANS_PER_CONTACT + 9, None)
+
+    def test_a_tenants_file_entry_is_remembered(self, ledger: Ledger):
+        """The digest of the `--tenants` entry applied last, per tenant."""
+        assert ledger.read(lambda r: r.file_entry(T)) is None
+        ledger.transact(lambda tx: tx.put_file_entry(T, "d1", 5))
+        ledger.transact(lambda tx: tx.put_file_entry(T, "d2", 6))
+        assert (ledger.read(lambda r: r.file_entry(T)), ledger.read(lambda r: r.file_entry("other"))) == ("d2", None)
 
     def test_a_unit_that_raises_leaves_no_trace(self, ledger: Ledger):
         """api.md Errors: nothing is half-written; a unit that raises leaves no trace."""

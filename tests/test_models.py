@@ -291,7 +291,9 @@ def test_model1_campaigns_and_automations_stop_past_the_grace(sidecar: RunningSi
 
 def test_model1_deleting_contacts_lowers_the_count_but_the_invoice_keeps_the_peak(sidecar: RunningSidecar) -> None:
     """AC-10: deleting contacts lowers the count at once and campaigns resume; the cycle's invoice still
-    bills overage on the highest count held in the cycle. AC-6: while past the grace campaigns are refused."""
+    bills overage on the highest count held in the cycle, and the contacts listed behind it are all that were
+    held in it, the deleted ones with when they stopped counting. AC-6: while past the grace campaigns are
+    refused."""
     put_contact_limit(sidecar)
     add_contacts(sidecar, pb.CONTACT_SOURCE_API, ids("c", 1, 12))
     assert send(sidecar, "c01").reason == pb.REASON_OVER_GRACE
@@ -305,7 +307,9 @@ def test_model1_deleting_contacts_lowers_the_count_but_the_invoice_keeps_the_pea
     gone = send(sidecar, "c12")
     assert (gone.decision, gone.reason) == (pb.DECISION_DENY, pb.REASON_UNKNOWN_CONTACT)
     assert not contact(sidecar, "c12").held
-    assert listed_ids(sidecar) == ids("c", 1, 10)
+    behind_the_peak = listed(sidecar)
+    assert [c.contact_id for c in behind_the_peak] == ids("c", 1, 12)
+    assert [c.contact_id for c in behind_the_peak if c.HasField("counted_until")] == ["c11", "c12"]
 
     bill = invoice(sidecar)
     assert figures(bill.usage) == (10, 12, pb.USAGE_STATE_AT_LIMIT, 2, "0.00", 1)

@@ -479,19 +479,27 @@ class Reference:
         booked: RefCycle | None = None,
     ) -> tuple[int, int]:
         """Contact activities change contacts now; counted activities activate contacts in the cycle the activity
-        is booked into (the one containing occurred_at), whatever the limit (CR-5)."""
+        is booked into (the one containing occurred_at), whatever the limit (CR-5). newly_active is the contacts
+        the call made count: activated, or under HELD_CONTACTS held (model 4: held and marketing) by it."""
         booked = booked or self.cur
         ids = list(dict.fromkeys(contact_ids))
+        counted_before = {c for c in ids if self._counts(c)}
         if kind in CONTACT_KINDS:
             for c in ids:
                 self._change(c, kind, marketing, source_type, source_id)
+        if self.plan.metering is not ACTIVE:
+            return len(ids), sum(1 for c in ids if c not in counted_before and self._counts(c))
         newly = 0
-        if self.plan.metering is ACTIVE and kind in self.plan.activities:
+        if kind in self.plan.activities:
             for c in ids:
                 if c not in booked.active:
                     booked.active[c] = 0
                     newly += 1
         return len(ids), newly
+
+    def _counts(self, contact_id: str) -> bool:
+        c = self.contacts.get(contact_id)
+        return c is not None and c.held and (c.marketing or not self.plan.marketing_only)
 
     def _change(self, contact_id: str, kind: ActivityKind, marketing: bool, source_type: str, source_id: str) -> None:
         """CONTACT_CREATED holds a contact, CONTACT_DELETED lets it go (AC-10), MARKETING_STATUS_SET sets its

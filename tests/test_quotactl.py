@@ -217,7 +217,7 @@ def test_active_contacts_as_table_csv_and_json(quotactl: Run) -> None:
         quotactl("check", TENANT, contact)
     status, out, _ = quotactl("active-contacts", TENANT)
     assert status == 0
-    assert out.splitlines()[0].split() == ["CONTACT", "ACTIVATED", "AT", "ACTIVITY"]
+    assert out.splitlines()[0].split() == ["CONTACT", "ACTIVATED", "AT", "ACTIVITY", "COUNTED", "UNTIL"]
     assert out.splitlines()[-1] == "3 active contacts"
 
     rows = list(csv.DictReader(io.StringIO(quotactl("active-contacts", TENANT, "--csv")[1])))
@@ -492,8 +492,9 @@ def _record(sidecar, kind: int, ids: list[str], **extra: object) -> None:
 
 
 def test_active_contacts_of_a_held_contacts_tenant_AC_10_MK_1(sidecar, quotactl: Run) -> None:
-    """AC-10, MK-1: under HELD_CONTACTS the contacts behind the invoice are those held now
-    (model 4: the marketing ones); a deleted contact leaves the list at once."""
+    """AC-10, MK-1: under HELD_CONTACTS the contacts behind the invoice are those held (model 4: the
+    marketing ones) at some time in the cycle; a deleted contact stays listed with when it stopped
+    counting, and a past cycle lists its own."""
     quotactl("plan", "set", TENANT, "--preset", "contact-limit", "--limit", "5")
     _add(sidecar, ["a", "b", "c"])
     _record(sidecar, pb.ACTIVITY_KIND_CONTACT_DELETED, ["b"])
@@ -501,24 +502,26 @@ def test_active_contacts_of_a_held_contacts_tenant_AC_10_MK_1(sidecar, quotactl:
     status, out, _ = quotactl("active-contacts", TENANT, "--csv")
     assert status == 0
     assert list(csv.reader(io.StringIO(out))) == [
-        ["contact_id", "activated_at", "activity"],
-        ["a", held_since, "HELD_CONTACT"],
-        ["c", held_since, "HELD_CONTACT"],
+        ["contact_id", "activated_at", "activity", "counted_until"],
+        ["a", held_since, "HELD_CONTACT", ""],
+        ["b", held_since, "HELD_CONTACT", held_since],
+        ["c", held_since, "HELD_CONTACT", ""],
     ]
-    assert quotactl("active-contacts", TENANT)[1].splitlines()[-1] == "2 held contacts"
+    assert quotactl("active-contacts", TENANT)[1].splitlines()[-1] == "3 held contacts"
 
     quotactl("plan", "set", TENANT, "--preset", "marketing-contacts", "--limit", "5")
     _add(sidecar, ["n1"], marketing=False)
     rows = list(csv.DictReader(io.StringIO(quotactl("active-contacts", TENANT, "--csv")[1])))
     assert [(row["contact_id"], row["activity"]) for row in rows] == [
         ("a", "MARKETING_CONTACT"),
+        ("b", "MARKETING_CONTACT"),
         ("c", "MARKETING_CONTACT"),
     ]
-    assert quotactl("active-contacts", TENANT)[1].splitlines()[-1] == "2 marketing contacts"
+    assert quotactl("active-contacts", TENANT)[1].splitlines()[-1] == "3 marketing contacts"
 
     last_month = (sidecar.clock.now() - timedelta(days=40)).isoformat()
-    status, _, err = quotactl("active-contacts", TENANT, "--cycle", last_month, "--csv")
-    assert status == EXIT_SERVER_ERROR and err.startswith("quotactl: INVALID_ARGUMENT: cycle_start: ")
+    status, out, _ = quotactl("active-contacts", TENANT, "--cycle", last_month, "--csv")
+    assert (status, out) == (0, "contact_id,activated_at,activity,counted_until\n")
 
 
 def test_contact_shows_the_marketing_status_and_its_source_MK_5_MK_6(sidecar, quotactl: Run) -> None:
@@ -544,7 +547,7 @@ def test_contact_shows_the_marketing_status_and_its_source_MK_5_MK_6(sidecar, qu
     shown = fields(out)
     assert {key: shown[key] for key in ("held", "active this cycle", "marketing", "until next update")} == {
         "held": "yes",
-        "active this cycle": "no",
+        "active this cycle": "yes",
         "marketing": "yes",
         "until next update": "yes",
     }
@@ -652,7 +655,7 @@ def test_a_reader_that_stops_early_ends_quotactl_quietly(sidecar, quotactl: Run)
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline() == "contact_id,activated_at,activity\n"
+    assert proc.stdout.readline() == "contact_id,activated_at,activity,counted_until\n"
     proc.stdout.close()
     assert proc.wait(30) == EXIT_BROKEN_PIPE
     assert proc.stderr.read() == ""

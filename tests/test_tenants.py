@@ -81,7 +81,7 @@ def test_a_yaml_file_loads_each_model_by_its_preset(tmp_path: Path, processes: l
 def test_a_json_file_loads_too_and_a_restart_reloads_it_over_the_ledger(
     tmp_path: Path, processes: list[Process]
 ) -> None:
-    """SG-4: the file's plan replaces the stored one at each start; the tenant keeps its figures."""
+    """SG-4: an edited entry replaces the stored plan at the next start; the tenant keeps its figures."""
     path = tmp_path / "tenants.json"
     path.write_text(json.dumps({"tenants": {"shop": {"preset": "active-cycle-hard", "contactLimit": 2}}}))
     ledger = tmp_path / "ledger.db"
@@ -156,5 +156,71 @@ def test_an_embedded_sidecar_reads_the_file_itself(tmp_path: Path) -> None:
     sidecar.start()
     try:
         assert sidecar.engine.get_plan("funnel").contact_limit == 500
+    finally:
+        sidecar.stop(0)
+
+
+def _serving(ledger: Path, path: Path, processes: list[Process]) -> Process:
+    p = start(ledger, "--tenants", str(path))
+    processes.append(p)
+    p.wait_serving()
+    return p
+
+
+def _loaded_line(p: Process) -> str:
+    """Stops the sidecar with SIGTERM; the log line saying what the start did with the file."""
+    p.proc.terminate()
+    _, err = p.proc.communicate(timeout=30)
+    assert p.proc.returncode == 0, err
+    return next(line for line in err.splitlines() if "tenants file" in line)
+
+
+def test_a_restart_keeps_a_putplan_upgrade_and_applies_only_an_edited_entry(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    """SG-4, AC-10: the file's entry for a tenant is applied when the tenant is new or the entry
+    differs from the one applied last; a restart with the same entry keeps a PutPlan upgrade made
+    since, and the start-up log names the tenants created, changed and left as stored."""
+    path = tmp_path / "tenants.yaml"
+    acme = "  acme:\n    preset: contact-limit\n    contactLimit: 1000\n"
+    path.write_text("tenants:\n" + acme + "  shop:\n    preset: active-cycle-hard\n    contactLimit: 500\n")
+    ledger = tmp_path / "ledger.db"
+    first = _serving(ledger, path, processes)
+    with grpc.insecure_channel(first.address) as ch:
+        upgrade = pb.Plan(preset="contact-limit", contact_limit=2000)
+        pb_grpc.QuotaAdminServiceStub(ch).PutPlan(
+            pb.PutPlanRequest(tenant_id="acme", plan=upgrade), metadata=AUTH, timeout=5
+        )
+    assert "created: acme, shop" in _loaded_line(first)
+
+    second = _serving(ledger, path, processes)
+    got = plans(second.address, "acme", "shop")
+    assert (got["acme"].contact_limit, got["shop"].contact_limit) == (2000, 500)
+    line = _loaded_line(second)
+    assert "left as stored: acme, shop" in line and "changed" not in line
+
+    path.write_text("tenants:\n" + acme + "  shop:\n    preset: active-cycle-hard\n    contactLimit: 800\n")
+    third = _serving(ledger, path, processes)
+    got = plans(third.address, "acme", "shop")
+    assert (got["acme"].contact_limit, got["shop"].contact_limit) == (2000, 800)
+    line = _loaded_line(third)
+    assert "changed: shop" in line and "left as stored: acme" in line
+
+
+def test_a_present_key_of_the_file_beats_the_preset_even_when_zero_or_empty(tmp_path: Path) -> None:
+    """AC-7, MK-2: `gracePercent: 0` and `notify_thresholds: []` beside a preset are given, like PutPlan's."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        "tenants:\n  acme:\n    preset: contact-limit\n    contactLimit: 10\n    gracePercent: 0\n"
+        "    notify_thresholds: []\n"
+    )
+    settings = Settings(
+        address="127.0.0.1:0", ledger=str(tmp_path / "l.db"), metrics_address="", tenants=str(path)
+    ).validate()
+    sidecar = Sidecar(settings, registry=CollectorRegistry())
+    sidecar.start()
+    try:
+        plan = sidecar.engine.get_plan("acme")
+        assert (plan.grace_percent, plan.notify_thresholds) == (0, ())
     finally:
         sidecar.stop(0)

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -431,7 +432,7 @@ class SourceRule(_message.Message):
     def __init__(self, source: _Optional[_Union[ContactSource, str]] = ..., policy: _Optional[_Union[SourcePolicy, str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("plan_name", "metering", "enforcement", "contact_limit", "addon_contacts", "grace_percent", "sends_limit", "sends_per_contact", "overage_unit_price", "currency", "cycle_anchor", "billing_interval", "counted_kinds", "counted_activities", "source_rules", "max_queue", "notify_thresholds", "renotify_interval", "preset", "marketing_contacts_only")
+    __slots__ = ("plan_name", "metering", "enforcement", "contact_limit", "addon_contacts", "grace_percent", "sends_limit", "sends_per_contact", "overage_unit_price", "currency", "cycle_anchor", "billing_interval", "counted_kinds", "counted_activities", "source_rules", "max_queue", "notify_thresholds", "renotify_interval", "preset", "marketing_contacts_only", "given_fields")
     PLAN_NAME_FIELD_NUMBER: _ClassVar[int]
     METERING_FIELD_NUMBER: _ClassVar[int]
     ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
@@ -452,6 +453,7 @@ class Plan(_message.Message):
     RENOTIFY_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     MARKETING_CONTACTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_FIELDS_FIELD_NUMBER: _ClassVar[int]
     plan_name: str
     metering: Metering
     enforcement: Enforcement
@@ -472,7 +474,8 @@ class Plan(_message.Message):
     renotify_interval: _duration_pb2.Duration
     preset: str
     marketing_contacts_only: bool
-    def __init__(self, plan_name: _Optional[str] = ..., metering: _Optional[_Union[Metering, str]] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., contact_limit: _Optional[int] = ..., addon_contacts: _Optional[int] = ..., grace_percent: _Optional[int] = ..., sends_limit: _Optional[int] = ..., sends_per_contact: _Optional[int] = ..., overage_unit_price: _Optional[str] = ..., currency: _Optional[str] = ..., cycle_anchor: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., billing_interval: _Optional[_Union[BillingInterval, str]] = ..., counted_kinds: _Optional[_Iterable[_Union[MessageKind, str]]] = ..., counted_activities: _Optional[_Iterable[_Union[ActivityKind, str]]] = ..., source_rules: _Optional[_Iterable[_Union[SourceRule, _Mapping]]] = ..., max_queue: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., notify_thresholds: _Optional[_Iterable[float]] = ..., renotify_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset: _Optional[str] = ..., marketing_contacts_only: _Optional[bool] = ...) -> None: ...
+    given_fields: _field_mask_pb2.FieldMask
+    def __init__(self, plan_name: _Optional[str] = ..., metering: _Optional[_Union[Metering, str]] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., contact_limit: _Optional[int] = ..., addon_contacts: _Optional[int] = ..., grace_percent: _Optional[int] = ..., sends_limit: _Optional[int] = ..., sends_per_contact: _Optional[int] = ..., overage_unit_price: _Optional[str] = ..., currency: _Optional[str] = ..., cycle_anchor: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., billing_interval: _Optional[_Union[BillingInterval, str]] = ..., counted_kinds: _Optional[_Iterable[_Union[MessageKind, str]]] = ..., counted_activities: _Optional[_Iterable[_Union[ActivityKind, str]]] = ..., source_rules: _Optional[_Iterable[_Union[SourceRule, _Mapping]]] = ..., max_queue: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., notify_thresholds: _Optional[_Iterable[float]] = ..., renotify_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., preset: _Optional[str] = ..., marketing_contacts_only: _Optional[bool] = ..., given_fields: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class PutPlanRequest(_message.Message):
     __slots__ = ("tenant_id", "plan")
@@ -539,14 +542,16 @@ class GetContactResponse(_message.Message):
     def __init__(self, contact: _Optional[_Union[ContactState, _Mapping]] = ...) -> None: ...
 
 class ActiveContact(_message.Message):
-    __slots__ = ("contact_id", "activated_at", "activity")
+    __slots__ = ("contact_id", "activated_at", "activity", "counted_until")
     CONTACT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_UNTIL_FIELD_NUMBER: _ClassVar[int]
     contact_id: str
     activated_at: _timestamp_pb2.Timestamp
     activity: str
-    def __init__(self, contact_id: _Optional[str] = ..., activated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activity: _Optional[str] = ...) -> None: ...
+    counted_until: _timestamp_pb2.Timestamp
+    def __init__(self, contact_id: _Optional[str] = ..., activated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activity: _Optional[str] = ..., counted_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListActiveContactsRequest(_message.Message):
     __slots__ = ("tenant_id", "cycle_start", "page_size", "page_token")

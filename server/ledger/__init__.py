@@ -23,6 +23,7 @@ from ..model import (
     AuditEntry,
     ContactRecord,
     Counters,
+    HeldSpan,
     Holdings,
     NoticeState,
     Reanchor,
@@ -33,6 +34,13 @@ from ..model import (
 )
 
 T = TypeVar("T")
+
+# What every backend keeps of a contact's held spans (`held_spans`): those that ended longer
+# ago than this are dropped when the contact next changes (thirteen monthly invoices and
+# more), and at most this many of its latest spans of each kind, however often a caller
+# deletes and adds it again.
+HELD_SPANS_KEPT_US = 400 * 86_400 * 1_000_000
+HELD_SPANS_PER_CONTACT = 64
 
 
 class LedgerReader(Protocol):
@@ -67,10 +75,27 @@ class LedgerReader(Protocol):
         """Held contacts (marketing ones at `at_us` when `marketing_only`) ordered by
         contact id, strictly after `after_contact_id`."""
 
+    def held_spans(
+        self,
+        tenant_id: str,
+        marketing_only: bool,
+        start_us: int,
+        end_us: int,
+        after: tuple[str, int],
+        limit: int,
+        contact_id: str | None = None,
+    ) -> list[HeldSpan]:
+        """The spans in which contacts counted under HELD_CONTACTS (held; marketing and held
+        when `marketing_only`) that overlap [start_us, end_us), ordered by contact id and
+        start, strictly after `after` (contact id, start); one contact's when `contact_id`."""
+
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None: ...
 
     def tenants(self) -> list[str]:
         """Every tenant with a plan."""
+
+    def file_entry(self, tenant_id: str) -> str | None:
+        """The digest of the tenant's `--tenants` file entry as last applied (None: never)."""
 
     def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None: ...
 
@@ -98,6 +123,9 @@ class LedgerTx(LedgerReader, Protocol):
     def put_reanchor(self, tenant_id: str, reanchor: Reanchor) -> None:
         """Keeps a re-anchor; a second one at the same instant keeps the first's
         `anchor_before_us`, the anchor of the cycle that closed then."""
+
+    def put_file_entry(self, tenant_id: str, digest: str, at_us: int) -> None:
+        """Remembers the digest of the tenant's `--tenants` file entry just applied."""
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None: ...
 

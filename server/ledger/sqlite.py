@@ -51,6 +51,7 @@ from ..model import (
     AuditEntry,
     ContactRecord,
     Counters,
+    HeldSpan,
     Holdings,
     NoticeState,
     Reanchor,
@@ -62,7 +63,7 @@ from ..model import (
     UsageEventType,
     UsageFigure,
 )
-from . import Ledger, LedgerReader, LedgerTx
+from . import HELD_SPANS_KEPT_US, HELD_SPANS_PER_CONTACT, Ledger, LedgerReader, LedgerTx
 from .verify import Mismatch, find_mismatches
 
 T = TypeVar("T")
@@ -289,10 +290,92 @@ def _keep_ledger_time(db: sqlite_utils.Database) -> None:
     )
 
 
+def _remember_tenant_file_entries(db: sqlite_utils.Database) -> None:
+    """The digest of each tenant's `--tenants` file entry as last applied, so a start applies
+    an entry only when it changed and keeps a PutPlan made since."""
+    db.execute(
+        "CREATE TABLE tenant_file_entries (tenant_id TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+        " applied_at_us INTEGER NOT NULL)"
+    )
+
+
+def _keep_held_spans(db: sqlite_utils.Database) -> None:
+    """When each contact counted under HELD_CONTACTS: one row per span held (`marketing` 0)
+    and per span held as a marketing contact (`marketing` 1), `to_us` NULL while open, so the
+    contacts behind any cycle's invoice line can be listed. Triggers on `contacts` write the
+    spans in the transaction that changes the contact, whatever path changes it (a contact
+    change, or the MK-6 switch, which ends the span at the switch instant). Seeded from the
+    contacts held now (spans of contacts no longer held were not recorded before).
+
+    A contact's first row has no spans yet (contacts rows are never deleted); later, a span
+    that ended at the instant it opens again is reopened by deleting it first: a trigger
+    cannot rely on INSERT OR REPLACE, as the statement firing it sets the policy.
+    Opening a span prunes the contact's spans (HELD_SPANS_KEPT_US, HELD_SPANS_PER_CONTACT):
+    only an opening adds a row."""
+    db.execute(
+        "CREATE TABLE held_spans (tenant_id TEXT NOT NULL, contact_id TEXT NOT NULL, marketing INTEGER NOT NULL,"
+        " from_us INTEGER NOT NULL, to_us INTEGER, PRIMARY KEY (tenant_id, marketing, contact_id, from_us))"
+        " WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO held_spans SELECT tenant_id, contact_id, 0, held_since_us, NULL FROM contacts WHERE held = 1"
+    )
+    db.execute(
+        "INSERT INTO held_spans SELECT tenant_id, contact_id, 1, held_since_us, NULL FROM contacts"
+        " WHERE held = 1 AND marketing = 1"
+    )
+    contact = "tenant_id = NEW.tenant_id AND contact_id = NEW.contact_id"
+
+    def keep_latest(marketing: int, when: str) -> str:
+        span = f"{contact} AND marketing = {marketing}"
+        return (
+            f"DELETE FROM held_spans WHERE {span} AND {when} AND from_us < (SELECT from_us FROM held_spans"
+            f" WHERE {span} ORDER BY from_us DESC LIMIT 1 OFFSET {HELD_SPANS_PER_CONTACT - 1});"
+        )
+
+    held_from, marketing_from = "NEW.held_since_us", "NEW.updated_at_us"
+    opens_held = "OLD.held = 0 AND NEW.held = 1"
+    opens_marketing = "NOT (OLD.held = 1 AND OLD.marketing = 1) AND NEW.held = 1 AND NEW.marketing = 1"
+    db.execute(
+        "CREATE TRIGGER contacts_held_spans_insert AFTER INSERT ON contacts WHEN NEW.held = 1 BEGIN"
+        f" INSERT INTO held_spans VALUES (NEW.tenant_id, NEW.contact_id, 0, {held_from}, NULL);"
+        f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 1, {marketing_from}, NULL"
+        " WHERE NEW.marketing = 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER contacts_held_spans_update AFTER UPDATE OF held, marketing ON contacts"
+        " WHEN OLD.held != NEW.held OR (OLD.held AND OLD.marketing) != (NEW.held AND NEW.marketing) BEGIN"
+        f" UPDATE held_spans SET to_us = NEW.updated_at_us WHERE {contact} AND marketing = 0 AND to_us IS NULL"
+        " AND OLD.held = 1 AND NEW.held = 0;"
+        " UPDATE held_spans SET to_us = CASE WHEN NEW.held = 1 AND OLD.marketing_until_us > 0"
+        f" THEN OLD.marketing_until_us ELSE NEW.updated_at_us END WHERE {contact} AND marketing = 1"
+        " AND to_us IS NULL AND OLD.held = 1 AND OLD.marketing = 1 AND NOT (NEW.held = 1 AND NEW.marketing = 1);"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing = 0 AND from_us = {held_from} AND {opens_held};"
+        f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 0, {held_from}, NULL WHERE {opens_held};"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing = 1 AND from_us = {marketing_from}"
+        f" AND {opens_marketing};"
+        f" INSERT INTO held_spans SELECT NEW.tenant_id, NEW.contact_id, 1, {marketing_from}, NULL"
+        f" WHERE {opens_marketing};"
+        f" DELETE FROM held_spans WHERE {contact} AND marketing IN (0, 1)"
+        f" AND to_us < NEW.updated_at_us - {HELD_SPANS_KEPT_US} AND ({opens_held} OR {opens_marketing});"
+        f" {keep_latest(0, opens_held)} {keep_latest(1, opens_marketing)} END"
+    )
+
 
 # Each step runs inside the one transaction migrate() opens for it, which it must not end
 # (no commit of its own), so that the step and its version number commit together.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _compact_request_results, _record_reanchors, _keep_ledger_time]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1,
+    _v2,
+    _v3,
+    _v4,
+    _v5,
+    _compact_request_results,
+    _record_reanchors,
+    _keep_ledger_time,
+    _remember_tenant_file_entries,
+    _keep_held_spans,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -459,6 +542,33 @@ class _Reader:
         ).fetchall()
         return [ContactRecord(r[0], bool(r[1]), bool(r[2]), bool(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
+    def held_spans(
+        self,
+        tenant_id: str,
+        marketing_only: bool,
+        start_us: int,
+        end_us: int,
+        after: tuple[str, int],
+        limit: int,
+        contact_id: str | None = None,
+    ) -> list[HeldSpan]:
+        """An open marketing span whose MK-6 switch is due ends at the switch instant,
+        though the switch itself is written by the tenant's next change. A span that starts
+        in the cycle is in it even when it ended at once: the peak counted it."""
+        one = " AND h.contact_id = ?" if contact_id is not None else ""
+        rows = self.conn.execute(
+            "SELECT h.contact_id, h.from_us, COALESCE(h.to_us, CASE WHEN h.marketing = 1"
+            " AND c.marketing_until_us > 0 THEN c.marketing_until_us END) AS until FROM held_spans h"
+            " JOIN contacts c ON c.tenant_id = h.tenant_id AND c.contact_id = h.contact_id"
+            " WHERE h.tenant_id = ? AND h.marketing = ? AND (h.contact_id, h.from_us) > (?, ?)"
+            " AND h.from_us < ? AND (h.from_us >= ? OR until IS NULL OR until > ?)"
+            f"{one} ORDER BY h.contact_id, h.from_us LIMIT ?",
+            (tenant_id, int(marketing_only), after[0], after[1], end_us, start_us, start_us)
+            + ((contact_id,) if contact_id is not None else ())
+            + (limit,),
+        ).fetchall()
+        return [HeldSpan(*row) for row in rows]
+
     def active_contacts(
         self, tenant_id: str, cycle_start_us: int, after_contact_id: str, limit: int
     ) -> list[Activation]:
@@ -486,6 +596,10 @@ class _Reader:
 
     def tenants(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT tenant_id FROM plans ORDER BY tenant_id")]
+
+    def file_entry(self, tenant_id: str) -> str | None:
+        row = self.conn.execute("SELECT digest FROM tenant_file_entries WHERE tenant_id = ?", (tenant_id,)).fetchone()
+        return row[0] if row else None
 
     def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None:
         row = self.conn.execute(
@@ -806,6 +920,13 @@ class _Tx(_Reader):
             "INSERT INTO reanchors (tenant_id, at_us, anchor_before_us) VALUES (?, ?, ?)"
             " ON CONFLICT (tenant_id, at_us) DO NOTHING",
             (tenant_id, reanchor.at_us, reanchor.anchor_before_us),
+        )
+
+    def put_file_entry(self, tenant_id: str, digest: str, at_us: int) -> None:
+        self.conn.execute(
+            "INSERT INTO tenant_file_entries (tenant_id, digest, applied_at_us) VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET digest = excluded.digest, applied_at_us = excluded.applied_at_us",
+            (tenant_id, digest, at_us),
         )
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:

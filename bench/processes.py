@@ -117,10 +117,13 @@ def wait_serving(channel: grpc.Channel, proc: subprocess.Popen[bytes], log: Path
 class SidecarProcess:
     """One `quota-sidecar serve` over a SQLite ledger file, on free ports."""
 
-    def __init__(self, processes: Processes, ledger: Path, *, serving_timeout: float = 3600.0) -> None:
+    def __init__(
+        self, processes: Processes, ledger: Path, *, serving_timeout: float = 3600.0, extra: tuple[str, ...] = ()
+    ) -> None:
         self.processes = processes
         self.ledger = ledger
         self.serving_timeout = serving_timeout
+        self.extra = extra
         self.port = free_port()
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -151,6 +154,7 @@ class SidecarProcess:
             f"127.0.0.1:{self.metrics_port}",
             "--sqlite-synchronous",
             self.processes.synchronous,
+            *self.extra,
         ]
         self._channel = grpc.insecure_channel(self.address, options=FAST_RECONNECT)
         self.spawned_at = time.perf_counter()

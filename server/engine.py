@@ -85,6 +85,13 @@ DEFAULT_PAGE_SIZE = 100
 FUTURE_SKEW_US = 5 * 60 * MICROS
 DEFER_POLL_US = 5 * 60 * MICROS
 MAX_GAP_CYCLES = 1_200
+# A CheckSendBatch or RecordActivity over more distinct contacts than this is decided
+# and committed this many at a time, so one large call never holds the single writer
+# for long; the reminder sweep writes this many tenants per transaction.
+UNIT_CONTACTS = 500
+REMINDER_TENANTS = 64
+# What one tenant's reminder costs the writer, in contacts (the unit's weight).
+TENANT_WEIGHT = 8
 CONTACT_KINDS = frozenset(
     {ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET}
 )
@@ -464,10 +471,16 @@ class Engine:
     """Decides and counts. One per process; thread-safe."""
 
     def __init__(
-        self, ledger: Ledger, clock: Clock, on_events: Callable[[Sequence[UsageEvent]], None] | None = None
+        self,
+        ledger: Ledger,
+        clock: Clock,
+        on_events: Callable[[Sequence[UsageEvent]], None] | None = None,
+        *,
+        unit_contacts: int = UNIT_CONTACTS,
     ) -> None:
         self.ledger = ledger
         self.clock = clock
+        self.unit_contacts = unit_contacts
         self.board = UsageBoard()
         self.on_events = on_events
         self._plans: dict[str, tuple[str, Plan]] = {}
@@ -520,17 +533,32 @@ class Engine:
     def send_reminders(self) -> list[UsageEvent]:
         """Writes the reminders due (AC-1: every `renotify_interval` while a figure stays at
         or above a threshold) and re-arms thresholds of tenants whose cycle has turned.
-        Run periodically by the sidecar; returns the events written."""
+        Run periodically by the sidecar, REMINDER_TENANTS tenants per transaction so the
+        data plane's units commit in between; returns the events written."""
+        raised = self.ledger.read(lambda r: list(dict.fromkeys(t for t, _, _ in r.raised_notices())))
 
-        def unit(tx: LedgerTx) -> list[UsageEvent]:
+        def unit(tx: LedgerTx, tenants: list[str]) -> list[UsageEvent]:
             now = self.clock.now_us()
             written: list[UsageEvent] = []
-            for tenant_id in dict.fromkeys(t for t, _, _ in tx.raised_notices()):
+            for tenant_id in tenants:
                 plan = self._plan(tx, tenant_id)
                 written += self._observe(tx, plan, usage_at(tx, plan, tenant_id, now), now, remind=True)
             return written
 
-        return self.ledger.transact(unit)
+        written: list[UsageEvent] = []
+        for start in range(0, len(raised), REMINDER_TENANTS):
+            tenants = raised[start : start + REMINDER_TENANTS]
+            written += self.ledger.transact(partial(unit, tenants=tenants), weight=len(tenants) * TENANT_WEIGHT)
+        return written
+
+    def _in_units(self, contact_ids: Sequence[str]) -> list[Sequence[str]]:
+        """The call's contacts as committed: all in one unit, or its distinct contacts in
+        request order, `unit_contacts` at a time."""
+        unique = list(dict.fromkeys(contact_ids))
+        size = self.unit_contacts
+        if len(unique) <= size:
+            return [contact_ids]
+        return [unique[i : i + size] for i in range(0, len(unique), size)]
 
     def _plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
         stored = reader.plan(tenant_id)
@@ -555,7 +583,8 @@ class Engine:
         decode: Callable[[object], object],
     ) -> object:
         """Runs `decide` once per request_id: a retry returns the first answer, counting nothing.
-        The request's fingerprint is only computed when there is a request_id."""
+        The request's fingerprint is only computed when there is a request_id. A call
+        committed in units runs this once per unit, under `_unit_request_id`."""
         if request_id:
             stored = tx.stored_result(tenant_id, rpc, request_id)
             if stored is not None:
@@ -615,32 +644,24 @@ class Engine:
         _check_ids("contact_ids", req.contact_ids, MAX_BATCH)
         check_id("request_id", req.request_id, required=False)
 
-        def decide(view: LedgerTx) -> tuple[BatchOutcome, int]:
+        def decide(view: LedgerTx, ids: Sequence[str]) -> tuple[BatchOutcome, int]:
             results, usage, cycle_start = self._decide_sends(
-                view, req.tenant_id, req.kind, req.contact_ids, None, "CheckSendBatch", req.request_id, req.dry_run
+                view, req.tenant_id, req.kind, ids, None, "CheckSendBatch", req.request_id, req.dry_run
             )
-            allowed = sum(1 for _, d in results if d.decision is Decision.ALLOW)
-            outcome = BatchOutcome(
-                results=tuple(results),
-                allowed=allowed,
-                denied=len(results) - allowed,
-                newly_active=sum(1 for _, d in results if d.newly_active),
-                usage=usage,
-            )
-            return outcome, cycle_start
+            return _batch_outcome(results, usage), cycle_start
 
         if req.dry_run:
-            return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
+            return self.ledger.read(lambda r: decide(_Overlay(r), req.contact_ids)[0])  # type: ignore[arg-type]
         fingerprint = partial(_fingerprint, list(req.contact_ids), req.channel, req.kind)
 
-        def unit(tx: LedgerTx) -> BatchOutcome:
+        def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> BatchOutcome:
             return self._once(  # type: ignore[return-value]
                 tx,
                 req.tenant_id,
                 "CheckSendBatch",
-                req.request_id,
+                _unit_request_id(req.request_id, index),
                 fingerprint,
-                lambda: decide(tx),
+                lambda: decide(tx, ids),
                 lambda o: {
                     "r": [[c, *_decision_json(d)] for c, d in o.results],
                     "a": o.allowed,
@@ -657,7 +678,14 @@ class Engine:
                 ),
             )
 
-        return self.ledger.transact(unit)
+        units = self._in_units(req.contact_ids)
+        answers = [
+            self.ledger.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(units)
+        ]
+        if len(answers) == 1:
+            return answers[0]
+        first = {c: d for answer in answers for c, d in answer.results}
+        return _batch_outcome(_in_request_order(req.contact_ids, first), answers[-1].usage)
 
     def _decide_sends(
         self,
@@ -687,17 +715,7 @@ class Engine:
             )
         else:
             first, tally = self._decide_active_sends(view, plan, tenant_id, cycle, unique, kind, limited, now, tally)
-        if len(unique) == len(contact_ids):
-            results = [(c, first[c]) for c in contact_ids]
-        else:
-            seen: set[str] = set()
-            results = []
-            for c in contact_ids:
-                d = first[c]
-                if c in seen:
-                    d = REPEATED.get(d, d)
-                seen.add(c)
-                results.append((c, d))
+        results = _in_request_order(contact_ids, first)
         usage = usage_of(tenant_id, plan, cycle, tally)
         if not dry_run:
             self._observe(view, plan, usage, now)
@@ -891,7 +909,7 @@ class Engine:
                 ),
             )
 
-        return self.ledger.transact(unit)
+        return self.ledger.transact(unit, weight=len(req.contact_ids))
 
     def check_enroll(self, tenant_id: str, contact_id: str, automation_id: str = "") -> EnrollOutcome:
         """May this contact enter an automation now (AC-8 with AC-7's grace)? Counts nothing."""
@@ -947,12 +965,12 @@ class Engine:
             req.source_id,
         )
 
-        def decide(tx: LedgerTx) -> tuple[ActivityOutcome, int]:
+        def decide(tx: LedgerTx, contact_ids: Sequence[str]) -> tuple[ActivityOutcome, int]:
             now = self.clock.now_us()
             at = req.occurred_at_us if req.occurred_at_us is not None else now
             plan = self._plan(tx, req.tenant_id)
             booked, cycle = self._plan_of_cycle(tx, req.tenant_id, plan, at)
-            ids = list(dict.fromkeys(req.contact_ids))
+            ids = list(dict.fromkeys(contact_ids))
             audit: list[AuditEntry] = []
             if req.kind in CONTACT_KINDS:
                 self._change_contacts(
@@ -980,19 +998,26 @@ class Engine:
             self._observe(tx, plan, now_usage, now)
             return ActivityOutcome(len(ids), len(fresh), usage), cycle.start_us
 
-        def unit(tx: LedgerTx) -> ActivityOutcome:
+        def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> ActivityOutcome:
             return self._once(  # type: ignore[return-value]
                 tx,
                 req.tenant_id,
                 "RecordActivity",
-                req.request_id,
+                _unit_request_id(req.request_id, index),
                 fingerprint,
-                lambda: decide(tx),
+                lambda: decide(tx, ids),
                 lambda o: {"r": o.recorded, "n": o.newly_active, "u": o.usage.to_dict()},
                 lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
             )
 
-        return self.ledger.transact(unit)
+        units = self._in_units(req.contact_ids)
+        answers = [
+            self.ledger.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(units)
+        ]
+        if len(answers) == 1:
+            return answers[0]
+        recorded = sum(a.recorded for a in answers)
+        return ActivityOutcome(recorded, sum(a.newly_active for a in answers), answers[-1].usage)
 
     @staticmethod
     def _roll(tx: LedgerTx, plan: Plan, tenant_id: str, cycle: Cycle) -> Holdings:
@@ -1252,6 +1277,40 @@ class Engine:
             return rows, token
 
         return self.ledger.read(read)
+
+
+def _unit_request_id(request_id: str, index: int) -> str:
+    """The key a call's unit stores its answer under: the request_id itself for the first
+    (so reusing it for another request is refused at once), then with the unit's index
+    after a NUL, which no caller's id contains."""
+    return f"{request_id}\x00{index}" if request_id and index else request_id
+
+
+def _in_request_order(contact_ids: Sequence[str], first: dict[str, SendDecision]) -> list[tuple[str, SendDecision]]:
+    """One decision per listed id: an id listed again repeats its first decision, newly
+    active no more (it counted nothing more)."""
+    if len(first) == len(contact_ids):
+        return [(c, first[c]) for c in contact_ids]
+    seen: set[str] = set()
+    results = []
+    for c in contact_ids:
+        d = first[c]
+        if c in seen:
+            d = REPEATED.get(d, d)
+        seen.add(c)
+        results.append((c, d))
+    return results
+
+
+def _batch_outcome(results: list[tuple[str, SendDecision]], usage: Usage) -> BatchOutcome:
+    allowed = sum(1 for _, d in results if d.decision is Decision.ALLOW)
+    return BatchOutcome(
+        results=tuple(results),
+        allowed=allowed,
+        denied=len(results) - allowed,
+        newly_active=sum(1 for _, d in results if d.newly_active),
+        usage=usage,
+    )
 
 
 def _activate(

@@ -5,6 +5,9 @@ it takes every unit pending, runs each inside its own savepoint of one
 `BEGIN IMMEDIATE` transaction, commits once, and only then answers the
 callers: concurrent decisions share one fsync, and none is acknowledged before
 it is durable. Readers use their own connections and see committed state.
+Each unit says how many rows it writes about (its weight); a transaction takes
+heavy units only up to COMMIT_WEIGHT, so a small unit queued behind many heavy
+ones is committed with the next transaction, not after all of them.
 
 A lock file next to the database keeps a second sidecar off the same ledger:
 the dedupe filters are exact only while this process is the only writer.
@@ -22,6 +25,7 @@ file is acknowledged, so nothing acknowledged is lost with it.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -30,7 +34,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -457,6 +461,11 @@ def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], 
 
 
 _REMEMBERED = 100_000
+# A transaction takes units heavier than SMALL_UNIT only while their weights add up to
+# at most COMMIT_WEIGHT (always one); the rest wait for the next transaction, while
+# small units are always taken: one large call's unit at a time holds the writer.
+COMMIT_WEIGHT = 512
+SMALL_UNIT = 32
 BUILDS_PER_READ = 1_000
 ROWS_PER_READ = 65_536
 
@@ -912,6 +921,10 @@ class _Stop:
     pass
 
 
+class _Wake:
+    """Wakes the writer thread for units a caller's own commit set aside."""
+
+
 FileId = tuple[int, int]
 
 
@@ -933,6 +946,8 @@ def _sync_dir(path: Path) -> None:
 
 
 _STOP = _Stop()
+_WAKE = _Wake()
+Unit = tuple[Callable[[LedgerTx], Any], Future[Any], int]
 CommitObserver = Callable[[float, int, bool], None]
 
 
@@ -972,8 +987,9 @@ class SQLiteLedger(Ledger):
         self._builds = _Builds(self.filters)
         self._writing = threading.Lock()
         self._tx: _Tx | None = None
-        self._installs = 0
+        self._signals = 0
         self._held = 0
+        self._aside: list[Unit] = []
         self._builder: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._watch_stop = threading.Event()
@@ -1146,7 +1162,7 @@ class SQLiteLedger(Ledger):
     def queued_units(self) -> int:
         """Units of work waiting for the writer."""
         with self._state:
-            return self._queue.qsize() - self._installs + self._held
+            return self._queue.qsize() - self._signals + self._held + len(self._aside)
 
     def _build_loop(self) -> None:
         conn = self._connect()
@@ -1201,7 +1217,7 @@ class SQLiteLedger(Ledger):
             built += [(key, None, generation) for key, _, generation in asked if key not in done]
         with self._state:
             if self._open:
-                self._installs += 1
+                self._signals += 1
                 self._queue.put(_Install(self, built))
 
     def _build_big(self, conn: sqlite3.Connection, cycle_key: int, capacity: int) -> CycleFilter:
@@ -1255,22 +1271,28 @@ class SQLiteLedger(Ledger):
             self._lock_fd = None
         log.info("ledger flushed and closed")
 
-    def transact(self, work: Callable[[LedgerTx], T]) -> T:
+    def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1) -> T:
         """Runs `work` in a committed transaction. A caller that finds no commit under
         way commits itself, with whatever units wait in the queue; otherwise its unit
-        waits in the queue for the writer thread's next group commit."""
+        waits in the queue for the writer thread's next group commit. `weight`: about
+        how many contacts (or tenants) the unit writes, so heavy units share no
+        transaction with each other beyond COMMIT_WEIGHT."""
         work = within_deadline(work)
         future: Future[T] = Future()
+        unit = (work, future, weight)
         with self._state:
             if not self._open:
                 raise LedgerUnavailable("the ledger is not open")
             leading = self._writing.acquire(blocking=False)
             if not leading:
-                self._queue.put((work, future))
+                self._queue.put(unit)
         if leading:
             try:
-                if self._commit_queued([(work, future)]):
-                    self._queue.put(_STOP)
+                stopping = self._commit_queued([], unit)
+                if stopping or self._aside:
+                    with self._state:
+                        self._signals += 0 if stopping else 1
+                        self._queue.put(_STOP if stopping else _WAKE)
             finally:
                 self._writing.release()
         return future.result()
@@ -1301,48 +1323,73 @@ class SQLiteLedger(Ledger):
             raise LedgerUnavailable(f"the ledger cannot be read: {exc}") from exc
 
     def _write_loop(self) -> None:
-        """Commits what callers queued while another commit was under way."""
+        """Commits what callers queued while another commit was under way, and the
+        units set aside by the last transaction (also after the stop, before closing)."""
         stopping = False
-        while not stopping:
-            item = self._queue.get()
+        while not stopping or self._aside:
+            try:
+                item = self._queue.get(block=not (stopping or self._aside))
+            except queue.Empty:
+                item = None
             held = isinstance(item, tuple)
             with self._state:
                 if held:
                     self._held = 1
-                elif isinstance(item, _Install):
-                    self._installs -= 1
+                elif isinstance(item, (_Install, _Wake)):
+                    self._signals -= 1
             with self._writing:
                 if held:
                     with self._state:
                         self._held = 0
-                stopping = self._commit_queued([], item)
+                stopping = self._commit_queued([], item) or stopping
 
     def _commit_queued(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]], item: Any = None) -> bool:
-        """Under the writing lock: takes queued units (up to max_batch) after `batch`,
-        installs built filters met on the way, commits them as one transaction.
-        Returns whether the stop was met."""
+        """Under the writing lock: takes the units set aside by the last transaction, then
+        `item` and queued units (up to max_batch), installs built filters met on the
+        way, commits them as one transaction. Heavy units beyond COMMIT_WEIGHT are set
+        aside for the next one. Returns whether the stop was met."""
         stopping = False
-        while True:
-            if item is _STOP:
+        heavy = 0
+        waiting, self._aside = self._aside, []
+        waiting.append(item)
+        for met in itertools.chain(waiting, self._drained(batch)):
+            if met is _STOP:
                 stopping = True
-                break
-            if isinstance(item, _Install):
-                item()
-            elif item is not None:
-                batch.append(item)
-            if len(batch) >= self.max_batch:
-                break
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Install):
-                with self._state:
-                    self._installs -= 1
+            elif isinstance(met, _Install):
+                met()
+            elif isinstance(met, tuple):
+                heavy = self._take(batch, met, heavy)
         if batch:
             assert self._tx is not None
             self._commit(self._tx, batch)
         return stopping
+
+    def _drained(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> Iterator[Any]:
+        """Items taken from the queue while the transaction has room, up to the stop."""
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, (_Install, _Wake)):
+                with self._state:
+                    self._signals -= 1
+            yield item
+            if item is _STOP:
+                return
+
+    def _take(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]], unit: Unit, heavy: int) -> int:
+        """Adds the unit to the transaction, or sets it aside when it is heavy and the
+        transaction's heavy units already weigh enough; returns their weight."""
+        work, future, weight = unit
+        if weight <= SMALL_UNIT:
+            batch.append((work, future))
+            return heavy
+        if heavy and heavy + weight > COMMIT_WEIGHT:
+            self._aside.append(unit)
+            return heavy
+        batch.append((work, future))
+        return heavy + weight
 
     def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
         problem = self._restore() if self._displaced() else None

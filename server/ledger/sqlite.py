@@ -5,9 +5,9 @@ it takes every unit pending, runs each inside its own savepoint of one
 `BEGIN IMMEDIATE` transaction, commits once, and only then answers the
 callers: concurrent decisions share one fsync, and none is acknowledged before
 it is durable. Readers use their own connections and see committed state.
-Each unit says how many rows it writes about (its weight); a transaction takes
-heavy units only up to COMMIT_WEIGHT, so a small unit queued behind many heavy
-ones is committed with the next transaction, not after all of them.
+Each unit says how many rows it writes about (its weight); a transaction holds
+light units, or heavy ones up to COMMIT_WEIGHT, so a light unit queued behind many
+heavy ones waits for one of them at most, not for all of them.
 
 A lock file next to the database keeps a second sidecar off the same ledger:
 the dedupe filters are exact only while this process is the only writer.
@@ -461,9 +461,9 @@ def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], 
 
 
 _REMEMBERED = 100_000
-# A transaction takes units heavier than SMALL_UNIT only while their weights add up to
-# at most COMMIT_WEIGHT (always one); the rest wait for the next transaction, while
-# small units are always taken: one large call's unit at a time holds the writer.
+# A transaction holds units of at most SMALL_UNIT, or heavier ones weighing at most
+# COMMIT_WEIGHT together (always one); the rest wait for the next transaction, light
+# ones first: one large call's unit at a time holds the writer.
 COMMIT_WEIGHT = 512
 SMALL_UNIT = 32
 BUILDS_PER_READ = 1_000
@@ -1273,8 +1273,8 @@ class SQLiteLedger(Ledger):
 
     def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1) -> T:
         """Runs `work` in a committed transaction. A caller that finds no commit under
-        way commits itself, with whatever units wait in the queue; otherwise its unit
-        waits in the queue for the writer thread's next group commit. `weight`: about
+        way and no unit waiting commits itself; otherwise its unit waits in the queue
+        for the writer thread's next group commit. `weight`: about
         how many contacts (or tenants) the unit writes, so heavy units share no
         transaction with each other beyond COMMIT_WEIGHT."""
         work = within_deadline(work)
@@ -1283,7 +1283,11 @@ class SQLiteLedger(Ledger):
         with self._state:
             if not self._open:
                 raise LedgerUnavailable("the ledger is not open")
-            leading = self._writing.acquire(blocking=False)
+            # Leads only when no other unit waits: a caller committing unit after unit
+            # would otherwise win the writing lock again and again over the writer
+            # thread holding another caller's unit.
+            waiting = self._held or self._aside or not self._queue.empty()
+            leading = not waiting and self._writing.acquire(blocking=False)
             if not leading:
                 self._queue.put(unit)
         if leading:
@@ -1350,8 +1354,8 @@ class SQLiteLedger(Ledger):
         aside for the next one. Returns whether the stop was met."""
         stopping = False
         heavy = 0
-        waiting, self._aside = self._aside, []
-        waiting.append(item)
+        aside, self._aside = self._aside, []
+        waiting = [u for u in aside if u[2] <= SMALL_UNIT] + [u for u in aside if u[2] > SMALL_UNIT] + [item]
         for met in itertools.chain(waiting, self._drained(batch)):
             if met is _STOP:
                 stopping = True
@@ -1379,17 +1383,20 @@ class SQLiteLedger(Ledger):
                 return
 
     def _take(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]], unit: Unit, heavy: int) -> int:
-        """Adds the unit to the transaction, or sets it aside when it is heavy and the
-        transaction's heavy units already weigh enough; returns their weight."""
+        """Adds the unit to the transaction or sets it aside for the next. A transaction
+        holds light units, or heavy ones weighing up to COMMIT_WEIGHT together (one at
+        least), whichever it meets first. `heavy` and the result: the weight of its
+        heavy units, -1 when it holds light ones, 0 when it is empty."""
         work, future, weight = unit
         if weight <= SMALL_UNIT:
-            batch.append((work, future))
-            return heavy
-        if heavy and heavy + weight > COMMIT_WEIGHT:
+            fits, after = heavy <= 0, -1
+        else:
+            fits, after = heavy == 0 or 0 < heavy <= COMMIT_WEIGHT - weight, max(heavy, 0) + weight
+        if not fits:
             self._aside.append(unit)
             return heavy
         batch.append((work, future))
-        return heavy + weight
+        return after
 
     def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
         problem = self._restore() if self._displaced() else None

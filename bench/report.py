@@ -261,6 +261,15 @@ def sections(sizes: Sizes, synchronous: str) -> list[Section]:
                 "no sweep",
                 goal=Goal("<= 1.5x no sweep", (("ratio<=", 1.5),)),
             ),
+            Row("sweep.without.max_ms", f"lone CheckSend max, {_count(sizes.sweep_tenants)} tenants, no sweep", "ms"),
+            Row(
+                "sweep.during.max_ms",
+                f"lone CheckSend max, reminder sweeps of {_count(sizes.sweep_tenants)} tenants",
+                "ms",
+                "sweep.without.max_ms",
+                "no sweep",
+                goal=Goal("<= 3x no sweep", three),
+            ),
             Row("restart.steady.p99_ms", f"CheckSend p99, {_count(sizes.tenants)} tenants, filters built", "ms"),
             Row(
                 "restart.early.p99_ms",

@@ -89,9 +89,9 @@ MAX_GAP_CYCLES = 1_200
 # and committed this many at a time, so one large call never holds the single writer
 # for long; the reminder sweep writes this many tenants per transaction.
 UNIT_CONTACTS = 500
-REMINDER_TENANTS = 64
+REMINDER_TENANTS = 16
 # What one tenant's reminder costs the writer, in contacts (the unit's weight).
-TENANT_WEIGHT = 8
+TENANT_WEIGHT = 32
 CONTACT_KINDS = frozenset(
     {ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET}
 )

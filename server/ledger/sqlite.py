@@ -467,6 +467,10 @@ _REMEMBERED = 100_000
 COMMIT_WEIGHT = 512
 SMALL_UNIT = 32
 BUILDS_PER_READ = 1_000
+# Built filters are handed to the writer this many at a time, the next only once it has
+# installed the last: an install runs between two commits, and 1,000 at once (with a
+# read of the figures each) held the writer for tens of milliseconds after a restart.
+INSTALLS_PER_UNIT = 64
 ROWS_PER_READ = 65_536
 
 
@@ -553,13 +557,20 @@ class _Builds:
 class _Install:
     """Built filters handed to the writer, which installs them between commits."""
 
-    __slots__ = ("ledger", "built")
+    __slots__ = ("ledger", "built", "done")
 
     def __init__(self, ledger: SQLiteLedger, built: list[tuple[tuple[str, int], CycleFilter | None, int]]) -> None:
         self.ledger = ledger
         self.built = built
+        self.done = threading.Event()
 
     def __call__(self) -> None:
+        try:
+            self._install()
+        finally:
+            self.done.set()
+
+    def _install(self) -> None:
         ledger = self.ledger
         for key, f, generation in self.built:
             pending = ledger._builds.finish(key, generation)
@@ -1215,10 +1226,16 @@ class SQLiteLedger(Ledger):
             log.warning("building dedupe filters failed (%s); their contacts are confirmed in the ledger", exc)
             done = {key for key, _, _ in built}
             built += [(key, None, generation) for key, _, generation in asked if key not in done]
-        with self._state:
-            if self._open:
+        for start in range(0, len(built), INSTALLS_PER_UNIT):
+            install = _Install(self, built[start : start + INSTALLS_PER_UNIT])
+            with self._state:
+                if not self._open:
+                    return
                 self._signals += 1
-                self._queue.put(_Install(self, built))
+                self._queue.put(install)
+            while not install.done.wait(self.check_interval):
+                if not self._open:
+                    return
 
     def _build_big(self, conn: sqlite3.Connection, cycle_key: int, capacity: int) -> CycleFilter:
         f = self.filters.sized(capacity)

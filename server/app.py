@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -41,6 +41,8 @@ from .settings import Settings
 from .tenants import load_tenants
 
 log = logging.getLogger("quota_sidecar")
+BOARD_CHUNK = 100
+BOARD_PAUSE = 0.002
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["QuotaService"].full_name,
@@ -143,7 +145,7 @@ class Sidecar:
         """Writes due reminders every --reminder-interval seconds until stopped."""
         while not self._stopping.wait(self.settings.reminder_interval):
             try:
-                self.engine.send_reminders()
+                self.engine.send_reminders(self._stopping.is_set)
             except QuotaError as exc:
                 log.warning("reminders not written this time: %s", exc)
 
@@ -151,11 +153,20 @@ class Sidecar:
         """Puts every tenant's current usage on the board, behind SERVING (it reads
         every tenant once; changes made meanwhile are already there and stay)."""
         try:
-            added = self.engine.board.fill(self.engine.tenant_usages())
+            added = self.engine.board.fill(self._paced(self.engine.tenant_usages(BOARD_CHUNK)))
         except QuotaError as exc:
             log.warning("tenant figures for metrics not loaded: %s", exc)
             return
         log.info("tenant figures for metrics loaded: %d tenants", added)
+
+    def _paced(self, usages: Iterator[Usage]) -> Iterator[Usage]:
+        """The usages, with a pause after each chunk read: the fill is background work,
+        and reading 100,000 tenants back to back kept the calls right after a restart
+        waiting for the interpreter lock."""
+        for n, usage in enumerate(usages, 1):
+            yield usage
+            if n % BOARD_CHUNK == 0 and self._stopping.wait(BOARD_PAUSE):
+                return
 
     def _start_worker(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

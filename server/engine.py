@@ -530,11 +530,12 @@ class Engine:
         tx.after_commit(committed)
         return events
 
-    def send_reminders(self) -> list[UsageEvent]:
+    def send_reminders(self, stopping: Callable[[], bool] = lambda: False) -> list[UsageEvent]:
         """Writes the reminders due (AC-1: every `renotify_interval` while a figure stays at
         or above a threshold) and re-arms thresholds of tenants whose cycle has turned.
         Run periodically by the sidecar, REMINDER_TENANTS tenants per transaction so the
-        data plane's units commit in between; returns the events written."""
+        data plane's units commit in between, until `stopping` says so (the tenants left
+        get theirs at the next run); returns the events written."""
         raised = self.ledger.read(lambda r: list(dict.fromkeys(t for t, _, _ in r.raised_notices())))
 
         def unit(tx: LedgerTx, tenants: list[str]) -> list[UsageEvent]:
@@ -547,6 +548,8 @@ class Engine:
 
         written: list[UsageEvent] = []
         for start in range(0, len(raised), REMINDER_TENANTS):
+            if stopping():
+                break
             tenants = raised[start : start + REMINDER_TENANTS]
             written += self.ledger.transact(partial(unit, tenants=tenants), weight=len(tenants) * TENANT_WEIGHT)
         return written
@@ -1182,11 +1185,11 @@ class Engine:
 
         return self.ledger.read(read)
 
-    def tenant_usages(self) -> Iterator[Usage]:
-        """The current usage of every tenant with a plan, read in chunks."""
+    def tenant_usages(self, chunk_tenants: int = 500) -> Iterator[Usage]:
+        """The current usage of every tenant with a plan, read `chunk_tenants` at a time."""
         tenants = self.ledger.read(lambda r: r.tenants())
-        for i in range(0, len(tenants), 500):
-            chunk = tenants[i : i + 500]
+        for i in range(0, len(tenants), chunk_tenants):
+            chunk = tenants[i : i + chunk_tenants]
 
             def read(r: LedgerReader, chunk: list[str] = chunk) -> list[Usage]:
                 now = self.clock.now_us()

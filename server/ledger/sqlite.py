@@ -576,8 +576,11 @@ class _Install:
             pending = ledger._builds.finish(key, generation)
             if pending is None or f is None:
                 continue
-            f.add_all(f.not_among(pending))
-            if ledger._tx is not None:
+            # Without contacts recorded during the build the rows read are the cycle's
+            # active contacts, exactly; only otherwise is the count read again (a read
+            # per filter held the writer for seconds when 100,000 were installed).
+            if pending and ledger._tx is not None:
+                f.add_all(f.not_among(pending))
                 f.recount(ledger._tx.counters(*key).active_contacts)
             ledger.filters.put(key[0], key[1], f)
 

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
-from functools import partial
+from functools import cache, partial
 
 from .board import UsageBoard
 from .clock import MICROS, Clock
@@ -655,7 +655,8 @@ class Engine:
 
         if req.dry_run:
             return self.ledger.read(lambda r: decide(_Overlay(r), req.contact_ids)[0])  # type: ignore[arg-type]
-        fingerprint = partial(_fingerprint, list(req.contact_ids), req.channel, req.kind)
+        # Computed once, though every unit of a large call compares or stores it.
+        fingerprint = cache(partial(_fingerprint, list(req.contact_ids), req.channel, req.kind))
 
         def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> BatchOutcome:
             return self._once(  # type: ignore[return-value]
@@ -958,14 +959,16 @@ class Engine:
                 raise InvalidArgument("occurred_at", "is in the future; activity is recorded after it happened")
             if req.occurred_at_us < 0:
                 raise InvalidArgument("occurred_at", "is before 1970")
-        fingerprint = partial(
-            _fingerprint,
-            req.kind,
-            list(req.contact_ids),
-            req.occurred_at_us,
-            req.marketing,
-            req.source_type,
-            req.source_id,
+        fingerprint = cache(
+            partial(
+                _fingerprint,
+                req.kind,
+                list(req.contact_ids),
+                req.occurred_at_us,
+                req.marketing,
+                req.source_type,
+                req.source_id,
+            )
         )
 
         def decide(tx: LedgerTx, contact_ids: Sequence[str]) -> tuple[ActivityOutcome, int]:

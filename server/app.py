@@ -41,8 +41,12 @@ from .settings import Settings
 from .tenants import load_tenants
 
 log = logging.getLogger("quota_sidecar")
+# Background work (the board fill at start, the reminder sweep) pauses this long between
+# its reads or transactions, so the calls it shares the writer and the interpreter with
+# are not kept waiting behind it.
 BOARD_CHUNK = 100
 BOARD_PAUSE = 0.002
+REMINDER_PAUSE = 0.002
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["QuotaService"].full_name,
@@ -145,7 +149,7 @@ class Sidecar:
         """Writes due reminders every --reminder-interval seconds until stopped."""
         while not self._stopping.wait(self.settings.reminder_interval):
             try:
-                self.engine.send_reminders(self._stopping.is_set)
+                self.engine.send_reminders(lambda: self._stopping.wait(REMINDER_PAUSE))
             except QuotaError as exc:
                 log.warning("reminders not written this time: %s", exc)
 

@@ -530,12 +530,13 @@ class Engine:
         tx.after_commit(committed)
         return events
 
-    def send_reminders(self, stopping: Callable[[], bool] = lambda: False) -> list[UsageEvent]:
+    def send_reminders(self, pause: Callable[[], bool] = lambda: False) -> list[UsageEvent]:
         """Writes the reminders due (AC-1: every `renotify_interval` while a figure stays at
         or above a threshold) and re-arms thresholds of tenants whose cycle has turned.
         Run periodically by the sidecar, REMINDER_TENANTS tenants per transaction so the
-        data plane's units commit in between, until `stopping` says so (the tenants left
-        get theirs at the next run); returns the events written."""
+        data plane's units commit in between. `pause` runs before each transaction: it may
+        wait, leaving the writer to other calls, and says whether to stop (the tenants
+        left get theirs at the next run). Returns the events written."""
         raised = self.ledger.read(lambda r: list(dict.fromkeys(t for t, _, _ in r.raised_notices())))
 
         def unit(tx: LedgerTx, tenants: list[str]) -> list[UsageEvent]:
@@ -548,7 +549,7 @@ class Engine:
 
         written: list[UsageEvent] = []
         for start in range(0, len(raised), REMINDER_TENANTS):
-            if stopping():
+            if pause():
                 break
             tenants = raised[start : start + REMINDER_TENANTS]
             written += self.ledger.transact(partial(unit, tenants=tenants), weight=len(tenants) * TENANT_WEIGHT)

@@ -244,7 +244,7 @@ def test_ac1_the_reminder_sweep_writes_its_tenants_in_several_transactions(tmp_p
         clock.advance(2 * DAY_US // MICROS)
         units.clear()
         answers = iter([False, True])
-        first = engine.send_reminders(stopping=lambda: next(answers))
+        first = engine.send_reminders(pause=lambda: next(answers))
         assert len(units) == 1 and 0 < len(first) < len(tenants)
         units.clear()
         reminders = first + engine.send_reminders()

@@ -108,6 +108,7 @@ class Sidecar:
         )
         self.health = health.HealthServicer()
         self._serving = False
+        self._filling = False
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self.server: grpc.Server | None = None
@@ -161,7 +162,16 @@ class Sidecar:
         except QuotaError as exc:
             log.warning("tenant figures for metrics not loaded: %s", exc)
             return
+        finally:
+            self._filling = False
         log.info("tenant figures for metrics loaded: %d tenants", added)
+
+    @property
+    def loading(self) -> bool:
+        """Whether what start-up loads in the background (the dedupe filters, the
+        metrics board) is still loading."""
+        filters = getattr(self.ledger, "filters", None)
+        return self._filling or (filters is not None and filters.building > 0)
 
     def _paced(self, usages: Iterator[Usage]) -> Iterator[Usage]:
         """The usages, with a pause after each chunk read: the fill is background work,
@@ -282,6 +292,7 @@ class Sidecar:
             health_pb2.HealthCheckResponse.SERVING if self.ledger.ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         log.info("ledger open; SERVING (dedupe filters are built in the background)")
+        self._filling = True
         self._start_worker(self._fill_board, "tenant-figures")
         self._start_worker(self._remind, "reminders")
         if self.webhook is not None:

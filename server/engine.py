@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from functools import cache, partial
+from typing import TypeVar
 
 from .board import UsageBoard
 from .clock import MICROS, Clock
@@ -92,6 +93,7 @@ UNIT_CONTACTS = 500
 REMINDER_TENANTS = 16
 # What one tenant's reminder costs the writer, in contacts (the unit's weight).
 TENANT_WEIGHT = 32
+T = TypeVar("T")
 CONTACT_KINDS = frozenset(
     {ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET}
 )
@@ -555,14 +557,14 @@ class Engine:
             written += self.ledger.transact(partial(unit, tenants=tenants), weight=len(tenants) * TENANT_WEIGHT)
         return written
 
-    def _in_units(self, contact_ids: Sequence[str]) -> list[Sequence[str]]:
-        """The call's contacts as committed: all in one unit, or its distinct contacts in
-        request order, `unit_contacts` at a time."""
+    def _in_units(self, contact_ids: Sequence[str], unit: Callable[..., T]) -> list[T]:
+        """Commits `unit(tx, ids=, index=)` over the call's contacts: all in one unit, or
+        its distinct contacts in request order, `unit_contacts` at a time, each unit
+        committed before the next is decided; returns their answers."""
         unique = list(dict.fromkeys(contact_ids))
         size = self.unit_contacts
-        if len(unique) <= size:
-            return [contact_ids]
-        return [unique[i : i + size] for i in range(0, len(unique), size)]
+        parts = [contact_ids] if len(unique) <= size else [unique[i : i + size] for i in range(0, len(unique), size)]
+        return [self.ledger.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(parts)]
 
     def _plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
         stored = reader.plan(tenant_id)
@@ -683,10 +685,7 @@ class Engine:
                 ),
             )
 
-        units = self._in_units(req.contact_ids)
-        answers = [
-            self.ledger.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(units)
-        ]
+        answers = self._in_units(req.contact_ids, unit)
         if len(answers) == 1:
             return answers[0]
         first = {c: d for answer in answers for c, d in answer.results}
@@ -1017,10 +1016,7 @@ class Engine:
                 lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
             )
 
-        units = self._in_units(req.contact_ids)
-        answers = [
-            self.ledger.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(units)
-        ]
+        answers = self._in_units(req.contact_ids, unit)
         if len(answers) == 1:
             return answers[0]
         recorded = sum(a.recorded for a in answers)

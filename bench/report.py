@@ -245,7 +245,66 @@ def sections(sizes: Sizes, synchronous: str) -> list[Section]:
         f" (batches of min({sizes.batch:,}, a tenant's share) spread over tenants)",
         tuple(tenant_rows),
     )
-    return [floor, redis, sqlite, calls, storage, scaling]
+    three = (("ratio<=", 3.0),)
+    stalls = Section(
+        "Stalls: a lone caller's CheckSend while something big runs (issue 13)",
+        (
+            Row("floods.unloaded.p99_ms", "lone CheckSend p99, unloaded", "ms"),
+            Row(
+                "floods.batches.p99_ms",
+                f"lone CheckSend p99, {sizes.floods} floods of CheckSendBatch x{sizes.flood_batch:,}",
+                "ms",
+                "floods.unloaded.p99_ms",
+                "unloaded",
+                goal=Goal("<= 3x unloaded", three),
+            ),
+            Row(
+                "floods.activity.p99_ms",
+                f"lone CheckSend p99, RecordActivity x{_count(sizes.flood_activity)} running",
+                "ms",
+                "floods.unloaded.p99_ms",
+                "unloaded",
+                goal=Goal("<= 3x unloaded", three),
+            ),
+            Row("sweep.without.p99_ms", f"lone CheckSend p99, {_count(sizes.sweep_tenants)} tenants, no sweep", "ms"),
+            Row(
+                "sweep.during.p99_ms",
+                f"lone CheckSend p99, reminder sweeps of {_count(sizes.sweep_tenants)} tenants",
+                "ms",
+                "sweep.without.p99_ms",
+                "no sweep",
+                goal=Goal("<= 1.5x no sweep", (("ratio<=", 1.5),)),
+            ),
+            Row("sweep.without.max_ms", f"lone CheckSend max, {_count(sizes.sweep_tenants)} tenants, no sweep", "ms"),
+            Row(
+                "sweep.during.max_ms",
+                f"lone CheckSend max, reminder sweeps of {_count(sizes.sweep_tenants)} tenants",
+                "ms",
+                "sweep.without.max_ms",
+                "no sweep",
+                goal=Goal("<= 3x no sweep", three),
+            ),
+            Row("restart.steady.p99_ms", f"CheckSend p99, {_count(sizes.tenants)} tenants, filters built", "ms"),
+            Row(
+                "restart.early.p99_ms",
+                f"CheckSend p99, first {sizes.restart_seconds} s after a restart",
+                "ms",
+                "restart.steady.p99_ms",
+                "filters built",
+                goal=Goal("<= 3x filters built", three),
+            ),
+            Row(
+                "restart.first_ms",
+                "first CheckSend after a restart",
+                "ms",
+                "restart.steady.p99_ms",
+                "filters built",
+                goal=Goal("<= 3x filters built", three),
+            ),
+            Row("restart.early.slow_calls", f"calls over 100 ms, first {sizes.restart_seconds} s", "calls"),
+        ),
+    )
+    return [floor, redis, sqlite, calls, storage, scaling, stalls]
 
 
 def _count(n: int) -> str:
@@ -315,7 +374,7 @@ def evaluate(results: Results, sizes: Sizes, synchronous: str) -> list[Line]:
 
 def table(lines: list[Line], results: Results, failures: dict[str, str], footer: list[str]) -> str:
     width = max([len(line.label) for line in lines] + [30])
-    head = f"{'figure':<{width}}  {'median':>15}  {'ratio':>7}  {'vs':<16}  {'goal (issue 5)':<26}  met"
+    head = f"{'figure':<{width}}  {'median':>15}  {'ratio':>7}  {'vs':<16}  {'goal (issue 5, 13)':<26}  met"
     out = [head, "-" * len(head)]
     section = None
     for line in lines:

@@ -39,8 +39,9 @@ from session import Session
 from sizes import FULL, HELP, QUICK, Sizes
 
 REPO = Path(__file__).resolve().parent.parent
-CALL_SCENARIOS = ("checksend", "batch", "coalesce", "rename")
-SCENARIOS = ("floor", "redis", "sqlite", *CALL_SCENARIOS, "retention", "memory", "serving", "tenants")
+CALL_SCENARIOS = ("checksend", "batch", "coalesce", "rename", "floods")
+LEDGER_SCENARIOS = ("memory", "serving", "tenants", "sweep", "restart")
+SCENARIOS = ("floor", "redis", "sqlite", *CALL_SCENARIOS, "retention", *LEDGER_SCENARIOS)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -81,8 +82,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         values = value if isinstance(value, tuple) else (value,)
         if not values or min(values) < 1:
             parser.error(f"--{field.name.replace('_', '-')}: at least 1")
-    if args.sizes.fill_batch > 10_000 or args.sizes.batch > 10_000:
-        parser.error("--batch and --fill-batch: at most 10,000 (CheckSendBatch's limit)")
+    if max(args.sizes.fill_batch, args.sizes.batch, args.sizes.flood_batch) > 10_000:
+        parser.error("--batch, --fill-batch and --flood-batch: at most 10,000 (CheckSendBatch's limit)")
     if args.sizes.tenant_contacts < args.sizes.tenants:
         parser.error("--tenant-contacts: at least one per tenant (--tenants)")
     return args
@@ -188,7 +189,7 @@ def run_scenarios(session: Session, names: list[str], failures: dict[str, str]) 
     if "retention" in names:
         attempt("retention", lambda: scenarios.retention(session))
     ledgers = Ledgers(session)
-    for name in ("memory", "serving", "tenants"):
+    for name in LEDGER_SCENARIOS:
         if name in names:
             attempt(name, lambda name=name: getattr(scenarios, name)(session, ledgers))
 

@@ -1,9 +1,11 @@
 """The sidecar's scenarios, each against the real `quota-sidecar serve` process.
 
-The call scenarios (checksend, batch, coalesce, rename) share one sidecar on a
-fresh ledger, whose tenant has a CYCLE_ACTIVE / HARD plan with a contact limit no
-run reaches. The memory, serving and tenants scenarios work on filled ledgers
-(bench/fills.py). Contact ids are random 16-hex-character strings made before
+The call scenarios (checksend, batch, coalesce, rename, floods) share one sidecar
+on a fresh ledger, whose tenants have a CYCLE_ACTIVE / HARD plan with a contact
+limit no run reaches. The memory, serving, tenants and restart scenarios work on
+filled ledgers (bench/fills.py); sweep fills its own. The stall scenarios (floods,
+sweep, restart) time a lone caller's CheckSend while something big runs, against
+the same calls without it in the same run. Contact ids are random 16-hex-character strings made before
 any timing starts; every answer is checked (ALLOW, and newly active or not as the
 scenario expects), so a figure never counts refused or failed calls.
 """
@@ -11,12 +13,15 @@ scenario expects), so a figure never counts refused or failed calls.
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 import sqlite3
 import statistics
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -380,3 +385,164 @@ def tenants(session: Session, ledgers: Ledgers) -> None:
                 )
             session.results.add(f"{key}.batch_rate", rate)
             session.results.add(f"{key}.p50_ms", percentile(samples, 0.5) * 1e3)
+
+
+LONE = "lone"
+
+
+def _lone_calls(stub: pb_grpc.QuotaServiceStub, count: int) -> list[float]:
+    """Seconds each of `count` CheckSends of the lone tenant took (new contacts, one at a time)."""
+    return latencies([_checked_call(stub, send_request(LONE, c), True) for c in new_contact_ids(count)])
+
+
+def _lone_for(stub: pb_grpc.QuotaServiceStub, seconds: float) -> list[float]:
+    """The lone tenant's CheckSends, one at a time, for `seconds` (at least 10 calls)."""
+    samples: list[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or len(samples) < 10:
+        samples += _lone_calls(stub, 1)
+    return samples
+
+
+class _Load:
+    """Callers repeating a call in threads until stopped; `started` once each has made its first call."""
+
+    def __init__(self, calls: Sequence[Callable[[], None]]) -> None:
+        self._stop = threading.Event()
+        self._first = threading.Barrier(len(calls) + 1)
+        self.errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._run, args=(call,), daemon=True) for call in calls]
+
+    def _run(self, call: Callable[[], None]) -> None:
+        first = True
+        try:
+            while first or not self._stop.is_set():
+                call()
+                if first:
+                    first = False
+                    self._first.wait()
+        except BaseException as exc:
+            self.errors.append(exc)
+            self._first.abort()
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        self._first.wait(BATCH_TIMEOUT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
+
+
+def _flooding_batch(stub: pb_grpc.QuotaServiceStub, tenant_id: str, size: int) -> Callable[[], None]:
+    """CheckSendBatch of `size` contacts, made in turn from a few prepared requests (new, then active)."""
+    requests = [send_batch(tenant_id, new_contact_ids(size)) for _ in range(3)]
+    turn = itertools.cycle(requests)
+
+    def call() -> None:
+        request = next(turn)
+        answer = stub.CheckSendBatch(request, timeout=BATCH_TIMEOUT)
+        if answer.allowed != len(request.contact_ids):
+            raise WrongAnswer(f"CheckSendBatch allowed {answer.allowed} of {len(request.contact_ids)}")
+
+    return call
+
+
+def _flooding_activity(stub: pb_grpc.QuotaServiceStub, tenant_id: str, size: int) -> Callable[[], None]:
+    request = pb.RecordActivityRequest(
+        tenant_id=tenant_id, kind=pb.ACTIVITY_KIND_STATUS_RENAMED, contact_ids=new_contact_ids(size)
+    )
+
+    def call() -> None:
+        answer = stub.RecordActivity(request, timeout=BATCH_TIMEOUT)
+        if answer.recorded != size:
+            raise WrongAnswer(f"RecordActivity recorded {answer.recorded} of {size}")
+
+    return call
+
+
+def floods(session: Session, sidecar: SidecarProcess) -> None:
+    """A lone CheckSend of one tenant, p99 unloaded and while other tenants flood the sidecar:
+    `floods` callers of CheckSendBatch x`flood_batch`, then one RecordActivity x`flood_activity`."""
+    s = session.sizes
+    stub = sidecar.quota()
+    flooders = [f"flood-{i}" for i in range(s.floods)]
+    for tenant_id in (LONE, *flooders):
+        sidecar.put_plan(tenant_id, bench_plan(NEVER_REACHED, (pb.ACTIVITY_KIND_STATUS_RENAMED,)))
+    _lone_calls(stub, s.warmup)
+    loads = {
+        "batches": lambda: [_flooding_batch(sidecar.quota(), t, s.flood_batch) for t in flooders],
+        "activity": lambda: [_flooding_activity(sidecar.quota(), flooders[0], s.flood_activity)],
+    }
+    for _ in range(session.repeat):
+        unloaded = _lone_for(stub, s.flood_seconds)
+        session.results.add("floods.unloaded.p99_ms", percentile(unloaded, 0.99) * 1e3)
+        for label, make in loads.items():
+            with _Load(make()):
+                loaded = _lone_for(stub, s.flood_seconds)
+            session.results.add(f"floods.{label}.p99_ms", percentile(loaded, 0.99) * 1e3)
+            session.results.add(f"floods.{label}.max_ms", max(loaded) * 1e3)
+
+
+def sweep(session: Session, ledgers: Ledgers) -> None:
+    """A lone CheckSend's p99 over a ledger of `sweep_tenants` tenants past a notify threshold
+    (reminders due every second): with the reminder sweep off (an hour apart), and while it
+    runs every second."""
+    s = session.sizes
+    path = session.folder / f"sweep-{s.sweep_tenants}.db"
+    names = [f"swept-{i:06d}" for i in range(s.sweep_tenants)]
+    quiet = ("--reminder-interval", "3600")
+    session.progress(f"sweep: {s.sweep_tenants:,} tenants past a threshold")
+    with SidecarProcess(session.processes, path, flags=quiet) as sidecar:
+        sidecar.start()
+        plan = bench_plan(2)
+        plan.notify_thresholds.append(0.5)
+        plan.renotify_interval.FromSeconds(1)
+        sidecar.put_plan(LONE, bench_plan(NEVER_REACHED))
+        quota = sidecar.quota()
+
+        def past_threshold(tenant_id: str) -> None:
+            sidecar.put_plan(tenant_id, plan)
+            answer = quota.CheckSendBatch(send_batch(tenant_id, new_contact_ids(2)), timeout=UNARY_TIMEOUT)
+            if answer.allowed != 2:
+                raise WrongAnswer(f"CheckSendBatch allowed {answer.allowed} of 2")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(past_threshold, names))
+    for _ in range(session.repeat):
+        for label, extra in (("without", quiet), ("during", ("--reminder-interval", "1"))):
+            with SidecarProcess(session.processes, path, flags=extra) as sidecar:
+                sidecar.start()
+                stub = sidecar.quota()
+                _lone_calls(stub, s.warmup)
+                samples = _lone_for(stub, s.sweep_seconds)
+            session.results.add(f"sweep.{label}.p99_ms", percentile(samples, 0.99) * 1e3)
+            session.results.add(f"sweep.{label}.max_ms", max(samples) * 1e3)
+
+
+def restart(session: Session, ledgers: Ledgers) -> None:
+    """CheckSend to active contacts of random tenants (`tenants` of them) right after a restart,
+    for `restart_seconds` from SERVING while the dedupe filters build, against the same calls
+    once they are built: the first call, the p99, and the calls over 100 ms."""
+    s = session.sizes
+    filled = ledgers.get(s.tenants, s.tenant_contacts)
+    sample = _TenantSample(filled, 1, seed=13)
+    for _ in range(session.repeat):
+        with SidecarProcess(session.processes, filled.path) as sidecar:
+            sidecar.start()
+            stub = sidecar.quota()
+            early: list[float] = []
+            end = time.monotonic() + s.restart_seconds
+            while time.monotonic() < end:
+                early += latencies([_checked_call(stub, r, False) for r in sample.singles(20)])
+            sidecar.wait_filters(filled.contacts, FILTERS_TIMEOUT)
+            steady = latencies([_checked_call(stub, r, False) for r in sample.singles(s.calls)])
+        session.results.add("restart.first_ms", early[0] * 1e3)
+        session.results.add("restart.early.p99_ms", percentile(early, 0.99) * 1e3)
+        session.results.add("restart.early.slow_calls", sum(1 for t in early if t > 0.1))
+        session.results.add("restart.steady.p99_ms", percentile(steady, 0.99) * 1e3)

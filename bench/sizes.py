@@ -33,6 +33,13 @@ class Sizes:
     sqlite_rows_per_commit: int
     fill_batch: int
     retention_seconds: int
+    flood_seconds: int
+    floods: int
+    flood_batch: int
+    flood_activity: int
+    sweep_tenants: int
+    sweep_seconds: int
+    restart_seconds: int
 
 
 QUICK = Sizes(
@@ -58,6 +65,13 @@ QUICK = Sizes(
     sqlite_rows_per_commit=1_000,
     fill_batch=10_000,
     retention_seconds=1,
+    flood_seconds=4,
+    floods=8,
+    flood_batch=10_000,
+    flood_activity=20_000,
+    sweep_tenants=2_000,
+    sweep_seconds=4,
+    restart_seconds=5,
 )
 
 FULL = Sizes(
@@ -83,6 +97,13 @@ FULL = Sizes(
     sqlite_rows_per_commit=1_000,
     fill_batch=10_000,
     retention_seconds=5,
+    flood_seconds=20,
+    floods=8,
+    flood_batch=10_000,
+    flood_activity=100_000,
+    sweep_tenants=50_000,
+    sweep_seconds=20,
+    restart_seconds=60,
 )
 
 HELP = {
@@ -108,4 +129,11 @@ HELP = {
     "sqlite_rows_per_commit": "rows per group commit",
     "fill_batch": "contacts per CheckSendBatch when filling a ledger (at most 10,000)",
     "retention_seconds": "--request-retention of the retention scenario's sidecar; it runs 4 times as long per run",
+    "flood_seconds": "seconds a lone caller (another tenant) calls CheckSend, unloaded and under each flood, per run",
+    "floods": "callers flooding the sidecar with CheckSendBatch calls at once",
+    "flood_batch": "contacts per flooding CheckSendBatch (at most 10,000)",
+    "flood_activity": "contacts per flooding RecordActivity STATUS_RENAMED",
+    "sweep_tenants": "tenants past a notify threshold, each swept for a reminder every second",
+    "sweep_seconds": "seconds the lone caller calls while reminder sweeps run, per run",
+    "restart_seconds": "seconds after SERVING the lone caller calls while the filters build, per run",
 }

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -41,6 +41,12 @@ from .settings import Settings
 from .tenants import load_tenants
 
 log = logging.getLogger("quota_sidecar")
+# Background work (the board fill at start, the reminder sweep) pauses this long between
+# its reads or transactions, so the calls it shares the writer and the interpreter with
+# are not kept waiting behind it.
+BOARD_CHUNK = 100
+BOARD_PAUSE = 0.002
+REMINDER_PAUSE = 0.002
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["QuotaService"].full_name,
@@ -102,6 +108,7 @@ class Sidecar:
         )
         self.health = health.HealthServicer()
         self._serving = False
+        self._filling = False
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self.server: grpc.Server | None = None
@@ -143,7 +150,7 @@ class Sidecar:
         """Writes due reminders every --reminder-interval seconds until stopped."""
         while not self._stopping.wait(self.settings.reminder_interval):
             try:
-                self.engine.send_reminders()
+                self.engine.send_reminders(lambda: self._stopping.wait(REMINDER_PAUSE))
             except QuotaError as exc:
                 log.warning("reminders not written this time: %s", exc)
 
@@ -167,11 +174,29 @@ class Sidecar:
         """Puts every tenant's current usage on the board, behind SERVING (it reads
         every tenant once; changes made meanwhile are already there and stay)."""
         try:
-            added = self.engine.board.fill(self.engine.tenant_usages())
+            added = self.engine.board.fill(self._paced(self.engine.tenant_usages(BOARD_CHUNK)))
         except QuotaError as exc:
             log.warning("tenant figures for metrics not loaded: %s", exc)
             return
+        finally:
+            self._filling = False
         log.info("tenant figures for metrics loaded: %d tenants", added)
+
+    @property
+    def loading(self) -> bool:
+        """Whether what start-up loads in the background (the dedupe filters, the
+        metrics board) is still loading."""
+        filters = getattr(self.ledger, "filters", None)
+        return self._filling or (filters is not None and filters.building > 0)
+
+    def _paced(self, usages: Iterator[Usage]) -> Iterator[Usage]:
+        """The usages, with a pause after each chunk read: the fill is background work,
+        and reading 100,000 tenants back to back kept the calls right after a restart
+        waiting for the interpreter lock."""
+        for n, usage in enumerate(usages, 1):
+            yield usage
+            if n % BOARD_CHUNK == 0 and self._stopping.wait(BOARD_PAUSE):
+                return
 
     def _start_worker(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -283,6 +308,7 @@ class Sidecar:
             health_pb2.HealthCheckResponse.SERVING if self.ledger.ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         log.info("ledger open; SERVING (dedupe filters are built in the background)")
+        self._filling = True
         self._start_worker(self._fill_board, "tenant-figures")
         self._start_worker(self._remind, "reminders")
         self._start_worker(self._prune, "pruner")

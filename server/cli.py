@@ -11,6 +11,7 @@ recomputes them from the rows.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -31,6 +32,11 @@ from .settings import SettingsError, add_arguments, resolve
 from .tenants import TenantsFileError, check_tenants
 
 log = logging.getLogger("quota_sidecar")
+# What start-up loads (a dedupe filter per tenant cycle, the metrics board) lives as long
+# as the process, and every full garbage collection walked all of it while calls waited:
+# pauses of 80 to 190 ms, growing as 100,000 tenants loaded. It is moved out of the
+# collector's sight as it loads (refcounting still frees what is replaced).
+FREEZE_INTERVAL = 0.5
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -67,6 +73,9 @@ def serve(args: argparse.Namespace) -> int:
         sidecar.stop(0)
         print(f"quota-sidecar: cannot open the ledger {settings.ledger}: {exc}", file=sys.stderr)
         return 1
+    while sidecar.loading and not stop.wait(FREEZE_INTERVAL):
+        gc.freeze()
+    gc.freeze()
     while not stop.wait(3600):
         pass
     log.info("%s received: draining in-flight calls", signal.Signals(received[0]).name)

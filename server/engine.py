@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 
 from . import replies
@@ -97,6 +97,14 @@ DEFAULT_PAGE_SIZE = 100
 FUTURE_SKEW_US = 5 * 60 * MICROS
 DEFER_POLL_US = 5 * 60 * MICROS
 MAX_GAP_CYCLES = 1_200
+# A CheckSendBatch or RecordActivity over more distinct contacts than this is decided
+# and committed this many at a time, so one large call never holds the single writer
+# for long; the reminder sweep writes this many tenants per transaction.
+UNIT_CONTACTS = 500
+REMINDER_TENANTS = 16
+# What one tenant's reminder costs the writer, in contacts (the unit's weight).
+TENANT_WEIGHT = 32
+T = TypeVar("T")
 CONTACT_KINDS = frozenset(
     {ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET}
 )
@@ -511,24 +519,31 @@ class Engine:
     """Decides and counts. One per process; thread-safe."""
 
     def __init__(
-        self, ledger: Ledger, clock: Clock, on_events: Callable[[Sequence[UsageEvent]], None] | None = None
+        self,
+        ledger: Ledger,
+        clock: Clock,
+        on_events: Callable[[Sequence[UsageEvent]], None] | None = None,
+        *,
+        unit_contacts: int = UNIT_CONTACTS,
     ) -> None:
         self.ledger = ledger
         self.clock = LedgerTime(clock, lambda: ledger.time_us)
+        self.unit_contacts = unit_contacts
         self.board = UsageBoard()
         self.on_events = on_events
         self._plans: dict[str, tuple[str, Plan]] = {}
         self._notices: dict[tuple[str, UsageFigure], NoticeState] = {}
 
-    def _transact(self, unit: Callable[[LedgerTx], R]) -> R:
-        """Runs `unit` in a ledger transaction that keeps the ledger time it decided at."""
+    def _transact(self, unit: Callable[[LedgerTx], R], *, weight: int = 1) -> R:
+        """Runs `unit` in a ledger transaction that keeps the ledger time it decided at;
+        `weight` as `Ledger.transact` takes it."""
 
         def timed(tx: LedgerTx) -> R:
             result = unit(tx)
             tx.note_time(self.clock.latest_us)
             return result
 
-        return self.ledger.transact(timed)
+        return self.ledger.transact(timed, weight=weight)
 
     def _observe(
         self, tx: LedgerTx, plan: Plan, usage: Usage, now: int, *, rearm: bool = False, remind: bool = False
@@ -574,20 +589,39 @@ class Engine:
         tx.after_commit(committed)
         return events
 
-    def send_reminders(self) -> list[UsageEvent]:
+    def send_reminders(self, pause: Callable[[], bool] = lambda: False) -> list[UsageEvent]:
         """Writes the reminders due (AC-1: every `renotify_interval` while a figure stays at
         or above a threshold) and re-arms thresholds of tenants whose cycle has turned.
-        Run periodically by the sidecar; returns the events written."""
+        Run periodically by the sidecar, REMINDER_TENANTS tenants per transaction so the
+        data plane's units commit in between. `pause` runs before each transaction: it may
+        wait, leaving the writer to other calls, and says whether to stop (the tenants
+        left get theirs at the next run). Returns the events written."""
+        raised = self.ledger.read(lambda r: list(dict.fromkeys(t for t, _, _ in r.raised_notices())))
 
-        def unit(tx: LedgerTx) -> list[UsageEvent]:
+        def unit(tx: LedgerTx, tenants: list[str]) -> list[UsageEvent]:
             now = self.clock.now_us()
             written: list[UsageEvent] = []
-            for tenant_id in dict.fromkeys(t for t, _, _ in tx.raised_notices()):
+            for tenant_id in tenants:
                 plan = self._plan(tx, tenant_id)
                 written += self._observe(tx, plan, usage_at(tx, plan, tenant_id, now), now, remind=True)
             return written
 
-        return self._transact(unit)
+        written: list[UsageEvent] = []
+        for start in range(0, len(raised), REMINDER_TENANTS):
+            if pause():
+                break
+            tenants = raised[start : start + REMINDER_TENANTS]
+            written += self._transact(partial(unit, tenants=tenants), weight=len(tenants) * TENANT_WEIGHT)
+        return written
+
+    def _in_units(self, contact_ids: Sequence[str], unit: Callable[..., T]) -> list[T]:
+        """Commits `unit(tx, ids=, index=)` over the call's contacts: all in one unit, or
+        its distinct contacts in request order, `unit_contacts` at a time, each unit
+        committed before the next is decided; returns their answers."""
+        unique = list(dict.fromkeys(contact_ids))
+        size = self.unit_contacts
+        parts = [contact_ids] if len(unique) <= size else [unique[i : i + size] for i in range(0, len(unique), size)]
+        return [self._transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(parts)]
 
     def _plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
         stored = reader.plan(tenant_id)
@@ -614,7 +648,8 @@ class Engine:
     ) -> object:
         """Runs `decide` once per request_id: a retry returns the first answer, counting nothing.
         The request's fingerprint is only computed when there is a request_id. An answer
-        kept before the packed form (`legacy`, from its JSON) is answered until pruned."""
+        kept before the packed form (`legacy`, from its JSON) is answered until pruned. A
+        call committed in units runs this once per unit, under `_unit_request_id`."""
         if request_id:
             stored = tx.stored_result(tenant_id, rpc, request_id)
             if stored is not None:
@@ -678,26 +713,27 @@ class Engine:
         _check_ids("contact_ids", req.contact_ids, MAX_BATCH)
         check_id("request_id", req.request_id, required=False)
 
-        def decide(view: LedgerTx) -> tuple[BatchOutcome, int]:
+        def decide(view: LedgerTx, ids: Sequence[str]) -> tuple[BatchOutcome, int]:
             results, usage, cycle_start = self._decide_sends(
-                view, req.tenant_id, req.kind, req.contact_ids, None, "CheckSendBatch", req.request_id, req.dry_run
+                view, req.tenant_id, req.kind, ids, None, "CheckSendBatch", req.request_id, req.dry_run
             )
             return replies.batch_outcome(results, usage), cycle_start
 
         if req.dry_run:
-            return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
-        fingerprint = partial(_fingerprint, list(req.contact_ids), req.channel, req.kind)
+            return self.ledger.read(lambda r: decide(_Overlay(r), req.contact_ids)[0])  # type: ignore[arg-type]
+        # Computed once, though every unit of a large call compares or stores it.
+        fingerprint = cache(partial(_fingerprint, list(req.contact_ids), req.channel, req.kind))
 
-        def unit(tx: LedgerTx) -> BatchOutcome:
+        def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> BatchOutcome:
             return self._once(  # type: ignore[return-value]
                 tx,
                 req.tenant_id,
                 "CheckSendBatch",
-                req.request_id,
+                _unit_request_id(req.request_id, index),
                 fingerprint,
-                lambda: decide(tx),
+                lambda: decide(tx, ids),
                 replies.pack_batch,
-                partial(replies.unpack_batch, req.contact_ids),
+                partial(replies.unpack_batch, ids),
                 lambda raw: BatchOutcome(
                     tuple((r[0], _legacy_decision(r[1:])) for r in raw["r"]),
                     raw["a"],
@@ -707,7 +743,11 @@ class Engine:
                 ),
             )
 
-        return self._transact(unit)
+        answers = self._in_units(req.contact_ids, unit)
+        if len(answers) == 1:
+            return answers[0]
+        first = {c: d for answer in answers for c, d in answer.results}
+        return replies.batch_outcome(_in_request_order(req.contact_ids, first), answers[-1].usage)
 
     def _decide_sends(
         self,
@@ -737,17 +777,7 @@ class Engine:
             )
         else:
             first, tally = self._decide_active_sends(view, plan, tenant_id, cycle, unique, kind, limited, now, tally)
-        if len(unique) == len(contact_ids):
-            results = [(c, first[c]) for c in contact_ids]
-        else:
-            seen: set[str] = set()
-            results = []
-            for c in contact_ids:
-                d = first[c]
-                if c in seen:
-                    d = REPEATED.get(d, d)
-                seen.add(c)
-                results.append((c, d))
+        results = _in_request_order(contact_ids, first)
         usage = usage_of(tenant_id, plan, cycle, tally)
         if not dry_run:
             self._observe(view, plan, usage, now)
@@ -942,7 +972,7 @@ class Engine:
                 ),
             )
 
-        return self._transact(unit)
+        return self._transact(unit, weight=len(req.contact_ids))
 
     def check_enroll(self, tenant_id: str, contact_id: str, automation_id: str = "") -> EnrollOutcome:
         """May this contact enter an automation now (AC-8 with AC-7's grace)? Counts nothing."""
@@ -988,22 +1018,24 @@ class Engine:
                 raise InvalidArgument("occurred_at", "is in the future; activity is recorded after it happened")
             if req.occurred_at_us < 0:
                 raise InvalidArgument("occurred_at", "is before 1970")
-        fingerprint = partial(
-            _fingerprint,
-            req.kind,
-            list(req.contact_ids),
-            req.occurred_at_us,
-            req.marketing,
-            req.source_type,
-            req.source_id,
+        fingerprint = cache(
+            partial(
+                _fingerprint,
+                req.kind,
+                list(req.contact_ids),
+                req.occurred_at_us,
+                req.marketing,
+                req.source_type,
+                req.source_id,
+            )
         )
 
-        def decide(tx: LedgerTx) -> tuple[ActivityOutcome, int]:
+        def decide(tx: LedgerTx, contact_ids: Sequence[str]) -> tuple[ActivityOutcome, int]:
             now = self.clock.now_us()
             at = req.occurred_at_us if req.occurred_at_us is not None else now
             plan = self._plan(tx, req.tenant_id)
             booked, cycle = self._plan_of_cycle(tx, req.tenant_id, plan, at)
-            ids = list(dict.fromkeys(req.contact_ids))
+            ids = list(dict.fromkeys(contact_ids))
             audit: list[AuditEntry] = []
             now_cycle = cycle_of(tx, req.tenant_id, plan, now)
             held = plan.metering is Metering.HELD_CONTACTS
@@ -1037,20 +1069,24 @@ class Engine:
             newly = max(0, now_usage.active_contacts - counted_before) if held else len(fresh)
             return ActivityOutcome(len(ids), newly, usage), cycle.start_us
 
-        def unit(tx: LedgerTx) -> ActivityOutcome:
+        def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> ActivityOutcome:
             return self._once(  # type: ignore[return-value]
                 tx,
                 req.tenant_id,
                 "RecordActivity",
-                req.request_id,
+                _unit_request_id(req.request_id, index),
                 fingerprint,
-                lambda: decide(tx),
+                lambda: decide(tx, ids),
                 replies.pack_activity,
                 replies.unpack_activity,
                 lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
             )
 
-        return self._transact(unit)
+        answers = self._in_units(req.contact_ids, unit)
+        if len(answers) == 1:
+            return answers[0]
+        recorded = sum(a.recorded for a in answers)
+        return ActivityOutcome(recorded, sum(a.newly_active for a in answers), answers[-1].usage)
 
     @staticmethod
     def _roll(tx: LedgerTx, plan: Plan, tenant_id: str, cycle: Cycle) -> Holdings:
@@ -1256,11 +1292,11 @@ class Engine:
 
         return self.ledger.read(read)
 
-    def tenant_usages(self) -> Iterator[Usage]:
-        """The current usage of every tenant with a plan, read in chunks."""
+    def tenant_usages(self, chunk_tenants: int = 500) -> Iterator[Usage]:
+        """The current usage of every tenant with a plan, read `chunk_tenants` at a time."""
         tenants = self.ledger.read(lambda r: r.tenants())
-        for i in range(0, len(tenants), 500):
-            chunk = tenants[i : i + 500]
+        for i in range(0, len(tenants), chunk_tenants):
+            chunk = tenants[i : i + chunk_tenants]
 
             def read(r: LedgerReader, chunk: list[str] = chunk) -> list[Usage]:
                 now = self.clock.now_us()
@@ -1375,6 +1411,29 @@ def _counted(
         Activation(s.contact_id, s.from_us, label, 0, s.until_us if s.until_us is not None and s.until_us <= now else 0)
         for s in spans
     ]
+
+
+def _unit_request_id(request_id: str, index: int) -> str:
+    """The key a call's unit stores its answer under: the request_id itself for the first
+    (so reusing it for another request is refused at once), then with the unit's index
+    after a NUL, which no caller's id contains."""
+    return f"{request_id}\x00{index}" if request_id and index else request_id
+
+
+def _in_request_order(contact_ids: Sequence[str], first: dict[str, SendDecision]) -> list[tuple[str, SendDecision]]:
+    """One decision per listed id: an id listed again repeats its first decision, newly
+    active no more (it counted nothing more)."""
+    if len(first) == len(contact_ids):
+        return [(c, first[c]) for c in contact_ids]
+    seen: set[str] = set()
+    results = []
+    for c in contact_ids:
+        d = first[c]
+        if c in seen:
+            d = REPEATED.get(d, d)
+        seen.add(c)
+        results.append((c, d))
+    return results
 
 
 def _activate(

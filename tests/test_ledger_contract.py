@@ -95,13 +95,13 @@ def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = 20.
 class _Call:
     """transact(work) on a thread, with its result or exception."""
 
-    def __init__(self, ledger: Ledger, work: Callable[[LedgerTx], object]) -> None:
+    def __init__(self, ledger: Ledger, work: Callable[[LedgerTx], object], weight: int = 1) -> None:
         self.result: object = None
         self.error: BaseException | None = None
 
         def run() -> None:
             try:
-                self.result = ledger.transact(work)
+                self.result = ledger.transact(work, weight=weight)
             except BaseException as exc:  # noqa: BLE001
                 self.error = exc
 
@@ -624,6 +624,34 @@ class TestLedgerContract:
             second.close()
 
     # -- concurrency and group commit ------------------------------------------------------------
+
+    def test_a_light_unit_queued_behind_heavy_ones_commits_before_the_second_of_them(
+        self, backend: Backend, ledger: Ledger
+    ):
+        """Ledger.transact weight: three units of 500 contacts each, then a one-contact unit, queued
+        behind the writer: the light one is committed with the first heavy one, ahead of the others
+        (commit order, seen through the callbacks each unit registers)."""
+        order: list[str] = []
+
+        def unit(name: str, size: int) -> Callable[[LedgerTx], str]:
+            def work(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(f"{name}-{i}") for i in range(size)])
+                tx.after_commit(lambda: order.append(name))
+                return name
+
+            return work
+
+        with writer_blocked(ledger):
+            calls = []
+            for name, size in (("heavy-1", 500), ("heavy-2", 500), ("heavy-3", 500), ("light", 1)):
+                calls.append(_Call(ledger, unit(name, size), weight=size))
+                wait_until(lambda: backend.pending(ledger) == len(calls), f"unit {name} queued")
+        for c in calls:
+            c.join()
+        assert [c.error for c in calls] == [None] * 4
+        assert order.index("light") < order.index("heavy-2")
+        assert sorted(order) == ["heavy-1", "heavy-2", "heavy-3", "light"]
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1501, 1501)
 
     def test_concurrent_transact_from_16_threads_all_commit_and_share_commits(
         self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]

@@ -206,8 +206,10 @@ class Ledger(ABC):
         """Finishes pending work, commits it and releases the store."""
 
     @abstractmethod
-    def transact(self, work: Callable[[LedgerTx], T]) -> T:
-        """Runs `work` in a write transaction; returns once it is durably committed."""
+    def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1) -> T:
+        """Runs `work` in a write transaction; returns once it is durably committed.
+        `weight` is about how many contacts (or tenants) it writes about: a backend
+        that groups units keeps heavy ones from holding light ones back."""
 
     @abstractmethod
     def read(self, work: Callable[[LedgerReader], T]) -> T:

@@ -5,6 +5,9 @@ it takes every unit pending, runs each inside its own savepoint of one
 `BEGIN IMMEDIATE` transaction, commits once, and only then answers the
 callers: concurrent decisions share one fsync, and none is acknowledged before
 it is durable. Readers use their own connections and see committed state.
+Each unit says how many rows it writes about (its weight); a transaction holds
+light units, or heavy ones up to COMMIT_WEIGHT, so a light unit queued behind many
+heavy ones waits for one of them at most, not for all of them.
 
 An exclusive `flock` on the database file itself keeps a second sidecar off the
 same ledger, whatever name reaches the file (a symlink, a hard link): the dedupe
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -33,7 +37,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 from itertools import repeat
@@ -662,7 +666,16 @@ def _active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], 
 
 
 _REMEMBERED = 100_000
+# A transaction holds units of at most SMALL_UNIT, or heavier ones weighing at most
+# COMMIT_WEIGHT together (always one); the rest wait for the next transaction, light
+# ones first: one large call's unit at a time holds the writer.
+COMMIT_WEIGHT = 512
+SMALL_UNIT = 32
 BUILDS_PER_READ = 1_000
+# Built filters are handed to the writer this many at a time, the next only once it has
+# installed the last: an install runs between two commits, and 1,000 at once (with a
+# read of the figures each) held the writer for tens of milliseconds after a restart.
+INSTALLS_PER_UNIT = 64
 ROWS_PER_READ = 65_536
 
 
@@ -749,20 +762,30 @@ class _Builds:
 class _Install:
     """Built filters handed to the writer, which installs them between commits."""
 
-    __slots__ = ("ledger", "built")
+    __slots__ = ("ledger", "built", "done")
 
     def __init__(self, ledger: SQLiteLedger, built: list[tuple[tuple[str, int], CycleFilter | None, int]]) -> None:
         self.ledger = ledger
         self.built = built
+        self.done = threading.Event()
 
     def __call__(self) -> None:
+        try:
+            self._install()
+        finally:
+            self.done.set()
+
+    def _install(self) -> None:
         ledger = self.ledger
         for key, f, generation in self.built:
             pending = ledger._builds.finish(key, generation)
             if pending is None or f is None:
                 continue
-            f.add_all(f.not_among(pending))
-            if ledger._tx is not None:
+            # Without contacts recorded during the build the rows read are the cycle's
+            # active contacts, exactly; only otherwise is the count read again (a read
+            # per filter held the writer for seconds when 100,000 were installed).
+            if pending and ledger._tx is not None:
+                f.add_all(f.not_among(pending))
                 f.recount(ledger._tx.counters(*key).active_contacts)
             ledger.filters.put(key[0], key[1], f)
 
@@ -1175,6 +1198,10 @@ class _Stop:
     pass
 
 
+class _Wake:
+    """Wakes the writer thread for units a caller's own commit set aside."""
+
+
 FileId = tuple[int, int]
 
 
@@ -1260,6 +1287,8 @@ def _leave_legacy_lock(path: Path) -> None:
 
 
 _STOP = _Stop()
+_WAKE = _Wake()
+Unit = tuple[Callable[[LedgerTx], Any], Future[Any], int]
 CommitObserver = Callable[[float, int, bool], None]
 
 
@@ -1299,8 +1328,9 @@ class SQLiteLedger(Ledger):
         self._builds = _Builds(self.filters)
         self._writing = threading.Lock()
         self._tx: _Tx | None = None
-        self._installs = 0
+        self._signals = 0
         self._held = 0
+        self._aside: list[Unit] = []
         self._builder: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._watch_stop = threading.Event()
@@ -1516,7 +1546,7 @@ class SQLiteLedger(Ledger):
     def queued_units(self) -> int:
         """Units of work waiting for the writer."""
         with self._state:
-            return self._queue.qsize() - self._installs + self._held
+            return self._queue.qsize() - self._signals + self._held + len(self._aside)
 
     def _build_loop(self) -> None:
         conn = self._connect()
@@ -1569,10 +1599,16 @@ class SQLiteLedger(Ledger):
             log.warning("building dedupe filters failed (%s); their contacts are confirmed in the ledger", exc)
             done = {key for key, _, _ in built}
             built += [(key, None, generation) for key, _, generation in asked if key not in done]
-        with self._state:
-            if self._open:
-                self._installs += 1
-                self._queue.put(_Install(self, built))
+        for start in range(0, len(built), INSTALLS_PER_UNIT):
+            install = _Install(self, built[start : start + INSTALLS_PER_UNIT])
+            with self._state:
+                if not self._open:
+                    return
+                self._signals += 1
+                self._queue.put(install)
+            while not install.done.wait(self.check_interval):
+                if not self._open:
+                    return
 
     def _build_big(self, conn: sqlite3.Connection, cycle_key: int, capacity: int) -> CycleFilter:
         f = self.filters.sized(capacity)
@@ -1621,22 +1657,32 @@ class SQLiteLedger(Ledger):
         self._let_go()
         log.info("ledger flushed and closed")
 
-    def transact(self, work: Callable[[LedgerTx], T]) -> T:
+    def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1) -> T:
         """Runs `work` in a committed transaction. A caller that finds no commit under
-        way commits itself, with whatever units wait in the queue; otherwise its unit
-        waits in the queue for the writer thread's next group commit."""
+        way and no unit waiting commits itself; otherwise its unit waits in the queue
+        for the writer thread's next group commit. `weight`: about
+        how many contacts (or tenants) the unit writes, so heavy units share no
+        transaction with each other beyond COMMIT_WEIGHT."""
         work = within_deadline(work)
         future: Future[T] = Future()
+        unit = (work, future, weight)
         with self._state:
             if not self._open:
                 raise LedgerUnavailable("the ledger is not open")
-            leading = self._writing.acquire(blocking=False)
+            # Leads only when no other unit waits: a caller committing unit after unit
+            # would otherwise win the writing lock again and again over the writer
+            # thread holding another caller's unit.
+            waiting = self._held or self._aside or not self._queue.empty()
+            leading = not waiting and self._writing.acquire(blocking=False)
             if not leading:
-                self._queue.put((work, future))
+                self._queue.put(unit)
         if leading:
             try:
-                if self._commit_queued([(work, future)]):
-                    self._queue.put(_STOP)
+                stopping = self._commit_queued([], unit)
+                if stopping or self._aside:
+                    with self._state:
+                        self._signals += 0 if stopping else 1
+                        self._queue.put(_STOP if stopping else _WAKE)
             finally:
                 self._writing.release()
         return future.result()
@@ -1667,48 +1713,76 @@ class SQLiteLedger(Ledger):
             raise LedgerUnavailable(f"the ledger cannot be read: {exc}") from exc
 
     def _write_loop(self) -> None:
-        """Commits what callers queued while another commit was under way."""
+        """Commits what callers queued while another commit was under way, and the
+        units set aside by the last transaction (also after the stop, before closing)."""
         stopping = False
-        while not stopping:
-            item = self._queue.get()
+        while not stopping or self._aside:
+            try:
+                item = self._queue.get(block=not (stopping or self._aside))
+            except queue.Empty:
+                item = None
             held = isinstance(item, tuple)
             with self._state:
                 if held:
                     self._held = 1
-                elif isinstance(item, _Install):
-                    self._installs -= 1
+                elif isinstance(item, (_Install, _Wake)):
+                    self._signals -= 1
             with self._writing:
                 if held:
                     with self._state:
                         self._held = 0
-                stopping = self._commit_queued([], item)
+                stopping = self._commit_queued([], item) or stopping
 
     def _commit_queued(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]], item: Any = None) -> bool:
-        """Under the writing lock: takes queued units (up to max_batch) after `batch`,
-        installs built filters met on the way, commits them as one transaction.
-        Returns whether the stop was met."""
+        """Under the writing lock: takes the units set aside by the last transaction, then
+        `item` and queued units (up to max_batch), installs built filters met on the
+        way, commits them as one transaction. Heavy units beyond COMMIT_WEIGHT are set
+        aside for the next one. Returns whether the stop was met."""
         stopping = False
-        while True:
-            if item is _STOP:
+        heavy = 0
+        aside, self._aside = self._aside, []
+        waiting = [u for u in aside if u[2] <= SMALL_UNIT] + [u for u in aside if u[2] > SMALL_UNIT] + [item]
+        for met in itertools.chain(waiting, self._drained(batch)):
+            if met is _STOP:
                 stopping = True
-                break
-            if isinstance(item, _Install):
-                item()
-            elif item is not None:
-                batch.append(item)
-            if len(batch) >= self.max_batch:
-                break
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Install):
-                with self._state:
-                    self._installs -= 1
+            elif isinstance(met, _Install):
+                met()
+            elif isinstance(met, tuple):
+                heavy = self._take(batch, met, heavy)
         if batch:
             assert self._tx is not None
             self._commit(self._tx, batch)
         return stopping
+
+    def _drained(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> Iterator[Any]:
+        """Items taken from the queue while the transaction has room, up to the stop."""
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, (_Install, _Wake)):
+                with self._state:
+                    self._signals -= 1
+            yield item
+            if item is _STOP:
+                return
+
+    def _take(self, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]], unit: Unit, heavy: int) -> int:
+        """Adds the unit to the transaction or sets it aside for the next. A transaction
+        holds light units, or heavy ones weighing up to COMMIT_WEIGHT together (one at
+        least), whichever it meets first. `heavy` and the result: the weight of its
+        heavy units, -1 when it holds light ones, 0 when it is empty."""
+        work, future, weight = unit
+        if weight <= SMALL_UNIT:
+            fits, after = heavy <= 0, -1
+        else:
+            fits, after = heavy == 0 or 0 < heavy <= COMMIT_WEIGHT - weight, max(heavy, 0) + weight
+        if not fits:
+            self._aside.append(unit)
+            return heavy
+        batch.append((work, future))
+        return after
 
     def _commit(self, tx: _Tx, batch: list[tuple[Callable[[LedgerTx], Any], Future[Any]]]) -> None:
         problem = self._restore() if self._displaced() else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import grp
 import ipaddress
+import ssl
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, fields
@@ -111,6 +112,8 @@ class Settings:
         ):
             if value is not None and not Path(value).is_file():
                 raise SettingsError(f"{flag}: no such file {value}")
+        if self.tls_cert is not None and self.tls_key is not None:
+            _check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
 
     @property
@@ -122,6 +125,46 @@ class Settings:
         if self.metrics_address and not _loopback(_host_port("--metrics-address", self.metrics_address)[0]):
             wide.append(f"metrics on {self.metrics_address}")
         return wide
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> bytes:
+    """Stands in for OpenSSL's passphrase prompt, which would wait on the terminal."""
+    raise _EncryptedKey
+
+
+def _check_tls(cert: str, key: str, client_ca: str | None) -> None:
+    """Loads the TLS files as the gRPC port will, so that a bad one is reported with its
+    flag and cause here rather than as gRPC's "Failed to bind to address"."""
+    _check_certificates("--tls-cert", cert)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise SettingsError(
+            f"--tls-key: {key} is encrypted; the sidecar needs it unencrypted (protect the file instead)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SettingsError(f"--tls-key: {key} is not the private key of the certificate in {cert}") from None
+        raise SettingsError(f"--tls-key: {key} holds no PEM private key") from None
+    except OSError as exc:
+        raise SettingsError(f"--tls-key: cannot read {key}: {exc.strerror}") from None
+    if client_ca is not None:
+        _check_certificates("--tls-client-ca", client_ca)
+
+
+def _check_certificates(flag: str, path: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            raise SettingsError(f"{flag}: {path} holds no PEM certificate") from None
+        raise SettingsError(f"{flag}: {path} is not a valid PEM certificate") from None
+    except OSError as exc:
+        raise SettingsError(f"{flag}: cannot read {path}: {exc.strerror}") from None
 
 
 def _loopback(host: str) -> bool:

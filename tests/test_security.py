@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 from test_process import BIN, TOKEN, Process, free_port, start
 
 from quota_sidecar.client import QuotaClient
@@ -377,4 +378,54 @@ def test_socket_group_must_exist_and_needs_a_unix_address(tmp_path: Path) -> Non
             timeout=60,
         )
         assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "l.db").exists()
+
+
+def encrypted(key: Path) -> bytes:
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    return private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+
+
+def test_bad_tls_material_stops_the_start_with_its_cause_before_binding(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    """Issue 14.13: a key that is not the certificate's, an empty certificate, a CA bundle
+    holding no certificate and an encrypted key each stop the start with exit code 2 and
+    one line naming the flag, the file and the cause (not "Failed to bind"), before the
+    port is bound or the ledger created."""
+    cert, key = str(tls_files["cert"]), str(tls_files["key"])
+    empty, garbage, locked = tmp_path / "empty.pem", tmp_path / "garbage.pem", tmp_path / "locked.pem"
+    empty.write_bytes(b"")
+    garbage.write_text("this is not a certificate\n")
+    locked.write_bytes(encrypted(tls_files["key"]))
+    other_key = str(tls_files["client_key"])
+    port = free_port()
+    for args, line in (
+        (
+            ["--tls-cert", cert, "--tls-key", other_key],
+            f"--tls-key: {other_key} is not the private key of the certificate in {cert}",
+        ),
+        (["--tls-cert", str(empty), "--tls-key", key], f"--tls-cert: {empty} holds no PEM certificate"),
+        (
+            ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", str(garbage)],
+            f"--tls-client-ca: {garbage} holds no PEM certificate",
+        ),
+        (
+            ["--tls-cert", cert, "--tls-key", str(locked)],
+            f"--tls-key: {locked} is encrypted; the sidecar needs it unencrypted (protect the file instead)",
+        ),
+    ):
+        done = subprocess.run(
+            [str(BIN / "quota-sidecar"), "serve", "--address", f"127.0.0.1:{port}"]
+            + ["--ledger", str(tmp_path / "l.db"), "--metrics-address", "", *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        assert (done.returncode, done.stderr.splitlines()) == (2, [f"quota-sidecar: {line}"])
         assert not (tmp_path / "l.db").exists()

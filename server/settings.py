@@ -12,8 +12,10 @@ import ipaddress
 import ssl
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import Field, dataclass, fields
+from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
+
+from quota_sidecar.client._credentials import one_secret
 
 from .ledger.sqlite import SYNCHRONOUS_MODES, sqlite_path
 
@@ -28,6 +30,7 @@ class Settings:
     ledger: str = "sqlite:///./quota-ledger.db"
     metrics_address: str = "127.0.0.1:9464"
     admin_token: str | None = None
+    admin_token_file: str | None = None
     tenants: str | None = None
     log_level: str = "INFO"
     drain_timeout: float = 10.0
@@ -39,6 +42,7 @@ class Settings:
     metrics_tenant_max: int = 100
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    webhook_secret_file: str | None = None
     webhook_timeout: float = 5.0
     reminder_interval: float = 60.0
     max_pending_calls: int = 256
@@ -49,6 +53,24 @@ class Settings:
     tls_client_ca: str | None = None
 
     def validate(self) -> Settings:
+        """These settings with the secret files read in, once every value is checked."""
+        return self._with_secret_files()._checked()
+
+    def _with_secret_files(self) -> Settings:
+        """The secrets read from their files, which are then done with (so validating the
+        result again reads nothing)."""
+        loaded: dict[str, str | None] = {}
+        for secret, file in SECRET_FILES.items():
+            try:
+                loaded[secret] = one_secret(
+                    _flag(secret), f"QUOTA_{secret.upper()}", getattr(self, secret), getattr(self, file)
+                )
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+            loaded[file] = None
+        return replace(self, **loaded)  # type: ignore[arg-type]
+
+    def _checked(self) -> Settings:
         if self.address.startswith("unix:"):
             if not self.address.removeprefix("unix://").removeprefix("unix:"):
                 raise SettingsError("--address: the unix socket path is empty")
@@ -167,6 +189,19 @@ def _check_certificates(flag: str, path: str) -> None:
         raise SettingsError(f"{flag}: cannot read {path}: {exc.strerror}") from None
 
 
+SECRET_FILES = {"admin_token": "admin_token_file", "webhook_secret": "webhook_secret_file"}
+"""The secret settings, and the settings naming a file to read each from instead."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def secrets_on_the_command_line(args: argparse.Namespace) -> list[str]:
+    """The secret settings given as flags, where every user of the machine can read them."""
+    return [_flag(secret) for secret in SECRET_FILES if getattr(args, secret, None) is not None]
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -188,6 +223,7 @@ HELP = {
     "ledger": "the ledger: sqlite:///PATH or a bare file path",
     "metrics_address": "HOST:PORT serving Prometheus /metrics; empty to disable",
     "admin_token": "the admin credential (Bearer token); admin RPCs are refused without one",
+    "admin_token_file": "a file holding the admin token (instead of --admin-token, which other users can read)",
     "tenants": "a YAML or JSON file of plans to load at start",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "drain_timeout": "seconds to finish in-flight calls on SIGTERM/SIGINT",
@@ -199,6 +235,7 @@ HELP = {
     "metrics_tenant_max": "most tenants given their own limit-proximity series (the most pressing first)",
     "webhook_url": "http(s) URL that receives every usage event as a JSON POST (at least once)",
     "webhook_secret": "key of the X-Quota-Signature-V1 and X-Quota-Signature HMAC-SHA256 of each webhook post",
+    "webhook_secret_file": "a file holding the webhook secret (instead of --webhook-secret)",
     "webhook_timeout": "seconds one webhook post may take in all (connect, send, the whole answer)",
     "reminder_interval": "seconds between checks for due reminders (renotify_interval, AC-1)",
     "max_pending_calls": "calls that may wait for a free worker; beyond them a call gets RESOURCE_EXHAUSTED at once",

@@ -26,3 +26,27 @@ def tls_credentials(ca: str | None, cert: str | None = None, key: str | None = N
         return Path(path).read_bytes() if path else None
 
     return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
+def read_secret_file(flag: str, path: str) -> str:
+    """The secret held in the file at `path`, without the line ending an editor leaves;
+    a ValueError naming `flag` when it cannot be read or is empty."""
+    try:
+        secret = Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag}: {path} is not text") from None
+    if not secret.strip():
+        raise ValueError(f"{flag}: {path} is empty")
+    return secret
+
+
+def one_secret(flag: str, env: str, value: str | None, file: str | None) -> str | None:
+    """The secret given as `value` (flag `flag` or variable `env`), or read from `file`
+    (`<flag>-file`); a ValueError when both are given."""
+    if file is None:
+        return value
+    if value is not None:
+        raise ValueError(f"{flag}-file: {flag} (or {env}) is given too; give one")
+    return read_secret_file(f"{flag}-file", file)

@@ -20,7 +20,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from ._credentials import TLS_FLAGS, tls_credentials
+from ._credentials import TLS_FLAGS, one_secret, tls_credentials
 from ._errors import QuotaError, Unavailable
 from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent
 from ._sync import QuotaClient
@@ -43,6 +43,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 ADDRESS_ENV = "QUOTA_ADDRESS"
 ADMIN_TOKEN_ENV = "QUOTA_ADMIN_TOKEN"
+ADMIN_TOKEN_FILE_ENV = "QUOTA_ADMIN_TOKEN_FILE"
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -62,9 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
+        token = one_secret("--admin-token", ADMIN_TOKEN_ENV, args.admin_token or None, args.admin_token_file or None)
         client = QuotaClient(
             args.address,
-            admin_token=args.admin_token or None,
+            admin_token=token,
             timeout=args.timeout,
             admin_timeout=args.timeout,
             credentials=tls_credentials(args.tls_ca, args.tls_cert, args.tls_key),
@@ -93,7 +95,7 @@ def _fail(error: QuotaError) -> None:
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The argument parser; `environ` supplies QUOTA_ADDRESS and QUOTA_ADMIN_TOKEN."""
+    """The argument parser; `environ` supplies QUOTA_ADDRESS, QUOTA_ADMIN_TOKEN(_FILE) and the TLS files."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Read and manage the quota sidecar's tenants, plans and figures.",
@@ -273,7 +275,14 @@ def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str],
     group.add_argument(
         "--admin-token",
         default=default(environ.get(ADMIN_TOKEN_ENV)),
-        help=f"the admin credential (env {ADMIN_TOKEN_ENV})",
+        help=f"the admin credential (env {ADMIN_TOKEN_ENV}); other users can read a command's arguments,"
+        " so prefer the variable or --admin-token-file",
+    )
+    group.add_argument(
+        "--admin-token-file",
+        default=default(environ.get(ADMIN_TOKEN_FILE_ENV)),
+        metavar="PATH",
+        help=f"a file holding the admin credential (env {ADMIN_TOKEN_FILE_ENV})",
     )
     group.add_argument(
         "--timeout",

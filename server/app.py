@@ -85,6 +85,7 @@ class Sidecar:
                 self.feed,
                 self.metrics,
                 settings.webhook_url,
+                now_us=self.clock.now_us,
                 secret=settings.webhook_secret,
                 timeout=settings.webhook_timeout,
             )
@@ -332,7 +333,7 @@ class Sidecar:
         if self.server is not None:
             self.server.stop(self.settings.drain_timeout if grace is None else grace).wait()
         if self.webhook is not None:
-            self.webhook.stop()
+            self.webhook.stop(self.settings.drain_timeout)
         for thread in self._workers:
             thread.join()
         self.ledger.close()

@@ -28,7 +28,7 @@ from .app import Sidecar
 from .errors import QuotaError
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
 from .ledger.verify import VerifyError, verify_ledger
-from .settings import SettingsError, add_arguments, resolve
+from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
 from .tenants import TenantsFileError, check_tenants
 
 log = logging.getLogger("quota_sidecar")
@@ -51,6 +51,14 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    for flag in secrets_on_the_command_line(args):
+        log.warning(
+            "%s was given on the command line, where every user of this machine can read it"
+            " (ps, /proc/PID/cmdline); use QUOTA_%s or %s-file instead",
+            flag,
+            flag.removeprefix("--").replace("-", "_").upper(),
+            flag,
+        )
     disable_created_metrics()
     stop = threading.Event()
     received: list[int] = []

@@ -12,14 +12,19 @@ a crash between the answer and that write, never lost; receivers dedupe on
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import http.client
+import importlib.metadata
 import json
 import logging
+import socket
+import ssl
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .clock import MICROS
@@ -97,8 +102,118 @@ def event_json(e: UsageEvent) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _mac(secret: str, signed: bytes) -> str:
+    return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
 def signature(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    """`X-Quota-Signature`: the HMAC of the body alone (kept for receivers that check it)."""
+    return "sha256=" + _mac(secret, body)
+
+
+def timestamped_signature(secret: str, body: bytes, stamp: int) -> str:
+    """`X-Quota-Signature-V1`: the HMAC of `<stamp>.<body>`, so the time is part of what is
+    signed and a receiver that refuses old stamps refuses replays."""
+    return f"t={stamp},v1={_mac(secret, str(stamp).encode() + b'.' + body)}"
+
+
+def user_agent() -> str:
+    return f"quota-sidecar/{importlib.metadata.version('quota-sidecar')}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a webhook URL posts: the connection, the request target, and the Basic auth
+    header its `user:password@` part (percent-decoded) turns into."""
+
+    https: bool
+    host: str
+    port: int | None
+    path: str
+    authorization: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urllib.parse.urlsplit(url)
+        authorization = None
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.scheme == "https", parts.hostname or "", parts.port, path, authorization)
+
+
+class Poster:
+    """POSTs to one `Target` with a deadline on the whole attempt.
+
+    A socket timeout bounds each read, so a receiver trickling a byte at a time would hold
+    an attempt forever; here a timer shuts the connection down when `timeout` has passed,
+    whatever stage the exchange is at. `cancel` does the same at once, so stopping never
+    waits for a receiver. Redirects are not followed: the answer of the configured URL is
+    the answer.
+    """
+
+    def __init__(self, target: Target, agent: str) -> None:
+        self.target = target
+        self.agent = agent
+        self._lock = threading.Lock()
+        self._current: tuple[http.client.HTTPConnection, threading.Event] | None = None
+        self._cancelled = False
+
+    def post(self, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
+        t = self.target
+        conn: http.client.HTTPConnection
+        if t.https:
+            conn = http.client.HTTPSConnection(t.host, t.port, timeout=timeout, context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(t.host, t.port, timeout=timeout)
+        cut = threading.Event()
+        with self._lock:
+            if self._cancelled:
+                raise ConnectionAbortedError("the sidecar is stopping")
+            self._current = (conn, cut)
+        timer = threading.Timer(timeout, _cut_off, (conn, cut))
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.connect()
+            if cut.is_set():
+                raise TimeoutError
+            sent = {**headers, "User-Agent": self.agent}
+            if t.authorization:
+                sent["Authorization"] = t.authorization
+            conn.request("POST", t.path, body, sent)
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:
+            if not cut.is_set():
+                raise
+            stopping = self._cancelled
+            raise TimeoutError("the sidecar is stopping" if stopping else f"no answer within {timeout:g} s") from exc
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._current = None
+            conn.close()
+
+    def cancel(self) -> None:
+        """Ends the attempt in flight, if any, and refuses new ones."""
+        with self._lock:
+            self._cancelled = True
+            if self._current is not None:
+                _cut_off(*self._current)
+
+
+def _cut_off(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """Wakes whatever the connection is blocked on (shutdown, unlike close, interrupts a
+    read in another thread); a connection still being opened sees `cut` once it is."""
+    cut.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class Backoff:
@@ -115,10 +230,12 @@ class Backoff:
 class Webhook:
     """Posts every usage event, in sequence order, to one URL (JSON, one per request).
 
-    Headers: `X-Quota-Event-Id`, and `X-Quota-Signature: sha256=<hex HMAC of the
-    body>` when a secret is set. A failed post (no answer, timeout, non-2xx) is
-    retried with `Backoff` until it succeeds or the sidecar stops; later events
-    wait behind it so the receiver sees them in order.
+    Headers: `X-Quota-Event-Id`, `User-Agent: quota-sidecar/<version>`, and when a
+    secret is set `X-Quota-Timestamp`, `X-Quota-Signature-V1` (see
+    `timestamped_signature`) and `X-Quota-Signature` (see `signature`), signed afresh on
+    every attempt. A failed post (no answer within `timeout`, a redirect, any other
+    non-2xx) is retried with `Backoff` until it succeeds or the sidecar stops; later
+    events wait behind it so the receiver sees them in order.
     """
 
     def __init__(
@@ -128,19 +245,19 @@ class Webhook:
         metrics: Metrics,
         url: str,
         *,
+        now_us: Callable[[], int],
         secret: str | None = None,
         timeout: float = 5.0,
         backoff: Backoff | None = None,
-        post: Callable[[str, bytes, dict[str, str], float], int] | None = None,
     ) -> None:
         self.ledger = ledger
         self.feed = feed
         self.metrics = metrics
-        self.url = url
+        self.now_us = now_us
         self.secret = secret
         self.timeout = timeout
         self.backoff = backoff or Backoff()
-        self.post = post or _post
+        self.poster = Poster(Target.parse(url), user_agent())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,10 +265,14 @@ class Webhook:
         self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float | None = None) -> None:
+        """Stops delivery, ending the post in flight; waits at most `wait` seconds for the
+        thread (only a connection still being opened can outlast the cancel, and it then
+        ends without touching the ledger)."""
         self._stop.set()
+        self.poster.cancel()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(wait)
 
     def pending(self, now_us: int) -> tuple[int, float]:
         """Events not yet delivered, and the age in seconds of the oldest."""
@@ -181,15 +302,12 @@ class Webhook:
         """Posts one event until it is delivered and its position written; returns
         the failures in a row left after it (0 once delivered)."""
         body = event_json(event)
-        headers = {"Content-Type": "application/json", "X-Quota-Event-Id": event.event_id}
-        if self.secret:
-            headers["X-Quota-Signature"] = signature(self.secret, body)
         while not self._stop.is_set():
             try:
-                status = self.post(self.url, body, headers, self.timeout)
-                problem = None if 200 <= status < 300 else f"HTTP {status}"
-            except (OSError, urllib.error.URLError) as exc:
-                problem = str(exc)
+                status = self.poster.post(body, self._headers(event, body), self.timeout)
+                problem = None if 200 <= status < 300 else _failure(status)
+            except (OSError, http.client.HTTPException) as exc:
+                problem = str(exc) or type(exc).__name__
             if problem is None:
                 self.metrics.webhook_deliveries.labels("delivered").inc()
                 try:
@@ -209,16 +327,22 @@ class Webhook:
             self._stop.wait(self.backoff.pause(failures))
         return failures
 
+    def _headers(self, event: UsageEvent, body: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Quota-Event-Id": event.event_id}
+        if self.secret:
+            stamp = self.now_us() // MICROS
+            headers["X-Quota-Timestamp"] = str(stamp)
+            headers["X-Quota-Signature-V1"] = timestamped_signature(self.secret, body, stamp)
+            headers["X-Quota-Signature"] = signature(self.secret, body)
+        return headers
+
+
+def _failure(status: int) -> str:
+    if 300 <= status < 400:
+        return f"HTTP {status}, a redirect (not followed: set --webhook-url to where the receiver is)"
+    return f"HTTP {status}"
+
 
 def _undelivered(r: LedgerReader) -> tuple[int, list[UsageEvent]]:
     seen = r.event_cursor(WEBHOOK)
     return seen, r.events_after(seen, "", READ_AHEAD)
-
-
-def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code

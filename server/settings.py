@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import grp
 import ipaddress
+import ssl
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import Field, dataclass, fields
+from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
+
+from quota_sidecar.client._credentials import one_secret
 
 from .ledger.sqlite import SYNCHRONOUS_MODES, sqlite_path
 
@@ -27,6 +30,7 @@ class Settings:
     ledger: str = "sqlite:///./quota-ledger.db"
     metrics_address: str = "127.0.0.1:9464"
     admin_token: str | None = None
+    admin_token_file: str | None = None
     tenants: str | None = None
     log_level: str = "INFO"
     drain_timeout: float = 10.0
@@ -38,6 +42,7 @@ class Settings:
     metrics_tenant_max: int = 100
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    webhook_secret_file: str | None = None
     webhook_timeout: float = 5.0
     reminder_interval: float = 60.0
     max_pending_calls: int = 256
@@ -52,6 +57,24 @@ class Settings:
     prune_interval: float = 60.0
 
     def validate(self) -> Settings:
+        """These settings with the secret files read in, once every value is checked."""
+        return self._with_secret_files()._checked()
+
+    def _with_secret_files(self) -> Settings:
+        """The secrets read from their files, which are then done with (so validating the
+        result again reads nothing)."""
+        loaded: dict[str, str | None] = {}
+        for secret, file in SECRET_FILES.items():
+            try:
+                loaded[secret] = one_secret(
+                    _flag(secret), f"QUOTA_{secret.upper()}", getattr(self, secret), getattr(self, file)
+                )
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+            loaded[file] = None
+        return replace(self, **loaded)  # type: ignore[arg-type]
+
+    def _checked(self) -> Settings:
         if self.address.startswith("unix:"):
             if not self.address.removeprefix("unix://").removeprefix("unix:"):
                 raise SettingsError("--address: the unix socket path is empty")
@@ -123,6 +146,8 @@ class Settings:
         ):
             if value is not None and not Path(value).is_file():
                 raise SettingsError(f"{flag}: no such file {value}")
+        if self.tls_cert is not None and self.tls_key is not None:
+            _check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
 
     @property
@@ -134,6 +159,59 @@ class Settings:
         if self.metrics_address and not _loopback(_host_port("--metrics-address", self.metrics_address)[0]):
             wide.append(f"metrics on {self.metrics_address}")
         return wide
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> bytes:
+    """Stands in for OpenSSL's passphrase prompt, which would wait on the terminal."""
+    raise _EncryptedKey
+
+
+def _check_tls(cert: str, key: str, client_ca: str | None) -> None:
+    """Loads the TLS files as the gRPC port will, so that a bad one is reported with its
+    flag and cause here rather than as gRPC's "Failed to bind to address"."""
+    _check_certificates("--tls-cert", cert)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise SettingsError(
+            f"--tls-key: {key} is encrypted; the sidecar needs it unencrypted (protect the file instead)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SettingsError(f"--tls-key: {key} is not the private key of the certificate in {cert}") from None
+        raise SettingsError(f"--tls-key: {key} holds no PEM private key") from None
+    except OSError as exc:
+        raise SettingsError(f"--tls-key: cannot read {key}: {exc.strerror}") from None
+    if client_ca is not None:
+        _check_certificates("--tls-client-ca", client_ca)
+
+
+def _check_certificates(flag: str, path: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            raise SettingsError(f"{flag}: {path} holds no PEM certificate") from None
+        raise SettingsError(f"{flag}: {path} is not a valid PEM certificate") from None
+    except OSError as exc:
+        raise SettingsError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+
+SECRET_FILES = {"admin_token": "admin_token_file", "webhook_secret": "webhook_secret_file"}
+"""The secret settings, and the settings naming a file to read each from instead."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def secrets_on_the_command_line(args: argparse.Namespace) -> list[str]:
+    """The secret settings given as flags, where every user of the machine can read them."""
+    return [_flag(secret) for secret in SECRET_FILES if getattr(args, secret, None) is not None]
 
 
 def _loopback(host: str) -> bool:
@@ -157,6 +235,7 @@ HELP = {
     "ledger": "the ledger: sqlite:///PATH or a bare file path",
     "metrics_address": "HOST:PORT serving Prometheus /metrics; empty to disable",
     "admin_token": "the admin credential (Bearer token); admin RPCs are refused without one",
+    "admin_token_file": "a file holding the admin token (instead of --admin-token, which other users can read)",
     "tenants": "a YAML or JSON file of plans to load at start",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "drain_timeout": "seconds to finish in-flight calls on SIGTERM/SIGINT",
@@ -167,8 +246,9 @@ HELP = {
     "metrics_tenant_min_ratio": "usage ratio from which a tenant gets its own limit-proximity series",
     "metrics_tenant_max": "most tenants given their own limit-proximity series (the most pressing first)",
     "webhook_url": "http(s) URL that receives every usage event as a JSON POST (at least once)",
-    "webhook_secret": "key of the X-Quota-Signature HMAC-SHA256 of each webhook body",
-    "webhook_timeout": "seconds to wait for the webhook to answer one event",
+    "webhook_secret": "key of the X-Quota-Signature-V1 and X-Quota-Signature HMAC-SHA256 of each webhook post",
+    "webhook_secret_file": "a file holding the webhook secret (instead of --webhook-secret)",
+    "webhook_timeout": "seconds one webhook post may take in all (connect, send, the whole answer)",
     "reminder_interval": "seconds between checks for due reminders (renotify_interval, AC-1)",
     "max_pending_calls": "calls that may wait for a free worker; beyond them a call gets RESOURCE_EXHAUSTED at once",
     "ledger_check_interval": "seconds between write attempts while the ledger fails, and checks that its file is there",

@@ -6,8 +6,8 @@ for them) out of api.md itself and look each one up in
 `quota_sidecar.client.v1.quota_pb2.DESCRIPTOR`, so neither the protos nor the
 stubs can drift from the document. Extra fields, RPCs and values are allowed.
 
-api.md lives in the shared docs beside the repository (`../shared/docs/api.md`);
-`QUOTA_API_DOC` points at another copy. A missing document is a failure, not a skip.
+api.md is the repository's own `docs/api.md`; `QUOTA_API_DOC` points at another
+copy. A missing document is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from quota_sidecar.client.v1 import quota_pb2
 
 API_DOC_ENV = "QUOTA_API_DOC"
-SIBLING_API_DOC = Path(__file__).parents[2] / "shared" / "docs" / "api.md"
+REPO_API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 PACKAGE = "quota.v1"
 
 SCALAR_TYPES = {
@@ -90,12 +90,9 @@ def api_doc_path() -> Path:
         if not path.is_file():
             pytest.fail(f"{API_DOC_ENV}={explicit} does not name a file; the contract cannot be checked")
         return path
-    if not SIBLING_API_DOC.is_file():
-        pytest.fail(
-            f"api.md not found at {SIBLING_API_DOC} (the shared docs beside the repository); "
-            f"check out shared/ next to the repo or set {API_DOC_ENV}=/path/to/api.md"
-        )
-    return SIBLING_API_DOC
+    if not REPO_API_DOC.is_file():
+        pytest.fail(f"api.md not found at {REPO_API_DOC}; the contract cannot be checked")
+    return REPO_API_DOC
 
 
 @functools.cache

@@ -5,13 +5,16 @@ order by the engine, over WatchUsageEvents and by a real HTTP webhook receiver."
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
+import importlib.metadata
 import json
+import re
 import signal
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -279,24 +282,39 @@ def test_watch_streams_are_bounded_and_end_when_the_sidecar_stops(tmp_path: Path
 # -- the webhook -----------------------------------------------------------------------------------
 
 
-class Receiver:
-    """A real HTTP server that records each POST and answers with the next queued status."""
+Answer = int | Callable[[BaseHTTPRequestHandler], None]
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.statuses = list(statuses or [])
+
+class Receiver:
+    """A real HTTP server that records each POST and answers with the next queued answer:
+    a status, or a function writing the answer itself (recorded before it runs, as it may
+    never finish). Every request's method and path is kept in `requests`; a GET is
+    answered 200."""
+
+    def __init__(self, answers: list[Answer] | None = None) -> None:
+        self.answers = list(answers or [])
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.requests: list[tuple[str, str]] = []
         self.arrived = threading.Condition()
+        self.closing = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = receiver.statuses.pop(0) if receiver.statuses else 204
-                self.send_response(status)
+                answer = receiver.answers.pop(0) if receiver.answers else 204
+                if callable(answer):
+                    receiver.record(self, body)
+                    answer(self)
+                    return
+                self.send_response(answer)
                 self.end_headers()
-                with receiver.arrived:
-                    receiver.received.append((dict(self.headers), body))
-                    receiver.arrived.notify_all()
+                receiver.record(self, body)
+
+            def do_GET(self) -> None:  # noqa: N802 - the http.server hook name
+                self.send_response(200)
+                self.end_headers()
+                receiver.record(self, b"")
 
             def log_message(self, *args: object) -> None:
                 return None
@@ -304,6 +322,13 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def record(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        with self.arrived:
+            self.requests.append((request.command, request.path))
+            if request.command == "POST":
+                self.received.append((dict(request.headers), body))
+            self.arrived.notify_all()
 
     @property
     def url(self) -> str:
@@ -317,6 +342,7 @@ class Receiver:
             return list(self.received)
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -356,16 +382,25 @@ def test_cr8_crossing_80_percent_posts_exactly_one_signed_event_to_the_webhook(
     assert event["usage"]["usage_ratio"] == 0.8 and event["usage"]["contact_limit"] == 10
 
 
-def test_a_failing_receiver_gets_the_event_again_until_it_answers_2xx(tmp_path: Path, clock: FakeClock) -> None:
-    receiver = Receiver([500, 503])
-    running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=receiver.url)
+def posts_for(
+    tmp_path: Path, clock: FakeClock, receiver: Receiver, contacts: int, posts: int, **settings: object
+) -> list[tuple[dict[str, str], bytes]]:
+    """Runs a sidecar posting to `receiver` (and `settings`), sends to `contacts` contacts of a
+    10-contact plan, and returns the first `posts` posts once they arrived; closes both."""
+    running = start_sidecar(
+        tmp_path / "ledger.db", clock, webhook_url=settings.pop("webhook_url", receiver.url), **settings
+    )
     try:
         running.put_plan("acme", **grpc_plan(10))
-        grpc_send(running, "acme", [f"c{i}" for i in range(10)])
-        posts = receiver.wait_for(4)
+        grpc_send(running, "acme", [f"c{i}" for i in range(contacts)])
+        return receiver.wait_for(posts)[:posts]
     finally:
         running.stop()
         receiver.close()
+
+
+def test_a_failing_receiver_gets_the_event_again_until_it_answers_2xx(tmp_path: Path, clock: FakeClock) -> None:
+    posts = posts_for(tmp_path, clock, Receiver([500, 503]), 10, 4)
     ids_in_order = [json.loads(body)["event_id"] for _, body in posts]
     first, second = ids_in_order[0], ids_in_order[3]
     assert ids_in_order[:3] == [first, first, first] and second != first
@@ -439,16 +474,8 @@ def test_kill_9_keeps_every_acknowledged_crossing_for_the_webhook(tmp_path: Path
     processes.append(first)
     first.wait_serving()
     tenants = [f"t{i}" for i in range(5)]
-    with grpc.insecure_channel(first.address) as channel:
-        admin = pb_grpc.QuotaAdminServiceStub(channel)
-        quota = pb_grpc.QuotaServiceStub(channel)
-        for tenant in tenants:
-            admin.PutPlan(pb.PutPlanRequest(tenant_id=tenant, plan=pb.Plan(**grpc_plan(10))), metadata=AUTH, timeout=10)
-            for i in range(8):
-                request = pb.CheckSendRequest(
-                    tenant_id=tenant, contact_id=f"c{i}", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN
-                )
-                assert quota.CheckSend(request, timeout=10).decision == pb.DECISION_ALLOW
+    for tenant in tenants:
+        cross_80_percent(first.address, tenant)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(timeout=10)
 
@@ -466,6 +493,132 @@ def test_kill_9_keeps_every_acknowledged_crossing_for_the_webhook(tmp_path: Path
     assert sorted(e["tenant_id"] for e in delivered) == tenants
     assert len({e["event_id"] for e in delivered}) == len(delivered) == len(posts)
     assert {e["threshold"] for e in delivered} == {0.8}
+
+
+def redirect_to(location: str) -> Answer:
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return answer
+
+
+def trickle(receiver: Receiver, interval: float = 0.2) -> Answer:
+    """An answer that never ends: a byte every `interval` seconds until the receiver closes."""
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"." * 100_000:
+            if receiver.closing.wait(interval):
+                return
+            try:
+                handler.wfile.write(bytes([byte]))
+            except OSError:
+                return
+
+    return answer
+
+
+def webhook_cursor(db_path: Path) -> int:
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute("SELECT seq FROM event_cursors WHERE consumer = 'webhook'").fetchone()
+        return row[0] if row else 0
+
+
+def test_a_redirect_is_not_followed_and_the_event_is_posted_again_until_a_2xx(tmp_path: Path, clock: FakeClock) -> None:
+    """Issue 14.1: a 302 is a failure like any other non-2xx: no GET follows it, the position
+    stays, and the same event is posted again to the configured URL after the backoff."""
+    receiver = Receiver([redirect_to("/moved")])
+    posts = posts_for(tmp_path, clock, receiver, 8, 2)
+    assert receiver.requests[:2] == [("POST", "/quota-events"), ("POST", "/quota-events")]
+    assert ("GET", "/moved") not in receiver.requests
+    assert len({json.loads(body)["event_id"] for _, body in posts}) == 1
+    assert webhook_cursor(tmp_path / "ledger.db") == 1
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_timeout_and_posted_again(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Issue 14.2: --webhook-timeout bounds the whole attempt, not each read: a receiver
+    sending a byte every 0.2 s (each read well within the timeout) is cut off after 1 s and
+    the event is posted again; the second receiver answers at once and it is delivered."""
+    receiver = Receiver()
+    receiver.answers.append(trickle(receiver))
+    posts = posts_for(tmp_path, clock, receiver, 8, 2, webhook_timeout=1.0)
+    assert len({json.loads(body)["event_id"] for _, body in posts}) == 1
+    assert webhook_cursor(tmp_path / "ledger.db") == 1
+
+
+def cross_80_percent(address: str, tenant: str) -> None:
+    """Puts a 10-contact plan on `tenant` and sends to 8 contacts over gRPC: one crossing (CR-8)."""
+    with grpc.insecure_channel(address) as channel:
+        admin = pb_grpc.QuotaAdminServiceStub(channel)
+        quota = pb_grpc.QuotaServiceStub(channel)
+        admin.PutPlan(pb.PutPlanRequest(tenant_id=tenant, plan=pb.Plan(**grpc_plan(10))), metadata=AUTH, timeout=10)
+        for i in range(8):
+            request = pb.CheckSendRequest(
+                tenant_id=tenant, contact_id=f"c{i}", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN
+            )
+            assert quota.CheckSend(request, timeout=10).decision == pb.DECISION_ALLOW
+
+
+def test_sigterm_exits_0_within_the_drain_timeout_while_a_receiver_trickles(tmp_path: Path, processes: list) -> None:
+    """Issue 14.2, the real process: with a post in flight to a receiver that would keep it
+    for 600 s (the --webhook-timeout), SIGTERM still drains and exits 0 in a few seconds; the
+    event stays undelivered in the ledger for the next start."""
+    receiver = Receiver()
+    receiver.answers.append(trickle(receiver))
+    ledger = tmp_path / "ledger.db"
+    try:
+        running = start(ledger, "--webhook-url", receiver.url, "--webhook-timeout", "600", "--drain-timeout", "2")
+        processes.append(running)
+        running.wait_serving()
+        cross_80_percent(running.address, "acme")
+        receiver.wait_for(1)
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.proc.wait(timeout=20) == 0
+    finally:
+        receiver.close()
+    assert webhook_cursor(ledger) == 0
+
+
+def test_credentials_in_the_webhook_url_are_sent_as_basic_auth(tmp_path: Path, clock: FakeClock) -> None:
+    """Issue 14.3: `http://user:password@host/path` (percent-encoded) posts to host/path with
+    `Authorization: Basic`, and the credentials appear in no log line."""
+    receiver = Receiver()
+    url = receiver.url.replace("http://", "http://mail%40ops:p%3As%2Fs@")
+    ((headers, _),) = posts_for(tmp_path, clock, receiver, 8, 1, webhook_url=url)
+    assert receiver.requests[0] == ("POST", "/quota-events")
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"mail@ops:p:s/s").decode()
+
+
+def test_the_signature_covers_a_timestamp_and_the_user_agent_names_the_product(
+    tmp_path: Path, clock: FakeClock, receiver: Receiver
+) -> None:
+    """Issue 14.3: `X-Quota-Signature-V1: t=<unix seconds>,v1=<HMAC-SHA256 of "<t>." + body>`,
+    the same t in `X-Quota-Timestamp`: a receiver refusing old timestamps refuses replays,
+    because changing t breaks the signature. The body-only X-Quota-Signature stays."""
+    ((headers, body),) = posts_for(tmp_path, clock, receiver, 8, 1, webhook_secret="s3cret")
+    stamp = clock.now_us() // MICROS
+    assert headers["X-Quota-Timestamp"] == str(stamp)
+
+    def mac(signed: bytes) -> str:
+        return hmac.new(b"s3cret", signed, hashlib.sha256).hexdigest()
+
+    assert headers["X-Quota-Signature-V1"] == f"t={stamp},v1={mac(f'{stamp}.'.encode() + body)}"
+    assert mac(f"{stamp + 1}.".encode() + body) not in headers["X-Quota-Signature-V1"]
+    assert headers["X-Quota-Signature"] == f"sha256={mac(body)}"
+    assert headers["User-Agent"] == f"quota-sidecar/{importlib.metadata.version('quota-sidecar')}"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = next(block for block in re.findall(r"```python\n(.+?)```", readme, flags=re.S) if "def verify" in block)
+    documented: dict[str, object] = {}
+    exec(recipe, documented)
+    verify = documented["verify"]
+    # the fake clock is not the wall clock: a huge window checks the signature, a negative one the window
+    assert verify(b"s3cret", headers, body, window=10**10)
+    assert not verify(b"s3cret", headers, body + b" ", window=10**10)
+    assert not verify(b"s3cret", headers, body, window=-1)
 
 
 # -- the client library ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 from quota_sidecar.client.cli import (
     ADDRESS_ENV,
     ADMIN_TOKEN_ENV,
+    ADMIN_TOKEN_FILE_ENV,
     COMMANDS,
     EXIT_BROKEN_PIPE,
     EXIT_SERVER_ERROR,
@@ -53,6 +54,7 @@ def fields(out: str) -> dict[str, str]:
 def no_quota_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ADDRESS_ENV, raising=False)
     monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    monkeypatch.delenv(ADMIN_TOKEN_FILE_ENV, raising=False)
 
 
 @pytest.fixture
@@ -605,6 +607,31 @@ def test_address_and_token_come_from_the_environment(
     assert main(["usage", TENANT]) == EXIT_UNREACHABLE
     assert main(["usage", TENANT, "--address", sidecar.address]) == 0
     assert "active contacts   0 / 3 (0%)" in capsys.readouterr().out
+
+
+def test_the_token_comes_from_a_file_named_by_flag_or_environment(
+    sidecar, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 14.12: `--admin-token-file` / QUOTA_ADMIN_TOKEN_FILE keep the token out of the
+    command line (the trailing newline of the file is not part of it); a file that cannot
+    be read, or a token given both ways, is bad usage with one line."""
+    token = tmp_path / "token"
+    token.write_text(f"{sidecar.admin_token}\n")
+    monkeypatch.setenv(ADDRESS_ENV, sidecar.address)
+    assert main([*PLAN_SET, "--admin-token-file", str(token)]) == 0
+    monkeypatch.setenv(ADMIN_TOKEN_FILE_ENV, str(token))
+    assert main(["plan", "get", TENANT]) == 0
+    capsys.readouterr()
+    missing = tmp_path / "missing"
+    assert main(["plan", "get", TENANT, "--admin-token-file", str(missing)]) == EXIT_USAGE
+    assert (
+        capsys.readouterr().err == f"quotactl: --admin-token-file: cannot read {missing}: No such file or directory\n"
+    )
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, sidecar.admin_token)
+    assert main(["plan", "get", TENANT]) == EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "quotactl: --admin-token-file: --admin-token (or QUOTA_ADMIN_TOKEN) is given too; give one\n"
+    )
 
 
 def _installed_quotactl() -> str:

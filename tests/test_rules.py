@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-DOMAIN = TESTS.parent.parent / "shared" / "docs" / "domain.md"
+DOMAIN = TESTS.parent / "docs" / "domain.md"
 RULE = re.compile(r"^- ((?:AC|SG|CR|MK)-\d+) ", flags=re.M)
 
 

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,38 @@ from .settings import SettingsError, add_arguments, resolve
 from .tenants import TenantsFileError, check_tenants
 
 log = logging.getLogger("quota_sidecar")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, caught from now on and waited for by the main thread.
+
+    The kernel may hand a signal sent to the process to any of its threads: it passes
+    over one that already has a signal pending, as the main thread has just after a
+    SIGCONT. Python's C-level handler then runs in that thread and only flags the
+    signal, so a main thread blocked in a wait (a lock, or a timed wait that a preloaded
+    libfaketime stretches) would never run the Python handler. That C handler also
+    writes the signal's number to the wakeup fd whichever thread it runs in, so a
+    blocking read of the pipe behind it always wakes the main thread."""
+
+    CAUGHT = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for signum in self.CAUGHT:
+            signal.signal(signum, _caught)
+
+    def wait(self) -> signal.Signals:
+        """Blocks until one of the caught signals has arrived (also before this call) and returns it."""
+        while True:
+            for number in os.read(self._read_end, 64):
+                if number in self.CAUGHT:
+                    return signal.Signals(number)
+
+
+def _caught(_signum: int, _frame: object) -> None:
+    """Replaces the default action (death, or KeyboardInterrupt); StopSignals.wait reports the signal."""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -40,15 +71,7 @@ def serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     disable_created_metrics()
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_signals = StopSignals()
     sidecar = Sidecar(settings, tenant_plans=plans)
     try:
         sidecar.bind()
@@ -61,9 +84,8 @@ def serve(args: argparse.Namespace) -> int:
         sidecar.stop(0)
         print(f"quota-sidecar: cannot open the ledger {settings.ledger}: {exc}", file=sys.stderr)
         return 1
-    while not stop.wait(3600):
-        pass
-    log.info("%s received: draining in-flight calls", signal.Signals(received[0]).name)
+    received = stop_signals.wait()
+    log.info("%s received: draining in-flight calls", received.name)
     sidecar.stop()
     return 0
 

@@ -7,6 +7,8 @@ async client differ only in how they send a Call; `ClientConfig` holds what they
 from __future__ import annotations
 
 import functools
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
-from ._errors import Unavailable
+from ._errors import DeadlineExceeded, QuotaError, Unavailable
 from ._results import (
     ActiveContactsPage,
     ActivityRecord,
@@ -97,8 +99,53 @@ class ClientConfig:
             return timeout
         return self.admin_timeout if call.admin else self.timeout
 
+    def attempts(self, call: Call[Any], timeout: float | None, rng: random.Random) -> Attempts:
+        return Attempts(self.deadline(call, timeout), self.retry, rng)
+
+    def give_up(self, call: Call[R], error: QuotaError, cause: BaseException | None = None) -> R:
+        """The fail-mode fallback of a check call the sidecar did not answer; else raises `error`."""
+        if call.fallback is not None and isinstance(error, Unavailable):
+            return call.fallback(self.fallback_decision, error)
+        raise error from cause
+
     def metadata(self, call: Call[Any]) -> tuple[tuple[str, str], ...] | None:
         return self._admin_metadata if call.admin else None
+
+
+class Attempts:
+    """The tries of one call, all within the call's one deadline: each try's gRPC timeout
+    is what remains of it, and a retry whose pause would outlast it is not made, so the
+    call (its retries and its fallback included) ends within its timeout."""
+
+    __slots__ = ("_ends", "_rng", "_retry", "_started", "made")
+
+    def __init__(self, seconds: float, retry: Retry, rng: random.Random) -> None:
+        self._started = time.monotonic()
+        self._ends = self._started + seconds
+        self._retry = retry
+        self._rng = rng
+        self.made = 0
+
+    def next_timeout(self) -> float | None:
+        """The timeout of the next try: what remains of the call's; None once nothing does."""
+        remaining = self._ends - time.monotonic()
+        if remaining <= 0:
+            return None
+        self.made += 1
+        return remaining
+
+    def pause(self) -> float | None:
+        """Seconds to wait before retrying after UNAVAILABLE; None when the Retry allows no
+        more tries or the pause would leave no time for one."""
+        now = time.monotonic()
+        pause = self._retry.pause(self.made, now - self._started, self._rng)
+        if pause is None or now + pause >= self._ends:
+            return None
+        return pause
+
+
+def out_of_time() -> DeadlineExceeded:
+    return DeadlineExceeded("the call's deadline passed before it was answered")
 
 
 def _request_id(request_id: str | None, dry_run: bool) -> str:

@@ -666,6 +666,43 @@ def test_retries_are_bounded_in_attempts_and_time(quota: QuotaClient, lossy_prox
     assert Retry(attempts=4).pause(4, elapsed=0.0, rng=rng) is None
 
 
+# Retries that would each fit the whole timeout: only the call's one deadline stops them.
+EAGER_RETRY = Retry(attempts=6, backoff=0.001, max_elapsed=5.0)
+
+
+@pytest.mark.parametrize("coalesce", [False, True], ids=["plain", "coalescing"])
+def test_the_timeout_bounds_the_whole_call_retries_and_fallback_included(refusing_server, coalesce: bool) -> None:
+    """A server answering UNAVAILABLE after 80 ms: check_send(timeout=0.1) makes only the
+    attempts its one deadline holds, each sent with what remains, then falls back."""
+    with QuotaClient(refusing_server.address, retries=EAGER_RETRY, coalesce=coalesce) as client:
+        decision = client.check_send(TENANT, "c1", "CAMPAIGN", timeout=0.1)
+        assert (decision.decision, decision.fallback) == ("DENY", True)
+        assert isinstance(decision.error, Unavailable)
+        batch = client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN", timeout=0.1)
+        assert batch.fallback is True
+        with pytest.raises(Unavailable):
+            client.record_activity(TENANT, ["c1"], "NOTE_ADDED", timeout=0.1)
+    assert len(refusing_server.calls()) == 3
+    refusing_server.assert_each_call_kept_one_deadline(0.1)
+
+
+@pytest.mark.parametrize("coalesce", [False, True], ids=["plain", "coalescing"])
+def test_the_async_timeout_bounds_the_whole_call_retries_and_fallback_included(refusing_server, coalesce: bool) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(refusing_server.address, retries=EAGER_RETRY, coalesce=coalesce) as client:
+            decision = await client.check_send(TENANT, "c1", "CAMPAIGN", timeout=0.1)
+            assert (decision.decision, decision.fallback) == ("DENY", True)
+            assert isinstance(decision.error, Unavailable)
+            batch = await client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN", timeout=0.1)
+            assert batch.fallback is True
+            with pytest.raises(Unavailable):
+                await client.record_activity(TENANT, ["c1"], "NOTE_ADDED", timeout=0.1)
+
+    asyncio.run(scenario())
+    assert len(refusing_server.calls()) == 3
+    refusing_server.assert_each_call_kept_one_deadline(0.1)
+
+
 @pytest.mark.parametrize(
     "method, call, counted",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -112,6 +113,7 @@ class AsyncQuotaClient:
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin_stub = quota_pb2_grpc.QuotaAdminServiceStub(self._channel)
         self._random = random.Random()
+        self._closed = asyncio.Event()
 
     @property
     def target(self) -> str:
@@ -138,6 +140,7 @@ class AsyncQuotaClient:
         return self._coalesce
 
     async def close(self) -> None:
+        self._closed.set()
         queued = self._lanes.close()
         for member in settle(queued, [ALONE for _ in queued]):
             _resolve(member)
@@ -371,28 +374,32 @@ class AsyncQuotaClient:
         again and the stream resumes after the last event yielded, so none is skipped;
         store `sequence` to resume after your own restart. Errors other than
         UNAVAILABLE raise (NOT_FOUND for a tenant without a plan). With `follow=False`
-        it ends once the events already committed are read."""
+        it ends once the events already committed are read. It ends when the client is
+        closed."""
         seen = after_sequence
         failures = 0
-        while True:
-            stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+        while not self._closed.is_set():
             try:
-                async for response in stream:
-                    failures = 0
-                    event = UsageEvent.from_pb(response.event)
-                    seen = event.sequence
-                    yield event
-            except grpc.RpcError as exc:
-                code, details = status_of(exc)
-                if code is not grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_status(code, details) from exc
+                stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+                try:
+                    async for response in stream:
+                        failures = 0
+                        event = UsageEvent.from_pb(response.event)
+                        seen = event.sequence
+                        yield event
+                finally:
+                    stream.cancel()
+            except (grpc.RpcError, grpc.aio.UsageError, asyncio.CancelledError) as exc:
+                # Closing the channel cancels the stream (CancelledError from the read, though
+                # the task is not cancelled), or refuses the next dial with UsageError.
+                if _calls.watch_ended(exc, self._closed.is_set() and not _cancelling()):
+                    return
             else:
                 if not follow:
                     return
-            finally:
-                stream.cancel()
             failures += 1
-            await asyncio.sleep(_calls.reconnect_pause(failures))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), _calls.reconnect_pause(failures))
 
     async def put_plan(
         self,
@@ -461,3 +468,9 @@ def _resolve(member: Member[asyncio.Future[Outcome]]) -> None:
     if not member.wake.done():
         assert member.outcome is not None
         member.wake.set_result(member.outcome)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (not merely reading a stream that was)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

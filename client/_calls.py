@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
-from ._errors import DeadlineExceeded, QuotaError, Unavailable
+from ._errors import DeadlineExceeded, QuotaError, Unavailable, error_from_status
 from ._results import (
     ActiveContactsPage,
     ActivityRecord,
@@ -286,6 +286,20 @@ def watch_request(tenant_id: str, after_sequence: int, follow: bool) -> quota_pb
     return quota_pb2.WatchUsageEventsRequest(
         tenant_id=tenant_id, after_sequence=after_sequence, backlog_only=not follow
     )
+
+
+def watch_ended(exc: BaseException, closed: bool) -> bool:
+    """Whether a watch stream's failure ends the watch quietly, as it does once the client
+    is closed; UNAVAILABLE is dialled again (False); any other failure raises, a gRPC one
+    as the client's error."""
+    if closed:
+        return True
+    if not isinstance(exc, grpc.RpcError):
+        raise exc
+    code, details = status_of(exc)
+    if code is not grpc.StatusCode.UNAVAILABLE:
+        raise error_from_status(code, details) from exc
+    return False
 
 
 def reconnect_pause(failures: int) -> float:

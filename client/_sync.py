@@ -111,6 +111,7 @@ class QuotaClient:
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin_stub = quota_pb2_grpc.QuotaAdminServiceStub(self._channel)
         self._random = random.Random()
+        self._closed = threading.Event()
 
     @property
     def target(self) -> str:
@@ -137,6 +138,7 @@ class QuotaClient:
         return self._coalesce
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             queued = self._lanes.close()
             _wake_in_turn(settle(queued, [ALONE for _ in queued]))
@@ -395,28 +397,30 @@ class QuotaClient:
         again and the stream resumes after the last event yielded, so none is skipped;
         store `sequence` to resume after your own restart. Errors other than
         UNAVAILABLE raise (NOT_FOUND for a tenant without a plan). With `follow=False`
-        it ends once the events already committed are read."""
+        it ends once the events already committed are read. It ends when the client is
+        closed, from any thread."""
         seen = after_sequence
         failures = 0
-        while True:
-            stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+        while not self._closed.is_set():
             try:
-                for response in stream:
-                    failures = 0
-                    event = UsageEvent.from_pb(response.event)
-                    seen = event.sequence
-                    yield event
-            except grpc.RpcError as exc:
-                code, details = status_of(exc)
-                if code is not grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_status(code, details) from exc
+                stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+                try:
+                    for response in stream:
+                        failures = 0
+                        event = UsageEvent.from_pb(response.event)
+                        seen = event.sequence
+                        yield event
+                finally:
+                    stream.cancel()
+            except (grpc.RpcError, ValueError) as exc:
+                # Closing the channel cancels the stream, or refuses the next dial with ValueError.
+                if _calls.watch_ended(exc, self._closed.is_set()):
+                    return
             else:
                 if not follow:
                     return
-            finally:
-                stream.cancel()
             failures += 1
-            time.sleep(_calls.reconnect_pause(failures))
+            self._closed.wait(_calls.reconnect_pause(failures))
 
     def put_plan(
         self,

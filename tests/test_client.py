@@ -733,6 +733,70 @@ def test_dry_runs_carry_no_request_id(quota: QuotaClient, lossy_proxy) -> None:
     assert dry.request_id == "" and len(real.request_id) == 32
 
 
+# The first send crosses its threshold (1 of 3 contacts): one usage event to watch.
+WATCHED_PLAN = dataclasses.replace(PLAN, notify_thresholds=(0.3,))
+
+
+@pytest.mark.parametrize("sidecar_state", ["streaming", "stopped"])
+def test_closing_the_client_ends_a_running_watch_cleanly(sidecar, sidecar_state: str) -> None:
+    """close() under a thread iterating watch_usage_events, while the stream is open or
+    while the watch dials a stopped sidecar again: the iterator just ends, nothing raised."""
+    client = QuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT)
+    client.put_plan(TENANT, WATCHED_PLAN)
+    first_event = threading.Event()
+    events: list[Any] = []
+    ended: list[BaseException | None] = []
+
+    def watch() -> None:
+        try:
+            for event in client.watch_usage_events(TENANT):
+                events.append(event)
+                first_event.set()
+        except BaseException as exc:
+            ended.append(exc)
+        else:
+            ended.append(None)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    client.check_send(TENANT, "c1", "CAMPAIGN")
+    assert first_event.wait(TIMEOUT)
+    if sidecar_state == "stopped":
+        sidecar.stop()
+    client.close()
+    watcher.join(TIMEOUT)
+    assert ended == [None]
+    assert [(event.type, event.threshold) for event in events] == [("THRESHOLD_CROSSED", 0.3)]
+    assert list(client.watch_usage_events(TENANT)) == []
+
+
+@pytest.mark.parametrize("sidecar_state", ["streaming", "stopped"])
+def test_closing_the_async_client_ends_a_running_watch_cleanly(sidecar, sidecar_state: str) -> None:
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        client = AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT)
+        await client.put_plan(TENANT, WATCHED_PLAN)
+        first_event = asyncio.Event()
+        events: list[Any] = []
+
+        async def watch() -> None:
+            async for event in client.watch_usage_events(TENANT):
+                events.append(event)
+                first_event.set()
+
+        watcher = asyncio.create_task(watch())
+        await client.check_send(TENANT, "c1", "CAMPAIGN")
+        await asyncio.wait_for(first_event.wait(), TIMEOUT)
+        if sidecar_state == "stopped":
+            await asyncio.to_thread(sidecar.stop)
+        await client.close()
+        await asyncio.wait_for(watcher, TIMEOUT)
+        return events, [event async for event in client.watch_usage_events(TENANT)]
+
+    events, after_close = asyncio.run(scenario())
+    assert [(event.type, event.threshold) for event in events] == [("THRESHOLD_CROSSED", 0.3)]
+    assert after_close == []
+
+
 def test_async_client_makes_every_call(sidecar) -> None:
     async def scenario() -> None:
         async with AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT) as client:

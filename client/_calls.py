@@ -33,7 +33,7 @@ from ._results import (
     Usage,
 )
 from ._retry import Retry
-from ._wire import EnumArg, TimestampArg, enum_value, id_list, to_timestamp
+from ._wire import EnumArg, TimestampArg, enum_value, id_list, message, to_timestamp
 from .v1 import quota_pb2
 
 R = TypeVar("R")
@@ -169,7 +169,8 @@ def check_send(
     dry_run: bool,
     request_id: str | None,
 ) -> Call[SendDecision]:
-    request = quota_pb2.CheckSendRequest(
+    request = message(
+        quota_pb2.CheckSendRequest,
         tenant_id=tenant_id,
         contact_id=contact_id,
         channel=enum_value(quota_pb2.Channel, channel, "channel"),
@@ -185,7 +186,8 @@ def merged_check_send(tenant_id: str, contact_id: str, kind: EnumArg, channel: E
     """A CheckSend the client may merge into a CheckSendBatch: no queued_since, no dry run
     and no request_id yet (it gets one only if it goes out alone; a batch has its own).
     Mail workers repeat the same kind and channel, so their wire numbers are remembered."""
-    request = quota_pb2.CheckSendRequest(
+    request = message(
+        quota_pb2.CheckSendRequest,
         tenant_id=tenant_id,
         contact_id=contact_id,
         channel=_remembered(quota_pb2.Channel, channel, "channel"),
@@ -214,7 +216,8 @@ def check_send_batch(
     request_id: str | None,
 ) -> Call[BatchDecision]:
     ids = id_list(contact_ids, "contact_ids")
-    request = quota_pb2.CheckSendBatchRequest(
+    request = message(
+        quota_pb2.CheckSendBatchRequest,
         tenant_id=tenant_id,
         contact_ids=ids,
         channel=enum_value(quota_pb2.Channel, channel, "channel"),
@@ -237,7 +240,8 @@ def check_contact_add(
     dry_run: bool,
     request_id: str | None,
 ) -> Call[ContactAddDecision]:
-    request = quota_pb2.CheckContactAddRequest(
+    request = message(
+        quota_pb2.CheckContactAddRequest,
         tenant_id=tenant_id,
         contact_ids=id_list(contact_ids, "contact_ids"),
         source=enum_value(quota_pb2.ContactSource, source, "source"),
@@ -250,7 +254,9 @@ def check_contact_add(
 
 
 def check_enroll(tenant_id: str, contact_id: str, automation_id: str) -> Call[EnrollDecision]:
-    request = quota_pb2.CheckEnrollRequest(tenant_id=tenant_id, contact_id=contact_id, automation_id=automation_id)
+    request = message(
+        quota_pb2.CheckEnrollRequest, tenant_id=tenant_id, contact_id=contact_id, automation_id=automation_id
+    )
     return Call("CheckEnroll", request, EnrollDecision.from_pb, fallback=EnrollDecision.from_fallback)
 
 
@@ -264,7 +270,8 @@ def record_activity(
     source_id: str,
     request_id: str | None,
 ) -> Call[ActivityRecord]:
-    request = quota_pb2.RecordActivityRequest(
+    request = message(
+        quota_pb2.RecordActivityRequest,
         tenant_id=tenant_id,
         contact_ids=id_list(contact_ids, "contact_ids"),
         kind=enum_value(quota_pb2.ActivityKind, kind, "kind"),
@@ -278,13 +285,13 @@ def record_activity(
 
 
 def get_usage(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Usage]:
-    request = quota_pb2.GetUsageRequest(tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
+    request = message(quota_pb2.GetUsageRequest, tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
     return Call("GetUsage", request, lambda response: Usage.from_pb(response.usage))
 
 
 def watch_request(tenant_id: str, after_sequence: int, follow: bool) -> quota_pb2.WatchUsageEventsRequest:
-    return quota_pb2.WatchUsageEventsRequest(
-        tenant_id=tenant_id, after_sequence=after_sequence, backlog_only=not follow
+    return message(
+        quota_pb2.WatchUsageEventsRequest, tenant_id=tenant_id, after_sequence=after_sequence, backlog_only=not follow
     )
 
 
@@ -308,25 +315,26 @@ def reconnect_pause(failures: int) -> float:
 
 
 def put_plan(tenant_id: str, plan: Plan | quota_pb2.Plan) -> Call[PlanChange]:
-    message = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
-    request = quota_pb2.PutPlanRequest(tenant_id=tenant_id, plan=message)
+    wire_plan = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
+    request = message(quota_pb2.PutPlanRequest, tenant_id=tenant_id, plan=wire_plan)
     return Call("PutPlan", request, PlanChange.from_pb, admin=True)
 
 
 def get_plan(tenant_id: str) -> Call[Plan]:
-    request = quota_pb2.GetPlanRequest(tenant_id=tenant_id)
+    request = message(quota_pb2.GetPlanRequest, tenant_id=tenant_id)
     return Call("GetPlan", request, lambda response: Plan.from_pb(response.plan), admin=True)
 
 
 def get_contact(tenant_id: str, contact_id: str) -> Call[ContactState]:
-    request = quota_pb2.GetContactRequest(tenant_id=tenant_id, contact_id=contact_id)
+    request = message(quota_pb2.GetContactRequest, tenant_id=tenant_id, contact_id=contact_id)
     return Call("GetContact", request, lambda response: ContactState.from_pb(response.contact), admin=True)
 
 
 def list_active_contacts(
     tenant_id: str, cycle_start: TimestampArg | None, page_size: int, page_token: str
 ) -> Call[ActiveContactsPage]:
-    request = quota_pb2.ListActiveContactsRequest(
+    request = message(
+        quota_pb2.ListActiveContactsRequest,
         tenant_id=tenant_id,
         page_size=page_size,
         page_token=page_token,
@@ -336,7 +344,7 @@ def list_active_contacts(
 
 
 def get_invoice(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Invoice]:
-    request = quota_pb2.GetInvoiceRequest(tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
+    request = message(quota_pb2.GetInvoiceRequest, tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
     return Call("GetInvoice", request, Invoice.from_pb, admin=True)
 
 

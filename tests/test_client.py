@@ -565,6 +565,56 @@ def test_arguments_the_client_cannot_send_raise_before_any_call(free_address: st
             client.check_send(TENANT, "c1", "AUTOMATION", queued_since=datetime(2025, 1, 1))
 
 
+LONE_SURROGATE = "c\ud800"
+# The field the client names, and a call with a lone surrogate (text that has no UTF-8
+# form) in it; the same lambdas make the asyncio client's coroutines.
+UNENCODABLE = [
+    ("tenant_id", lambda c: c.check_send(LONE_SURROGATE, "c1", "CAMPAIGN")),
+    ("contact_id", lambda c: c.check_send(TENANT, LONE_SURROGATE, "CAMPAIGN")),
+    ("contact_id", lambda c: c.check_send(TENANT, LONE_SURROGATE, "CAMPAIGN", dry_run=True)),
+    ("request_id", lambda c: c.check_send(TENANT, "c1", "CAMPAIGN", request_id=LONE_SURROGATE)),
+    ("contact_ids[1]", lambda c: c.check_send_batch(TENANT, ["c1", LONE_SURROGATE], "CAMPAIGN")),
+    ("contact_ids[0]", lambda c: c.check_contact_add(TENANT, [LONE_SURROGATE], "API")),
+    ("contact_id", lambda c: c.check_enroll(TENANT, LONE_SURROGATE, "welcome")),
+    ("automation_id", lambda c: c.check_enroll(TENANT, "c1", LONE_SURROGATE)),
+    ("contact_ids[0]", lambda c: c.record_activity(TENANT, LONE_SURROGATE, "NOTE_ADDED")),
+    ("source_id", lambda c: c.record_activity(TENANT, ["c1"], "NOTE_ADDED", source_id=LONE_SURROGATE)),
+    ("tenant_id", lambda c: c.get_usage(LONE_SURROGATE)),
+    ("plan.plan_name", lambda c: c.put_plan(TENANT, dataclasses.replace(PLAN, plan_name=LONE_SURROGATE))),
+    ("tenant_id", lambda c: c.get_plan(LONE_SURROGATE)),
+    ("contact_id", lambda c: c.get_contact(TENANT, LONE_SURROGATE)),
+    ("page_token", lambda c: c.list_active_contacts(TENANT, page_token=LONE_SURROGATE)),
+    ("tenant_id", lambda c: c.get_invoice(LONE_SURROGATE)),
+]
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "plain"])
+def test_text_without_a_utf8_form_is_invalid_argument_naming_the_field(free_address: str, coalesce: bool) -> None:
+    """A lone surrogate in any string the client sends: InvalidArgument naming the field,
+    raised before any call (nothing listens, and a check that went out would fall back)."""
+    with QuotaClient(free_address, admin_token="token", fail_mode="open", coalesce=coalesce) as client:
+        for field, call in UNENCODABLE:
+            with pytest.raises(InvalidArgument) as caught:
+                call(client)
+            assert caught.value.message.startswith(f"{field}: "), (field, caught.value.message)
+        with pytest.raises(InvalidArgument, match="^tenant_id: "):
+            next(client.watch_usage_events(LONE_SURROGATE))
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "plain"])
+def test_async_text_without_a_utf8_form_is_invalid_argument_naming_the_field(free_address: str, coalesce: bool) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(free_address, admin_token="token", fail_mode="open", coalesce=coalesce) as client:
+            for field, call in UNENCODABLE:
+                with pytest.raises(InvalidArgument) as caught:
+                    await call(client)
+                assert caught.value.message.startswith(f"{field}: "), (field, caught.value.message)
+            with pytest.raises(InvalidArgument, match="^tenant_id: "):
+                await anext(client.watch_usage_events(LONE_SURROGATE))
+
+    asyncio.run(scenario())
+
+
 def test_admin_calls_need_the_admin_token(sidecar) -> None:
     with QuotaClient(sidecar.address, timeout=TIMEOUT) as anonymous:
         with pytest.raises(Unauthenticated) as caught:

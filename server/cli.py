@@ -30,10 +30,10 @@ class StopSignals:
     """SIGTERM and SIGINT, caught from now on and waited for by the main thread.
 
     The kernel may hand a signal sent to the process to any of its threads: it passes
-    over one that already has a signal pending, as the main thread has just after a
-    SIGCONT. Python's C-level handler then runs in that thread and only flags the
-    signal, so a main thread blocked in a wait (a lock, or a timed wait that a preloaded
-    libfaketime stretches) would never run the Python handler. That C handler also
+    over one that is not running and still has signals pending, as the main thread has
+    from a SIGSTOP until it runs again after the SIGCONT. Python's C-level handler then
+    runs in the thread that got the signal and only flags it, so a main thread blocked
+    in a wait (Event.wait) would never run the Python handler. That C handler also
     writes the signal's number to the wakeup fd whichever thread it runs in, so a
     blocking read of the pipe behind it always wakes the main thread."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -21,7 +22,7 @@ from ._calls import (
     status_of,
 )
 from ._coalesce import ALONE, Answer, Batch, Lane, Lanes, Member, Outcome, Raise, settle
-from ._errors import QuotaError, Unavailable, error_from_status
+from ._errors import QuotaError, error_from_status
 from ._results import (
     ActiveContact,
     ActiveContactsPage,
@@ -52,7 +53,8 @@ class AsyncQuotaClient:
     admin_token: sent as `authorization: Bearer <token>` on admin calls only.
     timeout: the deadline of every data-plane call, in seconds (a sidecar call takes
         tens of milliseconds); admin_timeout: that of every admin call. Each method
-        takes `timeout=` to override it for one call.
+        takes `timeout=` to override it for one call. It bounds the whole call: its
+        retries and their pauses fit in it, and the fallback comes once it has passed.
     retries: how many times to retry an UNAVAILABLE answer, or a Retry for full control.
     fail_mode: what the check calls answer when the sidecar cannot be reached
         (UNAVAILABLE after the retries, or DEADLINE_EXCEEDED): "closed" denies, "open"
@@ -111,6 +113,7 @@ class AsyncQuotaClient:
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin_stub = quota_pb2_grpc.QuotaAdminServiceStub(self._channel)
         self._random = random.Random()
+        self._closed = asyncio.Event()
 
     @property
     def target(self) -> str:
@@ -137,6 +140,7 @@ class AsyncQuotaClient:
         return self._coalesce
 
     async def close(self) -> None:
+        self._closed.set()
         queued = self._lanes.close()
         for member in settle(queued, [ALONE for _ in queued]):
             _resolve(member)
@@ -157,26 +161,19 @@ class AsyncQuotaClient:
 
     async def _invoke(self, call: Call[R], timeout: float | None) -> R:
         method = getattr(self._admin_stub if call.admin else self._stub, call.method)
-        deadline = self._config.deadline(call, timeout)
         metadata = self._config.metadata(call)
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
+        attempts = self._config.attempts(call, timeout, self._random)
+        while (remaining := attempts.next_timeout()) is not None:
             try:
-                response = await method(call.request, timeout=deadline, metadata=metadata)
+                response = await method(call.request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 code, details = status_of(exc)
-                if code is grpc.StatusCode.UNAVAILABLE:
-                    pause = self._config.retry.pause(attempt, time.monotonic() - started, self._random)
-                    if pause is not None:
-                        await asyncio.sleep(pause)
-                        continue
-                error = error_from_status(code, details)
-                if call.fallback is not None and isinstance(error, Unavailable):
-                    return call.fallback(self._config.fallback_decision, error)
-                raise error from exc
+                if code is grpc.StatusCode.UNAVAILABLE and (pause := attempts.pause()) is not None:
+                    await asyncio.sleep(pause)
+                    continue
+                return self._config.give_up(call, error_from_status(code, details), exc)
             return call.read(response)
+        return self._config.give_up(call, _calls.out_of_time())
 
     async def check_send(
         self,
@@ -210,7 +207,7 @@ class AsyncQuotaClient:
         lane, alone = lanes.join(_coalesce.lane_key(call.request), member)
         if alone:
             try:
-                return await self._invoke(member.own_call(), timeout)
+                return await self._alone(member)
             finally:
                 lanes.finish(lane, time.monotonic(), 1)
                 self._dispatch(lane)
@@ -377,28 +374,32 @@ class AsyncQuotaClient:
         again and the stream resumes after the last event yielded, so none is skipped;
         store `sequence` to resume after your own restart. Errors other than
         UNAVAILABLE raise (NOT_FOUND for a tenant without a plan). With `follow=False`
-        it ends once the events already committed are read."""
+        it ends once the events already committed are read. It ends when the client is
+        closed."""
         seen = after_sequence
         failures = 0
-        while True:
-            stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+        while not self._closed.is_set():
             try:
-                async for response in stream:
-                    failures = 0
-                    event = UsageEvent.from_pb(response.event)
-                    seen = event.sequence
-                    yield event
-            except grpc.RpcError as exc:
-                code, details = status_of(exc)
-                if code is not grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_status(code, details) from exc
+                stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+                try:
+                    async for response in stream:
+                        failures = 0
+                        event = UsageEvent.from_pb(response.event)
+                        seen = event.sequence
+                        yield event
+                finally:
+                    stream.cancel()
+            except (grpc.RpcError, grpc.aio.UsageError, asyncio.CancelledError) as exc:
+                # Closing the channel cancels the stream (CancelledError from the read, though
+                # the task is not cancelled), or refuses the next dial with UsageError.
+                if _calls.watch_ended(exc, self._closed.is_set() and not _cancelling()):
+                    return
             else:
                 if not follow:
                     return
-            finally:
-                stream.cancel()
             failures += 1
-            await asyncio.sleep(_calls.reconnect_pause(failures))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), _calls.reconnect_pause(failures))
 
     async def put_plan(
         self,
@@ -467,3 +468,9 @@ def _resolve(member: Member[asyncio.Future[Outcome]]) -> None:
     if not member.wake.done():
         assert member.outcome is not None
         member.wake.set_result(member.outcome)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (not merely reading a stream that was)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

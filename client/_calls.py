@@ -7,6 +7,8 @@ async client differ only in how they send a Call; `ClientConfig` holds what they
 from __future__ import annotations
 
 import functools
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
-from ._errors import Unavailable
+from ._errors import DeadlineExceeded, QuotaError, Unavailable, error_from_status
 from ._results import (
     ActiveContactsPage,
     ActivityRecord,
@@ -31,7 +33,7 @@ from ._results import (
     Usage,
 )
 from ._retry import Retry
-from ._wire import EnumArg, TimestampArg, enum_value, id_list, to_timestamp
+from ._wire import EnumArg, TimestampArg, enum_value, id_list, message, to_timestamp
 from .v1 import quota_pb2
 
 R = TypeVar("R")
@@ -97,8 +99,53 @@ class ClientConfig:
             return timeout
         return self.admin_timeout if call.admin else self.timeout
 
+    def attempts(self, call: Call[Any], timeout: float | None, rng: random.Random) -> Attempts:
+        return Attempts(self.deadline(call, timeout), self.retry, rng)
+
+    def give_up(self, call: Call[R], error: QuotaError, cause: BaseException | None = None) -> R:
+        """The fail-mode fallback of a check call the sidecar did not answer; else raises `error`."""
+        if call.fallback is not None and isinstance(error, Unavailable):
+            return call.fallback(self.fallback_decision, error)
+        raise error from cause
+
     def metadata(self, call: Call[Any]) -> tuple[tuple[str, str], ...] | None:
         return self._admin_metadata if call.admin else None
+
+
+class Attempts:
+    """The tries of one call, all within the call's one deadline: each try's gRPC timeout
+    is what remains of it, and a retry whose pause would outlast it is not made, so the
+    call (its retries and its fallback included) ends within its timeout."""
+
+    __slots__ = ("_ends", "_rng", "_retry", "_started", "made")
+
+    def __init__(self, seconds: float, retry: Retry, rng: random.Random) -> None:
+        self._started = time.monotonic()
+        self._ends = self._started + seconds
+        self._retry = retry
+        self._rng = rng
+        self.made = 0
+
+    def next_timeout(self) -> float | None:
+        """The timeout of the next try: what remains of the call's; None once nothing does."""
+        remaining = self._ends - time.monotonic()
+        if remaining <= 0:
+            return None
+        self.made += 1
+        return remaining
+
+    def pause(self) -> float | None:
+        """Seconds to wait before retrying after UNAVAILABLE; None when the Retry allows no
+        more tries or the pause would leave no time for one."""
+        now = time.monotonic()
+        pause = self._retry.pause(self.made, now - self._started, self._rng)
+        if pause is None or now + pause >= self._ends:
+            return None
+        return pause
+
+
+def out_of_time() -> DeadlineExceeded:
+    return DeadlineExceeded("the call's deadline passed before it was answered")
 
 
 def _request_id(request_id: str | None, dry_run: bool) -> str:
@@ -122,7 +169,8 @@ def check_send(
     dry_run: bool,
     request_id: str | None,
 ) -> Call[SendDecision]:
-    request = quota_pb2.CheckSendRequest(
+    request = message(
+        quota_pb2.CheckSendRequest,
         tenant_id=tenant_id,
         contact_id=contact_id,
         channel=enum_value(quota_pb2.Channel, channel, "channel"),
@@ -138,7 +186,8 @@ def merged_check_send(tenant_id: str, contact_id: str, kind: EnumArg, channel: E
     """A CheckSend the client may merge into a CheckSendBatch: no queued_since, no dry run
     and no request_id yet (it gets one only if it goes out alone; a batch has its own).
     Mail workers repeat the same kind and channel, so their wire numbers are remembered."""
-    request = quota_pb2.CheckSendRequest(
+    request = message(
+        quota_pb2.CheckSendRequest,
         tenant_id=tenant_id,
         contact_id=contact_id,
         channel=_remembered(quota_pb2.Channel, channel, "channel"),
@@ -167,7 +216,8 @@ def check_send_batch(
     request_id: str | None,
 ) -> Call[BatchDecision]:
     ids = id_list(contact_ids, "contact_ids")
-    request = quota_pb2.CheckSendBatchRequest(
+    request = message(
+        quota_pb2.CheckSendBatchRequest,
         tenant_id=tenant_id,
         contact_ids=ids,
         channel=enum_value(quota_pb2.Channel, channel, "channel"),
@@ -190,7 +240,8 @@ def check_contact_add(
     dry_run: bool,
     request_id: str | None,
 ) -> Call[ContactAddDecision]:
-    request = quota_pb2.CheckContactAddRequest(
+    request = message(
+        quota_pb2.CheckContactAddRequest,
         tenant_id=tenant_id,
         contact_ids=id_list(contact_ids, "contact_ids"),
         source=enum_value(quota_pb2.ContactSource, source, "source"),
@@ -203,7 +254,9 @@ def check_contact_add(
 
 
 def check_enroll(tenant_id: str, contact_id: str, automation_id: str) -> Call[EnrollDecision]:
-    request = quota_pb2.CheckEnrollRequest(tenant_id=tenant_id, contact_id=contact_id, automation_id=automation_id)
+    request = message(
+        quota_pb2.CheckEnrollRequest, tenant_id=tenant_id, contact_id=contact_id, automation_id=automation_id
+    )
     return Call("CheckEnroll", request, EnrollDecision.from_pb, fallback=EnrollDecision.from_fallback)
 
 
@@ -217,7 +270,8 @@ def record_activity(
     source_id: str,
     request_id: str | None,
 ) -> Call[ActivityRecord]:
-    request = quota_pb2.RecordActivityRequest(
+    request = message(
+        quota_pb2.RecordActivityRequest,
         tenant_id=tenant_id,
         contact_ids=id_list(contact_ids, "contact_ids"),
         kind=enum_value(quota_pb2.ActivityKind, kind, "kind"),
@@ -231,14 +285,28 @@ def record_activity(
 
 
 def get_usage(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Usage]:
-    request = quota_pb2.GetUsageRequest(tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
+    request = message(quota_pb2.GetUsageRequest, tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
     return Call("GetUsage", request, lambda response: Usage.from_pb(response.usage))
 
 
 def watch_request(tenant_id: str, after_sequence: int, follow: bool) -> quota_pb2.WatchUsageEventsRequest:
-    return quota_pb2.WatchUsageEventsRequest(
-        tenant_id=tenant_id, after_sequence=after_sequence, backlog_only=not follow
+    return message(
+        quota_pb2.WatchUsageEventsRequest, tenant_id=tenant_id, after_sequence=after_sequence, backlog_only=not follow
     )
+
+
+def watch_ended(exc: BaseException, closed: bool) -> bool:
+    """Whether a watch stream's failure ends the watch quietly, as it does once the client
+    is closed; UNAVAILABLE is dialled again (False); any other failure raises, a gRPC one
+    as the client's error."""
+    if closed:
+        return True
+    if not isinstance(exc, grpc.RpcError):
+        raise exc
+    code, details = status_of(exc)
+    if code is not grpc.StatusCode.UNAVAILABLE:
+        raise error_from_status(code, details) from exc
+    return False
 
 
 def reconnect_pause(failures: int) -> float:
@@ -247,25 +315,26 @@ def reconnect_pause(failures: int) -> float:
 
 
 def put_plan(tenant_id: str, plan: Plan | quota_pb2.Plan) -> Call[PlanChange]:
-    message = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
-    request = quota_pb2.PutPlanRequest(tenant_id=tenant_id, plan=message)
+    wire_plan = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
+    request = message(quota_pb2.PutPlanRequest, tenant_id=tenant_id, plan=wire_plan)
     return Call("PutPlan", request, PlanChange.from_pb, admin=True)
 
 
 def get_plan(tenant_id: str) -> Call[Plan]:
-    request = quota_pb2.GetPlanRequest(tenant_id=tenant_id)
+    request = message(quota_pb2.GetPlanRequest, tenant_id=tenant_id)
     return Call("GetPlan", request, lambda response: Plan.from_pb(response.plan), admin=True)
 
 
 def get_contact(tenant_id: str, contact_id: str) -> Call[ContactState]:
-    request = quota_pb2.GetContactRequest(tenant_id=tenant_id, contact_id=contact_id)
+    request = message(quota_pb2.GetContactRequest, tenant_id=tenant_id, contact_id=contact_id)
     return Call("GetContact", request, lambda response: ContactState.from_pb(response.contact), admin=True)
 
 
 def list_active_contacts(
     tenant_id: str, cycle_start: TimestampArg | None, page_size: int, page_token: str
 ) -> Call[ActiveContactsPage]:
-    request = quota_pb2.ListActiveContactsRequest(
+    request = message(
+        quota_pb2.ListActiveContactsRequest,
         tenant_id=tenant_id,
         page_size=page_size,
         page_token=page_token,
@@ -275,7 +344,7 @@ def list_active_contacts(
 
 
 def get_invoice(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Invoice]:
-    request = quota_pb2.GetInvoiceRequest(tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
+    request = message(quota_pb2.GetInvoiceRequest, tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
     return Call("GetInvoice", request, Invoice.from_pb, admin=True)
 
 

@@ -25,6 +25,7 @@ from ._wire import (
     from_decimal_string,
     from_duration,
     from_timestamp,
+    message,
     to_decimal_string,
     to_duration,
     to_timestamp,
@@ -297,7 +298,9 @@ class Plan:
     raw: quota_pb2.Plan | None = field(default=None, repr=False, compare=False)
 
     def to_pb(self) -> quota_pb2.Plan:
-        plan = quota_pb2.Plan(
+        plan = message(
+            quota_pb2.Plan,
+            "plan.",
             plan_name=self.plan_name,
             metering=enum_value(quota_pb2.Metering, self.metering, "plan.metering"),
             enforcement=enum_value(quota_pb2.Enforcement, self.enforcement, "plan.enforcement"),

@@ -19,7 +19,8 @@ class Retry:
     backoff: the upper bound of the first pause, in seconds; each later pause may be
         `multiplier` times longer, up to `max_backoff`.
     max_elapsed: no retry starts once this many seconds have passed since the call began
-        (pause included), so a call takes at most `max_elapsed` plus one deadline.
+        (pause included). The call's timeout bounds it all the same: each try is sent
+        with what remains of it, and no retry is made whose pause would outlast it.
     """
 
     attempts: int = 3

@@ -22,7 +22,7 @@ from ._calls import (
     status_of,
 )
 from ._coalesce import ALONE, Answer, Batch, Lane, Lanes, Member, Outcome, Raise, Send, settle
-from ._errors import QuotaError, Unavailable, error_from_status
+from ._errors import QuotaError, error_from_status
 from ._results import (
     ActiveContact,
     ActiveContactsPage,
@@ -52,7 +52,8 @@ class QuotaClient:
     admin_token: sent as `authorization: Bearer <token>` on admin calls only.
     timeout: the deadline of every data-plane call, in seconds (a sidecar call takes
         tens of milliseconds); admin_timeout: that of every admin call. Each method
-        takes `timeout=` to override it for one call.
+        takes `timeout=` to override it for one call. It bounds the whole call: its
+        retries and their pauses fit in it, and the fallback comes once it has passed.
     retries: how many times to retry an UNAVAILABLE answer, or a Retry for full control.
     fail_mode: what the check calls answer when the sidecar cannot be reached
         (UNAVAILABLE after the retries, or DEADLINE_EXCEEDED): "closed" denies, "open"
@@ -110,6 +111,7 @@ class QuotaClient:
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._admin_stub = quota_pb2_grpc.QuotaAdminServiceStub(self._channel)
         self._random = random.Random()
+        self._closed = threading.Event()
 
     @property
     def target(self) -> str:
@@ -136,6 +138,7 @@ class QuotaClient:
         return self._coalesce
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             queued = self._lanes.close()
             _wake_in_turn(settle(queued, [ALONE for _ in queued]))
@@ -154,26 +157,19 @@ class QuotaClient:
 
     def _invoke(self, call: Call[R], timeout: float | None) -> R:
         method = getattr(self._admin_stub if call.admin else self._stub, call.method)
-        deadline = self._config.deadline(call, timeout)
         metadata = self._config.metadata(call)
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
+        attempts = self._config.attempts(call, timeout, self._random)
+        while (remaining := attempts.next_timeout()) is not None:
             try:
-                response = method(call.request, timeout=deadline, metadata=metadata)
+                response = method(call.request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 code, details = status_of(exc)
-                if code is grpc.StatusCode.UNAVAILABLE:
-                    pause = self._config.retry.pause(attempt, time.monotonic() - started, self._random)
-                    if pause is not None:
-                        time.sleep(pause)
-                        continue
-                error = error_from_status(code, details)
-                if call.fallback is not None and isinstance(error, Unavailable):
-                    return call.fallback(self._config.fallback_decision, error)
-                raise error from exc
+                if code is grpc.StatusCode.UNAVAILABLE and (pause := attempts.pause()) is not None:
+                    time.sleep(pause)
+                    continue
+                return self._config.give_up(call, error_from_status(code, details), exc)
             return call.read(response)
+        return self._config.give_up(call, _calls.out_of_time())
 
     def check_send(
         self,
@@ -209,7 +205,7 @@ class QuotaClient:
                 self._dispatch(lane, now)
         if alone:
             try:
-                return self._invoke(member.own_call(), timeout)
+                return self._alone(member)
             finally:
                 self._finish(lane, 1)
         try:
@@ -401,28 +397,30 @@ class QuotaClient:
         again and the stream resumes after the last event yielded, so none is skipped;
         store `sequence` to resume after your own restart. Errors other than
         UNAVAILABLE raise (NOT_FOUND for a tenant without a plan). With `follow=False`
-        it ends once the events already committed are read."""
+        it ends once the events already committed are read. It ends when the client is
+        closed, from any thread."""
         seen = after_sequence
         failures = 0
-        while True:
-            stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+        while not self._closed.is_set():
             try:
-                for response in stream:
-                    failures = 0
-                    event = UsageEvent.from_pb(response.event)
-                    seen = event.sequence
-                    yield event
-            except grpc.RpcError as exc:
-                code, details = status_of(exc)
-                if code is not grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_status(code, details) from exc
+                stream = self._stub.WatchUsageEvents(_calls.watch_request(tenant_id, seen, follow))
+                try:
+                    for response in stream:
+                        failures = 0
+                        event = UsageEvent.from_pb(response.event)
+                        seen = event.sequence
+                        yield event
+                finally:
+                    stream.cancel()
+            except (grpc.RpcError, ValueError) as exc:
+                # Closing the channel cancels the stream, or refuses the next dial with ValueError.
+                if _calls.watch_ended(exc, self._closed.is_set()):
+                    return
             else:
                 if not follow:
                     return
-            finally:
-                stream.cancel()
             failures += 1
-            time.sleep(_calls.reconnect_pause(failures))
+            self._closed.wait(_calls.reconnect_pause(failures))
 
     def put_plan(
         self,

@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf.message import Message
 
 from ._errors import InvalidArgument
 
 EnumArg = str | int
 """An enum value as its short name ("CAMPAIGN"), its wire name or its protobuf number."""
+
+M = TypeVar("M", bound=Message)
 
 TimestampArg = datetime | timestamp_pb2.Timestamp
 DurationArg = timedelta | duration_pb2.Duration
@@ -122,3 +126,28 @@ def id_list(values: str | Iterable[str], field: str) -> list[str]:
         if not isinstance(value, str):
             raise InvalidArgument(f"{field}: ids are strings, got {value!r}")
     return ids
+
+
+def message(cls: type[M], /, within: str = "", **fields: Any) -> M:
+    """`cls(**fields)`, where text without a UTF-8 form (a lone surrogate, as
+    `os.fsdecode` makes of undecodable bytes) is the caller's InvalidArgument naming its
+    field (prefixed with `within`); protobuf's UnicodeEncodeError names none."""
+    try:
+        return cls(**fields)
+    except UnicodeEncodeError:
+        for name, value in fields.items():
+            texts = [(name, value)] if isinstance(value, str) else _listed(name, value)
+            for field, text in texts:
+                try:
+                    text.encode()
+                except UnicodeEncodeError as exc:
+                    raise InvalidArgument(
+                        f"{within}{field}: the text has no UTF-8 form ({exc.reason}, at character {exc.start})"
+                    ) from None
+        raise
+
+
+def _listed(name: str, value: object) -> list[tuple[str, str]]:
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [(f"{name}[{i}]", item) for i, item in enumerate(value) if isinstance(item, str)]

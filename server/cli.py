@@ -15,9 +15,10 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import sys
-import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,44 @@ log = logging.getLogger("quota_sidecar")
 # pauses of 80 to 190 ms, growing as 100,000 tenants loaded. It is moved out of the
 # collector's sight as it loads (refcounting still frees what is replaced).
 FREEZE_INTERVAL = 0.5
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, caught from now on and waited for by the main thread.
+
+    The kernel may hand a signal sent to the process to any of its threads: it passes
+    over one that is not running and still has signals pending, as the main thread has
+    from a SIGSTOP until it runs again after the SIGCONT. Python's C-level handler then
+    runs in the thread that got the signal and only flags it, so a main thread blocked
+    in a wait (Event.wait) would never run the Python handler. That C handler also
+    writes the signal's number to the wakeup fd whichever thread it runs in, so a
+    blocking read of the pipe behind it always wakes the main thread."""
+
+    CAUGHT = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for signum in self.CAUGHT:
+            signal.signal(signum, _caught)
+
+    def wait(self, timeout: float | None = None) -> signal.Signals | None:
+        """Blocks until one of the caught signals has arrived (also before this call) and
+        returns it; None once `timeout` seconds passed without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._read_end], [], [], left)
+            if not ready:
+                return None
+            for number in os.read(self._read_end, 64):
+                if number in self.CAUGHT:
+                    return signal.Signals(number)
+
+
+def _caught(_signum: int, _frame: object) -> None:
+    """Replaces the default action (death, or KeyboardInterrupt); StopSignals.wait reports the signal."""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -60,15 +99,7 @@ def serve(args: argparse.Namespace) -> int:
             flag,
         )
     disable_created_metrics()
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_signals = StopSignals()
     sidecar = Sidecar(settings, tenant_plans=plans)
     try:
         sidecar.bind()
@@ -81,12 +112,15 @@ def serve(args: argparse.Namespace) -> int:
         sidecar.stop(0)
         print(f"quota-sidecar: cannot open the ledger {settings.ledger}: {exc}", file=sys.stderr)
         return 1
-    while sidecar.loading and not stop.wait(FREEZE_INTERVAL):
+    received = None
+    while sidecar.loading and received is None:
+        received = stop_signals.wait(FREEZE_INTERVAL)
         gc.freeze()
-    gc.freeze()
-    while not stop.wait(3600):
-        pass
-    log.info("%s received: draining in-flight calls", signal.Signals(received[0]).name)
+    if received is None:
+        gc.freeze()
+        received = stop_signals.wait()
+    assert received is not None
+    log.info("%s received: draining in-flight calls", received.name)
     sidecar.stop()
     return 0
 

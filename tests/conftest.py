@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,3 +138,62 @@ def processes() -> Iterator[list]:
         p.proc.wait()
         p.proc.stdout.close()
         p.proc.stderr.close()
+
+
+class RefusingServer:
+    """A real gRPC server that answers every call UNAVAILABLE after REFUSAL_DELAY seconds. It
+    notes each attempt as it arrives: the method, the request_id it carries (a retry repeats
+    its call's) and the deadline it came with (`context.time_remaining()`)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, str, float | None]] = []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._server.add_generic_rpc_handlers([self])
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method.rsplit("/", 1)[-1]
+
+        def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+            request_id = getattr(pb, method + "Request").FromString(request).request_id
+            self.attempts.append((method, request_id, context.time_remaining()))
+            threading.Event().wait(REFUSAL_DELAY)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "refused")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    def calls(self) -> dict[str, list[float | None]]:
+        """The deadlines each logical call's attempts arrived with, in order, by request_id."""
+        calls: dict[str, list[float | None]] = {}
+        for _method, request_id, remaining in self.attempts:
+            calls.setdefault(request_id, []).append(remaining)
+        return calls
+
+    def assert_each_call_kept_one_deadline(self, timeout: float) -> None:
+        """Every attempt of a call fits what is left of that call's `timeout`: the first
+        arrived with at most `timeout`, each later one with at most what the one before it
+        had less the REFUSAL_DELAY that attempt spent; so no more attempts than fit."""
+        assert self.attempts
+        for request_id, deadlines in self.calls().items():
+            assert request_id and None not in deadlines
+            assert deadlines[0] <= timeout + DEADLINE_SLACK
+            for before, after in itertools.pairwise(deadlines):
+                assert after <= before - REFUSAL_DELAY + DEADLINE_SLACK, deadlines
+            assert len(deadlines) <= 1 + int(timeout // REFUSAL_DELAY), deadlines
+
+    def close(self) -> None:
+        self._server.stop(0).wait()
+
+
+# How long RefusingServer takes to refuse; a deadline as the server reads it may be later
+# than the client's by the time the request took to arrive and by gRPC rounding it up.
+REFUSAL_DELAY = 0.08
+DEADLINE_SLACK = 0.03
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[RefusingServer]:
+    server = RefusingServer()
+    yield server
+    server.close()

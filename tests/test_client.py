@@ -565,6 +565,56 @@ def test_arguments_the_client_cannot_send_raise_before_any_call(free_address: st
             client.check_send(TENANT, "c1", "AUTOMATION", queued_since=datetime(2025, 1, 1))
 
 
+LONE_SURROGATE = "c\ud800"
+# The field the client names, and a call with a lone surrogate (text that has no UTF-8
+# form) in it; the same lambdas make the asyncio client's coroutines.
+UNENCODABLE = [
+    ("tenant_id", lambda c: c.check_send(LONE_SURROGATE, "c1", "CAMPAIGN")),
+    ("contact_id", lambda c: c.check_send(TENANT, LONE_SURROGATE, "CAMPAIGN")),
+    ("contact_id", lambda c: c.check_send(TENANT, LONE_SURROGATE, "CAMPAIGN", dry_run=True)),
+    ("request_id", lambda c: c.check_send(TENANT, "c1", "CAMPAIGN", request_id=LONE_SURROGATE)),
+    ("contact_ids[1]", lambda c: c.check_send_batch(TENANT, ["c1", LONE_SURROGATE], "CAMPAIGN")),
+    ("contact_ids[0]", lambda c: c.check_contact_add(TENANT, [LONE_SURROGATE], "API")),
+    ("contact_id", lambda c: c.check_enroll(TENANT, LONE_SURROGATE, "welcome")),
+    ("automation_id", lambda c: c.check_enroll(TENANT, "c1", LONE_SURROGATE)),
+    ("contact_ids[0]", lambda c: c.record_activity(TENANT, LONE_SURROGATE, "NOTE_ADDED")),
+    ("source_id", lambda c: c.record_activity(TENANT, ["c1"], "NOTE_ADDED", source_id=LONE_SURROGATE)),
+    ("tenant_id", lambda c: c.get_usage(LONE_SURROGATE)),
+    ("plan.plan_name", lambda c: c.put_plan(TENANT, dataclasses.replace(PLAN, plan_name=LONE_SURROGATE))),
+    ("tenant_id", lambda c: c.get_plan(LONE_SURROGATE)),
+    ("contact_id", lambda c: c.get_contact(TENANT, LONE_SURROGATE)),
+    ("page_token", lambda c: c.list_active_contacts(TENANT, page_token=LONE_SURROGATE)),
+    ("tenant_id", lambda c: c.get_invoice(LONE_SURROGATE)),
+]
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "plain"])
+def test_text_without_a_utf8_form_is_invalid_argument_naming_the_field(free_address: str, coalesce: bool) -> None:
+    """A lone surrogate in any string the client sends: InvalidArgument naming the field,
+    raised before any call (nothing listens, and a check that went out would fall back)."""
+    with QuotaClient(free_address, admin_token="token", fail_mode="open", coalesce=coalesce) as client:
+        for field, call in UNENCODABLE:
+            with pytest.raises(InvalidArgument) as caught:
+                call(client)
+            assert caught.value.message.startswith(f"{field}: "), (field, caught.value.message)
+        with pytest.raises(InvalidArgument, match="^tenant_id: "):
+            next(client.watch_usage_events(LONE_SURROGATE))
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "plain"])
+def test_async_text_without_a_utf8_form_is_invalid_argument_naming_the_field(free_address: str, coalesce: bool) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(free_address, admin_token="token", fail_mode="open", coalesce=coalesce) as client:
+            for field, call in UNENCODABLE:
+                with pytest.raises(InvalidArgument) as caught:
+                    await call(client)
+                assert caught.value.message.startswith(f"{field}: "), (field, caught.value.message)
+            with pytest.raises(InvalidArgument, match="^tenant_id: "):
+                await anext(client.watch_usage_events(LONE_SURROGATE))
+
+    asyncio.run(scenario())
+
+
 def test_admin_calls_need_the_admin_token(sidecar) -> None:
     with QuotaClient(sidecar.address, timeout=TIMEOUT) as anonymous:
         with pytest.raises(Unauthenticated) as caught:
@@ -666,6 +716,43 @@ def test_retries_are_bounded_in_attempts_and_time(quota: QuotaClient, lossy_prox
     assert Retry(attempts=4).pause(4, elapsed=0.0, rng=rng) is None
 
 
+# Retries that would each fit the whole timeout: only the call's one deadline stops them.
+EAGER_RETRY = Retry(attempts=6, backoff=0.001, max_elapsed=5.0)
+
+
+@pytest.mark.parametrize("coalesce", [False, True], ids=["plain", "coalescing"])
+def test_the_timeout_bounds_the_whole_call_retries_and_fallback_included(refusing_server, coalesce: bool) -> None:
+    """A server answering UNAVAILABLE after 80 ms: check_send(timeout=0.1) makes only the
+    attempts its one deadline holds, each sent with what remains, then falls back."""
+    with QuotaClient(refusing_server.address, retries=EAGER_RETRY, coalesce=coalesce) as client:
+        decision = client.check_send(TENANT, "c1", "CAMPAIGN", timeout=0.1)
+        assert (decision.decision, decision.fallback) == ("DENY", True)
+        assert isinstance(decision.error, Unavailable)
+        batch = client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN", timeout=0.1)
+        assert batch.fallback is True
+        with pytest.raises(Unavailable):
+            client.record_activity(TENANT, ["c1"], "NOTE_ADDED", timeout=0.1)
+    assert len(refusing_server.calls()) == 3
+    refusing_server.assert_each_call_kept_one_deadline(0.1)
+
+
+@pytest.mark.parametrize("coalesce", [False, True], ids=["plain", "coalescing"])
+def test_the_async_timeout_bounds_the_whole_call_retries_and_fallback_included(refusing_server, coalesce: bool) -> None:
+    async def scenario() -> None:
+        async with AsyncQuotaClient(refusing_server.address, retries=EAGER_RETRY, coalesce=coalesce) as client:
+            decision = await client.check_send(TENANT, "c1", "CAMPAIGN", timeout=0.1)
+            assert (decision.decision, decision.fallback) == ("DENY", True)
+            assert isinstance(decision.error, Unavailable)
+            batch = await client.check_send_batch(TENANT, ["c1", "c2"], "CAMPAIGN", timeout=0.1)
+            assert batch.fallback is True
+            with pytest.raises(Unavailable):
+                await client.record_activity(TENANT, ["c1"], "NOTE_ADDED", timeout=0.1)
+
+    asyncio.run(scenario())
+    assert len(refusing_server.calls()) == 3
+    refusing_server.assert_each_call_kept_one_deadline(0.1)
+
+
 @pytest.mark.parametrize(
     "method, call, counted",
     [
@@ -694,6 +781,70 @@ def test_dry_runs_carry_no_request_id(quota: QuotaClient, lossy_proxy) -> None:
         client.check_send(TENANT, "c1", "CAMPAIGN")
     dry, real = (quota_pb2.CheckSendRequest.FromString(raw) for raw in proxy.requests)
     assert dry.request_id == "" and len(real.request_id) == 32
+
+
+# The first send crosses its threshold (1 of 3 contacts): one usage event to watch.
+WATCHED_PLAN = dataclasses.replace(PLAN, notify_thresholds=(0.3,))
+
+
+@pytest.mark.parametrize("sidecar_state", ["streaming", "stopped"])
+def test_closing_the_client_ends_a_running_watch_cleanly(sidecar, sidecar_state: str) -> None:
+    """close() under a thread iterating watch_usage_events, while the stream is open or
+    while the watch dials a stopped sidecar again: the iterator just ends, nothing raised."""
+    client = QuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT)
+    client.put_plan(TENANT, WATCHED_PLAN)
+    first_event = threading.Event()
+    events: list[Any] = []
+    ended: list[BaseException | None] = []
+
+    def watch() -> None:
+        try:
+            for event in client.watch_usage_events(TENANT):
+                events.append(event)
+                first_event.set()
+        except BaseException as exc:
+            ended.append(exc)
+        else:
+            ended.append(None)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    client.check_send(TENANT, "c1", "CAMPAIGN")
+    assert first_event.wait(TIMEOUT)
+    if sidecar_state == "stopped":
+        sidecar.stop()
+    client.close()
+    watcher.join(TIMEOUT)
+    assert ended == [None]
+    assert [(event.type, event.threshold) for event in events] == [("THRESHOLD_CROSSED", 0.3)]
+    assert list(client.watch_usage_events(TENANT)) == []
+
+
+@pytest.mark.parametrize("sidecar_state", ["streaming", "stopped"])
+def test_closing_the_async_client_ends_a_running_watch_cleanly(sidecar, sidecar_state: str) -> None:
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        client = AsyncQuotaClient(sidecar.address, admin_token=sidecar.admin_token, timeout=TIMEOUT)
+        await client.put_plan(TENANT, WATCHED_PLAN)
+        first_event = asyncio.Event()
+        events: list[Any] = []
+
+        async def watch() -> None:
+            async for event in client.watch_usage_events(TENANT):
+                events.append(event)
+                first_event.set()
+
+        watcher = asyncio.create_task(watch())
+        await client.check_send(TENANT, "c1", "CAMPAIGN")
+        await asyncio.wait_for(first_event.wait(), TIMEOUT)
+        if sidecar_state == "stopped":
+            await asyncio.to_thread(sidecar.stop)
+        await client.close()
+        await asyncio.wait_for(watcher, TIMEOUT)
+        return events, [event async for event in client.watch_usage_events(TENANT)]
+
+    events, after_close = asyncio.run(scenario())
+    assert [(event.type, event.threshold) for event in events] == [("THRESHOLD_CROSSED", 0.3)]
+    assert after_close == []
 
 
 def test_async_client_makes_every_call(sidecar) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+from test_client import EAGER_RETRY
 
 from quota_sidecar.client import (
     AsyncQuotaClient,
@@ -559,3 +560,32 @@ def test_async_close_answers_every_waiting_caller(admin: QuotaClient, proxies) -
 
     results = asyncio.run(scenario())
     assert len(results) == 5 and all(result is not None for result in results)
+
+
+def test_merged_callers_retry_and_fall_back_within_their_timeout(refusing_server) -> None:
+    """A sidecar answering UNAVAILABLE after 80 ms: the lone CheckSend and the batch of the
+    callers queued behind it each retry only within their one deadline, every try sent with
+    what remains of it, and every caller gets its fallback."""
+    contacts = [f"c{i}" for i in range(5)]
+    with QuotaClient(
+        refusing_server.address, retries=EAGER_RETRY, timeout=0.1, coalesce_window=NEVER, coalesce_max=4
+    ) as client:
+        threads, results = in_threads(*sends(client, contacts))
+        assert joined(threads)
+    assert all(isinstance(r, SendDecision) and (r.decision, r.fallback) == ("DENY", True) for r in results), results
+    assert {method for method, _, _ in refusing_server.attempts} == {"CheckSend", "CheckSendBatch"}
+    refusing_server.assert_each_call_kept_one_deadline(0.1)
+
+
+def test_async_merged_callers_retry_and_fall_back_within_their_timeout(refusing_server) -> None:
+    async def scenario() -> list[Any]:
+        async with AsyncQuotaClient(
+            refusing_server.address, retries=EAGER_RETRY, timeout=0.1, coalesce_window=NEVER, coalesce_max=4
+        ) as client:
+            calls = [client.check_send(TENANT, f"c{i}", "CAMPAIGN") for i in range(5)]
+            return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), TIMEOUT * 2)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, SendDecision) and (r.decision, r.fallback) == ("DENY", True) for r in results), results
+    assert {method for method, _, _ in refusing_server.attempts} == {"CheckSend", "CheckSendBatch"}
+    refusing_server.assert_each_call_kept_one_deadline(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sqlite3
@@ -373,3 +374,37 @@ def test_a_ledger_that_is_not_ours_stops_the_start_with_one_clear_line(tmp_path:
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"quota-sidecar: cannot open the ledger {ledger}") and problem in last
         assert "Traceback" not in result.stderr
+
+
+STOP_CONTINUE_TERMINATE_ROUNDS = int(os.environ.get("QUOTA_TEST_SIGNAL_ROUNDS", "24"))
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["idle", "under-load"])
+def test_sigterm_right_after_sigcont_always_drains_and_exits_0(
+    tmp_path: Path, processes: list[Process], loaded: bool
+) -> None:
+    """SIGTERM sent the moment a stopped sidecar is continued is never lost: the kernel may hand it to any
+    thread (the main one still has SIGCONT pending), and the drain must start all the same. Rounds in
+    all, half idle and half under load: QUOTA_TEST_SIGNAL_ROUNDS (README, Guarantees)."""
+    for round_ in range(STOP_CONTINUE_TERMINATE_ROUNDS // 2):
+        p = start(tmp_path / f"ledger-{round_}.db", "--metrics-address", "")
+        processes.append(p)
+        p.wait_serving()
+        load = None
+        if loaded:
+            put_plan(p.address, 1_000_000)
+            load = Load(p.address, workers=2)
+            load.start()
+            load.wait_for(20)
+        p.proc.send_signal(signal.SIGSTOP)
+        p.proc.send_signal(signal.SIGCONT)
+        p.proc.send_signal(signal.SIGTERM)
+        try:
+            code = p.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"round {round_}: SIGTERM after SIGCONT was ignored (still running 60 s later)"
+        if load is not None:
+            load.join()
+        stderr = p.proc.stderr.read()
+        assert "SIGTERM received: draining in-flight calls" in stderr and "ledger flushed and closed" in stderr

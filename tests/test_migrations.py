@@ -47,7 +47,8 @@ ACTIVATIONS: list[Row] = [
 
 def populate(path: Path) -> None:
     """Rows of every kind the ledger at `path` holds at its version, as a sidecar of that version wrote them:
-    plans, contacts held and switching (MK-6), activations and usage figures, a stored result, an audit entry."""
+    plans, contacts held and switching (MK-6) with the tenant's holdings where the version keeps them,
+    activations and usage figures, a stored result, an audit entry; the figures equal their rows."""
     conn = sqlite3.connect(path)
     try:
         with conn:
@@ -80,6 +81,13 @@ def populate(path: Path) -> None:
                 " 'NEW_CONTACT_COUNTED', 1, 1, 0)",
                 (MAR.start_us + 7, T, MAR.start_us),
             )
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'holdings'").fetchone():
+                conn.execute("INSERT INTO holdings VALUES (?, ?, 4, 3, 2)", (T, MAR.start_us))
+                conn.execute(
+                    "UPDATE usage SET held_end = 4, held_peak = 4, marketing_end = 3, marketing_peak = 3"
+                    " WHERE tenant_id = ? AND cycle_start_us = ?",
+                    (T, MAR.start_us),
+                )
             kind = conn.execute("SELECT type FROM sqlite_master WHERE name = 'activations'").fetchone()[0]
             if kind == "table":
                 conn.executemany("INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?)", ACTIVATIONS)

@@ -28,7 +28,6 @@ from quota_sidecar.server.engine import (
     PlanInput,
     SendRequest,
 )
-from quota_sidecar.server.errors import InvalidArgument
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.model import (
     ActivityKind,
@@ -287,10 +286,15 @@ def test_ac7_held_contacts_carry_into_the_new_cycle_and_the_closed_one_keeps_end
     assert (usage(engine).active_contacts, usage(engine).peak_contacts) == (4, 4)
     assert engine.get_contact(T, "h9").held is True
     assert (usage(engine, IN_CLOSED).active_contacts, usage(engine, IN_CLOSED).peak_contacts) == (3, 5)
-    # held contacts are listed as they are now: the closed cycle is a past cycle like any other
-    with pytest.raises(InvalidArgument) as info:
-        engine.list_active_contacts(T, us(IN_CLOSED), 0, "")
-    assert info.value.field == "cycle_start"
+    # the closed cycle lists every contact held in it, the deleted ones with when they stopped counting
+    rows, _ = engine.list_active_contacts(T, us(IN_CLOSED), 0, "")
+    assert [(a.contact_id, a.counted_until_us) for a in rows] == [
+        ("h0", us(NOW)),
+        ("h1", us(NOW)),
+        ("h2", 0),
+        ("h3", 0),
+        ("h4", 0),
+    ]
 
 
 # -- what is and is not a re-anchor --------------------------------------------------------------

@@ -35,7 +35,8 @@ from quota_sidecar.server.engine import (
     Retention,
     SendRequest,
 )
-from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger
+from quota_sidecar.server.ledger.verify import verify_ledger
 from quota_sidecar.server.model import (
     ActivityKind,
     Channel,
@@ -395,3 +396,36 @@ def test_a_retention_that_is_not_positive_stops_the_start(tmp_path: Path) -> Non
     assert from_env.returncode == 2
     assert from_env.stderr.strip() == "quota-sidecar: --audit-retention: must be positive"
     assert not (tmp_path / "l.db").exists()
+
+
+def test_held_contact_sends_stay_verified_after_their_audit_rows_are_pruned(tmp_path: Path):
+    """AC-6: under HELD_CONTACTS a send touches no contact row; its count is summed from the
+    audit, which --audit-retention prunes. A tenant idle past the retention keeps the cycle
+    of its last sends as its latest one: the sidecar must still start on that ledger, and
+    verify must neither report nor "repair" the billed sends down to the audit rows left."""
+    path = tmp_path / "ledger.db"
+    clock = FakeClock(LEGACY_AT)
+    ledger = SQLiteLedger(path, synchronous="NORMAL")
+    ledger.open()
+    try:
+        engine = Engine(ledger, clock)
+        engine.put_plan("held", PlanInput(preset="contact-limit", contact_limit=10, cycle_anchor_us=to_us(ANCHOR)))
+        engine.check_contact_add(ContactAddRequest("held", ContactSource.API, ["a", "b"]))
+        for contact_id in ("a", "b", "a"):
+            assert engine.check_send(SendRequest("held", contact_id, Channel.EMAIL, CAMPAIGN)).decision.reason is (
+                Reason.OK
+            )
+        assert engine.get_usage("held").sends == 3
+        clock.advance(91 * 24 * HOUR)
+        assert engine.prune(Retention())["audit"] > 0
+    finally:
+        ledger.close()
+    report = verify_ledger(path, schema_version=SCHEMA_VERSION)
+    assert report.mismatches == []
+    assert verify_ledger(path, schema_version=SCHEMA_VERSION, repair_figures=True).mismatches == []
+    again = SQLiteLedger(path, synchronous="NORMAL")
+    again.open()
+    try:
+        assert Engine(again, clock).get_usage("held", to_us(LEGACY_AT)).sends == 3
+    finally:
+        again.close()

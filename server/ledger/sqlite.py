@@ -366,6 +366,13 @@ def _keep_held_spans(db: sqlite_utils.Database) -> None:
     )
 
 
+def _remember_audit_pruning(db: sqlite_utils.Database) -> None:
+    """How far audit pruning reached: rows dated before `before_us` may be gone, so the
+    sends of held-contact cycles that started before it (summed from the audit) can no
+    longer be checked against their rows, only bounded by them."""
+    db.execute("CREATE TABLE audit_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), before_us INTEGER NOT NULL)")
+
+
 # Each step runs inside the one transaction migrate() opens for it, which it must not end
 # (no commit of its own), so that the step and its version number commit together.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
@@ -379,6 +386,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _keep_ledger_time,
     _remember_tenant_file_entries,
     _keep_held_spans,
+    _remember_audit_pruning,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1138,7 +1146,14 @@ class _Tx(_Reader):
         ).rowcount
 
     def prune_audit(self, before_us: int, limit: int) -> int:
-        return _prune_oldest(self.conn, "audit", "seq", "at_us", before_us, limit)
+        deleted = _prune_oldest(self.conn, "audit", "seq", "at_us", before_us, limit)
+        if deleted:
+            self.conn.execute(
+                "INSERT INTO audit_pruned (id, before_us) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET before_us = MAX(before_us, excluded.before_us)",
+                (before_us,),
+            )
+        return deleted
 
     def put_notice(self, tenant_id: str, figure: UsageFigure, state: NoticeState) -> None:
         self.conn.execute(

@@ -11,7 +11,10 @@ What is checked, per tenant and cycle:
 - `usage.active_contacts` is the number of the cycle's activation rows;
 - `usage.sends` is the sum of their sends (CYCLE_ACTIVE keeps a contact's sends on
   its activation row) plus the sends audited by HELD_CONTACTS sends, which touch
-  no contact (audit entries ALLOW / OK with a sends_delta);
+  no contact (audit entries ALLOW / OK with a sends_delta). The audit is pruned
+  after `--audit-retention` (`audit_pruned` keeps the instant pruning reached), so
+  of a cycle that started before that instant only what the activation rows hold
+  is checked: its sends are at least theirs;
 - a tenant's `holdings` (held, marketing, pending) are the sums over its
   `contacts` rows, and the cycle the holdings were written in ends (`held_end`,
   `marketing_end`) with those counts;
@@ -57,7 +60,8 @@ audited AS (
     WHERE d.{held_sends} GROUP BY d.tenant_id, d.cycle_start_us
 )
 SELECT c.tenant_id, c.cycle_start_us, u.active_contacts, u.sends,
-       COALESCE(n.active, 0), COALESCE(n.sends, 0) + COALESCE(d.sends, 0)
+       COALESCE(n.active, 0), COALESCE(n.sends, 0), COALESCE(d.sends, 0),
+       c.cycle_start_us < (SELECT COALESCE(MAX(before_us), 0) FROM audit_pruned)
 FROM cycles c
 LEFT JOIN usage u ON u.tenant_id = c.tenant_id AND u.cycle_start_us = c.cycle_start_us
 LEFT JOIN cycle_keys k ON k.tenant_id = c.tenant_id AND k.cycle_start_us = c.cycle_start_us
@@ -124,12 +128,16 @@ def find_mismatches(conn: sqlite3.Connection, *, every_cycle: bool) -> list[Mism
     and its holdings, or (`every_cycle`) of every cycle the ledger holds."""
     cycles = _EVERY if every_cycle else _CURRENT
     found: list[Mismatch] = []
-    for tenant, cycle, active, sends, rows, row_sends in conn.execute(
+    for tenant, cycle, active, sends, rows, activation_sends, audited_sends, pruned in conn.execute(
         _COUNTERS.format(cycles=cycles, held_sends=_HELD_SENDS)
     ):
         if (active or 0) != rows:
             found.append(Mismatch(tenant, cycle, "usage.active_contacts", active, rows))
-        if (sends or 0) != row_sends:
+        row_sends = activation_sends + audited_sends
+        if pruned:
+            if (sends or 0) < activation_sends:
+                found.append(Mismatch(tenant, cycle, "usage.sends", sends, activation_sends))
+        elif (sends or 0) != row_sends:
             found.append(Mismatch(tenant, cycle, "usage.sends", sends, row_sends))
     for row in conn.execute(_HOLDINGS):
         tenant, cycle, held, marketing, pending, n_held, n_marketing, n_pending, has_usage, end, m_end, latest = row

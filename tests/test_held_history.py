@@ -20,7 +20,7 @@ from quota_sidecar.client.cli import main
 from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock, to_us
 from quota_sidecar.server.engine import ActivityRequest, Engine, PlanInput
-from quota_sidecar.server.ledger.sqlite import MIGRATIONS, SQLiteLedger, _keep_held_spans
+from quota_sidecar.server.ledger.sqlite import MIGRATIONS, SQLiteLedger, _keep_held_spans, migrate
 from quota_sidecar.server.model import Activation, ActivityKind
 
 T = "tenant-h"
@@ -222,9 +222,16 @@ def test_a_ledger_from_before_the_history_starts_it_with_the_contacts_held_AC_10
         engine.put_plan(T, plan)
         engine.record_activity(ActivityRequest(T, ActivityKind.CONTACT_CREATED, ["a", "b"]))
         engine.record_activity(ActivityRequest(T, ActivityKind.CONTACT_DELETED, ["b"]))
+    reference = sqlite3.connect(migrate_to(tmp_path / "reference.db", MIGRATIONS.index(_keep_held_spans) + 1))
+    with reference:
+        with_spans = {name for (name,) in reference.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    reference.close()
     db = sqlite3.connect(path)
     with db:
         db.execute("DROP TABLE held_spans")
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            if name not in with_spans:
+                db.execute(f"DROP TABLE {name}")
         for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
             db.execute(f"DROP TRIGGER {name}")
         db.execute(f"PRAGMA user_version = {MIGRATIONS.index(_keep_held_spans)}")
@@ -238,3 +245,9 @@ def test_a_ledger_from_before_the_history_starts_it_with_the_contacts_held_AC_10
         engine.record_activity(ActivityRequest(T, ActivityKind.CONTACT_DELETED, ["a"]))
         gone = Activation("a", start_us, "HELD_CONTACT", 0, clock.now_us())
         assert engine.list_active_contacts(T, None, 0, "") == ([gone], "")
+
+
+def migrate_to(path: Path, version: int) -> Path:
+    """A ledger at schema `version`, for the tables a ledger of that version has."""
+    migrate(path, target=version)
+    return path

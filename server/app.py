@@ -228,11 +228,8 @@ class Sidecar:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        register(
-            self.server,
-            "QuotaService",
-            QuotaService(self.engine, self.metrics, self.feed, max_watchers=max(1, s.max_workers // 4)),
-        )
+        self.quota_service = QuotaService(self.engine, self.metrics, self.feed, max_watchers=max(1, s.max_workers // 4))
+        register(self.server, "QuotaService", self.quota_service)
         register(self.server, "QuotaAdminService", QuotaAdminService(self.engine, self.metrics, s.admin_token))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

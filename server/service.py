@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ from .metrics import Metrics
 from .model import (
     Activation,
     ActivityKind,
+    BatchOutcome,
     BillingInterval,
     Channel,
     ContactSource,
@@ -368,6 +370,25 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         super().__init__(engine, metrics)
         self.feed = feed
         self._watchers = threading.BoundedSemaphore(max_watchers)
+        self.large_calls = threading.Lock()
+
+    @contextmanager
+    def _large_in_turn(self, contacts: int, context: grpc.ServicerContext) -> Iterator[None]:
+        """Lets one large call (more contacts than a unit of the engine) work at a time.
+        Its Python work (deciding, building a response of thousands of results) holds the
+        interpreter lock in turns of the switch interval; several at once made every small
+        call wait for a turn behind each of them. The others wait here without the lock,
+        and give up with DEADLINE_EXCEEDED, nothing done, when their deadline passes."""
+        if contacts <= self.engine.unit_contacts:
+            yield
+            return
+        remaining = context.time_remaining()
+        if not self.large_calls.acquire(timeout=-1 if remaining is None else max(remaining, 0.0)):
+            raise DeadlineExceeded("the deadline passed while the call waited for the large calls before it")
+        try:
+            yield
+        finally:
+            self.large_calls.release()
 
     @_handled("CheckSend")
     def CheckSend(self, request: pb.CheckSendRequest, context: grpc.ServicerContext) -> pb.CheckSendResponse:
@@ -400,7 +421,10 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             dry_run=request.dry_run,
             request_id=request.request_id,
         )
-        outcome = self.engine.check_send_batch(req)
+        with self._large_in_turn(len(req.contact_ids), context):
+            return self._batch_response(self.engine.check_send_batch(req))
+
+    def _batch_response(self, outcome: BatchOutcome) -> pb.CheckSendBatchResponse:
         response = pb.CheckSendBatchResponse(
             allowed=outcome.allowed,
             denied=outcome.denied,
@@ -464,7 +488,8 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
             source_id=request.source_id,
             request_id=request.request_id,
         )
-        outcome = self.engine.record_activity(req)
+        with self._large_in_turn(len(req.contact_ids), context):
+            outcome = self.engine.record_activity(req)
         return pb.RecordActivityResponse(
             recorded=outcome.recorded, newly_active=outcome.newly_active, usage=usage_pb(outcome.usage)
         )

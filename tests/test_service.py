@@ -591,3 +591,29 @@ def test_metrics_count_calls_and_decisions(sidecar_with_metrics: RunningSidecar)
     assert "quota_ledger_commit_batch_size_count" in text
     assert "quota_dedupe_filter_items" in text
     assert '"a"' not in text and '"b"' not in text
+
+
+def test_large_calls_work_in_turn_and_one_waiting_past_its_deadline_counts_nothing(sidecar: RunningSidecar) -> None:
+    """One large call (more contacts than a unit) works at a time, so several do not each hold
+    the interpreter in turn while a small call waits; a small call never waits for that
+    turn, and a large call whose deadline passes while it waits is DEADLINE_EXCEEDED with
+    nothing counted (SG-1: nobody was told of a decision)."""
+    sidecar.put_plan("t", contact_limit=10_000, **HARD)
+    sidecar.put_plan("other", contact_limit=10, **HARD)
+    large = pb.CheckSendBatchRequest(
+        tenant_id="t",
+        contact_ids=[f"c{i}" for i in range(sidecar.sidecar.engine.unit_contacts + 1)],
+        channel=pb.CHANNEL_EMAIL,
+        kind=pb.MESSAGE_KIND_CAMPAIGN,
+    )
+    stub = sidecar.quota()
+    turn = sidecar.sidecar.quota_service.large_calls
+    with turn:
+        assert send(sidecar, "x", tenant="other").decision == pb.DECISION_ALLOW
+        late = status_of(lambda: stub.CheckSendBatch(large, timeout=0.5))
+        assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        usage = stub.GetUsage(pb.GetUsageRequest(tenant_id="t"), timeout=10).usage
+        assert usage.active_contacts == 0
+    answer = stub.CheckSendBatch(large, timeout=30)
+    assert answer.allowed == len(large.contact_ids)
+    assert stub.GetUsage(pb.GetUsageRequest(tenant_id="t"), timeout=10).usage.active_contacts == answer.allowed

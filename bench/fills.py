@@ -24,7 +24,7 @@ from processes import SidecarProcess
 from session import Session
 from timing import shares
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 
 FILL_TIMEOUT = 600.0
 FILTERS_TIMEOUT = 600.0

@@ -31,9 +31,9 @@ from processes import SidecarProcess
 from session import Session
 from timing import latencies, new_contact_ids, percentile, rate_in_threads, split
 
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.client import QuotaClient
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 
 TENANT = "bench"
 NEVER_REACHED = 10_000_000

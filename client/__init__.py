@@ -10,7 +10,7 @@
 `AsyncQuotaClient` offers the same methods as coroutines. Results name enum values by
 their short names and keep the protobuf response as `raw`; errors are the exceptions
 drawn in `quota_sidecar.client._errors`, all subclasses of `QuotaError`. The generated
-messages and stubs are in `quota_sidecar.client.v1`.
+messages and stubs are in `quota_sidecar.api.v1` (re-exported as `quota_sidecar.client.v1`).
 """
 
 from ._async import AsyncQuotaClient

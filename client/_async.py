@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from quota_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
+
 from . import _calls, _coalesce
 from ._calls import (
     DEFAULT_ADMIN_TIMEOUT,
@@ -40,7 +42,6 @@ from ._results import (
 )
 from ._retry import Retry
 from ._wire import EnumArg, TimestampArg
-from .v1 import quota_pb2, quota_pb2_grpc
 
 R = TypeVar("R")
 

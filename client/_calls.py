@@ -18,6 +18,8 @@ import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
+from quota_sidecar.api.v1 import quota_pb2
+
 from ._errors import DeadlineExceeded, QuotaError, Unavailable, error_from_status
 from ._results import (
     ActiveContactsPage,
@@ -34,7 +36,6 @@ from ._results import (
 )
 from ._retry import Retry
 from ._wire import EnumArg, TimestampArg, enum_value, id_list, message, to_timestamp
-from .v1 import quota_pb2
 
 R = TypeVar("R")
 

@@ -33,11 +33,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from quota_sidecar.api.v1 import quota_pb2
+
 from ._calls import Call, check_send_batch
 from ._errors import DeadlineExceeded, Internal, InvalidArgument, QuotaError, Unavailable, error_from_status
 from ._results import SendDecision, Usage
 from ._wire import enum_name
-from .v1 import quota_pb2
 
 W = TypeVar("W")
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from quota_sidecar.api.v1 import quota_pb2
+
 from ._errors import Unavailable
 from ._wire import (
     DurationArg,
@@ -30,7 +32,6 @@ from ._wire import (
     to_duration,
     to_timestamp,
 )
-from .v1 import quota_pb2
 
 FALLBACK_REASON = "UNSPECIFIED"
 

@@ -20,12 +20,13 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from ._credentials import TLS_FLAGS, one_secret, tls_credentials
+from quota_sidecar.api.credentials import TLS_FLAGS, one_secret, tls_credentials
+from quota_sidecar.api.v1 import quota_pb2
+
 from ._errors import QuotaError, Unavailable
 from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent
 from ._sync import QuotaClient
 from ._wire import short_names
-from .v1 import quota_pb2
 
 COMMANDS: tuple[str, ...] = (
     "usage",

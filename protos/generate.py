@@ -1,4 +1,4 @@
-"""Generates the Python stubs of the quota.v1 contract into client/v1/.
+"""Generates the Python stubs of the quota.v1 contract into api/v1/ (quota_sidecar.api.v1).
 
 `python protos/generate.py` rewrites the committed stubs; `--check` regenerates
 them into a temporary folder and exits 1 when they differ from the committed
@@ -18,10 +18,10 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-TARGET = ROOT / "client" / "v1"
+TARGET = ROOT / "api" / "v1"
 SOURCES = ["quota/v1/quota.proto"]
 GENERATED = ["quota_pb2.py", "quota_pb2.pyi", "quota_pb2_grpc.py"]
-PACKAGE = "quota_sidecar.client.v1"
+PACKAGE = "quota_sidecar.api.v1"
 
 
 def generate(out: Path) -> None:

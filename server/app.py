@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 
 from .clock import MICROS, Clock, SystemClock
 from .engine import Engine, Retention

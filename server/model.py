@@ -8,6 +8,7 @@ the wire numbers, so the service layer converts with `Enum(number)`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from enum import IntEnum
@@ -234,6 +235,35 @@ class Plan:
             marketing_contacts_only=raw.get("marketing_contacts_only", False),
             anchored_at_us=raw.get("anchored_at_us"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInput:
+    """A plan as a caller gave it: None where a field was left unset."""
+
+    metering: Metering | None = None
+    enforcement: Enforcement | None = None
+    contact_limit: int = 0
+    plan_name: str = ""
+    addon_contacts: int = 0
+    grace_percent: int = 0
+    sends_limit: int = 0
+    sends_per_contact: int = 0
+    overage_unit_price: str = ""
+    currency: str = ""
+    cycle_anchor_us: int | None = None
+    billing_interval: BillingInterval | None = None
+    counted_kinds: Sequence[MessageKind] = ()
+    counted_activities: Sequence[ActivityKind] = ()
+    source_rules: Sequence[tuple[ContactSource, SourcePolicy]] = ()
+    max_queue_us: int | None = None
+    notify_thresholds: Sequence[float] = ()
+    renotify_interval_us: int | None = None
+    preset: str = ""
+    marketing_contacts_only: bool = False
+    # Fields given explicitly at their default (0, "", an empty list): given beside a
+    # preset, they still beat its value.
+    given: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

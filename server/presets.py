@@ -10,13 +10,20 @@ the fields whose default is None (durations, the anchor), when it is not None.
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import InvalidArgument
-from .model import DAY_US, HOUR_US, ActivityKind, ContactSource, Enforcement, MessageKind, Metering, SourcePolicy
-
-if TYPE_CHECKING:
-    from .engine import PlanInput
+from .model import (
+    DAY_US,
+    HOUR_US,
+    ActivityKind,
+    ContactSource,
+    Enforcement,
+    MessageKind,
+    Metering,
+    PlanInput,
+    SourcePolicy,
+)
 
 CONTACT_LIMIT = "contact-limit"
 ACTIVE_CYCLE_HARD = "active-cycle-hard"

@@ -20,7 +20,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from quota_sidecar.client._credentials import TLS_FLAGS, tls_credentials
+from quota_sidecar.api.credentials import TLS_FLAGS, tls_credentials
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_ENV = "QUOTA_ADDRESS"

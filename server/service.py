@@ -12,11 +12,10 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
@@ -24,12 +23,13 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
 from .clock import MICROS
+from .convert import MAX_TIMESTAMP_S, MIN_TIMESTAMP_S, enum_of, instant_of, plan_input
 from .deadline import serving_until
-from .engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, PlanInput, SendRequest
+from .engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, SendRequest
 from .errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -44,17 +44,13 @@ from .model import (
     Activation,
     ActivityKind,
     BatchOutcome,
-    BillingInterval,
     Channel,
     ContactSource,
     ContactState,
-    Enforcement,
     Invoice,
     MessageKind,
-    Metering,
     Plan,
     SendDecision,
-    SourcePolicy,
     Usage,
     UsageEvent,
 )
@@ -63,7 +59,6 @@ from .outbox import EventFeed
 log = logging.getLogger("quota_sidecar.service")
 WATCH_READ_AHEAD = 100
 WATCH_POLL_S = 1.0
-E = TypeVar("E", bound=IntEnum)
 
 STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -73,8 +68,6 @@ STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
     LedgerUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-MIN_TIMESTAMP_S = -62_135_596_800
-MAX_TIMESTAMP_S = 253_402_300_799
 # The cycle containing a requested instant, and the months beside it that cycle
 # arithmetic reads, must fall within years 1..9999.
 CYCLE_MARGIN_S = 62 * 86_400
@@ -82,47 +75,14 @@ CYCLE_MARGIN_S = 62 * 86_400
 MAX_SEQUENCE = 2**63 - 1
 
 
-def _enum(field: str, value: int, kind: type[E], *, required: bool = True) -> E | None:
-    if value == 0:
-        if required:
-            raise InvalidArgument(field, "is required")
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise InvalidArgument(field, f"{value} is not a known {kind.__name__} value") from None
-
-
-def _enums(field: str, values: Sequence[int], kind: type[E]) -> list[E]:
-    return [_enum(f"{field}[{i}]", v, kind) for i, v in enumerate(values)]  # type: ignore[misc]
-
-
-def _instant(field: str, message: Any, name: str) -> int | None:
-    if not message.HasField(name):
-        return None
-    ts: timestamp_pb2.Timestamp = getattr(message, name)
-    if not (MIN_TIMESTAMP_S <= ts.seconds <= MAX_TIMESTAMP_S) or not (0 <= ts.nanos < 1_000_000_000):
-        raise InvalidArgument(field, "is not a valid timestamp")
-    return ts.seconds * MICROS + ts.nanos // 1000
-
-
 def _cycle_instant(field: str, message: Any, name: str) -> int | None:
     """An instant that selects a billing cycle (`cycle_start` of a request)."""
-    at = _instant(field, message, name)
+    at = instant_of(field, message, name)
     if at is not None and not (
         (MIN_TIMESTAMP_S + CYCLE_MARGIN_S) * MICROS <= at <= (MAX_TIMESTAMP_S - CYCLE_MARGIN_S) * MICROS
     ):
         raise InvalidArgument(field, "is too close to year 1 or year 9999 to select a billing cycle")
     return at
-
-
-def _duration(field: str, message: Any, name: str) -> int | None:
-    if not message.HasField(name):
-        return None
-    d: duration_pb2.Duration = getattr(message, name)
-    if abs(d.seconds) > 315_576_000_000 or abs(d.nanos) >= 1_000_000_000 or d.seconds * d.nanos < 0:
-        raise InvalidArgument(field, "is not a valid duration")
-    return d.seconds * MICROS + d.nanos // 1000
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:
@@ -176,68 +136,6 @@ def plan_pb(p: Plan) -> pb.Plan:
         renotify_interval=_dur(p.renotify_interval_us) if p.renotify_interval_us else None,
         preset=p.preset,
         marketing_contacts_only=p.marketing_contacts_only,
-    )
-
-
-# The Plan fields with proto3 presence whose value a preset may set; given at 0 or ""
-# they still beat the preset.
-PRESENT_PLAN_FIELDS = (
-    "grace_percent",
-    "sends_limit",
-    "sends_per_contact",
-    "overage_unit_price",
-    "currency",
-    "marketing_contacts_only",
-)
-# Plan field names as PlanInput spells them (instants and durations in microseconds).
-_PLAN_INPUT_NAMES = {
-    "cycle_anchor": "cycle_anchor_us",
-    "max_queue": "max_queue_us",
-    "renotify_interval": "renotify_interval_us",
-}
-
-
-def _given_fields(message: pb.Plan) -> frozenset[str]:
-    """The fields the caller gave at their default value: by presence, or named in given_fields."""
-    known = {f.name for f in pb.Plan.DESCRIPTOR.fields} - {"given_fields"}
-    given = {name for name in PRESENT_PLAN_FIELDS if message.HasField(name)}
-    for i, path in enumerate(message.given_fields.paths):
-        if path not in known:
-            raise InvalidArgument(f"plan.given_fields.paths[{i}]", f"{path!r} is not a field of Plan")
-        given.add(_PLAN_INPUT_NAMES.get(path, path))
-    return frozenset(given)
-
-
-def plan_input(message: pb.Plan) -> PlanInput:
-    """A Plan message as the engine's PlanInput; unknown enum numbers are refused."""
-    return PlanInput(
-        given=_given_fields(message),
-        metering=_enum("plan.metering", message.metering, Metering, required=False),
-        enforcement=_enum("plan.enforcement", message.enforcement, Enforcement, required=False),
-        contact_limit=message.contact_limit,
-        plan_name=message.plan_name,
-        addon_contacts=message.addon_contacts,
-        grace_percent=message.grace_percent,
-        sends_limit=message.sends_limit,
-        sends_per_contact=message.sends_per_contact,
-        overage_unit_price=message.overage_unit_price,
-        currency=message.currency,
-        cycle_anchor_us=_instant("plan.cycle_anchor", message, "cycle_anchor"),
-        billing_interval=_enum("plan.billing_interval", message.billing_interval, BillingInterval, required=False),
-        counted_kinds=_enums("plan.counted_kinds", message.counted_kinds, MessageKind),
-        counted_activities=_enums("plan.counted_activities", message.counted_activities, ActivityKind),
-        source_rules=[
-            (
-                _enum(f"plan.source_rules[{i}].source", r.source, ContactSource),
-                _enum(f"plan.source_rules[{i}].policy", r.policy, SourcePolicy),
-            )
-            for i, r in enumerate(message.source_rules)
-        ],  # type: ignore[misc]
-        max_queue_us=_duration("plan.max_queue", message, "max_queue"),
-        notify_thresholds=list(message.notify_thresholds),
-        renotify_interval_us=_duration("plan.renotify_interval", message, "renotify_interval"),
-        preset=message.preset,
-        marketing_contacts_only=message.marketing_contacts_only,
     )
 
 
@@ -395,9 +293,9 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         req = SendRequest(
             tenant_id=request.tenant_id,
             contact_id=request.contact_id,
-            channel=_enum("channel", request.channel, Channel, required=False),
-            kind=_enum("kind", request.kind, MessageKind, required=False),
-            queued_since_us=_instant("queued_since", request, "queued_since"),
+            channel=enum_of("channel", request.channel, Channel, required=False),
+            kind=enum_of("kind", request.kind, MessageKind, required=False),
+            queued_since_us=instant_of("queued_since", request, "queued_since"),
             dry_run=request.dry_run,
             request_id=request.request_id,
         )
@@ -415,8 +313,8 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
     ) -> pb.CheckSendBatchResponse:
         req = BatchRequest(
             tenant_id=request.tenant_id,
-            channel=_enum("channel", request.channel, Channel, required=False),
-            kind=_enum("kind", request.kind, MessageKind, required=False),
+            channel=enum_of("channel", request.channel, Channel, required=False),
+            kind=enum_of("kind", request.kind, MessageKind, required=False),
             contact_ids=list(request.contact_ids),
             dry_run=request.dry_run,
             request_id=request.request_id,
@@ -451,7 +349,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
     ) -> pb.CheckContactAddResponse:
         req = ContactAddRequest(
             tenant_id=request.tenant_id,
-            source=_enum("source", request.source, ContactSource, required=False),
+            source=enum_of("source", request.source, ContactSource, required=False),
             contact_ids=list(request.contact_ids),
             dry_run=request.dry_run,
             marketing=request.marketing if request.HasField("marketing") else None,
@@ -480,9 +378,9 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
     ) -> pb.RecordActivityResponse:
         req = ActivityRequest(
             tenant_id=request.tenant_id,
-            kind=_enum("kind", request.kind, ActivityKind, required=False),
+            kind=enum_of("kind", request.kind, ActivityKind, required=False),
             contact_ids=list(request.contact_ids),
-            occurred_at_us=_instant("occurred_at", request, "occurred_at"),
+            occurred_at_us=instant_of("occurred_at", request, "occurred_at"),
             marketing=request.marketing,
             source_type=request.source_type,
             source_id=request.source_id,

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
 
-from quota_sidecar.client._credentials import one_secret
+from quota_sidecar.api.credentials import one_secret
 
 from .ledger.sqlite import SYNCHRONOUS_MODES, sqlite_path
 

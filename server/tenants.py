@@ -20,11 +20,11 @@ from typing import Any
 import yaml
 from google.protobuf import json_format
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 
+from .convert import plan_input
 from .engine import Engine, validate_plan
 from .errors import QuotaError
-from .service import plan_input
 
 ENUM_PREFIX = {
     "metering": "METERING_",

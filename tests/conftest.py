@@ -14,8 +14,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.app import Sidecar
 from quota_sidecar.server.clock import FakeClock
 from quota_sidecar.server.engine import Engine

@@ -55,8 +55,8 @@ import grpc
 from google.protobuf import text_format
 from test_process import AUTH, Process, start
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
 DEADLINE_S = 10.0
 WORKERS = 6

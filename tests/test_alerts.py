@@ -16,8 +16,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
 from conftest import RunningSidecar
 

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
+from quota_sidecar.api.v1 import quota_pb2
 from quota_sidecar.client import (
     DEFAULT_ADMIN_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -36,7 +37,6 @@ from quota_sidecar.client import (
     Unauthenticated,
     Unavailable,
 )
-from quota_sidecar.client.v1 import quota_pb2
 
 TENANT = "tenant-1"
 PLAN = Plan(

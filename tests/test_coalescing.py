@@ -25,6 +25,7 @@ import grpc
 import pytest
 from test_client import EAGER_RETRY
 
+from quota_sidecar.api.v1 import quota_pb2
 from quota_sidecar.client import (
     AsyncQuotaClient,
     DeadlineExceeded,
@@ -36,7 +37,6 @@ from quota_sidecar.client import (
     SendDecision,
     Unavailable,
 )
-from quota_sidecar.client.v1 import quota_pb2
 
 TENANT = "tenant-1"
 PLAN = Plan(

@@ -3,7 +3,7 @@
 api.md names the services, RPCs, messages, fields and enum values that users write
 their code against; these tests read those names (and the types the document states
 for them) out of api.md itself and look each one up in
-`quota_sidecar.client.v1.quota_pb2.DESCRIPTOR`, so neither the protos nor the
+`quota_sidecar.api.v1.quota_pb2.DESCRIPTOR`, so neither the protos nor the
 stubs can drift from the document. Extra fields, RPCs and values are allowed.
 
 api.md is the repository's own `docs/api.md`; `QUOTA_API_DOC` points at another
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from quota_sidecar.client.v1 import quota_pb2
+from quota_sidecar.api.v1 import quota_pb2
 
 API_DOC_ENV = "QUOTA_API_DOC"
 REPO_API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"

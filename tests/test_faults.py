@@ -24,8 +24,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_process import Process, ledger_figures, put_plan, start
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.process
 

@@ -16,8 +16,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client.cli import main
-from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock, to_us
 from quota_sidecar.server.engine import ActivityRequest, Engine, PlanInput
 from quota_sidecar.server.ledger.sqlite import MIGRATIONS, SQLiteLedger, _keep_held_spans, migrate

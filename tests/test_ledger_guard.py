@@ -14,8 +14,8 @@ import grpc
 import pytest
 from test_process import Process, put_plan, start
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.ledger.sqlite import migrate
 
 pytestmark = pytest.mark.process

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock
 from quota_sidecar.server.dedupe import CycleFilter, DedupeFilters
 

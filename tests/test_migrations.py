@@ -21,8 +21,8 @@ import sqlite_utils
 from test_process import AUTH, Process, start
 
 import quota_sidecar.server.ledger.sqlite as ledger_sqlite
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import to_us
 from quota_sidecar.server.cycles import cycle_at
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate

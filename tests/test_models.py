@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock
 
 from conftest import START, RunningSidecar, start_sidecar

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "quota_sidecar"
-STUBS = [f"{PACKAGE}/client/v1/{name}" for name in ("quota_pb2.py", "quota_pb2.pyi", "quota_pb2_grpc.py")]
+STUBS = [f"{PACKAGE}/api/v1/{name}" for name in ("quota_pb2.py", "quota_pb2.pyi", "quota_pb2_grpc.py")]
 COMMANDS = {
     "quota-sidecar": "quota_sidecar.server.cli:main",
     "quotactl": "quota_sidecar.client.cli:main",
@@ -88,8 +88,19 @@ def test_generated_stubs_and_type_stubs_are_inside(wheel: zipfile.ZipFile) -> No
     names = set(wheel.namelist())
     missing = [stub for stub in STUBS if stub not in names]
     assert not missing, f"the wheel lacks {missing}"
-    generated = wheel.read(f"{PACKAGE}/client/v1/quota_pb2_grpc.py").decode()
-    assert f"from {PACKAGE}.client.v1 import quota_pb2" in generated
+    generated = wheel.read(f"{PACKAGE}/api/v1/quota_pb2_grpc.py").decode()
+    assert f"from {PACKAGE}.api.v1 import quota_pb2" in generated
+
+
+def test_every_package_is_marked_typed(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    missing = [part for part in ("api", "server", "client") if f"{PACKAGE}/{part}/py.typed" not in names]
+    assert not missing, f"the wheel has no py.typed in {missing}"
+
+
+def test_the_client_still_offers_the_stubs_as_client_v1(wheel: zipfile.ZipFile) -> None:
+    # Users import the stubs from quota_sidecar.client.v1; it re-exports quota_sidecar.api.v1.
+    assert f"{PACKAGE}/client/v1/__init__.py" in wheel.namelist()
 
 
 def test_health_probe_and_its_dependency_are_inside(wheel: zipfile.ZipFile) -> None:

@@ -11,8 +11,8 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client.cli import main
-from quota_sidecar.client.v1 import quota_pb2 as pb
 
 T = "tenant-p"
 

@@ -21,8 +21,8 @@ import yaml
 from test_alerts import ALERTS, FULL_TENANT, NEAR_TENANT, TENANTS, dashboard, load_tenants, panel_targets
 from test_process import AUTH, Process, free_port, start
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.process
 

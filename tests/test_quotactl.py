@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client.cli import (
     ADDRESS_ENV,
     ADMIN_TOKEN_ENV,
@@ -32,7 +33,6 @@ from quota_sidecar.client.cli import (
     build_parser,
     main,
 )
-from quota_sidecar.client.v1 import quota_pb2 as pb
 from quota_sidecar.server.presets import PRESETS as SERVER_PRESETS
 
 TENANT = "tenant-1"

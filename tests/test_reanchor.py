@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock, from_us, to_us
 from quota_sidecar.server.cycles import Cycle, cycle_at
 from quota_sidecar.server.engine import (

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import MICROS, FakeClock, to_us
 from quota_sidecar.server.engine import (
     PRUNE_ROWS,

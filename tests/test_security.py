@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from test_notifications import Receiver, cross_80_percent
 from test_process import BIN, TOKEN, Process, free_port, start
 
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.client import QuotaClient
 from quota_sidecar.client.cli import main as quotactl
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import FakeClock
 from quota_sidecar.server.outbox import signature
 from quota_sidecar.server.probe import main as probe

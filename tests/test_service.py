@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.clock import FakeClock
 
 from conftest import START, RunningSidecar, start_sidecar
@@ -309,7 +309,7 @@ def test_admin_calls_refused_when_no_token_is_configured(tmp_path: Path) -> None
     s.start()
     try:
         with grpc.insecure_channel(s.address) as ch:
-            from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+            from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
             err = status_of(
                 lambda: pb_grpc.QuotaAdminServiceStub(ch).GetPlan(

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from test_process import AUTH, BIN, Process, start
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.app import Sidecar
 from quota_sidecar.server.settings import Settings
 

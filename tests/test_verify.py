@@ -17,8 +17,8 @@ import grpc
 import pytest
 from test_process import BIN, Process, put_plan, start
 
-from quota_sidecar.client.v1 import quota_pb2 as pb
-from quota_sidecar.client.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.clock import FakeClock
 from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput, SendRequest
 from quota_sidecar.server.errors import LedgerUnavailable

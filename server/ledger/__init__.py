@@ -224,11 +224,3 @@ class Ledger(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """True once open (and any in-memory accelerator loaded) and not failing."""
-
-
-def open_ledger(url: str, **options: object) -> Ledger:
-    """A ledger for a `--ledger` URL: `sqlite:///path`, or a bare file path."""
-    from .sqlite import SQLiteLedger, sqlite_path
-
-    path = sqlite_path(url)
-    return SQLiteLedger(path, **options)  # type: ignore[arg-type]

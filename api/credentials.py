@@ -1,4 +1,5 @@
-"""Channel credentials from PEM files, as the command-line tools take them."""
+"""What the command-line tools of both sides read from files: channel credentials from
+PEM files, and secrets given as `<flag>-file`."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from quota_sidecar.client.v1 import quota_pb2 as quota_dot_v1_dot_quota__pb2
+from quota_sidecar.api.v1 import quota_pb2 as quota_dot_v1_dot_quota__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -613,7 +613,7 @@ class Engine:
         rpc: str,
         request_id: str,
         fingerprint: Callable[[], bytes],
-        decide: Callable[[], tuple[Any, int]],
+        decide: Callable[[], Any],
         pack: Callable[[Any], tuple[bytes, UsageContext]],
         unpack: Callable[[bytes, UsageContext], object],
         legacy: Callable[[Any], object],
@@ -630,7 +630,7 @@ class Engine:
                 if stored.context is None:
                     return legacy(json.loads(stored.legacy_json))
                 return unpack(stored.packed, stored.context)
-        outcome, _ = decide()
+        outcome = decide()
         if request_id:
             packed, context = pack(outcome)
             result = StoredResult(fingerprint()[:FINGERPRINT_BYTES], packed, context)
@@ -646,8 +646,8 @@ class Engine:
         _required("kind", req.kind)
         check_id("request_id", req.request_id, required=False)
 
-        def decide(view: LedgerTx) -> tuple[SendOutcome, int]:
-            results, usage, cycle_start = self._decide_sends(
+        def decide(view: LedgerTx) -> SendOutcome:
+            results, usage = self._decide_sends(
                 view,
                 req.tenant_id,
                 req.kind,
@@ -657,10 +657,10 @@ class Engine:
                 req.request_id,
                 req.dry_run,
             )
-            return SendOutcome(results[0][1], usage), cycle_start
+            return SendOutcome(results[0][1], usage)
 
         if req.dry_run:
-            return self.ledger.read(lambda r: decide(_Overlay(r))[0])  # type: ignore[arg-type]
+            return self.ledger.read(lambda r: decide(_Overlay(r)))  # type: ignore[arg-type]
         fingerprint = partial(_fingerprint, req.contact_id, req.channel, req.kind, req.queued_since_us)
 
         def unit(tx: LedgerTx) -> SendOutcome:
@@ -685,14 +685,14 @@ class Engine:
         _check_ids("contact_ids", req.contact_ids, MAX_BATCH)
         check_id("request_id", req.request_id, required=False)
 
-        def decide(view: LedgerTx, ids: Sequence[str]) -> tuple[BatchOutcome, int]:
-            results, usage, cycle_start = self._decide_sends(
+        def decide(view: LedgerTx, ids: Sequence[str]) -> BatchOutcome:
+            results, usage = self._decide_sends(
                 view, req.tenant_id, req.kind, ids, None, "CheckSendBatch", req.request_id, req.dry_run
             )
-            return replies.batch_outcome(results, usage), cycle_start
+            return replies.batch_outcome(results, usage)
 
         if req.dry_run:
-            return self.ledger.read(lambda r: decide(_Overlay(r), req.contact_ids)[0])  # type: ignore[arg-type]
+            return self.ledger.read(lambda r: decide(_Overlay(r), req.contact_ids))  # type: ignore[arg-type]
         # Computed once, though every unit of a large call compares or stores it.
         fingerprint = cache(partial(_fingerprint, list(req.contact_ids), req.channel, req.kind))
 
@@ -731,7 +731,7 @@ class Engine:
         rpc: str,
         request_id: str,
         dry_run: bool,
-    ) -> tuple[list[tuple[str, SendDecision]], Usage, int]:
+    ) -> tuple[list[tuple[str, SendDecision]], Usage]:
         """Decides sends in order, each seeing the ones before it; a repeated id repeats
         its first decision and counts nothing more. Returns the decisions, the usage
         after them and the cycle they were counted in."""
@@ -753,7 +753,7 @@ class Engine:
         usage = usage_of(tenant_id, plan, cycle, tally)
         if not dry_run:
             self._observe(view, plan, usage, now)
-        return results, usage, cycle.start_us
+        return results, usage
 
     def _decide_active_sends(
         self,
@@ -865,7 +865,7 @@ class Engine:
         marketing = req.marketing is not False
         fingerprint = partial(_fingerprint, req.source, list(req.contact_ids), marketing)
 
-        def decide(view: LedgerReader, tx: LedgerTx | None) -> tuple[ContactAddOutcome, int]:
+        def decide(view: LedgerReader, tx: LedgerTx | None) -> ContactAddOutcome:
             now = self.clock.now_us()
             plan = self._plan(view, req.tenant_id)
             cycle = cycle_of(view, req.tenant_id, plan, now)
@@ -883,9 +883,7 @@ class Engine:
                 reason = (
                     Reason.IMPORT_EXCEEDS_LIMIT if policy is SourcePolicy.REFUSE_IF_EXCEEDS else Reason.SOURCE_BLOCKED
                 )
-                return ContactAddOutcome(
-                    Decision.DENY, reason, 0, usage_of(req.tenant_id, plan, cycle, tally)
-                ), cycle.start_us
+                return ContactAddOutcome(Decision.DENY, reason, 0, usage_of(req.tenant_id, plan, cycle, tally))
             if tx is None:
                 after = tally.plus(counted, 0)
             else:
@@ -924,10 +922,10 @@ class Engine:
             usage = usage_of(req.tenant_id, plan, cycle, after)
             if tx is not None:
                 self._observe(tx, plan, usage, now)
-            return ContactAddOutcome(Decision.ALLOW, reason, len(new), usage), cycle.start_us
+            return ContactAddOutcome(Decision.ALLOW, reason, len(new), usage)
 
         if req.dry_run:
-            return self.ledger.read(lambda r: decide(r, None)[0])
+            return self.ledger.read(lambda r: decide(r, None))
 
         def unit(tx: LedgerTx) -> ContactAddOutcome:
             return self._once(  # type: ignore[return-value]
@@ -1002,7 +1000,7 @@ class Engine:
             )
         )
 
-        def decide(tx: LedgerTx, contact_ids: Sequence[str]) -> tuple[ActivityOutcome, int]:
+        def decide(tx: LedgerTx, contact_ids: Sequence[str]) -> ActivityOutcome:
             now = self.clock.now_us()
             at = req.occurred_at_us if req.occurred_at_us is not None else now
             plan = self._plan(tx, req.tenant_id)
@@ -1039,7 +1037,7 @@ class Engine:
             # Under HELD_CONTACTS the contacts this call made count: one call has one kind, so the
             # count only rises (creation, marketing set) or only falls (deletion), by that many.
             newly = max(0, now_usage.active_contacts - counted_before) if held else len(fresh)
-            return ActivityOutcome(len(ids), newly, usage), cycle.start_us
+            return ActivityOutcome(len(ids), newly, usage)
 
         def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> ActivityOutcome:
             return self._once(  # type: ignore[return-value]

@@ -28,15 +28,15 @@ from prometheus_client.exposition import start_http_server
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
-from .clock import MICROS, Clock, SystemClock
+from .domain.clock import MICROS, Clock, SystemClock
+from .domain.errors import QuotaError
+from .domain.model import Usage, UsageEvent
 from .engine import Engine, Retention
-from .errors import QuotaError
+from .grpc.service import QuotaAdminService, QuotaService, register
 from .ledger import Ledger
 from .ledger.sqlite import SQLiteLedger, sqlite_path
-from .metrics import Metrics, SidecarCollector, TenantFigures
-from .model import Usage, UsageEvent
-from .outbox import WEBHOOK, EventFeed, Webhook
-from .service import QuotaAdminService, QuotaService, register
+from .metrics.prometheus import Metrics, SidecarCollector, TenantFigures
+from .outbox.delivery import WEBHOOK, EventFeed, Webhook
 from .settings import Settings
 from .tenants import load_tenants
 

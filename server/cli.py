@@ -26,7 +26,7 @@ from prometheus_client import disable_created_metrics
 
 from . import __version__
 from .app import Sidecar
-from .errors import QuotaError
+from .domain.errors import QuotaError
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
 from .ledger.verify import VerifyError, verify_ledger
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line

@@ -22,9 +22,9 @@ from google.protobuf import json_format
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
-from .convert import plan_input
-from .engine import Engine, validate_plan
-from .errors import QuotaError
+from .domain.errors import QuotaError
+from .engine.engine import Engine, validate_plan
+from .grpc.convert import plan_input
 
 ENUM_PREFIX = {
     "metering": "METERING_",

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.app import Sidecar
-from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.settings import Settings

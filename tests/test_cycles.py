@@ -1,4 +1,4 @@
-"""Billing-cycle arithmetic (server/cycles.py): SG-7 and api.md "Plan" (cycle_anchor).
+"""Billing-cycle arithmetic (server/domain/cycles.py): SG-7 and api.md "Plan" (cycle_anchor).
 
 Cycles are calendar months from the tenant's anchor, in UTC, half-open
 [start, end); the day is clamped to the month's length against the anchor's
@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from quota_sidecar.server.clock import from_us, to_us
-from quota_sidecar.server.cycles import Cycle, cycle_at, cycle_start, cycle_within, same_boundaries
+from quota_sidecar.server.domain.clock import from_us, to_us
+from quota_sidecar.server.domain.cycles import Cycle, cycle_at, cycle_start, cycle_within, same_boundaries
 
 UTC = UTC
 

@@ -1,4 +1,4 @@
-"""The decision engine (server/engine.py) over a real SQLite ledger and a fake clock.
+"""The decision engine (server/engine/engine.py) over a real SQLite ledger and a fake clock.
 
 Rule ids refer to docs/domain.md; "Decision rules" to docs/api.md. Every plan here
 is CYCLE_ACTIVE metering (models 2 and 3); the SG rules are exercised under HARD
@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from quota_sidecar.server.clock import MICROS, FakeClock, to_us
-from quota_sidecar.server.engine import (
-    ActivityRequest,
-    BatchRequest,
-    Engine,
-    PlanInput,
-    SendRequest,
-)
-from quota_sidecar.server.errors import InvalidArgument, NotFound
-from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import (
+from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.errors import InvalidArgument, NotFound
+from quota_sidecar.server.domain.model import (
     LIMIT_REASONS,
     ActivityKind,
     Channel,
@@ -36,6 +28,14 @@ from quota_sidecar.server.model import (
     Reason,
     UsageState,
 )
+from quota_sidecar.server.engine import (
+    ActivityRequest,
+    BatchRequest,
+    Engine,
+    PlanInput,
+    SendRequest,
+)
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
 UTC = UTC
 T = "tenant-a"

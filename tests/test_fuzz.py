@@ -66,7 +66,7 @@ from hypothesis import strategies as st
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.server.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
 
 from conftest import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
 

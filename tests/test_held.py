@@ -15,18 +15,10 @@ import pytest
 import sqlite_utils
 from test_engine import snapshot
 
-from quota_sidecar.server.clock import FakeClock, to_us
-from quota_sidecar.server.cycles import cycle_at
-from quota_sidecar.server.engine import (
-    ActivityRequest,
-    ContactAddRequest,
-    Engine,
-    PlanInput,
-    SendRequest,
-)
-from quota_sidecar.server.errors import InvalidArgument, NotFound
-from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
-from quota_sidecar.server.model import (
+from quota_sidecar.server.domain.clock import FakeClock, to_us
+from quota_sidecar.server.domain.cycles import cycle_at
+from quota_sidecar.server.domain.errors import InvalidArgument, NotFound
+from quota_sidecar.server.domain.model import (
     DAY_US,
     HOUR_US,
     ActivityKind,
@@ -42,6 +34,14 @@ from quota_sidecar.server.model import (
     SourcePolicy,
     UsageState,
 )
+from quota_sidecar.server.engine import (
+    ActivityRequest,
+    ContactAddRequest,
+    Engine,
+    PlanInput,
+    SendRequest,
+)
+from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
 
 T = "tenant-h"
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)

@@ -18,10 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client.cli import main
-from quota_sidecar.server.clock import FakeClock, to_us
+from quota_sidecar.server.domain.clock import FakeClock, to_us
+from quota_sidecar.server.domain.model import Activation, ActivityKind
 from quota_sidecar.server.engine import ActivityRequest, Engine, PlanInput
 from quota_sidecar.server.ledger.sqlite import MIGRATIONS, SQLiteLedger, _keep_held_spans, migrate
-from quota_sidecar.server.model import Activation, ActivityKind
 
 T = "tenant-h"
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)

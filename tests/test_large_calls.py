@@ -23,13 +23,13 @@ import pytest
 from test_engine import ANCHOR, CAMPAIGN, NOW, batch, figures_match_rows, plan, record, send
 from test_ledger_contract import wait_until, writer_blocked
 
-from quota_sidecar.server.clock import MICROS, FakeClock, to_us
-from quota_sidecar.server.cycles import cycle_at
+from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.cycles import cycle_at
+from quota_sidecar.server.domain.errors import InvalidArgument, LedgerUnavailable
+from quota_sidecar.server.domain.model import ActivityKind, Decision, Enforcement, Metering
 from quota_sidecar.server.engine import Engine
-from quota_sidecar.server.errors import InvalidArgument, LedgerUnavailable
 from quota_sidecar.server.ledger import LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import ActivityKind, Decision, Enforcement, Metering
 
 T = "tenant-a"
 OTHER = "tenant-b"

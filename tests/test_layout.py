@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Each top-level source folder and the package it installs as (pyproject's package-dir).
 PACKAGES = {"api": "quota_sidecar.api", "server": "quota_sidecar.server", "client": "quota_sidecar.client"}
-GRPC_LAYER = "quota_sidecar.server.service"
+GRPC_LAYER = "quota_sidecar.server.grpc.service"
 
 
 def modules(folder: str) -> dict[str, Path]:

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from quota_sidecar.server.errors import LedgerUnavailable
-from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
-from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import (
+from quota_sidecar.server.domain.errors import LedgerUnavailable
+from quota_sidecar.server.domain.model import (
     Activation,
     ContactRecord,
     Counters,
@@ -37,6 +35,8 @@ from quota_sidecar.server.model import (
     StoredResult,
     UsageContext,
 )
+from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
 CommitObserver = Callable[[float, int, bool], None]
 

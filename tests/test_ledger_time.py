@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from quota_sidecar.server.clock import FakeClock, to_us
+from quota_sidecar.server.domain.clock import FakeClock, to_us
+from quota_sidecar.server.domain.model import ActivityKind, Channel, ContactSource, MessageKind
 from quota_sidecar.server.engine import (
     ActivityRequest,
     ContactAddRequest,
@@ -24,7 +25,6 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger, _keep_ledger_time
-from quota_sidecar.server.model import ActivityKind, Channel, ContactSource, MessageKind
 
 T = "tenant-t"
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)

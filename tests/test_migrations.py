@@ -23,10 +23,10 @@ from test_process import AUTH, Process, start
 import quota_sidecar.server.ledger.sqlite as ledger_sqlite
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.server.clock import to_us
-from quota_sidecar.server.cycles import cycle_at
+from quota_sidecar.server.domain.clock import to_us
+from quota_sidecar.server.domain.cycles import cycle_at
+from quota_sidecar.server.domain.model import Enforcement, MessageKind, Metering, Plan
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
-from quota_sidecar.server.model import Enforcement, MessageKind, Metering, Plan
 
 T = "tenant-m"
 ANCHOR_US = to_us(datetime(2026, 1, 15, 8, 0, tzinfo=UTC))

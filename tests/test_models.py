@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
-from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.domain.clock import FakeClock
 
 from conftest import START, RunningSidecar, start_sidecar
 

@@ -30,9 +30,9 @@ from test_process import AUTH, free_port, start
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.client import AsyncQuotaClient, NotFound, QuotaClient
-from quota_sidecar.server.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.model import ActivityKind, Enforcement, UsageEvent, UsageEventType, UsageFigure
 from quota_sidecar.server.engine import Engine
-from quota_sidecar.server.model import ActivityKind, Enforcement, UsageEvent, UsageEventType, UsageFigure
 
 from conftest import RunningSidecar, start_sidecar
 

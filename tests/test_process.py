@@ -20,10 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.server.clock import SystemClock
-from quota_sidecar.server.cycles import cycle_at
+from quota_sidecar.server.domain.clock import SystemClock
+from quota_sidecar.server.domain.cycles import cycle_at
+from quota_sidecar.server.domain.model import Enforcement, MessageKind, Metering, Plan
 from quota_sidecar.server.ledger.sqlite import migrate
-from quota_sidecar.server.model import Enforcement, MessageKind, Metering, Plan
 
 pytestmark = pytest.mark.process
 

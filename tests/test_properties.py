@@ -1,6 +1,6 @@
 """Property tests of the decision engine: random workloads checked against a reference model and the ledger's rows.
 
-Each example is a hypothesis state machine that drives the engine (server/engine.py) directly, over a real
+Each example is a hypothesis state machine that drives the engine (server/engine/engine.py) directly, over a real
 SQLite ledger file in a fresh temporary directory and a FakeClock. The tenant starts on one of the four presets
 of api.md (one test class per preset) and then runs random steps: sends of every MessageKind to a pool of twelve
 contact ids, batches with repeated ids, dry runs, every ActivityKind, contact additions from every source,
@@ -41,17 +41,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from quota_sidecar.server.clock import MICROS, FakeClock, from_us, to_us
-from quota_sidecar.server.engine import (
-    ActivityRequest,
-    BatchRequest,
-    ContactAddRequest,
-    Engine,
-    PlanInput,
-    SendRequest,
-)
-from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import (
+from quota_sidecar.server.domain.clock import MICROS, FakeClock, from_us, to_us
+from quota_sidecar.server.domain.model import (
     ActivityKind,
     BillingInterval,
     Channel,
@@ -66,6 +57,15 @@ from quota_sidecar.server.model import (
     Usage,
     UsageState,
 )
+from quota_sidecar.server.engine import (
+    ActivityRequest,
+    BatchRequest,
+    ContactAddRequest,
+    Engine,
+    PlanInput,
+    SendRequest,
+)
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
 EXAMPLES = int(os.environ.get("QUOTA_PROPERTY_EXAMPLES", "60"))
 STEPS = 40
@@ -86,7 +86,7 @@ OLA, REFUSE, BLOCKED = SourcePolicy.OVER_LIMIT_ALLOWED, SourcePolicy.REFUSE_IF_E
 CAMPAIGN, AUTOMATION = MessageKind.CAMPAIGN, MessageKind.AUTOMATION
 CONTACT_KINDS = {ActivityKind.CONTACT_CREATED, ActivityKind.CONTACT_DELETED, ActivityKind.MARKETING_STATUS_SET}
 
-# The presets table of api.md, transcribed here so that the reference does not share server/presets.py.
+# The presets table of api.md, transcribed here so that the reference does not share server/domain/presets.py.
 PRESETS: dict[str, dict] = {
     "contact-limit": {
         "metering": HELD,

@@ -33,7 +33,7 @@ from quota_sidecar.client.cli import (
     build_parser,
     main,
 )
-from quota_sidecar.server.presets import PRESETS as SERVER_PRESETS
+from quota_sidecar.server.domain.presets import PRESETS as SERVER_PRESETS
 
 TENANT = "tenant-1"
 PLAN_SET = (

@@ -18,18 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
-from quota_sidecar.server.clock import FakeClock, from_us, to_us
-from quota_sidecar.server.cycles import Cycle, cycle_at
-from quota_sidecar.server.engine import (
-    ActivityRequest,
-    BatchRequest,
-    ContactAddRequest,
-    Engine,
-    PlanInput,
-    SendRequest,
-)
-from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import (
+from quota_sidecar.server.domain.clock import FakeClock, from_us, to_us
+from quota_sidecar.server.domain.cycles import Cycle, cycle_at
+from quota_sidecar.server.domain.model import (
     ActivityKind,
     Channel,
     ContactSource,
@@ -41,6 +32,15 @@ from quota_sidecar.server.model import (
     Reason,
     Usage,
 )
+from quota_sidecar.server.engine import (
+    ActivityRequest,
+    BatchRequest,
+    ContactAddRequest,
+    Engine,
+    PlanInput,
+    SendRequest,
+)
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
 from conftest import RunningSidecar, start_sidecar
 

@@ -24,7 +24,16 @@ import grpc
 import pytest
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
-from quota_sidecar.server.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
+from quota_sidecar.server.domain.model import (
+    ActivityKind,
+    Channel,
+    ContactSource,
+    Enforcement,
+    MessageKind,
+    Metering,
+    Reason,
+)
 from quota_sidecar.server.engine import (
     PRUNE_ROWS,
     ActivityRequest,
@@ -37,16 +46,7 @@ from quota_sidecar.server.engine import (
 )
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger
 from quota_sidecar.server.ledger.verify import verify_ledger
-from quota_sidecar.server.model import (
-    ActivityKind,
-    Channel,
-    ContactSource,
-    Enforcement,
-    MessageKind,
-    Metering,
-    Reason,
-)
-from quota_sidecar.server.outbox import WEBHOOK
+from quota_sidecar.server.outbox.delivery import WEBHOOK
 
 from conftest import RunningSidecar, start_sidecar
 

@@ -33,8 +33,8 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.client import QuotaClient
 from quota_sidecar.client.cli import main as quotactl
-from quota_sidecar.server.clock import FakeClock
-from quota_sidecar.server.outbox import signature
+from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.outbox.delivery import signature
 from quota_sidecar.server.probe import main as probe
 
 from conftest import ADMIN_TOKEN, START, RunningSidecar, start_sidecar

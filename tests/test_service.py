@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
-from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.domain.clock import FakeClock
 
 from conftest import START, RunningSidecar, start_sidecar
 

@@ -19,11 +19,11 @@ from test_process import BIN, Process, put_plan, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
-from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.domain.errors import LedgerUnavailable
+from quota_sidecar.server.domain.model import Channel, ContactSource, MessageKind
 from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput, SendRequest
-from quota_sidecar.server.errors import LedgerUnavailable
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
-from quota_sidecar.server.model import Channel, ContactSource, MessageKind
 
 pytestmark = pytest.mark.process
 

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from ..model import (
+from ..domain.model import (
     Activation,
     AuditEntry,
     ContactRecord,

@@ -46,11 +46,9 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from ..cycles import cycle_at
-from ..deadline import within_deadline
-from ..dedupe import CycleFilter, DedupeFilters
-from ..errors import LedgerUnavailable
-from ..model import (
+from ..domain.cycles import cycle_at
+from ..domain.errors import LedgerUnavailable
+from ..domain.model import (
     Activation,
     AuditEntry,
     ContactRecord,
@@ -67,7 +65,9 @@ from ..model import (
     UsageEventType,
     UsageFigure,
 )
+from ..engine.deadline import within_deadline
 from . import HELD_SPANS_KEPT_US, HELD_SPANS_PER_CONTACT, Ledger, LedgerReader, LedgerTx
+from .dedupe import CycleFilter, DedupeFilters
 from .verify import Mismatch, find_mismatches
 
 T = TypeVar("T")

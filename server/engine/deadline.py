@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
-from .errors import DeadlineExceeded
+from ..domain.errors import DeadlineExceeded
 
 T = TypeVar("T")
 A = TypeVar("A")

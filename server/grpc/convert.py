@@ -13,9 +13,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
-from .clock import MICROS
-from .errors import InvalidArgument
-from .model import (
+from ..domain.clock import MICROS
+from ..domain.errors import InvalidArgument
+from ..domain.model import (
     ActivityKind,
     BillingInterval,
     ContactSource,

@@ -28,13 +28,10 @@ from decimal import Decimal, InvalidOperation
 from functools import cache, partial
 from typing import Any, TypeVar
 
-from . import replies
-from .board import UsageBoard
-from .clock import MICROS, Clock, LedgerTime
-from .cycles import Cycle, cycle_within, same_boundaries
-from .errors import InvalidArgument, NotFound
-from .ledger import Ledger, LedgerReader, LedgerTx
-from .model import (
+from ..domain.clock import MICROS, Clock, LedgerTime
+from ..domain.cycles import Cycle, cycle_within, same_boundaries
+from ..domain.errors import InvalidArgument, NotFound
+from ..domain.model import (
     DEFAULT_MAX_QUEUE_US,
     Activation,
     ActivityKind,
@@ -74,8 +71,11 @@ from .model import (
     UsageState,
     money,
 )
-from .notices import evaluate, level_of, ratio_of, settled
-from .presets import apply_preset
+from ..domain.notices import evaluate, level_of, ratio_of, settled
+from ..domain.presets import apply_preset
+from ..ledger import Ledger, LedgerReader, LedgerTx
+from ..metrics.board import UsageBoard
+from . import replies
 
 MAX_ID_BYTES = 256
 MAX_BATCH = 10_000

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
+from .. import __version__
+from ..domain.model import Usage, UsageEventType, UsageState
+from ..ledger.dedupe import DedupeFilters
 from .board import UsageBoard
-from .dedupe import DedupeFilters
-from .model import Usage, UsageEventType, UsageState
 
 LATENCY_BUCKETS = (
     0.0001,

@@ -26,11 +26,8 @@ from grpc_status import rpc_status
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
-from .clock import MICROS
-from .convert import MAX_TIMESTAMP_S, MIN_TIMESTAMP_S, enum_of, instant_of, plan_input
-from .deadline import serving_until
-from .engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, SendRequest
-from .errors import (
+from ..domain.clock import MICROS
+from ..domain.errors import (
     DeadlineExceeded,
     InvalidArgument,
     LedgerUnavailable,
@@ -39,8 +36,7 @@ from .errors import (
     QuotaError,
     Unauthenticated,
 )
-from .metrics import Metrics
-from .model import (
+from ..domain.model import (
     Activation,
     ActivityKind,
     BatchOutcome,
@@ -54,7 +50,11 @@ from .model import (
     Usage,
     UsageEvent,
 )
-from .outbox import EventFeed
+from ..engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, SendRequest
+from ..engine.deadline import serving_until
+from ..metrics.prometheus import Metrics
+from ..outbox.delivery import EventFeed
+from .convert import MAX_TIMESTAMP_S, MIN_TIMESTAMP_S, enum_of, instant_of, plan_input
 
 log = logging.getLogger("quota_sidecar.service")
 WATCH_READ_AHEAD = 100
@@ -227,7 +227,7 @@ def _answer_failure(context: grpc.ServicerContext, method: str, exc: Exception) 
 def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Checks access, times the call, counts it by status code and maps failures to status
     codes. A call whose deadline passed before its work ran is not worked on
-    (server/deadline.py)."""
+    (server/engine/deadline.py)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .model import Usage, UsageState
+from ..domain.model import Usage, UsageState
 
 
 @dataclass(frozen=True, slots=True)

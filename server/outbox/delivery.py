@@ -27,10 +27,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .clock import MICROS
-from .ledger import Ledger, LedgerReader
-from .metrics import Metrics
-from .model import Usage, UsageEvent
+from ..domain.clock import MICROS
+from ..domain.model import Usage, UsageEvent
+from ..ledger import Ledger, LedgerReader
+from ..metrics.prometheus import Metrics
 
 log = logging.getLogger("quota_sidecar.outbox")
 

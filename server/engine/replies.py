@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 
-from .model import (
+from ..domain.model import (
     ActivityOutcome,
     BatchOutcome,
     ContactAddOutcome,

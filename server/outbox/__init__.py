@@ -1,0 +1,1 @@
+"""The readers of the usage-event outbox: the live WatchUsageEvents feed and webhook delivery."""

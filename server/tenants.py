@@ -23,7 +23,8 @@ from google.protobuf import json_format
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
 from .domain.errors import QuotaError
-from .engine.engine import Engine, validate_plan
+from .domain.plans import validate_plan
+from .engine import Engine
 from .grpc.convert import plan_input
 
 ENUM_PREFIX = {

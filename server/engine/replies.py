@@ -1,4 +1,5 @@
-"""Answers kept for retries of a request_id, in the compact form the ledger stores.
+"""Answers kept for retries of a request_id: the one mechanism that answers a retry
+with the first answer (`once`), and the compact form the ledger stores it in.
 
 A retry must get the first answer, so every answer given under a request_id is
 kept for the request retention. Kept whole, an answer cost its message (500
@@ -8,14 +9,21 @@ small numbers, a batch as its few distinct decisions and one index into them per
 contact in request order (the contact ids come with the retry, whose fingerprint
 matched), and of the usage the figures that change from call to call. The rest
 of a usage (tenant, cycle, limits, currency, plan name) is a `UsageContext` the
-ledger stores once and shares between answers.
+ledger stores once and shares between answers. Each RPC that keeps answers has a
+`Codec`: its name, how its answer is packed and read back, and how an answer kept
+before the packed form (as JSON) is read until it is pruned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from decimal import Decimal
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+from ..domain.errors import InvalidArgument
+from ..domain.figures import NO_MONEY, overage_contacts, usage_ratio
 from ..domain.model import (
     ActivityOutcome,
     BatchOutcome,
@@ -24,23 +32,16 @@ from ..domain.model import (
     Reason,
     SendDecision,
     SendOutcome,
+    StoredResult,
     Usage,
     UsageContext,
     UsageState,
-    money,
 )
+from ..ledger import LedgerTx
 
-NO_MONEY = money(Decimal(0))
-
-
-def usage_ratio(count: int, limit: int) -> float:
-    """The metered count as a share of the limit (0 without one)."""
-    return count / limit if limit else 0.0
-
-
-def overage_contacts(peak: int, limit: int) -> int:
-    """What overage is billed on: the cycle's peak beyond the limit."""
-    return max(0, peak - limit)
+# Bytes of the request's hash kept with its answer: a retry with the same id must match them.
+FINGERPRINT_BYTES = 8
+A = TypeVar("A")
 
 
 def pack(values: Iterable[int], text: str = "") -> bytes:
@@ -186,3 +187,95 @@ def unpack_activity(data: bytes, c: UsageContext) -> ActivityOutcome:
     r = Unpacker(data)
     recorded, newly = r.ints(2)
     return ActivityOutcome(recorded, newly, _usage(c, r))
+
+
+def _legacy_decision(raw: list) -> SendDecision:
+    return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
+
+
+@dataclass(frozen=True, slots=True)
+class Codec(Generic[A]):
+    """How one RPC's answers are kept: `pack` for the ledger, `unpack` to read them
+    back, `legacy` to read one kept before the packed form (from its JSON)."""
+
+    rpc: str
+    pack: Callable[[A], tuple[bytes, UsageContext]]
+    unpack: Callable[[bytes, UsageContext], A]
+    legacy: Callable[[Any], A]
+
+
+SEND: Codec[SendOutcome] = Codec(
+    "CheckSend",
+    pack_send,
+    unpack_send,
+    lambda raw: SendOutcome(_legacy_decision(raw["d"]), Usage.from_dict(raw["u"])),
+)
+CONTACT_ADD: Codec[ContactAddOutcome] = Codec(
+    "CheckContactAdd",
+    pack_contact_add,
+    unpack_contact_add,
+    lambda raw: ContactAddOutcome(Decision(raw["d"]), Reason(raw["r"]), raw["a"], Usage.from_dict(raw["u"])),
+)
+ACTIVITY: Codec[ActivityOutcome] = Codec(
+    "RecordActivity",
+    pack_activity,
+    unpack_activity,
+    lambda raw: ActivityOutcome(raw["r"], raw["n"], Usage.from_dict(raw["u"])),
+)
+
+
+def batch(contact_ids: Sequence[str]) -> Codec[BatchOutcome]:
+    """The codec of a CheckSendBatch answer, read back against the retry's contact ids."""
+    return Codec(
+        "CheckSendBatch",
+        pack_batch,
+        lambda data, c: unpack_batch(contact_ids, data, c),
+        lambda raw: BatchOutcome(
+            tuple((r[0], _legacy_decision(r[1:])) for r in raw["r"]),
+            raw["a"],
+            raw["d"],
+            raw["n"],
+            Usage.from_dict(raw["u"]),
+        ),
+    )
+
+
+def fingerprint(*parts: object) -> bytes:
+    """A hash of what a request asks, kept (its first bytes) with the answer."""
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+
+
+def unit_request_id(request_id: str, index: int) -> str:
+    """The key a call's unit stores its answer under: the request_id itself for the first
+    (so reusing it for another request is refused at once), then with the unit's index
+    after a NUL, which no caller's id contains."""
+    return f"{request_id}\x00{index}" if request_id and index else request_id
+
+
+def once(
+    tx: LedgerTx,
+    tenant_id: str,
+    codec: Codec[A],
+    request_id: str,
+    fingerprint: Callable[[], bytes],
+    decide: Callable[[], A],
+    now_us: Callable[[], int],
+) -> A:
+    """Runs `decide` once per request_id, in the deciding transaction: a retry returns the
+    first answer, counting nothing; a request_id reused for a different request (its
+    fingerprint differs) is refused. The fingerprint is only computed when there is a
+    request_id. A call committed in units runs this once per unit, under `unit_request_id`."""
+    if request_id:
+        stored = tx.stored_result(tenant_id, codec.rpc, request_id)
+        if stored is not None:
+            if stored.fingerprint != fingerprint()[: len(stored.fingerprint)]:
+                raise InvalidArgument("request_id", f"was already used for a different {codec.rpc} request")
+            if stored.context is None:
+                return codec.legacy(json.loads(stored.legacy_json))
+            return codec.unpack(stored.packed, stored.context)
+    outcome = decide()
+    if request_id:
+        packed, context = codec.pack(outcome)
+        result = StoredResult(fingerprint()[:FINGERPRINT_BYTES], packed, context)
+        tx.store_result(tenant_id, codec.rpc, request_id, result, now_us())
+    return outcome

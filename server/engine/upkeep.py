@@ -1,0 +1,69 @@
+"""The engine's periodic work, run by the sidecar between decisions: reminders due and
+thresholds re-armed (`send_reminders`, AC-1), and what is past its retention deleted
+(`prune`). Both write in short transactions that queue with decisions like any unit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from ..domain.figures import usage_at
+from ..domain.model import UsageEvent
+from ..domain.plans import MAX_FIGURE
+from ..ledger import LedgerTx
+from .context import EngineContext
+from .requests import Retention
+
+# Rows one pruning transaction deletes at most: a short unit between decisions.
+PRUNE_ROWS = 1_000
+# The reminder sweep writes this many tenants per transaction.
+REMINDER_TENANTS = 16
+# What one tenant's reminder costs the writer, in contacts (the unit's weight).
+TENANT_WEIGHT = 32
+
+
+def send_reminders(ctx: EngineContext, pause: Callable[[], bool]) -> list[UsageEvent]:
+    """Writes the reminders due (AC-1: every `renotify_interval` while a figure stays at
+    or above a threshold) and re-arms thresholds of tenants whose cycle has turned.
+    REMINDER_TENANTS tenants per transaction so the data plane's units commit in
+    between. `pause` runs before each transaction: it may wait, leaving the writer to
+    other calls, and says whether to stop (the tenants left get theirs at the next
+    run). Returns the events written."""
+    raised = ctx.ledger.read(lambda r: list(dict.fromkeys(t for t, _, _ in r.raised_notices())))
+
+    def unit(tx: LedgerTx, tenants: list[str]) -> list[UsageEvent]:
+        now = ctx.clock.now_us()
+        written: list[UsageEvent] = []
+        for tenant_id in tenants:
+            plan = ctx.plan(tx, tenant_id)
+            written += ctx.observe(tx, plan, usage_at(tx, plan, tenant_id, now), now, remind=True)
+        return written
+
+    written: list[UsageEvent] = []
+    for start in range(0, len(raised), REMINDER_TENANTS):
+        if pause():
+            break
+        tenants = raised[start : start + REMINDER_TENANTS]
+        written += ctx.transact(partial(unit, tenants=tenants), weight=len(tenants) * TENANT_WEIGHT)
+    return written
+
+
+def prune(ctx: EngineContext, retention: Retention, consumers: Sequence[str]) -> dict[str, int]:
+    """Deletes what is older than its retention, oldest first, in transactions of at
+    most PRUNE_ROWS rows: answers kept for retries ("results"), outbox events
+    ("events") every consumer in `consumers` has delivered (every event, with none),
+    and audit rows ("audit"). Returns the rows deleted of each."""
+    now = ctx.clock.now_us()
+    through = ctx.ledger.read(lambda r: min((r.event_cursor(c) for c in consumers), default=MAX_FIGURE))
+    jobs: dict[str, Callable[[LedgerTx], int]] = {
+        "results": lambda tx: tx.prune_results(now - retention.requests_us, PRUNE_ROWS),
+        "events": lambda tx: tx.prune_events(now - retention.events_us, through, PRUNE_ROWS),
+        "audit": lambda tx: tx.prune_audit(now - retention.audit_us, PRUNE_ROWS),
+    }
+    pruned: dict[str, int] = {}
+    for kind, job in jobs.items():
+        pruned[kind] = deleted = ctx.ledger.transact(job)
+        while deleted >= PRUNE_ROWS:
+            deleted = ctx.ledger.transact(job)
+            pruned[kind] += deleted
+    return pruned

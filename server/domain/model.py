@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from enum import IntEnum
 
@@ -514,14 +514,6 @@ class StoredResult:
     packed: bytes = b""
     context: UsageContext | None = None
     legacy_json: str = ""
-
-
-@dataclass(slots=True)
-class OverlayState:
-    """What a dry run would have written, kept in memory and thrown away."""
-
-    activations: dict[tuple[str, int, str], Activation] = field(default_factory=dict)
-    counters: dict[tuple[str, int], Counters] = field(default_factory=dict)
 
 
 def money(value: Decimal) -> str:

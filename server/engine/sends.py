@@ -14,25 +14,17 @@ from ..domain.clock import MICROS
 from ..domain.cycles import Cycle
 from ..domain.figures import Tally, cycle_of, tally_of, usage_of
 from ..domain.model import (
-    Activation,
     AuditEntry,
     BatchOutcome,
-    ContactRecord,
-    Counters,
     Decision,
     Enforcement,
     EnrollOutcome,
-    Holdings,
     MessageKind,
     Metering,
-    OverlayState,
     Plan,
-    Reanchor,
     Reason,
     SendDecision,
     SendOutcome,
-    StoredPlan,
-    StoredResult,
     Usage,
 )
 from ..domain.plans import check_id, require
@@ -48,77 +40,6 @@ ALLOW_NEW = SendDecision(Decision.ALLOW, Reason.NEW_CONTACT_COUNTED, newly_activ
 ALLOW_OVERAGE = SendDecision(Decision.ALLOW, Reason.OVERAGE, newly_active=True)
 ALLOW_HELD = SendDecision(Decision.ALLOW, Reason.OK)
 REPEATED = {d: replace(d, newly_active=False) for d in (ALLOW_NEW, ALLOW_OVERAGE)}
-
-
-class _Overlay:
-    """A dry run's view: committed state plus what the run would have written."""
-
-    def __init__(self, base: LedgerReader) -> None:
-        self.base = base
-        self.state = OverlayState()
-
-    def plan(self, tenant_id: str) -> StoredPlan | None:
-        return self.base.plan(tenant_id)
-
-    def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
-        return self.base.plan_at(tenant_id, before_us)
-
-    def reanchors_around(self, tenant_id: str, instant_us: int) -> tuple[int | None, Reanchor | None]:
-        return self.base.reanchors_around(tenant_id, instant_us)
-
-    def holdings(self, tenant_id: str) -> Holdings | None:
-        return self.base.holdings(tenant_id)
-
-    def counted_contacts(
-        self, tenant_id: str, marketing_only: bool, at_us: int, after_contact_id: str, limit: int
-    ) -> list[ContactRecord]:
-        return self.base.counted_contacts(tenant_id, marketing_only, at_us, after_contact_id, limit)
-
-    def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
-        return None
-
-    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
-        found = self.state.counters.get((tenant_id, cycle_start_us))
-        return found if found is not None else self.base.counters(tenant_id, cycle_start_us)
-
-    def activation(self, tenant_id: str, cycle_start_us: int, contact_id: str) -> Activation | None:
-        found = self.state.activations.get((tenant_id, cycle_start_us, contact_id))
-        return found if found is not None else self.base.activation(tenant_id, cycle_start_us, contact_id)
-
-    def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
-        return self.base.contact(tenant_id, contact_id)
-
-    def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
-        for a in activations:
-            self.state.activations[(tenant_id, cycle_start_us, a.contact_id)] = a
-        c = self.counters(tenant_id, cycle_start_us)
-        self.state.counters[(tenant_id, cycle_start_us)] = replace(
-            c, active_contacts=c.active_contacts + len(activations), sends=c.sends + sum(a.sends for a in activations)
-        )
-
-    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
-        own = self.state.activations
-        found = {c for c in contact_ids if (tenant_id, cycle_start_us, c) in own}
-        rest = [c for c in contact_ids if c not in found]
-        return found | self.base.active_among(tenant_id, cycle_start_us, rest)
-
-    def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
-        self.count_sends(tenant_id, cycle_start_us, sends)
-
-    def send_to_new(
-        self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str], at_us: int, activity: str
-    ) -> None:
-        self.activate(tenant_id, cycle_start_us, [Activation(c, at_us, activity, 1) for c in contact_ids])
-
-    def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
-        self.count_sends(tenant_id, cycle_start_us, len(contact_ids))
-
-    def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
-        c = self.counters(tenant_id, cycle_start_us)
-        self.state.counters[(tenant_id, cycle_start_us)] = replace(c, sends=c.sends + sends)
-
-    def audit(self, entries: object) -> None:
-        return None
 
 
 class _Limits:
@@ -159,27 +80,27 @@ def check_send(ctx: EngineContext, req: SendRequest) -> SendOutcome:
     require("kind", req.kind)
     check_id("request_id", req.request_id, required=False)
 
-    def decide(view: LedgerTx) -> SendOutcome:
+    def decide(view: LedgerReader, tx: LedgerTx | None) -> SendOutcome:
         results, usage = _decide_sends(
             ctx,
             view,
+            tx,
             req.tenant_id,
             req.kind,  # type: ignore[arg-type]
             [req.contact_id],
             req.queued_since_us,
             "CheckSend",
             req.request_id,
-            req.dry_run,
         )
         return SendOutcome(results[0][1], usage)
 
     if req.dry_run:
-        return ctx.ledger.read(lambda r: decide(_Overlay(r)))  # type: ignore[arg-type]
+        return ctx.ledger.read(lambda r: decide(r, None))
     fingerprint = partial(replies.fingerprint, req.contact_id, req.channel, req.kind, req.queued_since_us)
 
     def unit(tx: LedgerTx) -> SendOutcome:
         return replies.once(
-            tx, req.tenant_id, replies.SEND, req.request_id, fingerprint, lambda: decide(tx), ctx.clock.now_us
+            tx, req.tenant_id, replies.SEND, req.request_id, fingerprint, lambda: decide(tx, tx), ctx.clock.now_us
         )
 
     return ctx.transact(unit)
@@ -192,22 +113,22 @@ def check_send_batch(ctx: EngineContext, req: BatchRequest) -> BatchOutcome:
     check_ids("contact_ids", req.contact_ids, MAX_BATCH)
     check_id("request_id", req.request_id, required=False)
 
-    def decide(view: LedgerTx, ids: Sequence[str]) -> BatchOutcome:
+    def decide(view: LedgerReader, tx: LedgerTx | None, ids: Sequence[str]) -> BatchOutcome:
         results, usage = _decide_sends(
             ctx,
             view,
+            tx,
             req.tenant_id,
             req.kind,  # type: ignore[arg-type]
             ids,
             None,
             "CheckSendBatch",
             req.request_id,
-            req.dry_run,
         )
         return replies.batch_outcome(results, usage)
 
     if req.dry_run:
-        return ctx.ledger.read(lambda r: decide(_Overlay(r), req.contact_ids))  # type: ignore[arg-type]
+        return ctx.ledger.read(lambda r: decide(r, None, req.contact_ids))
     # Computed once, though every unit of a large call compares or stores it.
     fingerprint = cache(partial(replies.fingerprint, list(req.contact_ids), req.channel, req.kind))
 
@@ -215,7 +136,7 @@ def check_send_batch(ctx: EngineContext, req: BatchRequest) -> BatchOutcome:
         request_id = replies.unit_request_id(req.request_id, index)
         codec = replies.batch(ids)
         return replies.once(
-            tx, req.tenant_id, codec, request_id, fingerprint, lambda: decide(tx, ids), ctx.clock.now_us
+            tx, req.tenant_id, codec, request_id, fingerprint, lambda: decide(tx, tx, ids), ctx.clock.now_us
         )
 
     answers = ctx.in_units(req.contact_ids, unit)
@@ -260,18 +181,19 @@ def check_enroll(ctx: EngineContext, tenant_id: str, contact_id: str, automation
 
 def _decide_sends(
     ctx: EngineContext,
-    view: LedgerTx,
+    view: LedgerReader,
+    tx: LedgerTx | None,
     tenant_id: str,
     kind: MessageKind,
     contact_ids: Sequence[str],
     queued_since_us: int | None,
     rpc: str,
     request_id: str,
-    dry_run: bool,
 ) -> tuple[list[tuple[str, SendDecision]], Usage]:
     """Decides sends in order, each seeing the ones before it; a repeated id repeats
     its first decision and counts nothing more. Returns the decisions and the usage
-    after them."""
+    after them. Reads through `view`; writes the counting through `tx`, or, in a dry
+    run (`tx` None), writes nothing."""
     now = ctx.clock.now_us()
     plan = ctx.plan(view, tenant_id)
     cycle = cycle_of(view, tenant_id, plan, now)
@@ -281,18 +203,19 @@ def _decide_sends(
     if not plan.counts_kind(kind):
         first = dict.fromkeys(unique, NOT_COUNTED)
     elif plan.metering is Metering.HELD_CONTACTS:
-        first, tally = _decide_held_sends(view, plan, tenant_id, cycle, unique, limited, tally, rpc, request_id)
+        first, tally = _decide_held_sends(view, tx, plan, tenant_id, cycle, unique, limited, tally, rpc, request_id)
     else:
-        first, tally = _decide_active_sends(view, plan, tenant_id, cycle, unique, kind, limited, now, tally)
+        first, tally = _decide_active_sends(view, tx, plan, tenant_id, cycle, unique, kind, limited, now, tally)
     results = _in_request_order(contact_ids, first)
     usage = usage_of(tenant_id, plan, cycle, tally)
-    if not dry_run:
-        ctx.observe(view, plan, usage, now)
+    if tx is not None:
+        ctx.observe(tx, plan, usage, now)
     return results, usage
 
 
 def _decide_active_sends(
-    view: LedgerTx,
+    view: LedgerReader,
+    tx: LedgerTx | None,
     plan: Plan,
     tenant_id: str,
     cycle: Cycle,
@@ -331,13 +254,15 @@ def _decide_active_sends(
             count += 1
             sends += 1
             first[c] = ALLOW_OVERAGE if overage_from is not None and count > overage_from else ALLOW_NEW
-    view.send_to_new(tenant_id, cycle.start_us, fresh, now, kind.name)
-    view.send_to_active(tenant_id, cycle.start_us, again)
+    if tx is not None:
+        tx.send_to_new(tenant_id, cycle.start_us, fresh, now, kind.name)
+        tx.send_to_active(tenant_id, cycle.start_us, again)
     return first, tally.plus(len(fresh), len(fresh) + len(again))
 
 
 def _decide_held_sends(
-    view: LedgerTx,
+    view: LedgerReader,
+    tx: LedgerTx | None,
     plan: Plan,
     tenant_id: str,
     cycle: Cycle,
@@ -367,11 +292,11 @@ def _decide_held_sends(
             continue
         counted += 1
         first[c] = ALLOW_HELD
-    if counted:
-        view.count_sends(tenant_id, cycle.start_us, counted)
+    if counted and tx is not None:
+        tx.count_sends(tenant_id, cycle.start_us, counted)
         contact_id = unique[0] if len(unique) == 1 else ""
         entry = AuditEntry(now, tenant_id, cycle.start_us, rpc, contact_id, "ALLOW", Reason.OK.name)
-        view.audit([replace(entry, sends_delta=counted, request_id=request_id)])
+        tx.audit([replace(entry, sends_delta=counted, request_id=request_id)])
     return first, tally.plus(0, counted)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from decimal import Decimal
-from enum import IntEnum
+from enum import Enum, IntEnum
+from typing import Any
 
 from .clock import MICROS
 
@@ -118,6 +119,98 @@ LIMIT_REASONS = frozenset({Reason.CONTACT_LIMIT_REACHED, Reason.OVER_GRACE, Reas
 DEFAULT_MAX_QUEUE_US = 24 * HOUR_US
 
 
+class FieldKind(Enum):
+    """How a plan field's value is shaped, which decides how it converts."""
+
+    COUNT = "count"  # an integer figure
+    TEXT = "text"
+    FLAG = "flag"
+    CHOICE = "choice"  # one member of `PlanField.enum`
+    CHOICES = "choices"  # members of `PlanField.enum`, kept as a sorted set
+    RULES = "rules"  # (ContactSource, SourcePolicy) pairs
+    RATIOS = "ratios"  # ratios of the limit, kept as a sorted set
+    INSTANT = "instant"  # microseconds since the epoch
+    DURATION = "duration"  # microseconds
+
+
+@dataclass(frozen=True, slots=True)
+class PlanField:
+    """One field of a plan as callers give it (`PlanInput`) and as it is stored (`Plan`).
+    `signed`: the contract carries it as a signed integer, so a negative value must be
+    refused (an unsigned one cannot be negative on the wire)."""
+
+    name: str
+    kind: FieldKind
+    enum: type[IntEnum] | None = None
+    signed: bool = False
+
+    @property
+    def wire(self) -> str:
+        """The field's name in quota.v1.Plan and in errors: without the `_us` unit."""
+        return self.name.removesuffix("_us")
+
+    def stored(self, value: Any) -> Any:
+        """The value in a plan's stored JSON: enum members by name."""
+        if self.kind is FieldKind.CHOICE:
+            return value.name
+        if self.kind is FieldKind.CHOICES:
+            return [k.name for k in value]
+        if self.kind is FieldKind.RULES:
+            return [[s.name, p.name] for s, p in value]
+        if self.kind is FieldKind.RATIOS:
+            return list(value)
+        return value
+
+    def from_stored(self, raw: Any) -> Any:
+        """The value `stored` wrote, read back."""
+        if self.kind is FieldKind.CHOICE:
+            return self.enum[raw]  # type: ignore[index]
+        if self.kind is FieldKind.CHOICES:
+            return tuple(self.enum[k] for k in raw)  # type: ignore[index]
+        if self.kind is FieldKind.RULES:
+            return tuple((ContactSource[s], SourcePolicy[p]) for s, p in raw)
+        if self.kind is FieldKind.RATIOS:
+            return tuple(raw)
+        return raw
+
+    def resolved(self, value: Any, defaults: dict[str, Any]) -> Any:
+        """The value a plan stores for the given one: sets sorted without repeats, pairs
+        as given, an unset or zero value at its default where the plan has one."""
+        if self.kind in (FieldKind.CHOICES, FieldKind.RATIOS):
+            return tuple(sorted(set(value)))
+        if self.kind is FieldKind.RULES:
+            return tuple(value)
+        if not value and self.name in defaults:
+            return defaults[self.name]
+        return value
+
+
+# The plan's fields, declared once, in the contract's order of conversion: validation,
+# the proto conversion both ways, the stored form and PutPlan's resolution read them.
+PLAN_FIELDS: tuple[PlanField, ...] = (
+    PlanField("metering", FieldKind.CHOICE, Metering),
+    PlanField("enforcement", FieldKind.CHOICE, Enforcement),
+    PlanField("contact_limit", FieldKind.COUNT, signed=True),
+    PlanField("plan_name", FieldKind.TEXT),
+    PlanField("addon_contacts", FieldKind.COUNT, signed=True),
+    PlanField("grace_percent", FieldKind.COUNT),
+    PlanField("sends_limit", FieldKind.COUNT, signed=True),
+    PlanField("sends_per_contact", FieldKind.COUNT),
+    PlanField("overage_unit_price", FieldKind.TEXT),
+    PlanField("currency", FieldKind.TEXT),
+    PlanField("cycle_anchor_us", FieldKind.INSTANT),
+    PlanField("billing_interval", FieldKind.CHOICE, BillingInterval),
+    PlanField("counted_kinds", FieldKind.CHOICES, MessageKind),
+    PlanField("counted_activities", FieldKind.CHOICES, ActivityKind),
+    PlanField("source_rules", FieldKind.RULES),
+    PlanField("max_queue_us", FieldKind.DURATION),
+    PlanField("notify_thresholds", FieldKind.RATIOS),
+    PlanField("renotify_interval_us", FieldKind.DURATION),
+    PlanField("preset", FieldKind.TEXT),
+    PlanField("marketing_contacts_only", FieldKind.FLAG),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What a tenant bought, fully resolved (anchor set, defaults applied)."""
@@ -181,60 +274,30 @@ class Plan:
                 return policy
         return SourcePolicy.OVER_LIMIT_ALLOWED
 
+    @classmethod
+    def resolve(cls, given: PlanInput, cycle_anchor_us: int, anchored_at_us: int | None) -> Plan:
+        """The plan a validated PlanInput stores: sets sorted and deduplicated, a field
+        left unset (or zero) at the plan's default."""
+        values = {f.name: f.resolved(getattr(given, f.name), _PLAN_DEFAULTS) for f in PLAN_FIELDS}
+        return cls(**{**values, "cycle_anchor_us": cycle_anchor_us, "anchored_at_us": anchored_at_us})
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "metering": self.metering.name,
-                "enforcement": self.enforcement.name,
-                "contact_limit": self.contact_limit,
-                "cycle_anchor_us": self.cycle_anchor_us,
-                "plan_name": self.plan_name,
-                "addon_contacts": self.addon_contacts,
-                "grace_percent": self.grace_percent,
-                "sends_limit": self.sends_limit,
-                "sends_per_contact": self.sends_per_contact,
-                "overage_unit_price": self.overage_unit_price,
-                "currency": self.currency,
-                "billing_interval": self.billing_interval.name,
-                "counted_kinds": [k.name for k in self.counted_kinds],
-                "counted_activities": [k.name for k in self.counted_activities],
-                "source_rules": [[s.name, p.name] for s, p in self.source_rules],
-                "max_queue_us": self.max_queue_us,
-                "notify_thresholds": list(self.notify_thresholds),
-                "renotify_interval_us": self.renotify_interval_us,
-                "preset": self.preset,
-                "marketing_contacts_only": self.marketing_contacts_only,
-                "anchored_at_us": self.anchored_at_us,
-            },
-            sort_keys=True,
-        )
+        stored = {f.name: f.stored(getattr(self, f.name)) for f in PLAN_FIELDS}
+        return json.dumps({**stored, "anchored_at_us": self.anchored_at_us}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         raw = json.loads(text)
-        return cls(
-            metering=Metering[raw["metering"]],
-            enforcement=Enforcement[raw["enforcement"]],
-            contact_limit=raw["contact_limit"],
-            cycle_anchor_us=raw["cycle_anchor_us"],
-            plan_name=raw["plan_name"],
-            addon_contacts=raw["addon_contacts"],
-            grace_percent=raw["grace_percent"],
-            sends_limit=raw["sends_limit"],
-            sends_per_contact=raw["sends_per_contact"],
-            overage_unit_price=raw["overage_unit_price"],
-            currency=raw["currency"],
-            billing_interval=BillingInterval[raw["billing_interval"]],
-            counted_kinds=tuple(MessageKind[k] for k in raw["counted_kinds"]),
-            counted_activities=tuple(ActivityKind[k] for k in raw["counted_activities"]),
-            source_rules=tuple((ContactSource[s], SourcePolicy[p]) for s, p in raw["source_rules"]),
-            max_queue_us=raw["max_queue_us"],
-            notify_thresholds=tuple(raw["notify_thresholds"]),
-            renotify_interval_us=raw["renotify_interval_us"],
-            preset=raw["preset"],
-            marketing_contacts_only=raw.get("marketing_contacts_only", False),
-            anchored_at_us=raw.get("anchored_at_us"),
-        )
+        values = {
+            f.name: f.from_stored(raw.get(f.name, _ADDED_LATER[f.name]) if f.name in _ADDED_LATER else raw[f.name])
+            for f in PLAN_FIELDS
+        }
+        return cls(**values, anchored_at_us=raw.get("anchored_at_us"))
+
+
+# A plan stored before these fields existed lacks them: it reads as their default.
+_ADDED_LATER = {"marketing_contacts_only": False}
+_PLAN_DEFAULTS = {f.name: f.default for f in fields(Plan) if f.default is not MISSING}
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 from .errors import InvalidArgument
-from .model import Enforcement, Metering, PlanInput
+from .model import PLAN_FIELDS, Enforcement, FieldKind, Metering, PlanInput
 from .presets import apply_preset
 
 MAX_ID_BYTES = 256
@@ -46,9 +46,9 @@ def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
     require("plan.enforcement", given.enforcement)
     if len(given.plan_name.encode()) > MAX_ID_BYTES:
         raise InvalidArgument("plan.plan_name", f"must be at most {MAX_ID_BYTES} bytes")
-    for field in ("contact_limit", "addon_contacts", "sends_limit"):
-        if getattr(given, field) < 0:
-            raise InvalidArgument(f"plan.{field}", "must not be negative")
+    for field in PLAN_FIELDS:
+        if field.signed and getattr(given, field.name) < 0:
+            raise InvalidArgument(f"plan.{field.wire}", "must not be negative")
     if given.contact_limit + given.addon_contacts <= 0:
         raise InvalidArgument("plan.contact_limit", "the limit (contact_limit + addon_contacts) must be positive")
     if given.contact_limit + given.addon_contacts > MAX_FIGURE:
@@ -86,10 +86,10 @@ def validate_plan(tenant_id: str, given: PlanInput) -> PlanInput:
         raise InvalidArgument(
             "plan.counted_kinds", "a CYCLE_ACTIVE plan must count at least one message kind or activity"
         )
-    for name in ("max_queue_us", "renotify_interval_us"):
-        value = getattr(given, name)
-        if value is not None and value < 0:
-            raise InvalidArgument(f"plan.{name.removesuffix('_us')}", "must not be negative")
+    for field in PLAN_FIELDS:
+        value = getattr(given, field.name)
+        if field.kind is FieldKind.DURATION and value is not None and value < 0:
+            raise InvalidArgument(f"plan.{field.wire}", "must not be negative")
     if len(given.notify_thresholds) > MAX_NOTIFY_THRESHOLDS:
         raise InvalidArgument(
             "plan.notify_thresholds",

@@ -7,15 +7,7 @@ from __future__ import annotations
 
 from ..domain.cycles import Cycle, same_boundaries
 from ..domain.figures import cycle_of, tally_of, usage_of
-from ..domain.model import (
-    DEFAULT_MAX_QUEUE_US,
-    AuditEntry,
-    BillingInterval,
-    Plan,
-    PlanInput,
-    Reanchor,
-    Usage,
-)
+from ..domain.model import AuditEntry, Plan, PlanInput, Reanchor, Usage
 from ..domain.plans import validate_plan
 from ..ledger import LedgerTx
 from .contacts import roll
@@ -38,29 +30,7 @@ def put_plan(ctx: EngineContext, tenant_id: str, given: PlanInput) -> tuple[Plan
             interrupted = _close_for_reanchor(tx, previous, tenant_id, now)
             tx.put_reanchor(tenant_id, Reanchor(now, previous.cycle_anchor_us))
             anchored_at = now
-        plan = Plan(
-            metering=given.metering,  # type: ignore[arg-type]
-            enforcement=given.enforcement,  # type: ignore[arg-type]
-            contact_limit=given.contact_limit,
-            cycle_anchor_us=anchor,
-            plan_name=given.plan_name,
-            addon_contacts=given.addon_contacts,
-            grace_percent=given.grace_percent,
-            sends_limit=given.sends_limit,
-            sends_per_contact=given.sends_per_contact,
-            overage_unit_price=given.overage_unit_price,
-            currency=given.currency,
-            billing_interval=given.billing_interval or BillingInterval.MONTHLY,
-            counted_kinds=tuple(sorted(set(given.counted_kinds))),
-            counted_activities=tuple(sorted(set(given.counted_activities))),
-            source_rules=tuple(given.source_rules),
-            max_queue_us=given.max_queue_us or DEFAULT_MAX_QUEUE_US,
-            notify_thresholds=tuple(sorted(set(given.notify_thresholds))),
-            renotify_interval_us=given.renotify_interval_us or 0,
-            preset=given.preset,
-            marketing_contacts_only=given.marketing_contacts_only,
-            anchored_at_us=anchored_at,
-        )
+        plan = Plan.resolve(given, anchor, anchored_at)
         tx.put_plan(tenant_id, plan.to_json(), now)
         cycle = cycle_of(tx, tenant_id, plan, now)
         if interrupted is not None:

@@ -1,5 +1,6 @@
-"""The contract's request messages as the domain's values: the field checks every
-request shares, and the Plan conversion that both the gRPC layer and the tenants file
+"""The contract's messages as the domain's values and back: the field checks every
+request shares, instants and durations, and the Plan conversion both ways (driven by
+the plan's field declarations, `PLAN_FIELDS`) that the gRPC layer and the tenants file
 use. A field that does not convert is an InvalidArgument naming it.
 """
 
@@ -15,16 +16,7 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 
 from ..domain.clock import MICROS
 from ..domain.errors import InvalidArgument
-from ..domain.model import (
-    ActivityKind,
-    BillingInterval,
-    ContactSource,
-    Enforcement,
-    MessageKind,
-    Metering,
-    PlanInput,
-    SourcePolicy,
-)
+from ..domain.model import PLAN_FIELDS, ContactSource, FieldKind, Plan, PlanField, PlanInput, SourcePolicy
 
 E = TypeVar("E", bound=IntEnum)
 MIN_TIMESTAMP_S = -62_135_596_800
@@ -68,22 +60,21 @@ def duration_of(field: str, message: Any, name: str) -> int | None:
     return d.seconds * MICROS + d.nanos // 1000
 
 
-# The Plan fields with proto3 presence whose value a preset may set; given at 0 or ""
-# they still beat the preset.
-PRESENT_PLAN_FIELDS = (
-    "grace_percent",
-    "sends_limit",
-    "sends_per_contact",
-    "overage_unit_price",
-    "currency",
-    "marketing_contacts_only",
-)
+# The Plan fields with proto3 presence (scalars declared `optional`): given at 0 or ""
+# they still beat the preset's value.
+PRESENT_PLAN_FIELDS = tuple(f.name for f in pb.Plan.DESCRIPTOR.fields if f.has_presence and f.message_type is None)
 # Plan field names as PlanInput spells them (instants and durations in microseconds).
-_PLAN_INPUT_NAMES = {
-    "cycle_anchor": "cycle_anchor_us",
-    "max_queue": "max_queue_us",
-    "renotify_interval": "renotify_interval_us",
-}
+_PLAN_INPUT_NAMES = {f.wire: f.name for f in PLAN_FIELDS}
+
+
+def timestamp_pb(us: int) -> timestamp_pb2.Timestamp:
+    seconds, micros = divmod(us, MICROS)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
+
+
+def duration_pb(us: int) -> duration_pb2.Duration:
+    seconds, micros = divmod(us, MICROS)
+    return duration_pb2.Duration(seconds=seconds, nanos=micros * 1000)
 
 
 def _given_fields(message: pb.Plan) -> frozenset[str]:
@@ -97,34 +88,54 @@ def _given_fields(message: pb.Plan) -> frozenset[str]:
     return frozenset(given)
 
 
+def _given_value(message: pb.Plan, field: PlanField) -> Any:
+    """One field of a Plan message as PlanInput holds it; an unset enum or message is None."""
+    wire, name = field.wire, f"plan.{field.wire}"
+    value = getattr(message, wire)
+    if field.kind is FieldKind.CHOICE:
+        return enum_of(name, value, field.enum, required=False)  # type: ignore[arg-type]
+    if field.kind is FieldKind.CHOICES:
+        return enums_of(name, value, field.enum)  # type: ignore[arg-type]
+    if field.kind is FieldKind.RULES:
+        return [
+            (
+                enum_of(f"{name}[{i}].source", r.source, ContactSource),
+                enum_of(f"{name}[{i}].policy", r.policy, SourcePolicy),
+            )
+            for i, r in enumerate(value)
+        ]
+    if field.kind is FieldKind.RATIOS:
+        return list(value)
+    if field.kind is FieldKind.INSTANT:
+        return instant_of(name, message, wire)
+    if field.kind is FieldKind.DURATION:
+        return duration_of(name, message, wire)
+    return value
+
+
 def plan_input(message: pb.Plan) -> PlanInput:
     """A Plan message as the engine's PlanInput; unknown enum numbers are refused."""
-    return PlanInput(
-        given=_given_fields(message),
-        metering=enum_of("plan.metering", message.metering, Metering, required=False),
-        enforcement=enum_of("plan.enforcement", message.enforcement, Enforcement, required=False),
-        contact_limit=message.contact_limit,
-        plan_name=message.plan_name,
-        addon_contacts=message.addon_contacts,
-        grace_percent=message.grace_percent,
-        sends_limit=message.sends_limit,
-        sends_per_contact=message.sends_per_contact,
-        overage_unit_price=message.overage_unit_price,
-        currency=message.currency,
-        cycle_anchor_us=instant_of("plan.cycle_anchor", message, "cycle_anchor"),
-        billing_interval=enum_of("plan.billing_interval", message.billing_interval, BillingInterval, required=False),
-        counted_kinds=enums_of("plan.counted_kinds", message.counted_kinds, MessageKind),
-        counted_activities=enums_of("plan.counted_activities", message.counted_activities, ActivityKind),
-        source_rules=[
-            (
-                enum_of(f"plan.source_rules[{i}].source", r.source, ContactSource),
-                enum_of(f"plan.source_rules[{i}].policy", r.policy, SourcePolicy),
-            )
-            for i, r in enumerate(message.source_rules)
-        ],  # type: ignore[misc]
-        max_queue_us=duration_of("plan.max_queue", message, "max_queue"),
-        notify_thresholds=list(message.notify_thresholds),
-        renotify_interval_us=duration_of("plan.renotify_interval", message, "renotify_interval"),
-        preset=message.preset,
-        marketing_contacts_only=message.marketing_contacts_only,
-    )
+    given = _given_fields(message)
+    return PlanInput(given=given, **{f.name: _given_value(message, f) for f in PLAN_FIELDS})
+
+
+def _wire_value(field: PlanField, value: Any) -> Any:
+    if field.kind is FieldKind.CHOICE:
+        return value.value
+    if field.kind is FieldKind.CHOICES:
+        return [k.value for k in value]
+    if field.kind is FieldKind.RULES:
+        return [pb.SourceRule(source=s.value, policy=q.value) for s, q in value]
+    if field.kind is FieldKind.RATIOS:
+        return list(value)
+    if field.kind is FieldKind.INSTANT:
+        return timestamp_pb(value)
+    if field.kind is FieldKind.DURATION:
+        # A plan's max_queue is never 0 (it defaults); a renotify interval of 0 (none) is left unset.
+        return duration_pb(value) if value else None
+    return value
+
+
+def plan_pb(plan: Plan) -> pb.Plan:
+    """A stored plan as the contract's Plan message."""
+    return pb.Plan(**{f.wire: _wire_value(f, getattr(plan, f.name)) for f in PLAN_FIELDS})

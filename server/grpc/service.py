@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -45,7 +45,6 @@ from ..domain.model import (
     ContactState,
     Invoice,
     MessageKind,
-    Plan,
     SendDecision,
     Usage,
     UsageEvent,
@@ -54,7 +53,16 @@ from ..engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, S
 from ..engine.deadline import serving_until
 from ..metrics.prometheus import Metrics
 from ..outbox.delivery import EventFeed
-from .convert import MAX_TIMESTAMP_S, MIN_TIMESTAMP_S, enum_of, instant_of, plan_input
+from .convert import (
+    MAX_TIMESTAMP_S,
+    MIN_TIMESTAMP_S,
+    duration_pb,
+    enum_of,
+    instant_of,
+    plan_input,
+    plan_pb,
+    timestamp_pb,
+)
 
 log = logging.getLogger("quota_sidecar.service")
 WATCH_READ_AHEAD = 100
@@ -85,21 +93,11 @@ def _cycle_instant(field: str, message: Any, name: str) -> int | None:
     return at
 
 
-def _ts(us: int) -> timestamp_pb2.Timestamp:
-    seconds, micros = divmod(us, MICROS)
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
-
-
-def _dur(us: int) -> duration_pb2.Duration:
-    seconds, micros = divmod(us, MICROS)
-    return duration_pb2.Duration(seconds=seconds, nanos=micros * 1000)
-
-
 def usage_pb(u: Usage) -> pb.Usage:
     return pb.Usage(
         tenant_id=u.tenant_id,
-        cycle_start=_ts(u.cycle_start_us),
-        cycle_end=_ts(u.cycle_end_us),
+        cycle_start=timestamp_pb(u.cycle_start_us),
+        cycle_end=timestamp_pb(u.cycle_end_us),
         active_contacts=u.active_contacts,
         contact_limit=u.contact_limit,
         usage_ratio=u.usage_ratio,
@@ -114,31 +112,6 @@ def usage_pb(u: Usage) -> pb.Usage:
     )
 
 
-def plan_pb(p: Plan) -> pb.Plan:
-    return pb.Plan(
-        plan_name=p.plan_name,
-        metering=p.metering.value,
-        enforcement=p.enforcement.value,
-        contact_limit=p.contact_limit,
-        addon_contacts=p.addon_contacts,
-        grace_percent=p.grace_percent,
-        sends_limit=p.sends_limit,
-        sends_per_contact=p.sends_per_contact,
-        overage_unit_price=p.overage_unit_price,
-        currency=p.currency,
-        cycle_anchor=_ts(p.cycle_anchor_us),
-        billing_interval=p.billing_interval.value,
-        counted_kinds=[k.value for k in p.counted_kinds],
-        counted_activities=[k.value for k in p.counted_activities],
-        source_rules=[pb.SourceRule(source=s.value, policy=q.value) for s, q in p.source_rules],
-        max_queue=_dur(p.max_queue_us),
-        notify_thresholds=list(p.notify_thresholds),
-        renotify_interval=_dur(p.renotify_interval_us) if p.renotify_interval_us else None,
-        preset=p.preset,
-        marketing_contacts_only=p.marketing_contacts_only,
-    )
-
-
 def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
     return pb.UsageEvent(
         sequence=e.sequence,
@@ -147,7 +120,7 @@ def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
         figure=e.figure.value,
         tenant_id=e.tenant_id,
         threshold=e.threshold,
-        occurred_at=_ts(e.at_us),
+        occurred_at=timestamp_pb(e.at_us),
         usage=usage_pb(e.usage),
     )
 
@@ -304,7 +277,7 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         self.metrics.decided("CheckSend", d.decision.name, d.reason.name)
         response = pb.CheckSendResponse(**_decision_fields(d), usage=usage_pb(outcome.usage))
         if d.retry_after_us:
-            response.retry_after.CopyFrom(_dur(d.retry_after_us))
+            response.retry_after.CopyFrom(duration_pb(d.retry_after_us))
         return response
 
     @_handled("CheckSendBatch")
@@ -470,7 +443,7 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
             marketing_source_id=c.marketing_source_id,
         )
         if c.active_this_cycle:
-            state.activated_at.CopyFrom(_ts(c.activated_at_us))
+            state.activated_at.CopyFrom(timestamp_pb(c.activated_at_us))
         return pb.GetContactResponse(contact=state)
 
     @_handled("ListActiveContacts")
@@ -501,7 +474,9 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
 
 def _active_pb(a: Activation) -> pb.ActiveContact:
-    contact = pb.ActiveContact(contact_id=a.contact_id, activated_at=_ts(a.activated_at_us), activity=a.activity)
+    contact = pb.ActiveContact(
+        contact_id=a.contact_id, activated_at=timestamp_pb(a.activated_at_us), activity=a.activity
+    )
     if a.counted_until_us:
-        contact.counted_until.CopyFrom(_ts(a.counted_until_us))
+        contact.counted_until.CopyFrom(timestamp_pb(a.counted_until_us))
     return contact

@@ -2,7 +2,11 @@
 decisions, as plain Python (no grpc, no storage).
 
 Enum members are named as in api.md without the wire prefix; their values are
-the wire numbers, so the service layer converts with `Enum(number)`.
+the wire numbers, so the service layer converts with `Enum(number)`. The plan's
+fields are declared once here (`PLAN_FIELDS`), beside the values they describe.
+
+Longer than 500 lines because it is one vocabulary: every layer (ledger, engine,
+service) imports its values from this one module, each a short frozen dataclass.
 """
 
 from __future__ import annotations

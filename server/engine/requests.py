@@ -6,14 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..domain.clock import MICROS
 from ..domain.errors import InvalidArgument
-from ..domain.model import ActivityKind, Channel, ContactSource, MessageKind
+from ..domain.model import DAY_US, ActivityKind, Channel, ContactSource, MessageKind
 from ..domain.plans import MAX_ID_BYTES, check_id
 
 MAX_BATCH = 10_000
 MAX_ACTIVITY_CONTACTS = 100_000
-DAY_US = 86_400 * MICROS
 
 
 @dataclass(frozen=True, slots=True)

@@ -385,7 +385,7 @@ def test_sigterm_right_after_sigcont_always_drains_and_exits_0(
 ) -> None:
     """SIGTERM sent the moment a stopped sidecar is continued is never lost: the kernel may hand it to any
     thread (the main one still has SIGCONT pending), and the drain must start all the same. Rounds in
-    all, half idle and half under load: QUOTA_TEST_SIGNAL_ROUNDS (README, Guarantees)."""
+    all, half idle and half under load: QUOTA_TEST_SIGNAL_ROUNDS (docs/guarantees.md)."""
     for round_ in range(STOP_CONTINUE_TERMINATE_ROUNDS // 2):
         p = start(tmp_path / f"ledger-{round_}.db", "--metrics-address", "")
         processes.append(p)

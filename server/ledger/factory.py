@@ -3,6 +3,10 @@
 `sqlite:///PATH` or a plain file path: the embedded SQLite ledger (`sqlite/`).
 `postgresql://` or `postgres://`: the shared PostgreSQL ledger, imported only
 when asked for, so the embedded default needs no PostgreSQL driver.
+
+A backend module builds its ledger with `from_url(url, options)`, reading and
+checking its own options; a backend module without one is built as
+`PostgresLedger(url)`, from its URL alone.
 """
 
 from __future__ import annotations

@@ -389,7 +389,7 @@ class FilterBuilder:
         one read transaction, a big one in chunks of rows, each in a transaction of its
         own, so no snapshot is held long enough to keep the WAL from being checkpointed
         (a contact committed between chunks is in a later chunk or in the record)."""
-        built: list[tuple[tuple[str, int], CycleFilter | None, int]] = []
+        built: Built = []
         try:
             conn.execute("BEGIN")
             try:

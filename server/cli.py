@@ -29,6 +29,7 @@ from prometheus_client import disable_created_metrics
 from . import __version__
 from .app import Sidecar
 from .domain.errors import QuotaError
+from .ledger import LedgerOptionError
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
 from .ledger.verify import VerifyError, verify_ledger
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
@@ -102,7 +103,11 @@ def serve(args: argparse.Namespace) -> int:
         )
     disable_created_metrics()
     stop_signals = StopSignals()
-    sidecar = Sidecar(settings, tenant_plans=plans)
+    try:
+        sidecar = Sidecar(settings, tenant_plans=plans)
+    except LedgerOptionError as exc:
+        print(f"quota-sidecar: --{exc.option.replace('_', '-')}: {exc.problem}", file=sys.stderr)
+        return 2
     try:
         sidecar.bind()
     except (OSError, RuntimeError) as exc:

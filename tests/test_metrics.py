@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock
-from quota_sidecar.server.ledger.dedupe import CycleFilter, DedupeFilters
+from quota_sidecar.server.ledger.sqlite.dedupe import CycleFilter, DedupeFilters
 
 from conftest import RunningSidecar, start_sidecar
 

@@ -304,6 +304,22 @@ def test_bad_settings_stop_the_start_with_one_clear_line(tmp_path: Path) -> None
     assert not (tmp_path / "l.db").exists()
 
 
+def test_a_ledger_option_its_backend_refuses_stops_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    """style.md 5: the backend checks its own settings as the ledger is built, before the port is bound."""
+    for flag, value, line in (
+        ("--sqlite-synchronous", "SOMETIMES", "quota-sidecar: --sqlite-synchronous: one of FULL, EXTRA, NORMAL"),
+        ("--filter-fp-rate", "2", "quota-sidecar: --filter-fp-rate: must be between 0 and 1"),
+    ):
+        result = subprocess.run(
+            [str(BIN / "quota-sidecar"), "serve", "--ledger", str(tmp_path / "l.db"), flag, value],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (result.returncode, result.stderr.strip().splitlines()) == (2, [line])
+    assert not (tmp_path / "l.db").exists()
+
+
 def test_second_sidecar_on_the_same_ledger_is_refused(tmp_path: Path, processes: list[Process]) -> None:
     first = start(tmp_path / "ledger.db")
     processes.append(first)

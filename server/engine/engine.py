@@ -76,6 +76,7 @@ from ..domain.presets import apply_preset
 from ..ledger import Ledger, LedgerReader, LedgerTx
 from ..metrics.board import UsageBoard
 from . import replies
+from .deadline import call_deadline
 
 MAX_ID_BYTES = 256
 MAX_BATCH = 10_000
@@ -515,7 +516,7 @@ class Engine:
             tx.note_time(self.clock.latest_us)
             return result
 
-        return self.ledger.transact(timed, weight=weight)
+        return self.ledger.transact(timed, weight=weight, deadline=call_deadline())
 
     def _observe(
         self, tx: LedgerTx, plan: Plan, usage: Usage, now: int, *, rearm: bool = False, remind: bool = False

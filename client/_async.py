@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from quota_sidecar.api.v1 import quota_pb2, quota_pb2_grpc
 
@@ -21,6 +22,7 @@ from ._calls import (
     Call,
     ClientConfig,
     FailMode,
+    SendCall,
     status_of,
 )
 from ._coalesce import ALONE, Answer, Batch, Lane, Lanes, Member, Outcome, Raise, settle
@@ -43,6 +45,8 @@ from ._results import (
 from ._retry import Retry
 from ._wire import EnumArg, TimestampArg
 
+Q = TypeVar("Q", bound=Message)
+P = TypeVar("P", bound=Message)
 R = TypeVar("R")
 
 
@@ -160,7 +164,7 @@ class AsyncQuotaClient:
     ) -> None:
         await self.close()
 
-    async def _invoke(self, call: Call[R], timeout: float | None) -> R:
+    async def _invoke(self, call: Call[Q, P, R], timeout: float | None) -> R:
         method = getattr(self._admin_stub if call.admin else self._stub, call.method)
         metadata = self._config.metadata(call)
         attempts = self._config.attempts(call, timeout, self._random)
@@ -200,7 +204,7 @@ class AsyncQuotaClient:
         call = _calls.check_send(tenant_id, contact_id, kind, channel, queued_since, dry_run, request_id)
         return await self._invoke(call, timeout)
 
-    async def _coalesced(self, call: Call[SendDecision], timeout: float | None) -> SendDecision:
+    async def _coalesced(self, call: SendCall, timeout: float | None) -> SendDecision:
         lanes = self._lanes
         loop = asyncio.get_running_loop()
         now = time.monotonic()

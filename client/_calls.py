@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import grpc
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from quota_sidecar.api.v1 import quota_pb2
@@ -35,8 +35,10 @@ from ._results import (
     Usage,
 )
 from ._retry import Retry
-from ._wire import EnumArg, TimestampArg, enum_value, id_list, message, to_timestamp
+from ._wire import EnumArg, ProtoEnum, TimestampArg, enum_value, id_list, message, to_timestamp
 
+Q = TypeVar("Q", bound=Message)
+P = TypeVar("P", bound=Message)
 R = TypeVar("R")
 
 FailMode = Literal["closed", "open"]
@@ -54,12 +56,19 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 @dataclass(frozen=True)
-class Call(Generic[R]):
+class Call(Generic[Q, P, R]):
+    """One RPC: `method` of the data-plane or (`admin`) the admin stub, sent `request`
+    (a Q), answers a P that `read` turns into the caller's R."""
+
     method: str
-    request: Message
-    read: Callable[[Any], R]
+    request: Q
+    read: Callable[[P], R]
     admin: bool = False
     fallback: Callable[[str, Unavailable], R] | None = None
+
+
+SendCall = Call[quota_pb2.CheckSendRequest, quota_pb2.CheckSendResponse, SendDecision]
+BatchCall = Call[quota_pb2.CheckSendBatchRequest, quota_pb2.CheckSendBatchResponse, BatchDecision]
 
 
 class ClientConfig:
@@ -95,21 +104,21 @@ class ClientConfig:
     def fallback_decision(self) -> str:
         return "ALLOW" if self.fail_mode == "open" else "DENY"
 
-    def deadline(self, call: Call[Any], timeout: float | None) -> float:
+    def deadline(self, call: Call[Q, P, R], timeout: float | None) -> float:
         if timeout is not None:
             return timeout
         return self.admin_timeout if call.admin else self.timeout
 
-    def attempts(self, call: Call[Any], timeout: float | None, rng: random.Random) -> Attempts:
+    def attempts(self, call: Call[Q, P, R], timeout: float | None, rng: random.Random) -> Attempts:
         return Attempts(self.deadline(call, timeout), self.retry, rng)
 
-    def give_up(self, call: Call[R], error: QuotaError, cause: BaseException | None = None) -> R:
+    def give_up(self, call: Call[Q, P, R], error: QuotaError, cause: BaseException | None = None) -> R:
         """The fail-mode fallback of a check call the sidecar did not answer; else raises `error`."""
         if call.fallback is not None and isinstance(error, Unavailable):
             return call.fallback(self.fallback_decision, error)
         raise error from cause
 
-    def metadata(self, call: Call[Any]) -> tuple[tuple[str, str], ...] | None:
+    def metadata(self, call: Call[Q, P, R]) -> tuple[tuple[str, str], ...] | None:
         return self._admin_metadata if call.admin else None
 
 
@@ -157,7 +166,7 @@ def _request_id(request_id: str | None, dry_run: bool) -> str:
     return "" if dry_run else uuid.uuid4().hex
 
 
-def _stamp(value: TimestampArg | None, field: str) -> dict[str, Any]:
+def _stamp(value: TimestampArg | None, field: str) -> dict[str, timestamp_pb2.Timestamp]:
     return {} if value is None else {field: to_timestamp(value, field)}
 
 
@@ -169,7 +178,7 @@ def check_send(
     queued_since: TimestampArg | None,
     dry_run: bool,
     request_id: str | None,
-) -> Call[SendDecision]:
+) -> SendCall:
     request = message(
         quota_pb2.CheckSendRequest,
         tenant_id=tenant_id,
@@ -183,7 +192,7 @@ def check_send(
     return Call("CheckSend", request, SendDecision.from_pb, fallback=SendDecision.from_fallback)
 
 
-def merged_check_send(tenant_id: str, contact_id: str, kind: EnumArg, channel: EnumArg) -> Call[SendDecision]:
+def merged_check_send(tenant_id: str, contact_id: str, kind: EnumArg, channel: EnumArg) -> SendCall:
     """A CheckSend the client may merge into a CheckSendBatch: no queued_since, no dry run
     and no request_id yet (it gets one only if it goes out alone; a batch has its own).
     Mail workers repeat the same kind and channel, so their wire numbers are remembered."""
@@ -197,14 +206,14 @@ def merged_check_send(tenant_id: str, contact_id: str, kind: EnumArg, channel: E
     return Call("CheckSend", request, SendDecision.from_pb, fallback=SendDecision.from_fallback)
 
 
-def _remembered(enum: EnumTypeWrapper, value: EnumArg, field: str) -> int:
+def _remembered(enum: ProtoEnum, value: EnumArg, field: str) -> int:
     if type(value) is str or type(value) is int:
         return _enum_number(enum, value, field)
     return enum_value(enum, value, field)
 
 
 @functools.lru_cache(maxsize=256)
-def _enum_number(enum: EnumTypeWrapper, value: EnumArg, field: str) -> int:
+def _enum_number(enum: ProtoEnum, value: EnumArg, field: str) -> int:
     return enum_value(enum, value, field)
 
 
@@ -215,7 +224,7 @@ def check_send_batch(
     channel: EnumArg,
     dry_run: bool,
     request_id: str | None,
-) -> Call[BatchDecision]:
+) -> BatchCall:
     ids = id_list(contact_ids, "contact_ids")
     request = message(
         quota_pb2.CheckSendBatchRequest,
@@ -240,7 +249,7 @@ def check_contact_add(
     marketing: bool | None,
     dry_run: bool,
     request_id: str | None,
-) -> Call[ContactAddDecision]:
+) -> Call[quota_pb2.CheckContactAddRequest, quota_pb2.CheckContactAddResponse, ContactAddDecision]:
     request = message(
         quota_pb2.CheckContactAddRequest,
         tenant_id=tenant_id,
@@ -254,7 +263,9 @@ def check_contact_add(
     return Call("CheckContactAdd", request, ContactAddDecision.from_pb, fallback=ContactAddDecision.from_fallback)
 
 
-def check_enroll(tenant_id: str, contact_id: str, automation_id: str) -> Call[EnrollDecision]:
+def check_enroll(
+    tenant_id: str, contact_id: str, automation_id: str
+) -> Call[quota_pb2.CheckEnrollRequest, quota_pb2.CheckEnrollResponse, EnrollDecision]:
     request = message(
         quota_pb2.CheckEnrollRequest, tenant_id=tenant_id, contact_id=contact_id, automation_id=automation_id
     )
@@ -270,7 +281,7 @@ def record_activity(
     source_type: str,
     source_id: str,
     request_id: str | None,
-) -> Call[ActivityRecord]:
+) -> Call[quota_pb2.RecordActivityRequest, quota_pb2.RecordActivityResponse, ActivityRecord]:
     request = message(
         quota_pb2.RecordActivityRequest,
         tenant_id=tenant_id,
@@ -285,7 +296,9 @@ def record_activity(
     return Call("RecordActivity", request, ActivityRecord.from_pb)
 
 
-def get_usage(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Usage]:
+def get_usage(
+    tenant_id: str, cycle_start: TimestampArg | None
+) -> Call[quota_pb2.GetUsageRequest, quota_pb2.GetUsageResponse, Usage]:
     request = message(quota_pb2.GetUsageRequest, tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
     return Call("GetUsage", request, lambda response: Usage.from_pb(response.usage))
 
@@ -312,28 +325,32 @@ def watch_ended(exc: BaseException, closed: bool) -> bool:
 
 def reconnect_pause(failures: int) -> float:
     """Seconds before dialling a watch stream again: 0.1 s doubling to 10 s."""
-    return min(10.0, 0.1 * 2 ** max(0, failures - 1))
+    return min(10.0, 0.1 * 2.0 ** max(0, failures - 1))
 
 
-def put_plan(tenant_id: str, plan: Plan | quota_pb2.Plan) -> Call[PlanChange]:
+def put_plan(
+    tenant_id: str, plan: Plan | quota_pb2.Plan
+) -> Call[quota_pb2.PutPlanRequest, quota_pb2.PutPlanResponse, PlanChange]:
     wire_plan = plan if isinstance(plan, quota_pb2.Plan) else plan.to_pb()
     request = message(quota_pb2.PutPlanRequest, tenant_id=tenant_id, plan=wire_plan)
     return Call("PutPlan", request, PlanChange.from_pb, admin=True)
 
 
-def get_plan(tenant_id: str) -> Call[Plan]:
+def get_plan(tenant_id: str) -> Call[quota_pb2.GetPlanRequest, quota_pb2.GetPlanResponse, Plan]:
     request = message(quota_pb2.GetPlanRequest, tenant_id=tenant_id)
     return Call("GetPlan", request, lambda response: Plan.from_pb(response.plan), admin=True)
 
 
-def get_contact(tenant_id: str, contact_id: str) -> Call[ContactState]:
+def get_contact(
+    tenant_id: str, contact_id: str
+) -> Call[quota_pb2.GetContactRequest, quota_pb2.GetContactResponse, ContactState]:
     request = message(quota_pb2.GetContactRequest, tenant_id=tenant_id, contact_id=contact_id)
     return Call("GetContact", request, lambda response: ContactState.from_pb(response.contact), admin=True)
 
 
 def list_active_contacts(
     tenant_id: str, cycle_start: TimestampArg | None, page_size: int, page_token: str
-) -> Call[ActiveContactsPage]:
+) -> Call[quota_pb2.ListActiveContactsRequest, quota_pb2.ListActiveContactsResponse, ActiveContactsPage]:
     request = message(
         quota_pb2.ListActiveContactsRequest,
         tenant_id=tenant_id,
@@ -344,7 +361,9 @@ def list_active_contacts(
     return Call("ListActiveContacts", request, ActiveContactsPage.from_pb, admin=True)
 
 
-def get_invoice(tenant_id: str, cycle_start: TimestampArg | None) -> Call[Invoice]:
+def get_invoice(
+    tenant_id: str, cycle_start: TimestampArg | None
+) -> Call[quota_pb2.GetInvoiceRequest, quota_pb2.GetInvoiceResponse, Invoice]:
     request = message(quota_pb2.GetInvoiceRequest, tenant_id=tenant_id, **_stamp(cycle_start, "cycle_start"))
     return Call("GetInvoice", request, Invoice.from_pb, admin=True)
 

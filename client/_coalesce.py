@@ -35,8 +35,8 @@ from typing import Any, Generic, TypeVar
 
 from quota_sidecar.api.v1 import quota_pb2
 
-from ._calls import Call, check_send_batch
-from ._errors import DeadlineExceeded, Internal, InvalidArgument, QuotaError, Unavailable, error_from_status
+from ._calls import Call, SendCall, check_send_batch
+from ._errors import DeadlineExceeded, Internal, InvalidArgument, QuotaError, Unavailable
 from ._results import SendDecision, Usage
 from ._wire import enum_name
 
@@ -50,6 +50,7 @@ MAX_BATCH = 10_000
 MAX_IN_FLIGHT = 2
 
 LaneKey = tuple[str, int, int]
+BatchResponse = quota_pb2.CheckSendBatchResponse
 
 
 def mergeable(queued_since: object, dry_run: bool, request_id: str | None) -> bool:
@@ -101,28 +102,27 @@ class Member(Generic[W]):
 
     __slots__ = ("call", "contact_id", "deadline", "queued_at", "wake", "outcome", "after")
 
-    def __init__(self, call: Call[SendDecision], deadline: float, queued_at: float, wake: W) -> None:
+    def __init__(self, call: SendCall, deadline: float, queued_at: float, wake: W) -> None:
         self.call = call
-        self.contact_id: str = call.request.contact_id  # type: ignore[attr-defined]
+        self.contact_id = call.request.contact_id
         self.deadline = deadline
         self.queued_at = queued_at
         self.wake = wake
         self.outcome: Outcome | None = None
         self.after: Member[W] | None = None
 
-    def own_call(self) -> Call[SendDecision]:
+    def own_call(self) -> SendCall:
         """The caller's CheckSend as it goes out alone, with a request_id of its own, made
         the first time (a merged call needs none: its batch has one)."""
         request = self.call.request
-        if not request.request_id:  # type: ignore[attr-defined]
-            request.request_id = uuid.uuid4().hex  # type: ignore[attr-defined]
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
         return self.call
 
     def expired(self, fallback_decision: str) -> Answer:
         """The answer when the caller's deadline passes first: its fail-mode fallback,
         as a CheckSend that got no answer in time."""
-        error = error_from_status(DeadlineExceeded.code, None)
-        return Answer(self.call.fallback(fallback_decision, error))  # type: ignore[misc]
+        return Answer(SendDecision.from_fallback(fallback_decision, DeadlineExceeded(DeadlineExceeded.code.name)))
 
 
 class Batch(Generic[W]):
@@ -134,14 +134,14 @@ class Batch(Generic[W]):
         self.members = members
         self.sender = max(members, key=lambda member: member.deadline)
         self.deadline = self.sender.deadline
-        self.call: Call[quota_pb2.CheckSendBatchResponse] | None = None
+        self.call: Call[quota_pb2.CheckSendBatchRequest, BatchResponse, BatchResponse] | None = None
         if len(members) > 1:
             first = members[0].call.request
             merged = check_send_batch(
-                first.tenant_id,  # type: ignore[attr-defined]
+                first.tenant_id,
                 [member.contact_id for member in members],
-                first.kind,  # type: ignore[attr-defined]
-                first.channel,  # type: ignore[attr-defined]
+                first.kind,
+                first.channel,
                 False,
                 None,
             )
@@ -188,7 +188,7 @@ class Batch(Generic[W]):
         if isinstance(error, InvalidArgument):
             return [ALONE for _ in self.members]
         if isinstance(error, Unavailable):
-            return [Answer(member.call.fallback(fallback_decision, error)) for member in self.members]  # type: ignore[misc]
+            return [Answer(SendDecision.from_fallback(fallback_decision, error)) for _ in self.members]
         return [Raise(type(error)(error.message, error.code)) for _ in self.members]
 
     def unsent(self) -> list[Outcome]:
@@ -197,7 +197,7 @@ class Batch(Generic[W]):
         return [ALONE for _ in self.members]
 
 
-def _raw(response: Any) -> Any:
+def _raw(response: BatchResponse) -> BatchResponse:
     return response
 
 
@@ -217,7 +217,7 @@ class Lane(Generic[W]):
         self.queue: list[Member[W]] = []
         self.answered_at = -math.inf
         self.answered = 0
-        self.timer: Any = None
+        self.timer: object = None
 
     def gathers_until(self, window: float) -> float:
         """The end of the queue's window: `window` after its oldest call queued or the

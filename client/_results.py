@@ -35,6 +35,13 @@ from ._wire import (
 
 FALLBACK_REASON = "UNSPECIFIED"
 
+# A plan's source rules: source -> policy, each a short name, wire name or number, or
+# (source, policy) pairs. A mapping's key type is invariant, hence one member per key type,
+# so that a caller's `dict[str, str]` is accepted.
+SourceRules = (
+    Mapping[str, EnumArg] | Mapping[int, EnumArg] | Mapping[EnumArg, EnumArg] | Iterable[tuple[EnumArg, EnumArg]]
+)
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -289,7 +296,7 @@ class Plan:
     billing_interval: EnumArg = 0
     counted_kinds: Sequence[EnumArg] | None = None
     counted_activities: Sequence[EnumArg] | None = None
-    source_rules: Mapping[EnumArg, EnumArg] | Iterable[tuple[EnumArg, EnumArg]] | None = None
+    source_rules: SourceRules | None = None
     max_queue: DurationArg | None = None
     notify_thresholds: Sequence[float] | None = None
     renotify_interval: DurationArg | None = None
@@ -331,7 +338,7 @@ class Plan:
             plan.max_queue.CopyFrom(to_duration(self.max_queue, "plan.max_queue"))
         if self.renotify_interval is not None:
             plan.renotify_interval.CopyFrom(to_duration(self.renotify_interval, "plan.renotify_interval"))
-        for source, policy in _pairs(self.source_rules or {}):
+        for source, policy in rule_pairs(self.source_rules):
             plan.source_rules.add(
                 source=enum_value(quota_pb2.ContactSource, source, "plan.source_rules.source"),
                 policy=enum_value(quota_pb2.SourcePolicy, policy, "plan.source_rules.policy"),
@@ -366,12 +373,6 @@ class Plan:
             raw=plan,
             marketing_contacts_only=plan.marketing_contacts_only,
         )
-
-
-def _pairs(rules: Mapping[EnumArg, EnumArg] | Iterable[tuple[EnumArg, EnumArg]]) -> list[tuple[EnumArg, EnumArg]]:
-    if isinstance(rules, Mapping):
-        return list(rules.items())
-    return list(rules)
 
 
 @dataclass(frozen=True)
@@ -499,3 +500,12 @@ class Invoice:
             lines=tuple(InvoiceLine.from_pb(line) for line in response.lines),
             raw=response,
         )
+
+
+def rule_pairs(rules: SourceRules | None) -> list[tuple[EnumArg, EnumArg]]:
+    """A plan's `source_rules` as (source, policy) pairs, in whichever form they were given."""
+    if rules is None:
+        return []
+    if isinstance(rules, Mapping):
+        return [(source, policy) for source, policy in rules.items()]
+    return list(rules)

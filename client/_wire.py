@@ -7,14 +7,13 @@ decimal strings `Decimal`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
 from ._errors import InvalidArgument
@@ -24,6 +23,15 @@ EnumArg = str | int
 
 M = TypeVar("M", bound=Message)
 
+
+class ProtoEnum(Hashable, Protocol):
+    """A generated enum class (`quota_pb2.Channel`, ...): its descriptor is all the
+    conversions read, from the enum's metaclass."""
+
+    @property
+    def DESCRIPTOR(self) -> EnumDescriptor: ...
+
+
 TimestampArg = datetime | timestamp_pb2.Timestamp
 DurationArg = timedelta | duration_pb2.Duration
 
@@ -32,7 +40,7 @@ def _prefix(descriptor: EnumDescriptor) -> str:
     return descriptor.values_by_number[0].name.removesuffix("UNSPECIFIED")
 
 
-def enum_value(enum: EnumTypeWrapper, value: EnumArg, field: str) -> int:
+def enum_value(enum: ProtoEnum, value: EnumArg, field: str) -> int:
     """The wire number of `value`; an int passes through for the sidecar to judge."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidArgument(f"{field}: expected a {enum.DESCRIPTOR.name} name or number, got {value!r}")
@@ -48,13 +56,13 @@ def enum_value(enum: EnumTypeWrapper, value: EnumArg, field: str) -> int:
     raise InvalidArgument(f"{field}: unknown {enum.DESCRIPTOR.name} {value!r} (one of {allowed})")
 
 
-def enum_values(enum: EnumTypeWrapper, values: Iterable[EnumArg], field: str) -> list[int]:
+def enum_values(enum: ProtoEnum, values: Iterable[EnumArg], field: str) -> list[int]:
     if isinstance(values, (str, int)):
         values = [values]
     return [enum_value(enum, value, field) for value in values]
 
 
-def enum_name(enum: EnumTypeWrapper, number: int) -> str:
+def enum_name(enum: ProtoEnum, number: int) -> str:
     """The short name of a wire number; a number this client does not know stays a number."""
     found = enum.DESCRIPTOR.values_by_number.get(number)
     if found is None:
@@ -62,7 +70,7 @@ def enum_name(enum: EnumTypeWrapper, number: int) -> str:
     return found.name.removeprefix(_prefix(enum.DESCRIPTOR))
 
 
-def short_names(enum: EnumTypeWrapper) -> list[str]:
+def short_names(enum: ProtoEnum) -> list[str]:
     """The short names of an enum's values, the `*_UNSPECIFIED` zero value left out."""
     return [enum_name(enum, value.number) for value in enum.DESCRIPTOR.values if value.number != 0]
 
@@ -128,7 +136,7 @@ def id_list(values: str | Iterable[str], field: str) -> list[str]:
     return ids
 
 
-def message(cls: type[M], /, within: str = "", **fields: Any) -> M:
+def message(cls: type[M], within: str = "", /, **fields: Any) -> M:
     """`cls(**fields)`, where text without a UTF-8 form (a lone surrogate, as
     `os.fsdecode` makes of undecodable bytes) is the caller's InvalidArgument naming its
     field (prefixed with `within`); protobuf's UnicodeEncodeError names none."""

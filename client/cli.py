@@ -24,9 +24,9 @@ from quota_sidecar.api.credentials import TLS_FLAGS, one_secret, tls_credentials
 from quota_sidecar.api.v1 import quota_pb2
 
 from ._errors import QuotaError, Unavailable
-from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent
+from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent, rule_pairs
 from ._sync import QuotaClient
-from ._wire import short_names
+from ._wire import ProtoEnum, short_names
 
 COMMANDS: tuple[str, ...] = (
     "usage",
@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with client:
-            return args.run(client, args)
+            run: Callable[[QuotaClient, argparse.Namespace], int] = args.run
+            return run(client, args)
     except BrokenPipeError:
         # the reader went away (`quotactl … | head`): stop quietly, as a shell tool would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -105,12 +106,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
     def command(
-        parent: Any,
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
         name: str,
         summary: str,
         run: Callable[[QuotaClient, argparse.Namespace], int],
         description: str | None = None,
-    ) -> Any:
+    ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=summary, description=description or summary)
         _global_options(sub, environ, suppress=True)
         sub.set_defaults(run=run)
@@ -264,7 +265,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, suppress: bool) -> None:
     # Repeated on every subcommand so they may also follow it; there they default to
     # SUPPRESS, so that leaving them out does not overwrite what came before.
-    def default(value: Any) -> Any:
+    def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
     group = parser.add_argument_group("connection and output")
@@ -360,11 +361,11 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _names(enum: Any) -> str:
+def _names(enum: ProtoEnum) -> str:
     return "|".join(short_names(enum))
 
 
-def _choice(enum: Any) -> Callable[[str], str]:
+def _choice(enum: ProtoEnum) -> Callable[[str], str]:
     names = short_names(enum)
 
     def parse(text: str) -> str:
@@ -377,7 +378,7 @@ def _choice(enum: Any) -> Callable[[str], str]:
     return parse
 
 
-def _choices(enum: Any) -> Callable[[str], list[str]]:
+def _choices(enum: ProtoEnum) -> Callable[[str], list[str]]:
     one = _choice(enum)
 
     def parse(text: str) -> list[str]:
@@ -460,7 +461,7 @@ def _check(client: QuotaClient, args: argparse.Namespace) -> int:
     )
     if decision.fallback and decision.error is not None:
         raise decision.error
-    if args.json:
+    if args.json and decision.raw is not None:
         _print_json(decision.raw)
     else:
         _print_fields(_decision_fields(decision))
@@ -558,7 +559,7 @@ def _message_dict(message: Message) -> dict[str, Any]:
     )
 
 
-def _print_json(message: Message | None) -> None:
+def _print_json(message: Message) -> None:
     print(json.dumps(_message_dict(message), indent=2))
 
 
@@ -590,7 +591,9 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _yes(value: bool) -> str:
+def _yes(value: bool | None) -> str:
+    if value is None:
+        return "-"
     return "yes" if value else "no"
 
 
@@ -605,10 +608,10 @@ def _span(value: timedelta | None) -> str:
     return f"{seconds:g}s"
 
 
-def _money(amount: Decimal | None, currency: str) -> str:
+def _money(amount: Decimal | None, currency: str | None) -> str:
     if amount is None:
         return "-"
-    return f"{amount} {currency}".strip()
+    return f"{amount} {currency or ''}".strip()
 
 
 def _cycle_fields(usage: Usage) -> list[tuple[str, str]]:
@@ -661,7 +664,7 @@ def _sends_limit(plan: Plan) -> str:
 
 
 def _plan_fields(tenant_id: str, plan: Plan) -> list[tuple[str, str]]:
-    rules = ", ".join(f"{source}={policy}" for source, policy in dict(plan.source_rules).items())
+    rules = ", ".join(f"{source}={policy}" for source, policy in dict(rule_pairs(plan.source_rules)).items())
     return [
         ("tenant", tenant_id),
         ("plan", plan.plan_name or "-"),
@@ -677,11 +680,11 @@ def _plan_fields(tenant_id: str, plan: Plan) -> list[tuple[str, str]]:
         ("currency", plan.currency or "-"),
         ("cycle anchor", _when(plan.cycle_anchor if isinstance(plan.cycle_anchor, datetime) else None)),
         ("billing interval", str(plan.billing_interval)),
-        ("counted kinds", ", ".join(map(str, plan.counted_kinds)) or "-"),
-        ("counted activities", ", ".join(map(str, plan.counted_activities)) or "-"),
+        ("counted kinds", ", ".join(map(str, plan.counted_kinds or ())) or "-"),
+        ("counted activities", ", ".join(map(str, plan.counted_activities or ())) or "-"),
         ("source rules", rules or "-"),
         ("max queue", _span(plan.max_queue if isinstance(plan.max_queue, timedelta) else None)),
-        ("notify at", ", ".join(str(ratio) for ratio in plan.notify_thresholds) or "-"),
+        ("notify at", ", ".join(str(ratio) for ratio in plan.notify_thresholds or ()) or "-"),
         ("renotify interval", _span(plan.renotify_interval if isinstance(plan.renotify_interval, timedelta) else None)),
     ]
 

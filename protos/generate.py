@@ -1,8 +1,12 @@
 """Generates the Python stubs of the quota.v1 contract into api/v1/ (quota_sidecar.api.v1).
 
-`python protos/generate.py` rewrites the committed stubs; `--check` regenerates
-them into a temporary folder and exits 1 when they differ from the committed
-ones, so CI proves that the stubs match the protos.
+grpcio-tools writes the modules (`quota_pb2.py`, `quota_pb2_grpc.py`) and
+mypy-protobuf their type stubs (`.pyi`): protoc's own `--pyi_out` types the
+messages only, while mypy-protobuf also types the service stubs, sync and
+asyncio, so a caller's `stub.CheckSend(request)` is checked against the
+contract. `python protos/generate.py` rewrites the committed stubs; `--check`
+regenerates them into a temporary folder and exits 1 when they differ from the
+committed ones, so CI proves that the stubs match the protos.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import filecmp
 import re
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -20,20 +25,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "api" / "v1"
 SOURCES = ["quota/v1/quota.proto"]
-GENERATED = ["quota_pb2.py", "quota_pb2.pyi", "quota_pb2_grpc.py"]
+GENERATED = ["quota_pb2.py", "quota_pb2.pyi", "quota_pb2_grpc.py", "quota_pb2_grpc.pyi"]
 PACKAGE = "quota_sidecar.api.v1"
 
 
 def generate(out: Path) -> None:
     include = str(Path(protoc.__file__).parent / "_proto")
+    # mypy-protobuf installs its protoc plugins as scripts beside this interpreter's.
+    scripts = Path(sysconfig.get_path("scripts"))
     with tempfile.TemporaryDirectory() as raw:
         args = [
             "grpc_tools.protoc",
             f"-I{PROTOS}",
             f"-I{include}",
             f"--python_out={raw}",
-            f"--pyi_out={raw}",
             f"--grpc_python_out={raw}",
+            f"--plugin=protoc-gen-mypy={scripts / 'protoc-gen-mypy'}",
+            f"--mypy_out=quiet:{raw}",
+            f"--plugin=protoc-gen-mypy_grpc={scripts / 'protoc-gen-mypy_grpc'}",
+            f"--mypy_grpc_out=quiet:{raw}",
             *SOURCES,
         ]
         if protoc.main(args) != 0:

@@ -33,8 +33,8 @@ from .domain.errors import QuotaError
 from .domain.model import Usage, UsageEvent
 from .engine import Engine, Retention
 from .grpc.service import QuotaAdminService, QuotaService, register
-from .ledger import Ledger
-from .ledger.sqlite import SQLiteLedger, sqlite_path
+from .ledger import Ledger, LedgerOptions
+from .ledger.factory import open_ledger
 from .metrics.prometheus import Metrics, SidecarCollector, TenantFigures
 from .outbox.delivery import WEBHOOK, EventFeed, Webhook
 from .settings import Settings
@@ -69,13 +69,14 @@ class Sidecar:
         self.clock = clock or SystemClock()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.ledger = ledger or SQLiteLedger(
-            sqlite_path(settings.ledger),
-            synchronous=settings.sqlite_synchronous,
-            filter_fp_rate=settings.filter_fp_rate,
-            on_commit=self.metrics.observe_commit,
-            on_ready=self._ledger_ready,
-            check_interval=settings.ledger_check_interval,
+        self.ledger = ledger or open_ledger(
+            settings.ledger,
+            LedgerOptions(
+                on_commit=self.metrics.observe_commit,
+                on_ready=self._ledger_ready,
+                check_interval=settings.ledger_check_interval,
+                backend=settings.ledger_backend,
+            ),
         )
         self.feed = EventFeed()
         self.engine = Engine(self.ledger, self.clock, on_events=self._events_committed)
@@ -99,14 +100,10 @@ class Sidecar:
             settings.metrics_tenant_min_ratio,
             settings.metrics_tenant_max,
         )
-        self.registry.register(
-            SidecarCollector(
-                getattr(self.ledger, "filters", None),
-                lambda: self.ledger.ready,
-                tenants,
-                self._undelivered,
-            )
-        )
+        self.registry.register(SidecarCollector(lambda: self.ledger.ready, tenants, self._undelivered))
+        backend_figures = self.ledger.collector()
+        if backend_figures is not None:
+            self.registry.register(backend_figures)
         self.health = health.HealthServicer()
         self._serving = False
         self._filling = False
@@ -185,10 +182,9 @@ class Sidecar:
 
     @property
     def loading(self) -> bool:
-        """Whether what start-up loads in the background (the dedupe filters, the
-        metrics board) is still loading."""
-        filters = getattr(self.ledger, "filters", None)
-        return self._filling or (filters is not None and filters.building > 0)
+        """Whether what start-up loads in the background (the ledger's accelerators,
+        such as the dedupe filters, and the metrics board) is still loading."""
+        return self._filling or self.ledger.loading
 
     def _paced(self, usages: Iterator[Usage]) -> Iterator[Usage]:
         """The usages, with a pause after each chunk read: the fill is background work,

@@ -5,7 +5,8 @@ in-flight calls, flushes the ledger and exits 0. `quota-sidecar health` probes
 a running sidecar's health service (exit 0 when SERVING). `quota-sidecar verify`
 checks every stored figure of a ledger against its rows (exit 0 when all agree,
 1 when some do not, 2 when the ledger cannot be checked); with --repair it
-recomputes them from the rows.
+recomputes them from the rows. `quota-sidecar backup` copies a ledger, served or
+not, to a new file with SQLite's online backup API.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ from prometheus_client import disable_created_metrics
 from . import __version__
 from .app import Sidecar
 from .domain.errors import QuotaError
+from .ledger import LedgerOptionError
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
 from .ledger.verify import VerifyError, verify_ledger
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
@@ -100,7 +103,11 @@ def serve(args: argparse.Namespace) -> int:
         )
     disable_created_metrics()
     stop_signals = StopSignals()
-    sidecar = Sidecar(settings, tenant_plans=plans)
+    try:
+        sidecar = Sidecar(settings, tenant_plans=plans)
+    except LedgerOptionError as exc:
+        print(f"quota-sidecar: --{exc.option.replace('_', '-')}: {exc.problem}", file=sys.stderr)
+        return 2
     try:
         sidecar.bind()
     except (OSError, RuntimeError) as exc:
@@ -161,6 +168,48 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def backup(args: argparse.Namespace) -> int:
+    """Copies the ledger in one read transaction of the backup API: a snapshot as of one
+    commit, taken beside a serving sidecar (WAL readers never block its writer, and its
+    flock keeps out sidecars, not readers). The copy gets its name only once complete."""
+    try:
+        source = sqlite_path(args.ledger)
+    except ValueError as exc:
+        print(f"quota-sidecar backup: {exc}", file=sys.stderr)
+        return 2
+    target = Path(args.to)
+    partial = target.with_name(f"{target.name}.partial")
+    if not source.is_file():
+        print(f"quota-sidecar backup: no ledger file at {source}", file=sys.stderr)
+        return 2
+    if target.exists():
+        print(f"quota-sidecar backup: {target} exists; give a new path", file=sys.stderr)
+        return 2
+    try:
+        partial.unlink(missing_ok=True)
+        reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                reader.backup(copy)
+            finally:
+                copy.close()
+        finally:
+            reader.close()
+        os.replace(partial, target)
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except (sqlite3.Error, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        print(f"quota-sidecar backup: {source} could not be copied to {target}: {exc}", file=sys.stderr)
+        return 2
+    print(f"backed up {source} to {target}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quota-sidecar", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quota-sidecar {__version__}")
@@ -171,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     checking.add_argument("--ledger", required=True, help="the ledger: sqlite:///PATH or a bare file path")
     checking.add_argument("--repair", action="store_true", help="recompute disagreeing figures from the rows")
     checking.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    copying = commands.add_parser("backup", help="copy a ledger, served or not, to a new file")
+    copying.add_argument("--ledger", required=True, help="the ledger: sqlite:///PATH or a bare file path")
+    copying.add_argument("--to", required=True, help="the new file to write the copy to")
     args, rest = parser.parse_known_args(argv)
     if args.command == "health":
         from .probe import main as probe
@@ -180,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "verify":
         return verify(args)
+    if args.command == "backup":
+        return backup(args)
     return serve(args)
 
 

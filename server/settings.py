@@ -1,7 +1,9 @@
 """The one settings object: flags over `QUOTA_*` environment variables over defaults.
 
 Validated before any port is bound; a bad setting stops the start with one
-clear line (`SettingsError`).
+clear line (`SettingsError`). The ledger's URL and its backend's own settings
+(`LEDGER_BACKEND_SETTINGS`) are checked by the backend as the ledger is built,
+also before the port is bound (`LedgerOptionError`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from pathlib import Path
 
 from quota_sidecar.api.credentials import one_secret
 
-from .ledger.sqlite import SYNCHRONOUS_MODES, sqlite_path
-
 
 class SettingsError(ValueError):
     pass
+
+
+# Settings of one ledger backend or another, handed to the backend as they are: the
+# backend checks them when the ledger is built, before the port is bound.
+LEDGER_BACKEND_SETTINGS = ("sqlite_synchronous", "filter_fp_rate")
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,6 @@ class Settings:
             _host_port("--address", self.address)
         if self.metrics_address:
             _host_port("--metrics-address", self.metrics_address)
-        try:
-            sqlite_path(self.ledger)
-        except ValueError as exc:
-            raise SettingsError(f"--ledger: {exc}") from None
         if self.admin_token is not None and not self.admin_token.strip():
             raise SettingsError("--admin-token: must not be blank")
         if self.tenants and not Path(self.tenants).is_file():
@@ -98,10 +99,6 @@ class Settings:
             raise SettingsError("--max-workers: must be at least 1")
         if self.max_message_bytes < 1024:
             raise SettingsError("--max-message-bytes: must be at least 1024")
-        if self.sqlite_synchronous.upper() not in SYNCHRONOUS_MODES:
-            raise SettingsError(f"--sqlite-synchronous: one of {', '.join(SYNCHRONOUS_MODES)}")
-        if not 0 < self.filter_fp_rate < 1:
-            raise SettingsError("--filter-fp-rate: must be between 0 and 1")
         if self.metrics_tenant_min_ratio < 0:
             raise SettingsError("--metrics-tenant-min-ratio: must not be negative")
         if self.metrics_tenant_max < 0:
@@ -149,6 +146,11 @@ class Settings:
         if self.tls_cert is not None and self.tls_key is not None:
             _check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
+
+    @property
+    def ledger_backend(self) -> dict[str, object]:
+        """The settings the ledger's backend reads and checks itself (`LedgerOptions.backend`)."""
+        return {name: getattr(self, name) for name in LEDGER_BACKEND_SETTINGS}
 
     @property
     def wide_binds(self) -> list[str]:

@@ -48,16 +48,16 @@ class DiskFullAt(SQLiteLedger):
         self.units = 0
         self.fail_unit = 0
 
-    def transact(self, work: Callable[[LedgerTx], Any], *, weight: int = 1) -> Any:
+    def transact(self, work: Callable[[LedgerTx], Any], *, weight: int = 1, deadline: float | None = None) -> Any:
         self.units += 1
         if self.units != self.fail_unit:
-            return super().transact(work, weight=weight)
+            return super().transact(work, weight=weight, deadline=deadline)
 
         def disk_full(tx: LedgerTx) -> Any:
             work(tx)
             raise sqlite3.OperationalError("database or disk is full")
 
-        return super().transact(disk_full, weight=weight)
+        return super().transact(disk_full, weight=weight, deadline=deadline)
 
 
 @pytest.fixture

@@ -138,3 +138,11 @@ def test_client_v1_re_exports_the_api_stubs() -> None:
     assert client_pb2 is quota_pb2 and dotted is quota_pb2
     assert client_pb2_grpc is quota_pb2_grpc
     assert client_pb2.CheckSendRequest is quota_pb2.CheckSendRequest
+
+
+def test_only_the_factory_and_the_verify_command_name_a_ledger_backend() -> None:
+    """style.md 3 (the ledger behind one small interface): the sidecar builds its ledger through the factory,
+    so settings, the app, the engine and the metrics name no backend; `quota-sidecar verify` checks SQLite files."""
+    backend = "quota_sidecar.server.ledger.sqlite"
+    outside = {name for name in imports_of("server", backend) if name != backend and not name.startswith(f"{backend}.")}
+    assert outside == {"quota_sidecar.server.ledger.factory", "quota_sidecar.server.cli"}

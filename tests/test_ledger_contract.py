@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from quota_sidecar.server.domain.errors import LedgerUnavailable
+from quota_sidecar.server.domain.errors import DeadlineExceeded, LedgerUnavailable
 from quota_sidecar.server.domain.model import (
     Activation,
     ContactRecord,
@@ -95,13 +95,15 @@ def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = 20.
 class _Call:
     """transact(work) on a thread, with its result or exception."""
 
-    def __init__(self, ledger: Ledger, work: Callable[[LedgerTx], object], weight: int = 1) -> None:
+    def __init__(
+        self, ledger: Ledger, work: Callable[[LedgerTx], object], weight: int = 1, deadline: float | None = None
+    ) -> None:
         self.result: object = None
         self.error: BaseException | None = None
 
         def run() -> None:
             try:
-                self.result = ledger.transact(work, weight=weight)
+                self.result = ledger.transact(work, weight=weight, deadline=deadline)
             except BaseException as exc:  # noqa: BLE001
                 self.error = exc
 
@@ -418,6 +420,47 @@ class TestLedgerContract:
         assert (calls[2].result, calls[2].error) == ("c", None)
         assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
         assert ledger.ready
+
+    def test_a_unit_whose_deadline_passed_while_it_waited_is_not_run(self, backend: Backend, ledger: Ledger):
+        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"): a unit is not started
+        once its deadline has passed; the caller gets DeadlineExceeded, nothing it would have written is stored,
+        and a unit whose deadline is still ahead commits."""
+        ran: list[str] = []
+
+        def unit(name: str) -> Callable[[LedgerTx], str]:
+            def work(tx: LedgerTx) -> str:
+                ran.append(name)
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return work
+
+        with writer_blocked(ledger):
+            late = _Call(ledger, unit("late"), deadline=time.monotonic() + 0.05)
+            wait_until(lambda: backend.pending(ledger) == 1, "the late unit queued")
+            timely = _Call(ledger, unit("timely"), deadline=time.monotonic() + 60)
+            wait_until(lambda: backend.pending(ledger) == 2, "the timely unit queued")
+            time.sleep(0.1)
+        late.join()
+        timely.join()
+        assert isinstance(late.error, DeadlineExceeded)
+        assert (timely.result, timely.error) == ("timely", None)
+        assert ran == ["timely"]
+        assert ledger.read(lambda r: r.active_among(T, C1, ["late", "timely"])) == {"timely"}
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        with pytest.raises(DeadlineExceeded):
+            ledger.transact(unit("past"), deadline=time.monotonic() - 1)
+        assert ran == ["timely"] and ledger.ready
+
+    def test_the_backend_figures_and_loading_are_behind_the_interface(self, ledger: Ledger):
+        """style.md (backend metrics through a collector it exposes): whatever the backend reports at scrape time
+        comes from `Ledger.collector()`, and `loading` settles once its background loading is done."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        wait_until(lambda: not ledger.loading, "the background loading to settle")
+        collector = ledger.collector()
+        if collector is not None:
+            names = [family.name for family in collector.collect()]
+            assert names and len(names) == len(set(names))
 
     def test_transact_and_read_after_close_are_unavailable(self, backend: Backend, tmp_path: Path):
         """api.md Errors: a ledger that is not open is UNAVAILABLE, never a silent success."""

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock
-from quota_sidecar.server.ledger.dedupe import CycleFilter, DedupeFilters
+from quota_sidecar.server.ledger.sqlite.dedupe import CycleFilter, DedupeFilters
 
 from conftest import RunningSidecar, start_sidecar
 
@@ -190,7 +190,7 @@ def test_undelivered_events_and_their_age_while_the_webhook_is_down(tmp_path: Pa
 
 
 def test_dedupe_figures_follow_filters_grown_replaced_evicted_and_dropped() -> None:
-    """Issue 5 / README metrics table: the dedupe figures a scrape reads (`quota_dedupe_filter_items`,
+    """Issue 5 / docs/monitoring.md metrics table: the dedupe figures a scrape reads (`quota_dedupe_filter_items`,
     `_bytes`, `_false_positive_ratio`) are running totals, current after contacts are added to a filter, a
     filter is replaced by a rebuilt one, the least recently used is evicted, and filters are dropped."""
     filters = DedupeFilters(0.01, max_filters=2)

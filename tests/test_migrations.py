@@ -20,7 +20,7 @@ import pytest
 import sqlite_utils
 from test_process import AUTH, Process, start
 
-import quota_sidecar.server.ledger.sqlite as ledger_sqlite
+import quota_sidecar.server.ledger.sqlite.schema as ledger_schema
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.domain.clock import to_us
@@ -338,8 +338,8 @@ def test_a_step_that_commits_on_its_own_is_stopped_before_its_version_is_set(
         db.execute("CREATE TABLE extra (id INTEGER PRIMARY KEY)")
         db.conn.commit()
 
-    monkeypatch.setattr(ledger_sqlite, "MIGRATIONS", [*ledger_sqlite.MIGRATIONS, _commits_itself])
-    monkeypatch.setattr(ledger_sqlite, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(ledger_schema, "MIGRATIONS", [*ledger_schema.MIGRATIONS, _commits_itself])
+    monkeypatch.setattr(ledger_schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     path = tmp_path / "ledger.db"
     with pytest.raises(RuntimeError, match="_commits_itself"):
         migrate(path)

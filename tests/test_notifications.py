@@ -610,8 +610,10 @@ def test_the_signature_covers_a_timestamp_and_the_user_agent_names_the_product(
     assert mac(f"{stamp + 1}.".encode() + body) not in headers["X-Quota-Signature-V1"]
     assert headers["X-Quota-Signature"] == f"sha256={mac(body)}"
     assert headers["User-Agent"] == f"quota-sidecar/{importlib.metadata.version('quota-sidecar')}"
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    recipe = next(block for block in re.findall(r"```python\n(.+?)```", readme, flags=re.S) if "def verify" in block)
+    notifications = (Path(__file__).resolve().parents[1] / "docs" / "notifications.md").read_text()
+    recipe = next(
+        block for block in re.findall(r"```python\n(.+?)```", notifications, flags=re.S) if "def verify" in block
+    )
     documented: dict[str, object] = {}
     exec(recipe, documented)
     verify = documented["verify"]

@@ -304,6 +304,22 @@ def test_bad_settings_stop_the_start_with_one_clear_line(tmp_path: Path) -> None
     assert not (tmp_path / "l.db").exists()
 
 
+def test_a_ledger_option_its_backend_refuses_stops_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    """style.md 5: the backend checks its own settings as the ledger is built, before the port is bound."""
+    for flag, value, line in (
+        ("--sqlite-synchronous", "SOMETIMES", "quota-sidecar: --sqlite-synchronous: one of FULL, EXTRA, NORMAL"),
+        ("--filter-fp-rate", "2", "quota-sidecar: --filter-fp-rate: must be between 0 and 1"),
+    ):
+        result = subprocess.run(
+            [str(BIN / "quota-sidecar"), "serve", "--ledger", str(tmp_path / "l.db"), flag, value],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (result.returncode, result.stderr.strip().splitlines()) == (2, [line])
+    assert not (tmp_path / "l.db").exists()
+
+
 def test_second_sidecar_on_the_same_ledger_is_refused(tmp_path: Path, processes: list[Process]) -> None:
     first = start(tmp_path / "ledger.db")
     processes.append(first)
@@ -385,7 +401,7 @@ def test_sigterm_right_after_sigcont_always_drains_and_exits_0(
 ) -> None:
     """SIGTERM sent the moment a stopped sidecar is continued is never lost: the kernel may hand it to any
     thread (the main one still has SIGCONT pending), and the drain must start all the same. Rounds in
-    all, half idle and half under load: QUOTA_TEST_SIGNAL_ROUNDS (README, Guarantees)."""
+    all, half idle and half under load: QUOTA_TEST_SIGNAL_ROUNDS (docs/guarantees.md)."""
     for round_ in range(STOP_CONTINUE_TERMINATE_ROUNDS // 2):
         p = start(tmp_path / f"ledger-{round_}.db", "--metrics-address", "")
         processes.append(p)

@@ -532,11 +532,18 @@ def test_a_secret_file_that_cannot_be_used_stops_the_start_with_one_line(tmp_pat
         assert not (tmp_path / "l.db").exists()
 
 
-def test_the_readme_never_puts_a_secret_on_the_command_line() -> None:
-    """The quick start and every other shell example pass the admin token and the webhook
-    secret through the environment or a file, as users copy them."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", readme, flags=re.S | re.M)
-    commands = "\n".join(text for language, text in blocks if language in ("", "sh"))
-    assert "quota-sidecar serve" in commands
-    assert not re.search(r"--(?:admin-token|webhook-secret)[ =]", commands)
+def shell_examples(page: Path) -> str:
+    """The text of a Markdown page's shell blocks (```sh and unmarked fences)."""
+    blocks = re.findall(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", page.read_text(), flags=re.S | re.M)
+    return "\n".join(text for language, text in blocks if language in ("", "sh"))
+
+
+def test_the_docs_never_put_a_secret_on_the_command_line() -> None:
+    """The quick start and every other shell example, in the README and in docs/, pass the
+    admin token and the webhook secret through the environment or a file, as users copy them."""
+    root = Path(__file__).resolve().parents[1]
+    readme = shell_examples(root / "README.md")
+    assert "quota-sidecar serve" in readme
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        commands = shell_examples(page)
+        assert not re.search(r"--(?:admin-token|webhook-secret)[ =]", commands), page.name

@@ -24,6 +24,7 @@ from ..domain.model import NoticeState, Plan, Usage, UsageEvent, UsageFigure
 from ..domain.notices import evaluate, level_of, ratio_of, settled
 from ..ledger import Ledger, LedgerReader, LedgerTx
 from ..metrics.board import UsageBoard
+from .deadline import call_deadline
 
 # A CheckSendBatch or RecordActivity over more distinct contacts than this is decided
 # and committed this many at a time, so one large call never holds the single writer
@@ -59,7 +60,7 @@ class EngineContext:
             tx.note_time(self.clock.latest_us)
             return result
 
-        return self.ledger.transact(timed, weight=weight)
+        return self.ledger.transact(timed, weight=weight, deadline=call_deadline())
 
     def in_units(self, contact_ids: Sequence[str], unit: Callable[..., R]) -> list[R]:
         """Commits `unit(tx, ids=, index=)` over the call's contacts: all in one unit, or

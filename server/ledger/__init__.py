@@ -1,23 +1,54 @@
 """The ledger: the durable record behind every figure, behind one small interface.
 
 The engine reads through a `LedgerReader` and writes through a `LedgerTx`
-handed to it by `Ledger.transact`. A backend runs each unit of work inside a
-transaction and returns only once that transaction is durably committed, so a
-decision is acknowledged only after its effects are on disk. Backends may run
-several callers' units in one transaction (group commit) as long as each unit
-is isolated: a unit that raises leaves no trace, and a failed commit fails every
-unit in it with `LedgerUnavailable`.
+handed to it by `Ledger.transact`. A backend is built by the factory
+(`factory.open_ledger`) from a URL; its own options it reads and checks itself
+(`LedgerOptions.backend`, `LedgerOptionError`), and its own figures it exposes
+through `Ledger.collector()`. The SQLite backend (`sqlite/`) is the embedded
+default; every backend must pass the same contract tests
+(tests/test_ledger_contract.py).
 
-The SQLite backend (`sqlite.py`) is the embedded default; every backend must
-pass the same contract tests (tests/test_ledger_contract.py).
+Concurrency contract, what a unit of work (the function given to `transact`) may
+assume:
+- It runs in one transaction, isolated from every other unit: it sees its own
+  writes and the committed state, and no other unit's uncommitted writes. The
+  figures it reads stay as it read them until it ends (a backend serialises the
+  units that write about the same tenant, e.g. SQLite by one writer).
+- `transact` returns only once the unit's transaction is durably committed, so a
+  decision is acknowledged only after its effects are stored. Several callers'
+  units may share one transaction (group commit): a unit that raises leaves no
+  trace and fails alone; a failed commit fails every unit in it with
+  `LedgerUnavailable`.
+- A unit may be run more than once (a backend may retry it after a serialisation
+  failure or a conflict, as a backend shared by several sidecars must), and a run
+  that is rolled back leaves nothing. So a unit has no effect outside its
+  transaction: whatever must happen once it is committed (waking the outbox,
+  updating in-memory figures) goes through `LedgerTx.after_commit`, which runs
+  once, in commit order, before the caller is answered, and never for a run that
+  did not commit.
+- A unit is not started once its `deadline` has passed: the caller has been told
+  DEADLINE_EXCEEDED, so nothing is decided for it (`DeadlineExceeded`).
+
+What a backend may cache, and why: the SQLite backend is the only writer of its
+file (an exclusive flock keeps any other sidecar off it), so its writer keeps
+rows only it writes (plans, cycle figures, cycle keys, activity codes, usage
+contexts) and a bloom filter per tenant cycle of the contacts already active,
+and these stay true between transactions only because no one else writes. A
+backend that several sidecars write to at once must not keep such answers
+between transactions; at most it keeps answers another writer cannot make false.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from prometheus_client.registry import Collector
+
+from ..domain.errors import DeadlineExceeded
 from ..domain.model import (
     Activation,
     AuditEntry,
@@ -34,6 +65,9 @@ from ..domain.model import (
 )
 
 T = TypeVar("T")
+A = TypeVar("A")
+# Told of each commit: its seconds (0 when it failed), how many units it held, whether it succeeded.
+CommitObserver = Callable[[float, int, bool], None]
 
 # What every backend keeps of a contact's held spans (`held_spans`): those that ended longer
 # ago than this are dropped when the contact next changes (thirteen monthly invoices and
@@ -206,10 +240,12 @@ class Ledger(ABC):
         """Finishes pending work, commits it and releases the store."""
 
     @abstractmethod
-    def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1) -> T:
+    def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1, deadline: float | None = None) -> T:
         """Runs `work` in a write transaction; returns once it is durably committed.
         `weight` is about how many contacts (or tenants) it writes about: a backend
-        that groups units keeps heavy ones from holding light ones back."""
+        that groups units keeps heavy ones from holding light ones back. `deadline`
+        (a `time.monotonic()` instant): `work` is not started at or after it, and the
+        call raises DeadlineExceeded (`by_deadline`)."""
 
     @abstractmethod
     def read(self, work: Callable[[LedgerReader], T]) -> T:
@@ -224,3 +260,47 @@ class Ledger(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """True once open (and any in-memory accelerator loaded) and not failing."""
+
+    @property
+    def loading(self) -> bool:
+        """Whether something the backend loads in the background after `open` (an
+        in-memory accelerator) is still loading; answers are exact meanwhile."""
+        return False
+
+    def collector(self) -> Collector | None:
+        """The backend's own figures, read at scrape time (None when it has none)."""
+        return None
+
+
+def by_deadline(work: Callable[[A], T], deadline: float | None) -> Callable[[A], T]:
+    """`work`, refusing to start at or after `deadline` (a `time.monotonic()` instant)."""
+    if deadline is None:
+        return work
+
+    def guarded(arg: A) -> T:
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed while the call waited for the ledger; nothing was done")
+        return work(arg)
+
+    return guarded
+
+
+@dataclass(frozen=True)
+class LedgerOptions:
+    """What a backend is built with besides its URL: hooks every backend calls, and the
+    backend's own settings by setting name (`backend`), which it reads and checks."""
+
+    on_commit: CommitObserver | None = None
+    on_ready: Callable[[bool], None] | None = None
+    # Seconds between attempts to write while commits fail.
+    check_interval: float = 0.5
+    backend: Mapping[str, object] = field(default_factory=dict)
+
+
+class LedgerOptionError(ValueError):
+    """A ledger URL or backend option refused, with the setting it came from (`option`)."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option}: {problem}")
+        self.option = option
+        self.problem = problem

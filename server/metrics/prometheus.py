@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..domain.model import Usage, UsageEventType, UsageState
-from ..ledger.dedupe import DedupeFilters
 from .board import UsageBoard
 
 LATENCY_BUCKETS = (
@@ -133,17 +132,16 @@ class Metrics:
 
 
 class SidecarCollector(Collector):
-    """Figures read at scrape time: build info, readiness, the dedupe filters, the
-    tenants' usage (from the engine's board) and the notification outbox."""
+    """Figures read at scrape time: build info, readiness, the tenants' usage (from the
+    engine's board) and the notification outbox. The ledger's own figures (the SQLite
+    backend's dedupe filters) come from its collector (`Ledger.collector`)."""
 
     def __init__(
         self,
-        filters: DedupeFilters | None,
         ready: Callable[[], bool],
         tenants: TenantFigures | None = None,
         outbox: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
-        self.filters = filters
         self.ready = ready
         self.tenants = tenants
         self.outbox = outbox
@@ -155,8 +153,6 @@ class SidecarCollector(Collector):
         yield GaugeMetricFamily(
             "quota_ready", "1 when the ledger is open and not failing", value=1 if self.ready() else 0
         )
-        if self.filters is not None:
-            yield from self._filters(self.filters)
         if self.tenants is not None:
             yield from self.tenants.collect()
         if self.outbox is not None:
@@ -169,41 +165,6 @@ class SidecarCollector(Collector):
                 "Age of the oldest usage event not yet delivered to the webhook (0 when none)",
                 value=age,
             )
-
-    @staticmethod
-    def _filters(filters: DedupeFilters) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "quota_dedupe_filters", "Dedupe filters held in memory (tenant cycles)", value=len(filters)
-        )
-        yield GaugeMetricFamily("quota_dedupe_filter_items", "Contacts held in the dedupe filters", value=filters.items)
-        yield GaugeMetricFamily(
-            "quota_dedupe_filters_building",
-            "Dedupe filters being built from the ledger; until one is, its contacts are confirmed in the ledger",
-            value=filters.building,
-        )
-        yield GaugeMetricFamily(
-            "quota_dedupe_filter_bytes", "Memory of the dedupe filters' bit arrays", value=filters.size_bytes
-        )
-        yield GaugeMetricFamily(
-            "quota_dedupe_filter_false_positive_ratio",
-            "Estimated false-positive ratio of the fullest dedupe filter, from its fill",
-            value=filters.estimated_fp_rate,
-        )
-        yield GaugeMetricFamily(
-            "quota_dedupe_filter_false_positive_ratio_target",
-            "The false-positive ratio the dedupe filters are sized for (--filter-fp-rate)",
-            value=filters.fp_rate,
-        )
-        stats = filters.stats
-        yield CounterMetricFamily("quota_dedupe_lookups", "Dedupe look-ups since start", value=stats.lookups)
-        yield CounterMetricFamily(
-            "quota_dedupe_certainly_new", "Look-ups the filter answered without the ledger", value=stats.certainly_new
-        )
-        yield CounterMetricFamily(
-            "quota_dedupe_confirmed_false_positives",
-            "Filter 'maybe' answers that the ledger showed to be new contacts",
-            value=stats.confirmed_false_positives,
-        )
 
 
 RATIO_STEPS = (0.5, 0.8, 0.9, 1.0, 1.1)

@@ -1,0 +1,49 @@
+"""Builds the ledger a URL names, choosing the backend by the URL's scheme.
+
+`sqlite:///PATH` or a plain file path: the embedded SQLite ledger (`sqlite/`).
+`postgresql://` or `postgres://`: the shared PostgreSQL ledger, imported only
+when asked for, so the embedded default needs no PostgreSQL driver.
+
+A backend module builds its ledger with `from_url(url, options)`, reading and
+checking its own options; a backend module without one is built as
+`PostgresLedger(url)`, from its URL alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import Ledger, LedgerOptionError, LedgerOptions
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+POSTGRES_MODULE = "quota_sidecar.server.ledger.postgres"
+
+
+def open_ledger(url_or_path: str, options: LedgerOptions | None = None) -> Ledger:
+    """The ledger at `url_or_path`, built but not yet open (`Ledger.open` creates or
+    migrates its store). LedgerOptionError names the setting refused: the URL itself
+    (`ledger`) or one of the backend's options."""
+    options = options or LedgerOptions()
+    scheme = url_or_path.split("://", 1)[0].lower() if "://" in url_or_path else ""
+    if scheme in POSTGRES_SCHEMES:
+        return _postgres(url_or_path, options)
+    if scheme not in ("", "sqlite"):
+        raise LedgerOptionError(
+            "ledger", f"unsupported ledger scheme {scheme!r}: use sqlite:///PATH, a file path or postgresql://..."
+        )
+    from .sqlite import from_url
+
+    return from_url(url_or_path, options)
+
+
+def _postgres(url: str, options: LedgerOptions) -> Ledger:
+    try:
+        backend = importlib.import_module(POSTGRES_MODULE)
+    except ImportError as exc:
+        raise LedgerOptionError(
+            "ledger", f"the PostgreSQL ledger is not available in this installation ({exc}); use sqlite:///PATH"
+        ) from None
+    from_url = getattr(backend, "from_url", None)
+    if from_url is not None:
+        return from_url(url, options)
+    return backend.PostgresLedger(url)

@@ -30,7 +30,7 @@ After every kill, first on the file the dead process left and then through the r
    acknowledged a counted ALLOW in the cycle never outnumber the ceiling of the plan in force.
 
 `python tests/crash_load.py --kills 100 --seed N` runs it from the command line and prints a summary;
-tests/test_crash.py runs `QUOTA_CRASH_KILLS` kill points with `QUOTA_CRASH_SEED`.
+tests/process/test_crash.py runs `QUOTA_CRASH_KILLS` kill points with `QUOTA_CRASH_SEED`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import text_format
-from test_process import AUTH, Process, start
+from support.process import AUTH, Process, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc

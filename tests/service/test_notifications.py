@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import re
 import signal
-import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -26,6 +25,7 @@ from support.held import T as HELD
 from support.held import add, ids, preset
 from support.process import free_port, start
 from support.sidecar import RunningSidecar, start_sidecar
+from support.sqlite_file import file_reader
 from support.webhook import Answer, Receiver, cross_80_percent, grpc_plan, to_pb_ts
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
@@ -48,9 +48,8 @@ def kinds(engine: Engine) -> list[tuple[UsageEventType, UsageFigure, float]]:
     return [(e.type, e.figure, e.threshold) for e in events(engine)]
 
 
-def outbox_rows(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as conn:
-        return conn.execute("SELECT COUNT(*) FROM usage_events").fetchone()[0]
+def outbox_rows(engine: Engine) -> int:
+    return engine.ledger.read(lambda reader: reader.pending_events(0)[0])
 
 
 # -- thresholds crossed ------------------------------------------------------------------------
@@ -79,17 +78,17 @@ def test_cr8_reaching_the_limit_is_a_second_threshold_and_a_jump_announces_each_
     assert sequences == sorted(sequences) and len(set(sequences)) == 3
 
 
-def test_dry_runs_retries_and_denials_write_no_event(engine: Engine, db_path: Path) -> None:
+def test_dry_runs_retries_and_denials_write_no_event(engine: Engine) -> None:
     """SG-5: a pre-flight check warns in its answer only; a retried request_id repeats its first
     answer and writes nothing more."""
     engine.put_plan("tenant-a", plan(10, notify_thresholds=[0.8]))
     batch(engine, [f"c{i}" for i in range(7)])
     dry = batch(engine, ["c7", "c8"], dry_run=True)
     assert dry.usage.usage_ratio == pytest.approx(0.9)
-    assert outbox_rows(db_path) == 0
+    assert outbox_rows(engine) == 0
     send(engine, "c7", request_id="r-1")
     send(engine, "c7", request_id="r-1")
-    assert outbox_rows(db_path) == 1
+    assert outbox_rows(engine) == 1
 
 
 def test_mk2_held_count_moving_around_a_threshold_announces_it_once_per_cycle(engine: Engine, clock: FakeClock) -> None:
@@ -322,8 +321,7 @@ def test_a_failing_receiver_gets_the_event_again_until_it_answers_2xx(tmp_path: 
     first, second = ids_in_order[0], ids_in_order[3]
     assert ids_in_order[:3] == [first, first, first] and second != first
     assert [json.loads(body)["threshold"] for _, body in posts] == [0.8, 0.8, 0.8, 1.0]
-    with sqlite3.connect(tmp_path / "ledger.db") as conn:
-        assert conn.execute("SELECT seq FROM event_cursors WHERE consumer = 'webhook'").fetchone()[0] == 2
+    assert webhook_cursor(tmp_path / "ledger.db") == 2
 
 
 def test_events_wait_in_the_ledger_across_a_restart_and_are_delivered_once(tmp_path: Path, clock: FakeClock) -> None:
@@ -438,9 +436,8 @@ def trickle(receiver: Receiver, interval: float = 0.2) -> Answer:
 
 
 def webhook_cursor(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as conn:
-        row = conn.execute("SELECT seq FROM event_cursors WHERE consumer = 'webhook'").fetchone()
-        return row[0] if row else 0
+    with file_reader(db_path) as reader:
+        return reader.event_cursor("webhook")
 
 
 def test_a_redirect_is_not_followed_and_the_event_is_posted_again_until_a_2xx(tmp_path: Path, clock: FakeClock) -> None:

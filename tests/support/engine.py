@@ -8,37 +8,22 @@ from datetime import UTC, datetime
 from quota_sidecar.server.domain.clock import to_us
 from quota_sidecar.server.domain.model import (
     ActivityKind,
+    ActivityOutcome,
+    BatchOutcome,
     Channel,
     Enforcement,
     MessageKind,
     Metering,
+    SendOutcome,
 )
-from quota_sidecar.server.engine import (
-    ActivityRequest,
-    BatchRequest,
-    Engine,
-    PlanInput,
-    SendRequest,
-)
+from quota_sidecar.server.engine import ActivityRequest, BatchRequest, Engine, PlanInput, SendRequest
 
 T = "tenant-a"
-
-
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
-
-
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-
-
 CAMPAIGN = MessageKind.CAMPAIGN
-
-
 AUTOMATION = MessageKind.AUTOMATION
-
-
 TRANSACTIONAL = MessageKind.TRANSACTIONAL
-
-
 MESSAGE_SENT = ActivityKind.MESSAGE_SENT
 
 
@@ -57,13 +42,15 @@ def plan(limit: int = 3, **fields: object) -> PlanInput:
     return PlanInput(**base)  # type: ignore[arg-type]
 
 
-def send(engine: Engine, contact: str, kind: MessageKind = CAMPAIGN, tenant: str = T, **kw: object):
+def send(engine: Engine, contact: str, kind: MessageKind = CAMPAIGN, tenant: str = T, **kw: object) -> SendOutcome:
     return engine.check_send(SendRequest(tenant, contact, Channel.EMAIL, kind, **kw))  # type: ignore[arg-type]
 
 
-def batch(engine: Engine, ids: list[str], kind: MessageKind = CAMPAIGN, tenant: str = T, **kw: object):
+def batch(engine: Engine, ids: list[str], kind: MessageKind = CAMPAIGN, tenant: str = T, **kw: object) -> BatchOutcome:
     return engine.check_send_batch(BatchRequest(tenant, Channel.EMAIL, kind, ids, **kw))  # type: ignore[arg-type]
 
 
-def record(engine: Engine, ids: list[str], kind: ActivityKind = MESSAGE_SENT, tenant: str = T, **kw: object):
+def record(
+    engine: Engine, ids: list[str], kind: ActivityKind = MESSAGE_SENT, tenant: str = T, **kw: object
+) -> ActivityOutcome:
     return engine.record_activity(ActivityRequest(tenant, kind, ids, **kw))  # type: ignore[arg-type]

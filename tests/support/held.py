@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from quota_sidecar.server.domain.clock import to_us
-from quota_sidecar.server.domain.model import (
-    ContactSource,
-)
-from quota_sidecar.server.engine import (
-    ContactAddRequest,
-    Engine,
-    PlanInput,
-)
+from quota_sidecar.server.domain.model import ContactAddOutcome, ContactSource
+from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput
 from support.engine import ANCHOR
 
 T = "tenant-h"
@@ -20,7 +14,7 @@ def preset(name: str, **fields: object) -> PlanInput:
     return PlanInput(**{"preset": name, "cycle_anchor_us": to_us(ANCHOR), **fields})  # type: ignore[arg-type]
 
 
-def add(engine: Engine, ids: list[str], source: ContactSource = ContactSource.API, **kw: object):
+def add(engine: Engine, ids: list[str], source: ContactSource = ContactSource.API, **kw: object) -> ContactAddOutcome:
     return engine.check_contact_add(ContactAddRequest(T, source, ids, **kw))  # type: ignore[arg-type]
 
 

@@ -13,24 +13,12 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 RULES_DIR = REPO / "monitoring" / "prometheus"
-
-
 ALERTS = RULES_DIR / "alerts.yml"
-
-
 DASHBOARD = REPO / "monitoring" / "grafana" / "dashboards" / "quota-sidecar.json"
-
-
 # The tenants `load_tenants` sets up: each one's contact limit and the new contacts it sends to.
 NEAR_TENANT = "near"
-
-
 FULL_TENANT = "full"
-
-
 TENANTS = {"calm": (10, 6), NEAR_TENANT: (10, 9), FULL_TENANT: (4, 5), "acme": (1000, 30)}
 
 

@@ -61,10 +61,6 @@ class RefusingServer:
 # How long RefusingServer takes to refuse; a deadline as the server reads it may be later
 # than the client's by the time the request took to arrive and by gRPC rounding it up.
 REFUSAL_DELAY = 0.08
-
-
 DEADLINE_SLACK = 0.03
-
-
 # Retries that would each fit the whole timeout: only the call's one deadline stops them.
 EAGER_RETRY = Retry(attempts=6, backoff=0.001, max_elapsed=5.0)

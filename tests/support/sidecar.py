@@ -17,8 +17,6 @@ from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token"
-
-
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 

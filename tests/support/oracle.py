@@ -11,7 +11,10 @@ raises `FiguresDiffer` with the list.
 
 The dump walks every cycle of each tenant from `since_us` (by default KEPT_US before
 `until_us`) to the cycle containing `until_us`, with the cycles as the tenant's
-re-anchors cut them (SG-7), read back from the ledger as well.
+re-anchors cut them (SG-7), read back from the ledger as well. Each tenant is checked
+under its plan now: sends counted under HELD_CONTACTS earlier in a cycle that then
+changed to CYCLE_ACTIVE have no activation behind them, so a test that changes the
+metering mid-cycle checks those sends against the audit itself (test_properties).
 """
 
 from __future__ import annotations

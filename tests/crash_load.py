@@ -30,7 +30,7 @@ After every kill, first on the file the dead process left and then through the r
    acknowledged a counted ALLOW in the cycle never outnumber the ceiling of the plan in force.
 
 `python tests/crash_load.py --kills 100 --seed N` runs it from the command line and prints a summary;
-tests/test_crash.py runs `QUOTA_CRASH_KILLS` kill points with `QUOTA_CRASH_SEED`.
+tests/process/test_crash.py runs `QUOTA_CRASH_KILLS` kill points with `QUOTA_CRASH_SEED`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import argparse
 import os
 import random
 import signal
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -53,10 +52,14 @@ from typing import Any
 
 import grpc
 from google.protobuf import text_format
-from test_process import AUTH, Process, start
+from support.oracle import read_rows
+from support.process import AUTH, Process, start
+from support.sqlite_file import file_reader
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.server.domain.clock import SystemClock
+from quota_sidecar.server.domain.model import Counters
 
 DEADLINE_S = 10.0
 WORKERS = 6
@@ -327,53 +330,44 @@ class LedgerFile:
 
 
 def read_ledger(path: Path) -> LedgerFile:
-    """Every figure and row the checks compare, in one read transaction."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        conn.execute("BEGIN")
-        figures = conn.execute(
-            "SELECT u.tenant_id, u.cycle_start_us, u.active_contacts, u.sends, COUNT(a.contact_id),"
-            " COALESCE(SUM(a.sends), 0) FROM usage u LEFT JOIN activations a"
-            " ON a.tenant_id = u.tenant_id AND a.cycle_start_us = u.cycle_start_us"
-            " GROUP BY u.tenant_id, u.cycle_start_us"
-        ).fetchall()
-        orphans = conn.execute(
-            "SELECT a.tenant_id, a.cycle_start_us, COUNT(*) FROM activations a LEFT JOIN usage u"
-            " ON u.tenant_id = a.tenant_id AND u.cycle_start_us = a.cycle_start_us"
-            " WHERE u.tenant_id IS NULL GROUP BY a.tenant_id, a.cycle_start_us"
-        ).fetchall()
-        active: dict[str, set[str]] = {}
-        for tenant_id, contact_id in conn.execute("SELECT tenant_id, contact_id FROM activations"):
-            active.setdefault(tenant_id, set()).add(contact_id)
-        sends = dict(conn.execute("SELECT tenant_id, SUM(sends) FROM usage GROUP BY tenant_id").fetchall())
-        held: dict[str, set[str]] = {}
-        for tenant_id, contact_id in conn.execute("SELECT tenant_id, contact_id FROM contacts WHERE held = 1"):
-            held.setdefault(tenant_id, set()).add(contact_id)
-        holdings = {
-            r[0]: (r[1], r[2], r[3], r[4])
-            for r in conn.execute("SELECT tenant_id, cycle_start_us, held, marketing, pending FROM holdings")
-        }
-        contact_counts = {
-            r[0]: (r[1], r[2], r[3])
-            for r in conn.execute(
-                "SELECT tenant_id, SUM(held), SUM(held * marketing),"
-                " SUM(held * marketing * marketing_until_next_update) FROM contacts GROUP BY tenant_id"
-            )
-        }
-        held_figures = {
-            (r[0], r[1]): (r[2], r[3], r[4])
-            for r in conn.execute("SELECT tenant_id, cycle_start_us, held_end, held_peak, sends FROM usage")
-        }
+    """Every figure and row the checks compare, in one read transaction: through the ledger's reader
+    (support/oracle.py), and the audit, which the ledger interface writes and never reads back, with SQL."""
+    with file_reader(path) as reader:
+        dump = read_rows(reader, SystemClock().now_us())
         audited_sends = {
             (r[0], r[1]): r[2]
-            for r in conn.execute(
+            for r in reader.conn.execute(
                 "SELECT tenant_id, cycle_start_us, SUM(sends_delta) FROM audit GROUP BY tenant_id, cycle_start_us"
             )
         }
-        conn.execute("COMMIT")
-        return LedgerFile(figures, orphans, active, sends, held, holdings, contact_counts, held_figures, audited_sends)
-    finally:
-        conn.close()
+    cycles = [(tenant, start, rows) for tenant, found in dump.items() for start, rows in found.cycles.items()]
+    return LedgerFile(
+        figures=[(tenant, start, *rows.stored, *rows.counted) for tenant, start, rows in cycles if not rows.empty],
+        orphans=[
+            (tenant, start, len(rows.activations))
+            for tenant, start, rows in cycles
+            if rows.activations and rows.counters == Counters()
+        ],
+        active={tenant: found.active_ids() for tenant, found in dump.items() if found.active_ids()},
+        sends={tenant: sum(rows.counters.sends for rows in found.cycles.values()) for tenant, found in dump.items()},
+        held={tenant: {c.contact_id for c in found.held} for tenant, found in dump.items() if found.held},
+        holdings={
+            tenant: (
+                found.holdings.cycle_start_us,
+                found.holdings.held,
+                found.holdings.marketing,
+                found.holdings.pending,
+            )
+            for tenant, found in dump.items()
+            if found.holdings is not None
+        },
+        contact_counts={tenant: found.counted_holdings() for tenant, found in dump.items() if found.held},
+        held_figures={
+            (tenant, start): (rows.counters.held_end, rows.counters.held_peak, rows.counters.sends)
+            for tenant, start, rows in cycles
+        },
+        audited_sends=audited_sends,
+    )
 
 
 class CrashHarness:

@@ -1,0 +1,636 @@
+"""Issue 4: the deploy/ examples and the Grafana files agree with the image, the sidecar's settings and each other.
+
+There is no Docker or Kubernetes engine (nor a Grafana server) where these tests run, so
+nothing here starts a container: the files are validated statically. Every YAML and JSON
+file must parse; images are pinned; the host paths compose mounts exist; the ports the
+sidecar is given (read through the sidecar's own settings parser, flags over QUOTA_*
+variables over the Dockerfile's ENV) match the Dockerfile's EXPOSE, the published and
+container ports, the probes, the Prometheus scrape target and the prometheus.io
+annotations; the Secret, PersistentVolumeClaim and volumes the pod names exist; and the
+dashboard follows the conventions Grafana provisioning and the end-to-end test rely on
+(stable uid, no numeric ids, the `datasource` variable everywhere, only known variables
+in queries). The queries themselves are run against a real Prometheus elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from quota_sidecar.server.ledger.sqlite import sqlite_path
+from quota_sidecar.server.probe import connectable_address
+from quota_sidecar.server.settings import Settings, settings_from
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+COMPOSE = REPO / "deploy" / "compose.yaml"
+KUBERNETES = REPO / "deploy" / "kubernetes"
+GRAFANA = REPO / "monitoring" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "quota-sidecar.json"
+DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "quota-sidecar.yml"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+
+SIDECAR_SERVICE = "quota-sidecar"
+PROMETHEUS_JOB = "quota-sidecar"
+PROMETHEUS_DEFAULT_CONFIG = "/etc/prometheus/prometheus.yml"
+PROMETHEUS_PORT = 9090
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
+VARIABLES = {"datasource", "instance", "tenant"}
+GRAFANA_BUILTINS = {"__rate_interval", "__interval"}
+TENANT_METRICS = {"quota_tenant_usage_ratio", "quota_tenant_usage_state"}
+RATIO_METRICS = {
+    "quota_tenant_usage_ratio",
+    "quota_dedupe_filter_false_positive_ratio",
+    "quota_dedupe_filter_false_positive_ratio_target",
+}
+
+YAML_FILES = sorted(
+    [
+        COMPOSE,
+        DASHBOARD_PROVIDER,
+        DATASOURCES,
+        *KUBERNETES.glob("*.yaml"),
+    ]
+)
+
+
+# ----------------------------------------------------------------------------- reading the files
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the final stage, continuation lines joined."""
+    logical: list[str] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    last_from = max(i for i, text in enumerate(logical) if text.upper().startswith("FROM "))
+    instructions = []
+    for text in logical[last_from:]:
+        word, _, rest = text.partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile_exposed() -> set[int]:
+    return {
+        int(port.split("/")[0]) for word, rest in dockerfile_instructions() if word == "EXPOSE" for port in rest.split()
+    }
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def dockerfile_json(instruction: str) -> list[str]:
+    values = [rest for word, rest in dockerfile_instructions() if word == instruction]
+    assert values, f"the Dockerfile has no {instruction}"
+    return json.loads(values[-1])
+
+
+def dockerfile_uid() -> int:
+    users = [rest for word, rest in dockerfile_instructions() if word == "USER"]
+    assert users, "the Dockerfile sets no USER"
+    return int(users[-1].split(":")[0])
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def host_of(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]")
+
+
+def sidecar_settings(argv: list[str], environment: Mapping[str, str]) -> Settings:
+    """What the sidecar would run with: the image's CMD/ENTRYPOINT, its ENV, then the given argv and environment."""
+    entrypoint = dockerfile_json("ENTRYPOINT")
+    assert entrypoint == ["quota-sidecar"], f"the image's entrypoint changed: {entrypoint}"
+    argv = argv or dockerfile_json("CMD")
+    assert argv[0] == "serve", f"the sidecar is not started with `serve`: {argv}"
+    return settings_from(argv[1:], {**dockerfile_env(), **environment})
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
+
+
+def compose() -> dict[str, Any]:
+    return load_yaml(COMPOSE)
+
+
+def services() -> dict[str, Any]:
+    return compose()["services"]
+
+
+def environment_of(service: Mapping[str, Any]) -> dict[str, str]:
+    """A service's environment, each ${VAR...} interpolation replaced by a non-blank stand-in."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {name: _INTERPOLATION.sub(lambda m: f"stand-in-for-{m.group(1)}", str(value)) for name, value in env.items()}
+
+
+def command_of(service: Mapping[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+
+
+def bind_mounts(service: Mapping[str, Any]) -> list[tuple[Path, str]]:
+    """(host path, container path) of a service's bind mounts, host paths resolved against deploy/."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts.append(((COMPOSE.parent / source).resolve(), target))
+    return mounts
+
+
+def host_path(service: Mapping[str, Any], container_path: str) -> Path:
+    """The repository file a container path of `service` shows, through its bind mounts."""
+    wanted = PurePosixPath(container_path)
+    for source, target in bind_mounts(service):
+        mounted = PurePosixPath(target)
+        if wanted == mounted or mounted in wanted.parents:
+            return source / wanted.relative_to(mounted)
+    raise AssertionError(f"{container_path} is not inside any bind mount of the service")
+
+
+def container_ports(service: Mapping[str, Any]) -> set[int]:
+    return {int(str(published).split(":")[-1].split("/")[0]) for published in service.get("ports", [])}
+
+
+def compose_sidecar_settings() -> Settings:
+    return sidecar_settings(command_of(services()[SIDECAR_SERVICE]), environment_of(services()[SIDECAR_SERVICE]))
+
+
+def prometheus_config() -> tuple[Path, dict[str, Any]]:
+    prometheus = services()["prometheus"]
+    flags = [word.split("=", 1)[1] for word in command_of(prometheus) if word.startswith("--config.file=")]
+    path = host_path(prometheus, flags[-1] if flags else PROMETHEUS_DEFAULT_CONFIG)
+    assert path.is_file(), f"Prometheus would read {path}, which does not exist"
+    return path, load_yaml(path)
+
+
+def scrape_job(config: Mapping[str, Any]) -> dict[str, Any]:
+    jobs = [job for job in config.get("scrape_configs", []) if job["job_name"] == PROMETHEUS_JOB]
+    assert len(jobs) == 1, f"expected one scrape job named {PROMETHEUS_JOB}, got {len(jobs)}"
+    return jobs[0]
+
+
+# ----------------------------------------------------------------------------- kubernetes
+
+
+def manifests() -> list[dict[str, Any]]:
+    documents = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        documents.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return documents
+
+
+def of_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in manifests() if doc["kind"] == kind]
+
+
+def pod_spec() -> dict[str, Any]:
+    (deployment,) = of_kind("Deployment")
+    return deployment["spec"]["template"]["spec"]
+
+
+def pod_containers() -> list[dict[str, Any]]:
+    spec = pod_spec()
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def sidecar_container() -> dict[str, Any]:
+    found = [c for c in pod_containers() if c["name"] == "quota-sidecar"]
+    assert len(found) == 1, "the pod has no container named quota-sidecar"
+    return found[0]
+
+
+def kubernetes_sidecar_settings() -> Settings:
+    container = sidecar_container()
+    argv = [*container.get("command", [])[1:], *container.get("args", [])]
+    literal_env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    from_refs = {e["name"]: f"stand-in-for-{e['name']}" for e in container.get("env", []) if "valueFrom" in e}
+    return sidecar_settings(argv, {**literal_env, **from_refs})
+
+
+# ----------------------------------------------------------------------------- the dashboard
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from all_panels(panel.get("panels", []))
+
+
+def targets() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for panel in all_panels(dashboard()["panels"]):
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+def walk(node: Any, path: str = "$") -> Iterator[tuple[str, Any, Any]]:
+    """(path, key, value) of every key in a JSON tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, key, value
+            yield from walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from walk(value, f"{path}[{index}]")
+
+
+def walk_datasource_refs() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, key, value in walk(dashboard()):
+        if key == "datasource" and isinstance(value, dict):
+            yield path, key, value
+
+
+def metric_selectors(expr: str) -> Iterator[tuple[str, str]]:
+    """(metric name, label matchers) of every quota_* selector in a PromQL expression."""
+    for match in re.finditer(r"\b(quota_\w+)(\{([^}]*)\})?", expr):
+        yield match.group(1), match.group(3) or ""
+
+
+# ============================================================================= tests: parsing
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_file_parses(path: Path) -> None:
+    """Issue 4: every deploy/ and provisioning YAML file parses (each document of it)."""
+    documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    assert documents, f"{path} is empty"
+    assert all(isinstance(doc, dict) for doc in documents)
+
+
+def test_the_deploy_files_are_where_the_docs_say() -> None:
+    """Issue 4: a compose file, a Kubernetes example, the dashboard and both provisioning files exist."""
+    for path in (COMPOSE, DASHBOARD, DASHBOARD_PROVIDER, DATASOURCES, KUBERNETES / "kustomization.yaml"):
+        assert path.is_file(), f"missing {path.relative_to(REPO)}"
+
+
+# ============================================================================= tests: compose
+
+
+def test_compose_runs_the_sidecar_prometheus_and_grafana() -> None:
+    """Issue 4: compose has the sidecar (built from the repository's Dockerfile), Prometheus and Grafana."""
+    assert set(services()) == {SIDECAR_SERVICE, "prometheus", "grafana"}
+    build = services()[SIDECAR_SERVICE]["build"]
+    context = (COMPOSE.parent / build["context"]).resolve()
+    assert context / build.get("dockerfile", "Dockerfile") == DOCKERFILE
+
+
+def test_compose_images_are_pinned() -> None:
+    """Issue 4: every image names a tag, and never `latest`, so the example runs what was written for; the image
+    built from this tree is tagged with the project's version."""
+    for name, service in services().items():
+        image = service.get("image")
+        assert image, f"service {name} names no image"
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"service {name}: {image} has no tag"
+        assert tag != "latest", f"service {name}: {image} is not pinned"
+    built = services()[SIDECAR_SERVICE]["image"]
+    assert built.rpartition(":")[2] == project_version(), f"the image built from this tree is tagged {built}"
+
+
+def test_compose_mounts_only_paths_that_exist_in_the_repository() -> None:
+    """Issue 4: every host path compose mounts exists in the repository; named volumes are declared."""
+    declared = set(compose().get("volumes") or {})
+    for name, service in services().items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                path = (COMPOSE.parent / source).resolve()
+                assert path.exists(), f"service {name} mounts {source}, which does not exist"
+                assert REPO in path.parents, f"service {name} mounts {source}, outside the repository"
+            else:
+                assert source in declared, f"service {name} uses volume {source}, not declared under volumes:"
+
+
+def test_compose_sidecar_listens_where_the_image_exposes_and_publishes() -> None:
+    """Issue 4: the sidecar's gRPC and metrics ports (as its settings resolve them) are the EXPOSEd ones,
+    bound on every interface (Prometheus scrapes from another container), and are the container ports published."""
+    settings = compose_sidecar_settings()
+    ports = {port_of(settings.address), port_of(settings.metrics_address)}
+    assert ports == dockerfile_exposed()
+    assert host_of(settings.address) == "0.0.0.0"
+    assert host_of(settings.metrics_address) == "0.0.0.0"
+    assert container_ports(services()[SIDECAR_SERVICE]) == ports
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    """Issue 4: the example publishes nothing beyond the host's loopback (the data-plane RPCs take no credential)."""
+    for name, service in services().items():
+        for published in service.get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), f"service {name} publishes {published} on every interface"
+
+
+def test_compose_ledger_is_on_a_named_volume() -> None:
+    """Issue 4: the ledger file is on a named volume, so it outlives the container."""
+    ledger = PurePosixPath(sqlite_path(compose_sidecar_settings().ledger).as_posix())
+    named = [
+        volume.split(":")[1]
+        for volume in services()[SIDECAR_SERVICE].get("volumes", [])
+        if not volume.startswith((".", "/"))
+    ]
+    assert any(PurePosixPath(target) in ledger.parents for target in named), f"{ledger} is not on a named volume"
+
+
+def test_compose_health_probe_asks_the_bound_grpc_port() -> None:
+    """Issue 4: the image's HEALTHCHECK (the probe reads QUOTA_ADDRESS) reaches the port the sidecar binds."""
+    healthcheck = [rest for word, rest in dockerfile_instructions() if word == "HEALTHCHECK"]
+    assert healthcheck and "quota_sidecar.server.probe" in healthcheck[-1]
+    sidecar = services()[SIDECAR_SERVICE]
+    env = {**dockerfile_env(), **environment_of(sidecar)}
+    probed = connectable_address(env["QUOTA_ADDRESS"])
+    assert port_of(probed) == port_of(compose_sidecar_settings().address)
+    assert host_of(probed) in ("127.0.0.1", "localhost")
+
+
+def test_compose_asks_for_the_admin_token_instead_of_writing_one_down() -> None:
+    """Issue 4: no admin token is committed; compose refuses to start until QUOTA_ADMIN_TOKEN is set."""
+    value = services()[SIDECAR_SERVICE]["environment"]["QUOTA_ADMIN_TOKEN"]
+    assert re.fullmatch(r"\$\{QUOTA_ADMIN_TOKEN:\?[^}]+\}", value), value
+
+
+def test_prometheus_scrapes_the_sidecars_metrics_port() -> None:
+    """Issue 4: the Prometheus compose runs has one `quota-sidecar` job whose target is the sidecar service's
+    metrics port, and the rule files it names are mounted beside it."""
+    path, config = prometheus_config()
+    targets = [t for static in scrape_job(config).get("static_configs", []) for t in static["targets"]]
+    assert targets == [f"{SIDECAR_SERVICE}:{port_of(compose_sidecar_settings().metrics_address)}"]
+    for rule_file in config.get("rule_files", []):
+        assert (path.parent / rule_file).is_file(), f"{path.name} loads {rule_file}, which is not mounted beside it"
+    assert config.get("rule_files"), "Prometheus loads no alert rules"
+
+
+def test_grafana_sees_the_provisioning_and_the_dashboard() -> None:
+    """Issue 4: Grafana's provisioning folder is mounted, the dashboard provider's path is where compose mounts
+    the dashboards, and the home dashboard is the quota-sidecar one."""
+    grafana = services()["grafana"]
+    assert host_path(grafana, "/etc/grafana/provisioning") == GRAFANA / "provisioning"
+    (provider,) = load_yaml(DASHBOARD_PROVIDER)["providers"]
+    assert provider["type"] == "file"
+    assert host_path(grafana, provider["options"]["path"]) == DASHBOARD.parent
+    home = environment_of(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert host_path(grafana, home) == DASHBOARD
+
+
+def test_grafana_datasource_is_the_compose_prometheus() -> None:
+    """Issue 4: the provisioned datasource is the compose Prometheus, with a fixed uid the dashboard never names,
+    and the scrape interval Prometheus uses (so $__rate_interval spans enough scrapes)."""
+    (source,) = load_yaml(DATASOURCES)["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == f"http://prometheus:{PROMETHEUS_PORT}"
+    assert PROMETHEUS_PORT in container_ports(services()["prometheus"])
+    assert source["uid"] and source["uid"] not in {ref["uid"] for _, _, ref in walk_datasource_refs()}
+    _, config = prometheus_config()
+    interval = scrape_job(config).get("scrape_interval") or config["global"]["scrape_interval"]
+    assert source["jsonData"]["timeInterval"] == interval
+
+
+# ============================================================================= tests: kubernetes
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    """Issue 4: `kubectl apply -k deploy/kubernetes` applies every manifest, except the Secret whose token is a
+    placeholder (it is created with kubectl create secret instead)."""
+    listed = load_yaml(KUBERNETES / "kustomization.yaml")["resources"]
+    for name in listed:
+        assert (KUBERNETES / name).is_file(), f"kustomization.yaml lists {name}, which does not exist"
+    on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(listed) == on_disk - {"secret.yaml"}
+
+
+def test_every_manifest_names_its_api_kind_and_name() -> None:
+    """Issue 4: each Kubernetes document has apiVersion, kind and metadata.name."""
+    for doc in manifests():
+        assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), doc
+
+
+def test_pod_runs_a_worker_beside_the_sidecar() -> None:
+    """Issue 4: the pod runs the user's worker and the sidecar (at the project's version), the worker dialing it
+    on localhost; a sidecar declared as an init container keeps running (restartPolicy Always) instead of
+    blocking the worker."""
+    names = {c["name"] for c in pod_containers()}
+    assert names == {"mail-worker", "quota-sidecar"}
+    assert sidecar_container()["image"].endswith(f"/quota-sidecar:{project_version()}")
+    grpc_port = port_of(kubernetes_sidecar_settings().address)
+    (worker,) = pod_spec()["containers"]
+    dials = [e["value"] for e in worker.get("env", []) if str(e.get("value", "")).startswith("localhost:")]
+    assert dials == [f"localhost:{grpc_port}"]
+    if sidecar_container() in pod_spec().get("initContainers", []):
+        assert sidecar_container()["restartPolicy"] == "Always"
+
+
+def test_sidecar_container_ports_match_its_flags_and_the_image() -> None:
+    """Issue 4: the container ports are the gRPC and metrics ports the flags give, which the image EXPOSEs,
+    both bound on every interface (the kubelet probes and Prometheus scrapes the pod's IP)."""
+    settings = kubernetes_sidecar_settings()
+    ports = {p["name"]: p["containerPort"] for p in sidecar_container()["ports"]}
+    assert ports == {"grpc": port_of(settings.address), "metrics": port_of(settings.metrics_address)}
+    assert set(ports.values()) == dockerfile_exposed()
+    assert host_of(settings.address) == "0.0.0.0"
+    assert host_of(settings.metrics_address) == "0.0.0.0"
+
+
+def test_sidecar_probes_ask_the_grpc_health_service_on_the_grpc_port() -> None:
+    """Issue 4: readiness and liveness (and startup) are native gRPC probes on the port gRPC listens on."""
+    grpc_port = port_of(kubernetes_sidecar_settings().address)
+    container = sidecar_container()
+    assert {"readinessProbe", "livenessProbe"} <= set(container)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if probe in container:
+            assert container[probe]["grpc"]["port"] == grpc_port, probe
+
+
+def test_pod_is_annotated_for_scraping_on_the_metrics_port() -> None:
+    """Issue 4: prometheus.io/scrape, port (the metrics port the flags give) and path annotate the pod."""
+    (deployment,) = of_kind("Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port_of(kubernetes_sidecar_settings().metrics_address))
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_network_policy_admits_the_metrics_port_and_not_grpc() -> None:
+    """Issue 4: other pods reach the metrics port; the unauthenticated gRPC port stays for the worker beside it."""
+    settings = kubernetes_sidecar_settings()
+    (policy,) = of_kind("NetworkPolicy")
+    (deployment,) = of_kind("Deployment")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    admitted = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert port_of(settings.metrics_address) in admitted
+    assert port_of(settings.address) not in admitted
+
+
+def test_secrets_claims_and_volumes_the_pod_names_exist() -> None:
+    """Issue 4: each secretKeyRef names a Secret and key defined in deploy/kubernetes, each claim a PVC there,
+    and each volumeMount a volume of the pod."""
+    secrets = {doc["metadata"]["name"]: doc for doc in of_kind("Secret")}
+    claims = {doc["metadata"]["name"] for doc in of_kind("PersistentVolumeClaim")}
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    for container in pod_containers():
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] in secrets, f"no Secret {ref['name']}"
+                secret = secrets[ref["name"]]
+                assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in volumes, f"{container['name']} mounts unknown volume {mount['name']}"
+    for volume in volumes.values():
+        if "persistentVolumeClaim" in volume:
+            assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_sidecar_keeps_its_ledger_on_the_claim_and_runs_as_the_images_user() -> None:
+    """Issue 4: the ledger file is on the PVC-backed volume, so the root filesystem can be read-only; the sidecar
+    runs as the image's non-root uid; one replica, replaced with Recreate (the ledger has one writer)."""
+    container = sidecar_container()
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    ledger = PurePosixPath(sqlite_path(kubernetes_sidecar_settings().ledger).as_posix())
+    on_claim = [
+        m
+        for m in container["volumeMounts"]
+        if "persistentVolumeClaim" in volumes[m["name"]] and PurePosixPath(m["mountPath"]) in ledger.parents
+    ]
+    assert on_claim, f"{ledger} is not on a PersistentVolumeClaim"
+    pod_security = pod_spec().get("securityContext", {})
+    security = {**pod_security, **container.get("securityContext", {})}
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == dockerfile_uid()
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert "memory" in container["resources"]["limits"]
+    (deployment,) = of_kind("Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+# ============================================================================= tests: the dashboard
+
+
+def test_dashboard_has_a_stable_uid_and_no_numeric_ids() -> None:
+    """Issue 4: uid "quota-sidecar", top-level id null, and no integer id except panel ids, which are unique."""
+    board = dashboard()
+    assert board["uid"] == "quota-sidecar"
+    assert board["title"] == "quota-sidecar"
+    assert "id" in board and board["id"] is None
+    panel_ids = [panel["id"] for panel in all_panels(board["panels"])]
+    assert all(isinstance(i, int) for i in panel_ids)
+    assert len(panel_ids) == len(set(panel_ids))
+    panel_paths = set()
+    for path, key, value in walk(board):
+        if key == "panels":
+            panel_paths.update(f"{path}.panels[{i}]" for i in range(len(value)))
+    for path, key, value in walk(board):
+        if key == "id" and isinstance(value, int):
+            assert path in panel_paths, f"numeric id at {path}"
+
+
+def test_dashboard_uses_the_datasource_variable_everywhere() -> None:
+    """Issue 4: every panel, target and query variable uses {"type": "prometheus", "uid": "${datasource}"}."""
+    board = dashboard()
+    for panel in all_panels(board["panels"]):
+        assert panel.get("datasource") == DATASOURCE_REF, panel["title"]
+    for panel, target in targets():
+        assert target.get("datasource") == DATASOURCE_REF, f"{panel['title']} {target.get('refId')}"
+    for path, _, ref in walk_datasource_refs():
+        assert ref == DATASOURCE_REF, path
+
+
+def test_dashboard_templating_is_datasource_instance_and_tenant() -> None:
+    """Issue 4: the variables are exactly datasource (a Prometheus picker), instance and tenant (multi, All)."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert set(variables) == VARIABLES
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name, metric in (("instance", "quota_build_info"), ("tenant", "quota_tenant_usage_ratio")):
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["multi"] is True and variable["includeAll"] is True
+        assert variable["datasource"] == DATASOURCE_REF
+        assert re.fullmatch(rf"label_values\({metric}(\{{[^}}]*\}})?, {name}\)", variable["definition"])
+
+
+def test_every_target_has_an_expression_ref_id_and_legend() -> None:
+    """Issue 4: each target has a non-empty expr, a refId unique in its panel and a legendFormat."""
+    for panel in all_panels(dashboard()["panels"]):
+        ref_ids = [t["refId"] for t in panel.get("targets", [])]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel.get("targets", []):
+            assert target.get("expr", "").strip(), f"{panel['title']}: empty expr"
+            assert target.get("refId"), f"{panel['title']}: no refId"
+            assert target.get("legendFormat"), f"{panel['title']} {target['refId']}: no legendFormat"
+        if panel["type"] != "row":
+            assert panel.get("targets"), f"{panel['title']} has no query"
+
+
+def test_queries_use_only_the_known_variables_and_filter_on_them() -> None:
+    """Issue 4: a query names only $instance, $tenant, $__rate_interval and $__interval, every quota_* selector
+    filters on instance=~"$instance", and the per-tenant series also on tenant=~"$tenant"."""
+    panel_queries = [(f"{p['title']} {t['refId']}", t["expr"]) for p, t in targets()]
+    variable_queries = [
+        (f"variable {v['name']}", v["definition"]) for v in dashboard()["templating"]["list"] if "definition" in v
+    ]
+    for where, expr in panel_queries + variable_queries:
+        used = set(re.findall(r"\$\{?(\w+)", expr))
+        assert used <= (VARIABLES - {"datasource"}) | GRAFANA_BUILTINS, f"{where}: {used}"
+    for where, expr in panel_queries:
+        for metric, matchers in metric_selectors(expr):
+            assert 'instance=~"$instance"' in matchers, f"{where}: {metric} is not filtered on $instance"
+            if metric in TENANT_METRICS:
+                assert 'tenant=~"$tenant"' in matchers, f"{where}: {metric} is not filtered on $tenant"
+
+
+def test_panels_show_ratios_as_percent_and_latencies_in_seconds() -> None:
+    """Issue 4: a graph of a 0-1 ratio uses the percentunit unit; a graph of a *_seconds figure uses seconds."""
+    for panel in all_panels(dashboard()["panels"]):
+        if panel["type"] not in ("timeseries", "stat", "bargauge"):
+            continue
+        metrics = {m for t in panel["targets"] for m, _ in metric_selectors(t["expr"])}
+        unit = panel["fieldConfig"]["defaults"].get("unit")
+        if metrics and metrics <= RATIO_METRICS:
+            assert unit == "percentunit", panel["title"]
+        if metrics and all(re.search(r"_seconds(_bucket)?$", m) for m in metrics):
+            assert unit == "s", panel["title"]

@@ -1,0 +1,111 @@
+"""Docs that tests keep honest: every setting is in docs/settings.md, every metric in
+docs/monitoring.md, every quotactl command and the test command in the README."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from dataclasses import fields
+from pathlib import Path
+
+from support.sidecar import RunningSidecar
+
+from quota_sidecar.client.cli import COMMANDS
+from quota_sidecar.server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+SETTINGS = (ROOT / "docs" / "settings.md").read_text()
+MONITORING = (ROOT / "docs" / "monitoring.md").read_text()
+
+
+def test_every_setting_is_in_the_settings_table() -> None:
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        row = next((line for line in SETTINGS.splitlines() if line.startswith(f"| `{flag}`")), None)
+        assert row is not None, f"{flag} is not in the settings table of docs/settings.md"
+        assert f"`QUOTA_{f.name.upper()}`" in row
+
+
+def test_every_quotactl_command_is_documented() -> None:
+    for command in COMMANDS:
+        assert f"`{command}`" in README, f"quotactl {command} is not in the README"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = re.findall(r"```sh\n(.+?)\n```", README, flags=re.S)
+    test_command = next(c for c in commands if "pytest" in c).strip()
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_exposed_metric_is_documented(sidecar_with_metrics: RunningSidecar) -> None:
+    text = urllib.request.urlopen(sidecar_with_metrics.metrics_url, timeout=5).read().decode()
+    names = {m for m in re.findall(r"^# TYPE (quota_\w+) ", text, flags=re.M) if not m.endswith("_created")}
+    assert names, "the sidecar exposes no quota_ metrics"
+    for name in names:
+        documented = {name, f"{name}_total"}
+        assert any(f"`{n}" in MONITORING for n in documented), f"metric {name} is not in docs/monitoring.md"
+
+
+# -- links between the pages ---------------------------------------------------------------------
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCED = re.compile(r"^[ \t]*```.*?^[ \t]*```[^\n]*$", flags=re.S | re.M)
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor by GitHub's rules: the rendered text in lower case, every character
+    but letters, digits, `_`, `-` and spaces dropped, each space a `-`."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings; GitHub suffixes a repeated one `-1`, `-2`, …."""
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} (.+)$", FENCED.sub("", page.read_text()), flags=re.M):
+        base = slug(heading)
+        repeats = seen.get(base, 0)
+        seen[base] = repeats + 1
+        found.add(base if repeats == 0 else f"{base}-{repeats}")
+    return found
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of a page's Markdown links outside code, except those to other sites."""
+    prose = re.sub(r"`[^`\n]*`", "", FENCED.sub("", page.read_text()))
+    targets = re.findall(r"\]\(([^)\s]+)\)", prose)
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+def test_headings_are_slugged_as_github_does() -> None:
+    assert slug("Quick start (a fresh machine with Python 3.11+)") == "quick-start-a-fresh-machine-with-python-311"
+    assert slug("Why `synchronous=FULL`") == "why-synchronousfull"
+    assert slug("Model 1: contacts in the account (`contact-limit`)") == "model-1-contacts-in-the-account-contact-limit"
+    assert slug("service QuotaService — the data plane") == "service-quotaservice--the-data-plane"
+
+
+def test_every_relative_link_points_at_a_file_and_heading_that_exist() -> None:
+    checked = 0
+    for page in PAGES:
+        for target in relative_links(page):
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.relative_to(ROOT)} links to {target}: no such file"
+            if anchor:
+                assert linked.suffix == ".md", f"{page.relative_to(ROOT)} links to {target}: an anchor in a non-page"
+                assert anchor in anchors(linked), f"{page.relative_to(ROOT)} links to {target}: no such heading"
+            checked += 1
+    assert checked >= 30, f"only {checked} links found: the link pattern no longer reads the pages"
+
+
+def test_every_docs_page_is_linked_from_the_readme_or_the_docs_index() -> None:
+    linked = {
+        (page.parent / target.partition("#")[0]).resolve()
+        for page in (ROOT / "README.md", ROOT / "docs" / "README.md")
+        for target in relative_links(page)
+        if target.partition("#")[0]
+    }
+    for page in PAGES[1:]:
+        assert page.resolve() in linked, f"docs/{page.name} is linked from nowhere"

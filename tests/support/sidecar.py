@@ -1,0 +1,82 @@
+"""A real sidecar in this process: a real gRPC server on a free port over a real SQLite ledger file,
+with a fake clock, and stubs for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
+from quota_sidecar.server.app import Sidecar
+from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.settings import Settings
+
+ADMIN_TOKEN = "test-admin-token"
+START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class RunningSidecar:
+    sidecar: Sidecar
+    clock: FakeClock
+    ledger_path: Path
+    admin_token: str = ADMIN_TOKEN
+    _channels: list[grpc.Channel] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        return self.sidecar.address
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.metrics_port}/metrics"
+
+    def channel(self) -> grpc.Channel:
+        ch = grpc.insecure_channel(self.address)
+        self._channels.append(ch)
+        return ch
+
+    def quota(self) -> pb_grpc.QuotaServiceStub:
+        return pb_grpc.QuotaServiceStub(self.channel())
+
+    def admin(self) -> pb_grpc.QuotaAdminServiceStub:
+        return pb_grpc.QuotaAdminServiceStub(self.channel())
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.admin_token}"),)
+
+    def put_plan(self, tenant_id: str, **fields: object) -> pb.PutPlanResponse:
+        return self.admin().PutPlan(
+            pb.PutPlanRequest(tenant_id=tenant_id, plan=pb.Plan(**fields)), metadata=self.auth, timeout=5
+        )
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            for ch in self._channels:
+                ch.close()
+            self.sidecar.stop(1)
+
+
+def start_sidecar(
+    path: Path, clock: FakeClock, address: str = "127.0.0.1:0", *, metrics: bool = False, **settings: object
+) -> RunningSidecar:
+    """A sidecar over a real channel; `settings` are further Settings fields (webhook_url, ...)."""
+    values: dict[str, object] = dict(
+        address=address,
+        ledger=f"sqlite:///{path}",
+        metrics_address="127.0.0.1:0" if metrics else "",
+        admin_token=ADMIN_TOKEN,
+        drain_timeout=2,
+    )
+    settings = Settings(**{**values, **settings}).validate()  # type: ignore[arg-type]
+    sidecar = Sidecar(settings, clock=clock, registry=CollectorRegistry())
+    sidecar.start()
+    return RunningSidecar(sidecar, clock, path)

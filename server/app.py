@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -112,7 +113,7 @@ class Sidecar:
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
 
     def _ledger_ready(self, ready: bool) -> None:
         """Health follows the ledger: NOT_SERVING while its commits fail, SERVING once one succeeds."""

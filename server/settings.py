@@ -115,13 +115,13 @@ class Settings:
             raise SettingsError("--reminder-interval: must be positive")
         if self.max_pending_calls < 0:
             raise SettingsError("--max-pending-calls: must not be negative")
-        for flag, value in (
+        for flag, seconds in (
             ("--request-retention", self.request_retention),
             ("--event-retention", self.event_retention),
             ("--audit-retention", self.audit_retention),
             ("--prune-interval", self.prune_interval),
         ):
-            if not value > 0:
+            if not seconds > 0:
                 raise SettingsError(f"{flag}: must be positive")
         if self.ledger_check_interval <= 0:
             raise SettingsError("--ledger-check-interval: must be positive")

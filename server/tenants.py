@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from google.protobuf import json_format
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
 from .domain.errors import QuotaError
+from .domain.model import StoredPlan
 from .domain.plans import validate_plan
 from .engine import Engine
 from .grpc.convert import plan_input
+from .ledger import LedgerReader, LedgerTx
 
 ENUM_PREFIX = {
     "metering": "METERING_",
@@ -149,7 +152,7 @@ def load_tenants(engine: Engine, path: Path, plans: dict[str, pb.Plan] | None = 
     loaded = TenantsLoaded()
     for tenant_id, plan in plans.items():
         digest = entry_digest(plan)
-        stored, applied = engine.ledger.read(lambda r, t=tenant_id: (r.plan(t), r.file_entry(t)))
+        stored, applied = engine.ledger.read(partial(_stored_entry, tenant_id))
         if stored is not None and applied == digest:
             loaded.kept.append(tenant_id)
             continue
@@ -158,6 +161,15 @@ def load_tenants(engine: Engine, path: Path, plans: dict[str, pb.Plan] | None = 
         except QuotaError as exc:
             raise TenantsFileError(f"--tenants {path}: tenant {tenant_id!r}: {exc}") from None
         at = engine.clock.now_us()
-        engine.ledger.transact(lambda tx, t=tenant_id, d=digest, at=at: tx.put_file_entry(t, d, at))
+        engine.ledger.transact(partial(_put_entry, tenant_id, digest, at))
         (loaded.created if stored is None else loaded.changed).append(tenant_id)
     return loaded
+
+
+def _stored_entry(tenant_id: str, r: LedgerReader) -> tuple[StoredPlan | None, str | None]:
+    """The tenant's stored plan and the digest of its file entry as applied last."""
+    return r.plan(tenant_id), r.file_entry(tenant_id)
+
+
+def _put_entry(tenant_id: str, digest: str, at_us: int, tx: LedgerTx) -> None:
+    tx.put_file_entry(tenant_id, digest, at_us)

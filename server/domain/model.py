@@ -376,11 +376,11 @@ class Usage:
     plan_name: str
     peak_contacts: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> Usage:
+    def from_dict(cls, raw: dict[str, Any]) -> Usage:
         return cls(**{**raw, "state": UsageState(raw["state"])})
 
 
@@ -586,6 +586,8 @@ class StoredResult:
 def money(value: Decimal) -> str:
     """A decimal amount as a plain string with at least two places ("12.50", "0.125")."""
     normal = value.normalize()
-    if -normal.as_tuple().exponent < 2:
+    exponent = normal.as_tuple().exponent
+    # The exponent is a letter only for NaN and infinities, which plan validation keeps out.
+    if isinstance(exponent, int) and -exponent < 2:
         normal = normal.quantize(Decimal("0.01"))
     return f"{normal:f}"

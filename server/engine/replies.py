@@ -64,7 +64,7 @@ class Unpacker:
         self.data = data
         self.at = 0
 
-    def int(self) -> int:
+    def varint(self) -> int:
         value = shift = 0
         while True:
             byte = self.data[self.at]
@@ -75,7 +75,7 @@ class Unpacker:
             shift += 7
 
     def ints(self, n: int) -> list[int]:
-        return [self.int() for _ in range(n)]
+        return [self.varint() for _ in range(n)]
 
     def text(self) -> str:
         return self.data[self.at :].decode()
@@ -163,8 +163,8 @@ def pack_batch(o: BatchOutcome) -> tuple[bytes, UsageContext]:
 def unpack_batch(contact_ids: Sequence[str], data: bytes, c: UsageContext) -> BatchOutcome:
     """A batch's answer, given the retry's contact ids."""
     r = Unpacker(data)
-    distinct = [_decision_from(r) for _ in range(r.int())]
-    results = [(contact_id, distinct[r.int()]) for contact_id in contact_ids]
+    distinct = [_decision_from(r) for _ in range(r.varint())]
+    results = [(contact_id, distinct[r.varint()]) for contact_id in contact_ids]
     return batch_outcome(results, _usage(c, r))
 
 
@@ -189,7 +189,8 @@ def unpack_activity(data: bytes, c: UsageContext) -> ActivityOutcome:
     return ActivityOutcome(recorded, newly, _usage(c, r))
 
 
-def _legacy_decision(raw: list) -> SendDecision:
+def _legacy_decision(raw: list[Any]) -> SendDecision:
+    """A decision kept as JSON: [decision, reason, newly_active, retry_after_us]."""
     return SendDecision(Decision(raw[0]), Reason(raw[1]), raw[2], raw[3])
 
 

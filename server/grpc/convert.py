@@ -11,6 +11,7 @@ from enum import IntEnum
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
@@ -80,7 +81,9 @@ def duration_pb(us: int) -> duration_pb2.Duration:
 def _given_fields(message: pb.Plan) -> frozenset[str]:
     """The fields the caller gave at their default value: by presence, or named in given_fields."""
     known = {f.name for f in pb.Plan.DESCRIPTOR.fields} - {"given_fields"}
-    given = {name for name in PRESENT_PLAN_FIELDS if message.HasField(name)}
+    # Read as a plain Message: the names come from the descriptor, not from the stub's literals.
+    plan: Message = message
+    given = {name for name in PRESENT_PLAN_FIELDS if plan.HasField(name)}
     for i, path in enumerate(message.given_fields.paths):
         if path not in known:
             raise InvalidArgument(f"plan.given_fields.paths[{i}]", f"{path!r} is not a field of Plan")

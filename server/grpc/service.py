@@ -103,7 +103,7 @@ def usage_pb(u: Usage) -> pb.Usage:
         usage_ratio=u.usage_ratio,
         sends=u.sends,
         sends_limit=u.sends_limit,
-        state=u.state.value,
+        state=pb.UsageState.ValueType(u.state),
         overage_contacts=u.overage_contacts,
         overage_amount=u.overage_amount,
         currency=u.currency,
@@ -116,8 +116,8 @@ def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
     return pb.UsageEvent(
         sequence=e.sequence,
         event_id=e.event_id,
-        type=e.type.value,
-        figure=e.figure.value,
+        type=pb.UsageEventType.ValueType(e.type),
+        figure=pb.UsageFigure.ValueType(e.figure),
         tenant_id=e.tenant_id,
         threshold=e.threshold,
         occurred_at=timestamp_pb(e.at_us),
@@ -331,8 +331,8 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         outcome = self.engine.check_contact_add(req)
         self.metrics.decided("CheckContactAdd", outcome.decision.name, outcome.reason.name)
         return pb.CheckContactAddResponse(
-            decision=outcome.decision.value,
-            reason=outcome.reason.value,
+            decision=pb.Decision.ValueType(outcome.decision),
+            reason=pb.Reason.ValueType(outcome.reason),
             added=outcome.added,
             usage=usage_pb(outcome.usage),
         )
@@ -342,7 +342,9 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         outcome = self.engine.check_enroll(request.tenant_id, request.contact_id, request.automation_id)
         self.metrics.decided("CheckEnroll", outcome.decision.name, outcome.reason.name)
         return pb.CheckEnrollResponse(
-            decision=outcome.decision.value, reason=outcome.reason.value, usage=usage_pb(outcome.usage)
+            decision=pb.Decision.ValueType(outcome.decision),
+            reason=pb.Reason.ValueType(outcome.reason),
+            usage=usage_pb(outcome.usage),
         )
 
     @_handled("RecordActivity")

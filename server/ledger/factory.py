@@ -12,6 +12,7 @@ checking its own options; a backend module without one is built as
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from . import Ledger, LedgerOptionError, LedgerOptions
 
@@ -43,7 +44,8 @@ def _postgres(url: str, options: LedgerOptions) -> Ledger:
         raise LedgerOptionError(
             "ledger", f"the PostgreSQL ledger is not available in this installation ({exc}); use sqlite:///PATH"
         ) from None
-    from_url = getattr(backend, "from_url", None)
+    from_url: Callable[[str, LedgerOptions], Ledger] | None = getattr(backend, "from_url", None)
     if from_url is not None:
         return from_url(url, options)
-    return backend.PostgresLedger(url)
+    ledger: Ledger = backend.PostgresLedger(url)
+    return ledger

@@ -99,8 +99,8 @@ class Metrics:
         self._timers: dict[str, Any] = {}
         self._calls: dict[tuple[str, str], Any] = {}
         self._decisions: dict[tuple[str, str, str], Any] = {}
-        for kind in UsageEventType:
-            self.usage_events.labels(kind.name)
+        for event_type in UsageEventType:
+            self.usage_events.labels(event_type.name)
         for result in ("delivered", "failed"):
             self.webhook_deliveries.labels(result)
         for kind in ("results", "events", "audit"):
@@ -226,14 +226,14 @@ class TenantFigures:
             "A tenant's metered count over its limit (0-1, above 1 past the limit); only pressing tenants",
             labels=["tenant"],
         )
-        state = GaugeMetricFamily(
+        tenant_state = GaugeMetricFamily(
             "quota_tenant_usage_state", "1 for a pressing tenant's current usage state", labels=["tenant", "state"]
         )
         for _, r, tenant_id, s in shown:
             ratio.add_metric([tenant_id], r)
-            state.add_metric([tenant_id, s.name], 1)
+            tenant_state.add_metric([tenant_id, s.name], 1)
         yield ratio
-        yield state
+        yield tenant_state
         yield GaugeMetricFamily(
             "quota_tenant_series_omitted",
             "Pressing tenants left without per-tenant series by --metrics-tenant-max",

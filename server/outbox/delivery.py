@@ -224,7 +224,9 @@ class Backoff:
         self.most = most
 
     def pause(self, failures: int) -> float:
-        return min(self.most, self.first * 2 ** max(0, failures - 1))
+        # typeshed types int ** int as Any (a negative power is a float); this one is never negative.
+        doubling: int = 2 ** max(0, failures - 1)
+        return min(self.most, self.first * doubling)
 
 
 class Webhook:

@@ -225,7 +225,8 @@ class Reader:
         return count, oldest
 
     def last_event_seq(self) -> int:
-        return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM usage_events").fetchone()[0]
+        seq: int = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM usage_events").fetchone()[0]
+        return seq
 
 
 def active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], contact_ids: Sequence[str]) -> set[str]:

@@ -375,7 +375,7 @@ def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
 
 
 def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise ValueError(f"ledger {path} has schema version {version}, newer than this sidecar's {SCHEMA_VERSION}")
     return version

@@ -388,8 +388,9 @@ class Transaction(Reader):
             " RETURNING id, used_us",
             (*astuple(context), at_us),
         ).fetchone()
-        _remember(self._contexts, context, (row[0], row[1]))
-        return row[0]
+        context_id: int = row[0]
+        _remember(self._contexts, context, (context_id, row[1]))
+        return context_id
 
     def prune_results(self, before_us: int, limit: int) -> int:
         pruned = _prune_oldest(self.conn, "request_replies", "seq", "at_s", before_us // 1_000_000, limit)

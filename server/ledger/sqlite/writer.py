@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ...domain.errors import LedgerUnavailable
 from .. import CommitObserver, LedgerTx, by_deadline
@@ -54,6 +54,12 @@ _WAKE = _Wake()
 Unit = tuple[Callable[[LedgerTx], Any], Future[Any], int]
 
 
+class FailingObserver(Protocol):
+    """Told when commits start failing (with why) and when they stop."""
+
+    def __call__(self, failing: bool, why: object = None) -> None: ...
+
+
 class Writer:
     """Commits units of work in groups on the writer's connection (`tx`). `heal` is run
     before and after each commit and answers why the ledger's file cannot be written
@@ -66,7 +72,7 @@ class Writer:
         *,
         max_batch: int,
         heal: Callable[[], str | None],
-        failing: Callable[[bool, object], None],
+        failing: FailingObserver,
         on_commit: CommitObserver | None,
     ) -> None:
         self.max_batch = max_batch

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import NOW, batch, plan, send
-from test_ledger_contract import wait_until
+from support.engine import NOW, batch, plan, send
+from support.waiting import wait_until
 
-from quota_sidecar.server.clock import FakeClock
+from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.domain.model import Decision
 from quota_sidecar.server.engine import Engine
-from quota_sidecar.server.ledger.sqlite import INSTALLS_PER_UNIT, SQLiteLedger
-from quota_sidecar.server.model import Decision
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+from quota_sidecar.server.ledger.sqlite.dedupe import INSTALLS_PER_UNIT
 
 TENANTS = 2 * INSTALLS_PER_UNIT + 72
 ROWS_READ = "SELECT contact_id FROM cycle_activations WHERE cycle_key"
@@ -64,12 +65,15 @@ class TracedLedger(SQLiteLedger):
         self.writer_gated = threading.Event()
         self.open_writer = threading.Event()
         self._reads = 0
+        self._untraced_connect = self._file.connect
+        self._file.connect = self._traced_connect
+        self._builder._connect = self._traced_connect
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = super()._connect()
+    def _traced_connect(self) -> sqlite3.Connection:
+        conn = self._untraced_connect()
         if threading.current_thread().name == "filter-builder":
             conn.set_trace_callback(self._builder_runs)
-        elif self._conn is None:
+        elif getattr(self, "_conn", None) is None:
             conn.set_trace_callback(self._writer_runs)
         return conn
 
@@ -193,7 +197,7 @@ def test_a_call_waits_for_one_hand_off_of_built_filters_not_for_all_of_them(
 
     ledger.release_build.set()
     wait_until(ledger.build_read.is_set, "the builder to finish reading")
-    wait_until(lambda: ledger._signals == 1, "the builder to hand its first filters to the writer")
+    wait_until(lambda: ledger._writer._signals == 1, "the builder to hand its first filters to the writer")
     ledger.open_writer.set()
     gate.join()
     waiting.join()

@@ -406,7 +406,7 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
     def __init__(self, engine: Engine, metrics: Metrics, admin_token: str | None) -> None:
         super().__init__(engine, metrics)
-        self._expected = f"Bearer {admin_token}".encode() if admin_token else None
+        self._expected = admin_token.encode() if admin_token else None
 
     def authorize(self, context: grpc.ServicerContext) -> None:
         if self._expected is None:
@@ -415,7 +415,10 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
         if given is None:
             raise Unauthenticated("admin RPCs need metadata 'authorization: Bearer <token>'")
         raw = given.encode() if isinstance(given, str) else given
-        if not hmac.compare_digest(raw, self._expected):
+        # The scheme name is case-insensitive (RFC 9110 section 11.1, RFC 6750 section 2.1);
+        # the token itself is compared byte for byte, in constant time.
+        scheme, _, token = raw.partition(b" ")
+        if not hmac.compare_digest(token, self._expected) or scheme.lower() != b"bearer":
             raise PermissionDenied("the admin token is not valid")
 
     @_handled("PutPlan")

@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "quota_sidecar"
 STUBS = [f"{PACKAGE}/api/v1/{name}" for name in ("quota_pb2.py", "quota_pb2.pyi", "quota_pb2_grpc.py")]
 COMMANDS = {
-    "quota-sidecar": "quota_sidecar.server.cli:main",
+    "quota-sidecar": "quota_sidecar.server.command:main",
     "quotactl": "quota_sidecar.client.cli:main",
 }
+# What the `server` extra adds, by distribution and by the top-level module each installs.
+SERVER_DISTRIBUTIONS = {"rbloom", "sqlite-utils", "prometheus-client", "pyyaml"}
+SERVER_MODULES = {"rbloom", "sqlite_utils", "prometheus_client", "yaml", "grpc_health", "grpc_reflection"}
 # Local state that must not leak into the build (and would slow the copy down).
 NOT_SOURCES = shutil.ignore_patterns(
     ".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.db*"
@@ -105,9 +108,61 @@ def test_the_client_still_offers_the_stubs_as_client_v1(wheel: zipfile.ZipFile) 
 
 def test_health_probe_and_its_dependency_are_inside(wheel: zipfile.ZipFile) -> None:
     assert f"{PACKAGE}/server/probe.py" in wheel.namelist()
-    metadata = dist_info(wheel, "METADATA").splitlines()
-    requires = {Requirement(line.split(":", 1)[1]).name for line in metadata if line.startswith("Requires-Dist:")}
-    assert "grpcio-health-checking" in requires
+    assert "grpcio-health-checking" in {r.name for r in requirements(wheel)}
+
+
+def requirements(archive: zipfile.ZipFile) -> list[Requirement]:
+    metadata = dist_info(archive, "METADATA").splitlines()
+    return [Requirement(line.split(":", 1)[1]) for line in metadata if line.startswith("Requires-Dist:")]
+
+
+def test_the_base_distribution_requires_only_grpcio_and_protobuf(wheel: zipfile.ZipFile) -> None:
+    """Issue 17 item 5: installing the client pulls grpcio and protobuf alone; the sidecar's
+    dependencies come with the `server` extra, which `test` pulls in."""
+    base = {r.name for r in requirements(wheel) if r.marker is None}
+    assert base == {"grpcio", "protobuf"}
+    server = {
+        r.name.lower() for r in requirements(wheel) if r.marker is not None and r.marker.evaluate({"extra": "server"})
+    }
+    assert SERVER_DISTRIBUTIONS <= server
+    test = [r for r in requirements(wheel) if r.marker is not None and r.marker.evaluate({"extra": "test"})]
+    assert any(r.name == "quota-sidecar" and "server" in r.extras for r in test)
+
+
+def test_the_client_installs_and_imports_without_the_server(
+    wheel: zipfile.ZipFile, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 17 item 5: the wheel, installed with its own requirements only (pip resolves
+    grpcio and protobuf) in a fresh venv, imports quota_sidecar.client and its stubs, finds
+    none of the server's modules, and `quota-sidecar` ends with one clear line."""
+    work = tmp_path_factory.mktemp("bare")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, stdin=subprocess.DEVNULL)
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    assert wheel.filename is not None
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", wheel.filename],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert installed.returncode == 0, installed.stderr
+    probe = (
+        "import importlib.util, quota_sidecar.client, quota_sidecar.client.v1.quota_pb2;"
+        f"print(sorted(m for m in {sorted(SERVER_MODULES)!r} if importlib.util.find_spec(m)))"
+    )
+    imported = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]"
+    serve = subprocess.run(
+        [str(bin_dir / "quota-sidecar"), "serve"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    assert serve.returncode == 2
+    lines = serve.stderr.strip().splitlines()
+    assert len(lines) == 1 and "quota-sidecar[server]" in lines[0], serve.stderr
+    quotactl = subprocess.run([str(bin_dir / "quotactl"), "--help"], capture_output=True, text=True, timeout=60)
+    assert quotactl.returncode == 0, quotactl.stderr
 
 
 def test_commands_are_declared(wheel: zipfile.ZipFile) -> None:

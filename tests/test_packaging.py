@@ -13,10 +13,12 @@ import importlib.metadata
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
@@ -32,9 +34,8 @@ COMMANDS = {
 SERVER_DISTRIBUTIONS = {"rbloom", "sqlite-utils", "prometheus-client", "pyyaml"}
 SERVER_MODULES = {"rbloom", "sqlite_utils", "prometheus_client", "yaml", "grpc_health", "grpc_reflection"}
 # Local state that must not leak into the build (and would slow the copy down).
-NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.db*"
-)
+NOT_SOURCE_NAMES = (".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
+NOT_SOURCES = shutil.ignore_patterns(*NOT_SOURCE_NAMES, "*.db*")
 
 
 def build_requirements_installed() -> bool:
@@ -51,22 +52,40 @@ def build_requirements_installed() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
-    work = tmp_path_factory.mktemp("wheel")
-    source, out = work / "src", work / "dist"
-    # setuptools writes build/ and *.egg-info beside pyproject.toml; a copy keeps them out of the checkout.
-    shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", str(out)]
+def build_from_a_copy(
+    work: Path, command: list[str], isolation_off: str, ignore: Callable[[Any, list[str]], set[str]], glob: str
+) -> Path:
+    """Runs a build `command` (its output folder appended by the caller) on a copy of the checkout in
+    `work`/src; returns the one artifact matching `glob` in `work`/dist. setuptools writes build/ and
+    *.egg-info beside pyproject.toml; the copy keeps them out of the checkout."""
+    source = work / "src"
+    shutil.copytree(ROOT, source, ignore=ignore)
     if build_requirements_installed():
-        command.append("--no-build-isolation")
+        command = [*command, isolation_off]
     result = subprocess.run(
         [*command, str(source)], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
     )
-    assert result.returncode == 0, f"pip wheel failed:\n{result.stdout}\n{result.stderr}"
-    built = list(out.glob("quota_sidecar-*.whl"))
-    assert len(built) == 1, f"expected one quota_sidecar wheel, found {[p.name for p in out.iterdir()]}"
-    with zipfile.ZipFile(built[0]) as archive:
+    assert result.returncode == 0, f"{' '.join(command[:4])} failed:\n{result.stdout}\n{result.stderr}"
+    built = list((work / "dist").glob(glob))
+    assert len(built) == 1, f"expected one {glob}, found {[p.name for p in (work / 'dist').iterdir()]}"
+    return built[0]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
+    work = tmp_path_factory.mktemp("wheel")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-w",
+        str(work / "dist"),
+    ]
+    built = build_from_a_copy(work, command, "--no-build-isolation", NOT_SOURCES, "quota_sidecar-*.whl")
+    with zipfile.ZipFile(built) as archive:
         yield archive
 
 
@@ -181,3 +200,62 @@ def test_commands_point_at_modules_inside_the_wheel(wheel: zipfile.ZipFile) -> N
         if target.split(":")[0].replace(".", "/") + ".py" not in names
     }
     assert not missing, f"commands whose module is not in the wheel: {missing}"
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sdist `python -m build --sdist` makes from a copy of the checkout, unpacked."""
+    work = tmp_path_factory.mktemp("sdist")
+    command = [sys.executable, "-m", "build", "--sdist", "--outdir", str(work / "dist")]
+    # Unlike the wheel's copy, this one keeps tests/data's ledgers: the tests read them.
+    built = build_from_a_copy(
+        work, command, "--no-isolation", shutil.ignore_patterns(*NOT_SOURCE_NAMES), "quota_sidecar-*.tar.gz"
+    )
+    with tarfile.open(built) as archive:
+        archive.extractall(work / "unpacked", filter="data")
+    (unpacked,) = (work / "unpacked").iterdir()
+    return unpacked
+
+
+def test_the_sdist_declares_its_license_and_carries_it(sdist: Path) -> None:
+    """Issue 17 item 6: an SPDX `License-Expression` (PEP 639), the LICENSE file, classifiers."""
+    metadata = (sdist / "PKG-INFO").read_text().splitlines()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "License-File: LICENSE" in metadata
+    assert "Classifier: Typing :: Typed" in metadata
+    assert "Apache License" in (sdist / "LICENSE").read_text()
+
+
+def test_the_sdist_carries_what_its_tests_read(sdist: Path) -> None:
+    """Issue 17 item 6: every file the checkout's tests/, docs/, protos/, monitoring/ and
+    deploy/ hold is in the sdist."""
+    for folder in ("tests", "docs", "protos", "monitoring", "deploy"):
+        here = {p.relative_to(ROOT) for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        there = {p.relative_to(sdist) for p in (sdist / folder).rglob("*") if p.is_file()}
+        assert here - there == set(), f"{folder}/ files missing from the sdist"
+
+
+def test_tests_run_from_the_unpacked_sdist(sdist: Path) -> None:
+    """Issue 17 item 6: the sdist's own tests pass when run from its unpacked tree (against
+    the package this interpreter has installed): the rule-coverage and documentation checks,
+    which read tests/ and docs/ from beside them."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_rules.py",
+            "tests/test_docs.py",
+        ],
+        cwd=sdist,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout

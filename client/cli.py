@@ -1,7 +1,7 @@
 """quotactl: the operator's command line, a thin layer on QuotaClient.
 
 Human-readable output by default, `--json` for scripts (the RPC's response message in
-protobuf's JSON mapping, enum names, proto field names; errors as one JSON object on
+the proto3 JSON mapping, quota_sidecar.api.json_mapping; errors as one JSON object on
 stderr). Exit status: 0 done, 1 the sidecar answered with an error, 2 bad usage, 3 the
 sidecar could not be reached; with `--exit-status`, `check`, `add` and `enroll` also exit
 4 on DENY and 5 on DEFER or EXPIRED.
@@ -18,12 +18,11 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from quota_sidecar.api.credentials import TLS_FLAGS, one_secret, tls_credentials
+from quota_sidecar.api.json_mapping import message_json
 from quota_sidecar.api.v1 import quota_pb2
 
 from ._errors import QuotaError, Unavailable
@@ -660,7 +659,7 @@ def _events(client: QuotaClient, args: argparse.Namespace) -> int:
     stream = client.watch_usage_events(args.tenant, after_sequence=args.after, follow=args.follow)
     if args.json:
         for event in stream:
-            print(json.dumps(_message_dict(event.raw), separators=(",", ":")), flush=True)
+            print(message_json(event.raw), flush=True)
         return EXIT_OK
     if not args.follow:
         _print_table(header, [_event_row(event) for event in stream], right=(0, 5, 6, 7))
@@ -693,17 +692,8 @@ def _event_row(event: UsageEvent) -> list[str]:
     ]
 
 
-def _message_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message,
-        always_print_fields_with_no_presence=True,
-        preserving_proto_field_name=True,
-        unquote_int64_if_possible=True,
-    )
-
-
 def _print_json(message: Message) -> None:
-    print(json.dumps(_message_dict(message), indent=2))
+    print(message_json(message, indent=2))
 
 
 def _print_fields(fields: Sequence[tuple[str, str]]) -> None:

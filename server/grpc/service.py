@@ -46,8 +46,6 @@ from ..domain.model import (
     Invoice,
     MessageKind,
     SendDecision,
-    Usage,
-    UsageEvent,
 )
 from ..engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, SendRequest
 from ..engine.deadline import serving_until
@@ -62,6 +60,8 @@ from .convert import (
     plan_input,
     plan_pb,
     timestamp_pb,
+    usage_event_pb,
+    usage_pb,
 )
 
 log = logging.getLogger("quota_sidecar.service")
@@ -91,38 +91,6 @@ def _cycle_instant(field: str, message: Any, name: str) -> int | None:
     ):
         raise InvalidArgument(field, "is too close to year 1 or year 9999 to select a billing cycle")
     return at
-
-
-def usage_pb(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        tenant_id=u.tenant_id,
-        cycle_start=timestamp_pb(u.cycle_start_us),
-        cycle_end=timestamp_pb(u.cycle_end_us),
-        active_contacts=u.active_contacts,
-        contact_limit=u.contact_limit,
-        usage_ratio=u.usage_ratio,
-        sends=u.sends,
-        sends_limit=u.sends_limit,
-        state=u.state.value,
-        overage_contacts=u.overage_contacts,
-        overage_amount=u.overage_amount,
-        currency=u.currency,
-        plan_name=u.plan_name,
-        peak_contacts=u.peak_contacts,
-    )
-
-
-def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
-    return pb.UsageEvent(
-        sequence=e.sequence,
-        event_id=e.event_id,
-        type=e.type.value,
-        figure=e.figure.value,
-        tenant_id=e.tenant_id,
-        threshold=e.threshold,
-        occurred_at=timestamp_pb(e.at_us),
-        usage=usage_pb(e.usage),
-    )
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY api/ api/
 COPY server/ server/
 COPY client/ client/
 
+# The image runs the sidecar, so the wheel goes in with its `server` extra.
 # The venv is created at the path it keeps in the final stage, so its
 # interpreter link and script shebangs stay valid after the copy.
 RUN python -m venv /opt/quota-sidecar \
     && /opt/quota-sidecar/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && /opt/quota-sidecar/bin/pip install --no-cache-dir /wheels/quota_sidecar-*.whl
+    && set -- /wheels/quota_sidecar-*.whl \
+    && /opt/quota-sidecar/bin/pip install --no-cache-dir "$1[server]"
 
 
 FROM python:3.11-slim

@@ -1,30 +1,44 @@
 """quotactl: the operator's command line, a thin layer on QuotaClient.
 
 Human-readable output by default, `--json` for scripts (the RPC's response message in
-protobuf's JSON mapping, enum names, proto field names). Exit status: 0 done, 1 the
-sidecar answered with an error, 2 bad usage, 3 the sidecar could not be reached.
+the proto3 JSON mapping, quota_sidecar.api.json_mapping; errors as one JSON object on
+stderr). Exit status: 0 done, 1 the sidecar answered with an error, 2 bad usage, 3 the
+sidecar could not be reached; with `--exit-status`, `check`, `add` and `enroll` also exit
+4 on DENY and 5 on DEFER or EXPIRED.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from quota_sidecar.api.credentials import TLS_FLAGS, one_secret, tls_credentials
+from quota_sidecar.api.json_mapping import message_json
 from quota_sidecar.api.v1 import quota_pb2
 
 from ._errors import QuotaError, Unavailable
-from ._results import ActiveContact, ContactState, Invoice, Plan, SendDecision, Usage, UsageEvent, rule_pairs
+from ._results import (
+    ActiveContact,
+    ActivityRecord,
+    ContactAddDecision,
+    ContactState,
+    EnrollDecision,
+    Invoice,
+    Plan,
+    SendDecision,
+    Usage,
+    UsageEvent,
+    rule_pairs,
+)
 from ._sync import QuotaClient
 from ._wire import ProtoEnum, short_names
 
@@ -33,6 +47,9 @@ COMMANDS: tuple[str, ...] = (
     "plan set",
     "plan get",
     "check",
+    "add",
+    "activity",
+    "enroll",
     "contact",
     "active-contacts",
     "invoice",
@@ -50,6 +67,11 @@ EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+# Opt-in (`--exit-status`) codes for an answer that is not ALLOW. They follow the codes
+# above rather than reuse 3, so a script never takes an unreachable sidecar for a denial.
+EXIT_DENY = 4
+EXIT_NOT_NOW = 5
+DECISION_EXITS = {"DENY": EXIT_DENY, "DEFER": EXIT_NOT_NOW, "EXPIRED": EXIT_NOT_NOW}
 EXIT_BROKEN_PIPE = 141
 
 PROG = "quotactl"
@@ -73,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             credentials=tls_credentials(args.tls_ca, args.tls_cert, args.tls_key),
         )
     except (ValueError, OSError) as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        _report(args.json, "USAGE", str(error))
         return EXIT_USAGE
     try:
         with client:
@@ -84,16 +106,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Unavailable as error:
-        _fail(error)
+        _report(args.json, error.code_name, error.message)
         return EXIT_UNREACHABLE
     except QuotaError as error:
-        _fail(error)
+        _report(args.json, error.code_name, error.message)
         return EXIT_SERVER_ERROR
 
 
-def _fail(error: QuotaError) -> None:
-    message = " ".join(error.message.split())
-    print(f"{PROG}: {error.code_name}: {message}", file=sys.stderr)
+def _report(as_json: bool, code: str, message: str) -> None:
+    """One line on stderr: `quotactl: CODE: message`, or under --json `{"error": {"code", "message"}}`."""
+    text = " ".join(message.split())
+    if as_json:
+        print(json.dumps({"error": {"code": code, "message": text}}), file=sys.stderr)
+    else:
+        print(f"{PROG}: {code}: {text}" if code != "USAGE" else f"{PROG}: {text}", file=sys.stderr)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("quota-sidecar")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -102,6 +135,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         prog=PROG,
         description="Read and manage the quota sidecar's tenants, plans and figures.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     _global_options(parser, environ, suppress=False)
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
@@ -209,6 +243,51 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     check.add_argument("--channel", type=_choice(quota_pb2.Channel), default="EMAIL", metavar=_names(quota_pb2.Channel))
     check.add_argument("--dry-run", action="store_true", help="decide and report, count nothing")
     check.add_argument("--queued-since", type=_instant, metavar="ISO", help="when the automation e-mail was queued")
+    _exit_status_option(check)
+
+    add = command(
+        commands,
+        "add",
+        "add contacts through a source, if the plan allows (AC-2..AC-5)",
+        _add,
+        "ask whether contacts may be added through a source and, when allowed, add them (AC-2..AC-5); an"
+        " IMPORT is all or nothing (AC-4); --dry-run decides and adds nothing",
+    )
+    _contacts_by(add, "--source", quota_pb2.ContactSource)
+    add.add_argument(
+        "--marketing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the marketing status new contacts get (model 4; default: the sidecar's, marketing)",
+    )
+    add.add_argument("--dry-run", action="store_true", help="decide and report, add nothing")
+    _exit_status_option(add)
+
+    activity = command(
+        commands,
+        "activity",
+        "record activity that already happened (CR-1); never refused for quota",
+        _activity,
+        "record activity that already happened to contacts (CR-1: it may make them active this cycle);"
+        " never refused for quota reasons",
+    )
+    _contacts_by(activity, "--kind", quota_pb2.ActivityKind)
+    activity.add_argument("--at", dest="occurred_at", type=_instant, metavar="ISO", help="when (default: now)")
+    activity.add_argument("--marketing", action="store_true", help="with MARKETING_STATUS_SET: set marketing")
+    activity.add_argument("--source-type", default="", help="where the status came from (MK-5)")
+    activity.add_argument("--source-id", default="", help="which form, import or list (MK-5)")
+
+    enroll = command(
+        commands,
+        "enroll",
+        "decide whether a contact may enter an automation (AC-7, AC-8)",
+        _enroll,
+        "decide whether a contact may enter an automation (AC-8, with the AC-7 grace); counts nothing",
+    )
+    enroll.add_argument("tenant")
+    enroll.add_argument("contact")
+    enroll.add_argument("automation")
+    _exit_status_option(enroll)
 
     contact = command(
         commands,
@@ -260,6 +339,25 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     events.add_argument("--after", type=_count, default=0, metavar="SEQ", help="only events after this sequence")
     events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
     return parser
+
+
+def _contacts_by(parser: argparse.ArgumentParser, flag: str, enum: ProtoEnum) -> None:
+    """TENANT CONTACT… and the required enum option saying how (a source, an activity kind)."""
+    parser.add_argument("tenant")
+    parser.add_argument("contacts", nargs="+", metavar="CONTACT")
+    parser.add_argument(flag, type=_choice(enum), required=True, metavar=_names(enum))
+
+
+def _exit_status_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exit-status",
+        action="store_true",
+        help=f"exit {EXIT_DENY} on DENY and {EXIT_NOT_NOW} on DEFER or EXPIRED (default: 0 for every answer)",
+    )
+
+
+def _decided(args: argparse.Namespace, decision: str) -> int:
+    return DECISION_EXITS.get(decision, EXIT_OK) if args.exit_status else EXIT_OK
 
 
 def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, suppress: bool) -> None:
@@ -465,7 +563,51 @@ def _check(client: QuotaClient, args: argparse.Namespace) -> int:
         _print_json(decision.raw)
     else:
         _print_fields(_decision_fields(decision))
+    return _decided(args, decision.decision)
+
+
+def _add(client: QuotaClient, args: argparse.Namespace) -> int:
+    decision: ContactAddDecision = client.check_contact_add(
+        args.tenant, args.contacts, args.source, marketing=args.marketing, dry_run=args.dry_run
+    )
+    if decision.fallback and decision.error is not None:
+        raise decision.error
+    fields = [("decision", decision.decision), ("reason", decision.reason), ("added", str(decision.added))]
+    _print_answer(args, decision.raw, fields, decision.usage)
+    return _decided(args, decision.decision)
+
+
+def _activity(client: QuotaClient, args: argparse.Namespace) -> int:
+    record: ActivityRecord = client.record_activity(
+        args.tenant,
+        args.contacts,
+        args.kind,
+        occurred_at=args.occurred_at,
+        marketing=args.marketing,
+        source_type=args.source_type,
+        source_id=args.source_id,
+    )
+    fields = [("recorded", str(record.recorded)), ("newly active", str(record.newly_active))]
+    _print_answer(args, record.raw, fields, record.usage)
     return EXIT_OK
+
+
+def _enroll(client: QuotaClient, args: argparse.Namespace) -> int:
+    decision: EnrollDecision = client.check_enroll(args.tenant, args.contact, args.automation)
+    if decision.fallback and decision.error is not None:
+        raise decision.error
+    _print_answer(args, decision.raw, [("decision", decision.decision), ("reason", decision.reason)], decision.usage)
+    return _decided(args, decision.decision)
+
+
+def _print_answer(
+    args: argparse.Namespace, raw: Message | None, fields: list[tuple[str, str]], usage: Usage | None
+) -> None:
+    """The response message under --json; else `fields`, then the tenant's figures when the answer has them."""
+    if args.json and raw is not None:
+        _print_json(raw)
+    else:
+        _print_fields(fields + (_usage_fields(usage) if usage is not None else []))
 
 
 def _contact(client: QuotaClient, args: argparse.Namespace) -> int:
@@ -517,7 +659,7 @@ def _events(client: QuotaClient, args: argparse.Namespace) -> int:
     stream = client.watch_usage_events(args.tenant, after_sequence=args.after, follow=args.follow)
     if args.json:
         for event in stream:
-            print(json.dumps(_message_dict(event.raw), separators=(",", ":")), flush=True)
+            print(message_json(event.raw), flush=True)
         return EXIT_OK
     if not args.follow:
         _print_table(header, [_event_row(event) for event in stream], right=(0, 5, 6, 7))
@@ -550,17 +692,8 @@ def _event_row(event: UsageEvent) -> list[str]:
     ]
 
 
-def _message_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message,
-        always_print_fields_with_no_presence=True,
-        preserving_proto_field_name=True,
-        unquote_int64_if_possible=True,
-    )
-
-
 def _print_json(message: Message) -> None:
-    print(json.dumps(_message_dict(message), indent=2))
+    print(message_json(message, indent=2))
 
 
 def _print_fields(fields: Sequence[tuple[str, str]]) -> None:

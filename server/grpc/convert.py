@@ -17,7 +17,17 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 
 from ..domain.clock import MICROS
 from ..domain.errors import InvalidArgument
-from ..domain.model import PLAN_FIELDS, ContactSource, FieldKind, Plan, PlanField, PlanInput, SourcePolicy
+from ..domain.model import (
+    PLAN_FIELDS,
+    ContactSource,
+    FieldKind,
+    Plan,
+    PlanField,
+    PlanInput,
+    SourcePolicy,
+    Usage,
+    UsageEvent,
+)
 
 E = TypeVar("E", bound=IntEnum)
 MIN_TIMESTAMP_S = -62_135_596_800
@@ -142,3 +152,35 @@ def _wire_value(field: PlanField, value: Any) -> Any:
 def plan_pb(plan: Plan) -> pb.Plan:
     """A stored plan as the contract's Plan message."""
     return pb.Plan(**{f.wire: _wire_value(f, getattr(plan, f.name)) for f in PLAN_FIELDS})
+
+
+def usage_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        tenant_id=u.tenant_id,
+        cycle_start=timestamp_pb(u.cycle_start_us),
+        cycle_end=timestamp_pb(u.cycle_end_us),
+        active_contacts=u.active_contacts,
+        contact_limit=u.contact_limit,
+        usage_ratio=u.usage_ratio,
+        sends=u.sends,
+        sends_limit=u.sends_limit,
+        state=pb.UsageState.ValueType(u.state),
+        overage_contacts=u.overage_contacts,
+        overage_amount=u.overage_amount,
+        currency=u.currency,
+        plan_name=u.plan_name,
+        peak_contacts=u.peak_contacts,
+    )
+
+
+def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
+    return pb.UsageEvent(
+        sequence=e.sequence,
+        event_id=e.event_id,
+        type=pb.UsageEventType.ValueType(e.type),
+        figure=pb.UsageFigure.ValueType(e.figure),
+        tenant_id=e.tenant_id,
+        threshold=e.threshold,
+        occurred_at=timestamp_pb(e.at_us),
+        usage=usage_pb(e.usage),
+    )

@@ -46,8 +46,6 @@ from ..domain.model import (
     Invoice,
     MessageKind,
     SendDecision,
-    Usage,
-    UsageEvent,
 )
 from ..engine import ActivityRequest, BatchRequest, ContactAddRequest, Engine, SendRequest
 from ..engine.deadline import serving_until
@@ -62,6 +60,8 @@ from .convert import (
     plan_input,
     plan_pb,
     timestamp_pb,
+    usage_event_pb,
+    usage_pb,
 )
 
 log = logging.getLogger("quota_sidecar.service")
@@ -91,38 +91,6 @@ def _cycle_instant(field: str, message: Any, name: str) -> int | None:
     ):
         raise InvalidArgument(field, "is too close to year 1 or year 9999 to select a billing cycle")
     return at
-
-
-def usage_pb(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        tenant_id=u.tenant_id,
-        cycle_start=timestamp_pb(u.cycle_start_us),
-        cycle_end=timestamp_pb(u.cycle_end_us),
-        active_contacts=u.active_contacts,
-        contact_limit=u.contact_limit,
-        usage_ratio=u.usage_ratio,
-        sends=u.sends,
-        sends_limit=u.sends_limit,
-        state=pb.UsageState.ValueType(u.state),
-        overage_contacts=u.overage_contacts,
-        overage_amount=u.overage_amount,
-        currency=u.currency,
-        plan_name=u.plan_name,
-        peak_contacts=u.peak_contacts,
-    )
-
-
-def usage_event_pb(e: UsageEvent) -> pb.UsageEvent:
-    return pb.UsageEvent(
-        sequence=e.sequence,
-        event_id=e.event_id,
-        type=pb.UsageEventType.ValueType(e.type),
-        figure=pb.UsageFigure.ValueType(e.figure),
-        tenant_id=e.tenant_id,
-        threshold=e.threshold,
-        occurred_at=timestamp_pb(e.at_us),
-        usage=usage_pb(e.usage),
-    )
 
 
 @dataclass(frozen=True)
@@ -408,7 +376,7 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
 
     def __init__(self, engine: Engine, metrics: Metrics, admin_token: str | None) -> None:
         super().__init__(engine, metrics)
-        self._expected = f"Bearer {admin_token}".encode() if admin_token else None
+        self._expected = admin_token.encode() if admin_token else None
 
     def authorize(self, context: grpc.ServicerContext) -> None:
         if self._expected is None:
@@ -417,7 +385,10 @@ class QuotaAdminService(_Servicer, pb_grpc.QuotaAdminServiceServicer):
         if given is None:
             raise Unauthenticated("admin RPCs need metadata 'authorization: Bearer <token>'")
         raw = given.encode() if isinstance(given, str) else given
-        if not hmac.compare_digest(raw, self._expected):
+        # The scheme name is case-insensitive (RFC 9110 section 11.1, RFC 6750 section 2.1);
+        # the token itself is compared byte for byte, in constant time.
+        scheme, _, token = raw.partition(b" ")
+        if not hmac.compare_digest(token, self._expected) or scheme.lower() != b"bearer":
             raise PermissionDenied("the admin token is not valid")
 
     @_handled("PutPlan")

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import http.client
 import importlib.metadata
-import json
 import logging
 import socket
 import ssl
@@ -25,10 +24,12 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+
+from quota_sidecar.api.json_mapping import message_json
 
 from ..domain.clock import MICROS
-from ..domain.model import Usage, UsageEvent
+from ..domain.model import UsageEvent
+from ..grpc.convert import usage_event_pb
 from ..ledger import Ledger, LedgerReader
 from ..metrics.prometheus import Metrics
 
@@ -64,42 +65,10 @@ class EventFeed:
             self._changed.notify_all()
 
 
-def _instant(us: int) -> str:
-    return datetime.fromtimestamp(us / MICROS, UTC).isoformat().replace("+00:00", "Z")
-
-
-def usage_json(u: Usage) -> dict[str, object]:
-    return {
-        "tenant_id": u.tenant_id,
-        "cycle_start": _instant(u.cycle_start_us),
-        "cycle_end": _instant(u.cycle_end_us),
-        "active_contacts": u.active_contacts,
-        "contact_limit": u.contact_limit,
-        "usage_ratio": u.usage_ratio,
-        "sends": u.sends,
-        "sends_limit": u.sends_limit,
-        "state": u.state.name,
-        "overage_contacts": u.overage_contacts,
-        "overage_amount": u.overage_amount,
-        "currency": u.currency,
-        "plan_name": u.plan_name,
-        "peak_contacts": u.peak_contacts,
-    }
-
-
 def event_json(e: UsageEvent) -> bytes:
-    """The webhook body: the event with the names of its enums, instants in RFC 3339."""
-    body = {
-        "event_id": e.event_id,
-        "sequence": e.sequence,
-        "type": e.type.name,
-        "figure": e.figure.name,
-        "tenant_id": e.tenant_id,
-        "threshold": e.threshold,
-        "occurred_at": _instant(e.at_us),
-        "usage": usage_json(e.usage),
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
+    """The webhook body: the event as a UsageEvent message in the proto3 JSON mapping
+    (quota_sidecar.api.json_mapping), the form quotactl --json and other languages use."""
+    return message_json(usage_event_pb(e)).encode()
 
 
 def _mac(secret: str, signed: bytes) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import io
 import json
 import os
@@ -19,12 +20,15 @@ from pathlib import Path
 import pytest
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
+from quota_sidecar.client import QuotaClient
 from quota_sidecar.client.cli import (
     ADDRESS_ENV,
     ADMIN_TOKEN_ENV,
     ADMIN_TOKEN_FILE_ENV,
     COMMANDS,
     EXIT_BROKEN_PIPE,
+    EXIT_DENY,
+    EXIT_NOT_NOW,
     EXIT_SERVER_ERROR,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -719,3 +723,86 @@ def test_events_lists_thresholds_crossed_and_follows_as_json_lines(sidecar, run_
     (document,) = [json.loads(line) for line in out.splitlines()]
     assert (document["sequence"], document["tenant_id"], document["threshold"]) == (2, "a", 1.0)
     assert run("events", "nobody")[0] == 1
+
+
+def test_version_names_the_installed_distribution(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17 item 10: `quotactl --version` prints the version pip installed."""
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"quotactl {importlib.metadata.version('quota-sidecar')}"
+
+
+def test_check_exit_status_is_opt_in_SG_2_AC_9(quotactl: Run) -> None:
+    """SG-2, AC-9: a DENY or DEFER is an answer (exit 0); with --exit-status it is exit 4 for
+    DENY and 5 for DEFER, after the usual output, and ALLOW stays 0."""
+    for contact in ("c1", "c2", "c3"):
+        status, _, _ = quotactl("check", TENANT, contact, "--exit-status")
+        assert status == 0
+    status, out, _ = quotactl("check", TENANT, "c4", "--exit-status")
+    assert (status, fields(out)["decision"]) == (EXIT_DENY, "DENY")
+    status, out, _ = quotactl("check", TENANT, "c4")
+    assert (status, fields(out)["decision"]) == (0, "DENY")
+    status, out, _ = quotactl("check", TENANT, "c5", "--kind", "AUTOMATION", "--exit-status", "--json")
+    assert (status, json.loads(out)["decision"]) == (EXIT_NOT_NOW, "DECISION_DEFER")
+
+
+def test_add_adds_contacts_and_an_import_is_all_or_nothing_AC_4(sidecar, run_at: Callable[..., Run]) -> None:
+    """AC-4: `quotactl add` asks CheckContactAdd; an IMPORT past the limit adds nobody (DENY,
+    exit 4 under --exit-status), one within it adds every contact, as GetContact then shows."""
+    run = run_at(sidecar.address, sidecar.admin_token)
+    plan = "plan set t2 --metering HELD_CONTACTS --enforcement HARD --limit 2 --source-rule IMPORT=REFUSE_IF_EXCEEDS"
+    assert run(*plan.split())[0] == 0
+    status, out, _ = run("add", "t2", "a", "b", "c", "--source", "IMPORT", "--exit-status")
+    assert (status, fields(out)["decision"], fields(out)["added"]) == (EXIT_DENY, "DENY", "0")
+    status, out, _ = run("add", "t2", "a", "b", "--source", "import", "--json")
+    answer = json.loads(out)
+    assert (status, answer["decision"], answer["added"]) == (0, "DECISION_ALLOW", 2)
+    _, out, _ = run("contact", "t2", "b", "--json")
+    assert json.loads(out)["contact"]["held"] is True
+
+
+def test_activity_records_what_happened_CR_1(sidecar, quotactl: Run) -> None:
+    """CR-1: `quotactl activity` records activity through RecordActivity; its answer and the
+    tenant's figures afterwards agree with what the client reads."""
+    status, out, _ = quotactl("activity", TENANT, "c7", "c8", "--kind", "MESSAGE_SENT", "--json")
+    assert status == 0
+    answer = json.loads(out)
+    assert answer["recorded"] == 2
+    with QuotaClient(sidecar.address) as client:
+        usage = client.get_usage(TENANT)
+    assert answer["usage"]["active_contacts"] == usage.active_contacts
+    status, out, _ = quotactl("activity", TENANT, "c7", "--kind", "NOTE_ADDED")
+    assert status == 0 and fields(out)["recorded"] == "1"
+
+
+def test_enroll_answers_as_check_enroll_does_AC_8(sidecar, quotactl: Run) -> None:
+    """AC-8: `quotactl enroll` asks CheckEnroll and reports its decision; counting nothing, it
+    answers as the client's check_enroll does for the same contact, before and at the limit."""
+    for contact in ("c1", "c2", "c3"):
+        quotactl("check", TENANT, contact)
+    with QuotaClient(sidecar.address) as client:
+        for contact in ("c1", "c9"):
+            expected = client.check_enroll(TENANT, contact, "welcome")
+            status, out, _ = quotactl("enroll", TENANT, contact, "welcome", "--exit-status")
+            assert (fields(out)["decision"], fields(out)["reason"]) == (expected.decision, expected.reason)
+            assert status == {"ALLOW": 0, "DENY": EXIT_DENY}.get(expected.decision, EXIT_NOT_NOW)
+        assert client.check_enroll(TENANT, "c1", "welcome").decision == "ALLOW"
+        assert client.check_enroll(TENANT, "c9", "welcome").decision != "ALLOW"
+
+
+@pytest.mark.parametrize("argv", [["usage", TENANT], ["check", TENANT, "c1"]])
+def test_errors_are_one_json_object_on_stderr_under_json(
+    free_address: str, run_at: Callable[..., Run], argv: list[str]
+) -> None:
+    """Issue 17 item 10: under --json an unreachable sidecar is exit 3 with one JSON object on stderr."""
+    status, out, err = run_at(free_address, "token")("--json", *argv)
+    assert (status, out) == (EXIT_UNREACHABLE, "")
+    assert err.count("\n") == 1
+    assert json.loads(err)["error"]["code"] == "UNAVAILABLE"
+
+
+def test_a_refused_call_is_a_json_error_under_json(sidecar, run_at: Callable[..., Run]) -> None:
+    """api.md Errors: a wrong admin token is PERMISSION_DENIED, exit 1, as a JSON object on stderr under --json."""
+    status, out, err = run_at(sidecar.address, "not-the-token")("--json", "plan", "get", TENANT)
+    assert (status, out) == (EXIT_SERVER_ERROR, "")
+    error = json.loads(err)["error"]
+    assert error["code"] == "PERMISSION_DENIED" and error["message"]

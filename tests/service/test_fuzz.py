@@ -503,7 +503,7 @@ def credentials() -> st.SearchStrategy[tuple[tuple[str, str], ...]]:
         "",
         "Bearer",
         "Bearer ",
-        f"bearer {ADMIN_TOKEN}",
+        f"bearer {ADMIN_TOKEN}x",
         ADMIN_TOKEN,
         f"Bearer {ADMIN_TOKEN}x",
         f"Bearer {ADMIN_TOKEN[:-1]}",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from support.engine import batch, plan, record, send
 from support.held import T as HELD
 from support.held import add, ids, preset
@@ -30,6 +31,7 @@ from support.webhook import Answer, Receiver, cross_80_percent, grpc_plan, to_pb
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client import AsyncQuotaClient, NotFound, QuotaClient
+from quota_sidecar.client.cli import main as quotactl_main
 from quota_sidecar.server.domain.clock import MICROS, FakeClock
 from quota_sidecar.server.domain.model import ActivityKind, Enforcement, UsageEvent, UsageEventType, UsageFigure
 from quota_sidecar.server.engine import Engine
@@ -291,11 +293,39 @@ def test_cr8_crossing_80_percent_posts_exactly_one_signed_event_to_the_webhook(
     assert headers["Content-Type"] == "application/json"
     event = json.loads(body)
     assert headers["X-Quota-Event-Id"] == event["event_id"]
-    assert event["type"] == "THRESHOLD_CROSSED" and event["figure"] == "CONTACTS"
+    assert event["type"] == "USAGE_EVENT_TYPE_THRESHOLD_CROSSED" and event["figure"] == "USAGE_FIGURE_CONTACTS"
     assert (event["tenant_id"], event["threshold"], event["sequence"]) == ("acme", 0.8, 1)
     assert event["occurred_at"].endswith("Z")
-    assert event["usage"]["active_contacts"] == 8 and event["usage"]["state"] == "WARNING"
+    assert event["usage"]["active_contacts"] == 8 and event["usage"]["state"] == "USAGE_STATE_WARNING"
     assert event["usage"]["usage_ratio"] == 0.8 and event["usage"]["contact_limit"] == 10
+
+
+def test_the_webhook_body_and_quotactl_json_events_are_one_message_in_the_proto3_json_mapping(
+    tmp_path: Path, clock: FakeClock, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17 item 9, CR-8: the webhook body and a line of `quotactl --json events` are the
+    UsageEvent message in the proto3 JSON mapping: json_format.Parse reads each into the
+    message WatchUsageEvents streams, field for field."""
+    running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=receiver.url)
+    try:
+        running.put_plan("acme", **grpc_plan(10))
+        grpc_send(running, "acme", [f"c{i}" for i in range(8)])
+        ((_, body),) = receiver.wait_for(1)
+        (streamed,) = [
+            answer.event
+            for answer in running.quota().WatchUsageEvents(
+                pb.WatchUsageEventsRequest(tenant_id="acme", backlog_only=True), timeout=5
+            )
+        ]
+        assert quotactl_main(["--address", running.address, "--json", "events", "acme"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+    finally:
+        running.stop()
+    from_webhook = json_format.Parse(body, pb.UsageEvent())
+    from_quotactl = json_format.Parse(lines[0], pb.UsageEvent())
+    assert len(lines) == 1
+    assert from_webhook == from_quotactl == streamed
+    assert from_webhook.type == pb.USAGE_EVENT_TYPE_THRESHOLD_CROSSED and from_webhook.usage.active_contacts == 8
 
 
 def posts_for(
@@ -375,7 +405,10 @@ def test_reminders_are_written_by_the_running_sidecar(tmp_path: Path, clock: Fak
         posts = receiver.wait_for(2)
     finally:
         running.stop()
-    assert [json.loads(b)["type"] for _, b in posts[:2]] == ["THRESHOLD_CROSSED", "REMINDER"]
+    assert [json.loads(b)["type"] for _, b in posts[:2]] == [
+        "USAGE_EVENT_TYPE_THRESHOLD_CROSSED",
+        "USAGE_EVENT_TYPE_REMINDER",
+    ]
 
 
 def test_kill_9_keeps_every_acknowledged_crossing_for_the_webhook(tmp_path: Path, processes: list) -> None:

@@ -65,7 +65,9 @@ WRONG_CREDENTIALS = {
     "the token with one more character": (("authorization", f"Bearer {ADMIN_TOKEN}x"),),
     "a prefix of the token": (("authorization", f"Bearer {ADMIN_TOKEN[:-1]}"),),
     "the token without Bearer": (("authorization", ADMIN_TOKEN),),
-    "lower-case bearer": (("authorization", f"bearer {ADMIN_TOKEN}"),),
+    "lower-case bearer and a wrong token": (("authorization", f"bearer {ADMIN_TOKEN}x"),),
+    "another scheme": (("authorization", f"Basic {ADMIN_TOKEN}"),),
+    "Bearer and two spaces": (("authorization", f"Bearer  {ADMIN_TOKEN}"),),
     "Bearer and nothing": (("authorization", "Bearer "),),
 }
 
@@ -91,6 +93,26 @@ def test_every_admin_rpc_needs_the_exact_token_and_changes_nothing_without_it(
     assert sidecar.sidecar.engine.get_plan("t").contact_limit == 100
     if method != "GetContact":
         ADMIN_CALLS[method](admin, sidecar.auth)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_accepted_in_any_letter_case(sidecar: RunningSidecar, scheme: str) -> None:
+    """api.md Errors: the authentication scheme is case-insensitive (RFC 9110 section 11.1,
+    RFC 6750 section 2.1), so `authorization: bearer <token>` from a client that writes the
+    scheme in lower case is let through over a real channel; the token stays exact."""
+    sidecar.put_plan("t", **HARD)
+    admin = sidecar.admin()
+    answer = admin.GetPlan(
+        pb.GetPlanRequest(tenant_id="t"), metadata=(("authorization", f"{scheme} {ADMIN_TOKEN}"),), timeout=5
+    )
+    assert answer.plan.contact_limit == 100
+    with pytest.raises(grpc.RpcError) as wrong:
+        admin.GetPlan(
+            pb.GetPlanRequest(tenant_id="t"),
+            metadata=(("authorization", f"{scheme} {ADMIN_TOKEN.upper()}x"),),
+            timeout=5,
+        )
+    assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_access_is_checked_before_the_request_is_read(sidecar: RunningSidecar) -> None:

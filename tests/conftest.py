@@ -22,6 +22,8 @@ from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.settings import Settings
 
+from support.postgres import ensure_server
+
 ADMIN_TOKEN = "test-admin-token"
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -197,3 +199,9 @@ def refusing_server() -> Iterator[RefusingServer]:
     server = RefusingServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> None:
+    """The local PostgreSQL, started if it is down; a test asking for it fails, never skips, without it."""
+    ensure_server()

@@ -1,9 +1,12 @@
 """The ledger contract (server/ledger/__init__.py) that every backend must pass.
 
-One test class, parametrised over `BACKENDS`; only SQLite exists today. A new
-backend (PostgreSQL) adds one `Backend` entry: how to build a ledger at a test
-location, and how many units are waiting for its writer (used to line units up
-into one group commit without timing anything).
+One test class, parametrised over `BACKENDS` (SQLite and PostgreSQL, each test on a
+store of its own: a file, or a schema dropped afterwards). A `Backend` entry says how
+to build a ledger at a test location and, for a backend with group commit, how many
+units are waiting for its writer (used to line units up into one group commit without
+timing anything). Three classes hold what only some backends promise: group commit
+(SQLite), one writer per store (SQLite), and several ledgers writing one store at once
+(PostgreSQL: the multi-instance cases).
 
 Rules served: the durability and isolation the engine relies on for "counted
 atomically with the decision" and "nothing decided and acknowledged is lost"
@@ -17,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,7 +39,10 @@ from quota_sidecar.server.domain.model import (
     UsageContext,
 )
 from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
+from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.postgres import schema_at, schema_for, schema_url
 
 CommitObserver = Callable[[float, int, bool], None]
 
@@ -47,11 +53,17 @@ class Backend:
     # a ledger (not yet opened) at `location`, a directory private to the test;
     # two ledgers made at the same location share one store
     make: Callable[..., Ledger]
+    # the store at a location exists within the block and is gone after it
+    store: Callable[[Path], AbstractContextManager[object]]
     # how many units are queued for the writer and not yet taken: lets a test line
-    # units up behind a blocked writer so they share one group commit
-    pending: Callable[[Ledger], int]
-    # how many contacts the tenant's cycle filter is sized for, None if the backend has none (yet)
-    filter_capacity: Callable[[Ledger, str, int], int | None]
+    # units up behind a blocked writer so they share one group commit (None: the
+    # backend runs each unit in its own transaction, and queues none)
+    pending: Callable[[Ledger], int] | None = None
+    # how many contacts the tenant's cycle filter is sized for, None while it has none
+    # yet (the field is None for a backend that keeps no filter)
+    filter_capacity: Callable[[Ledger, str, int], int | None] | None = None
+    # whether it runs on the PostgreSQL server (started for the session if down)
+    on_postgres: bool = False
 
 
 def _sqlite_make(location: Path, on_commit: CommitObserver | None = None) -> Ledger:
@@ -69,9 +81,20 @@ def _sqlite_capacity(ledger: Ledger, tenant_id: str, cycle_start_us: int) -> int
     return None if f is None else sum(layer.capacity for layer in f.layers)
 
 
-BACKENDS = [
-    pytest.param(Backend("sqlite", _sqlite_make, _sqlite_pending, _sqlite_capacity), id="sqlite"),
-]
+def _postgres_make(location: Path, on_commit: CommitObserver | None = None) -> Ledger:
+    return PostgresLedger(schema_url(schema_at(location)), on_commit=on_commit)
+
+
+SQLITE = Backend("sqlite", _sqlite_make, lambda location: nullcontext(), _sqlite_pending, _sqlite_capacity)
+POSTGRES = Backend("postgres", _postgres_make, schema_for, on_postgres=True)
+BACKENDS = [pytest.param(SQLITE, id="sqlite"), pytest.param(POSTGRES, id="postgres")]
+# Group commit (units queued behind the writer, sharing one transaction) is the SQLite
+# backend's own; PostgreSQL runs each unit in its own transaction, in parallel.
+GROUPING = [pytest.param(SQLITE, id="sqlite")]
+# One writer per store: the SQLite backend's filters and caches are exact only so.
+SINGLE_WRITER = [pytest.param(SQLITE, id="sqlite")]
+# Several ledgers (several sidecars) writing one store at once.
+SHARED = [pytest.param(POSTGRES, id="postgres")]
 
 T = "tenant-a"
 C1 = 1_771_142_400_000_000  # a cycle start
@@ -136,8 +159,12 @@ def writer_blocked(ledger: Ledger) -> Iterator[None]:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return request.param
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    chosen: Backend = request.param
+    if chosen.on_postgres:
+        request.getfixturevalue("postgres_server")
+    with chosen.store(tmp_path):
+        yield chosen
 
 
 @pytest.fixture
@@ -356,102 +383,6 @@ class TestLedgerContract:
         ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
         assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
 
-    def test_a_unit_that_raises_fails_alone_while_the_rest_of_its_group_commits(
-        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
-    ):
-        """Ledger docstring / api.md Errors: group commit isolates units; other callers' decisions still commit."""
-
-        def good(name: str) -> Callable[[LedgerTx], str]:
-            def unit(tx: LedgerTx) -> str:
-                tx.activate(T, C1, [act(name)])
-                return name
-
-            return unit
-
-        def bad(tx: LedgerTx) -> None:
-            tx.activate(T, C1, [act("b")])
-            raise RuntimeError("unit b fails")
-
-        with writer_blocked(ledger):
-            calls = [_Call(ledger, good("a"))]
-            wait_until(lambda: backend.pending(ledger) == 1, "unit a queued")
-            calls.append(_Call(ledger, bad))
-            wait_until(lambda: backend.pending(ledger) == 2, "unit b queued")
-            calls.append(_Call(ledger, good("c")))
-            wait_until(lambda: backend.pending(ledger) == 3, "unit c queued")
-        for c in calls:
-            c.join()
-        assert (calls[0].result, calls[0].error) == ("a", None)
-        assert isinstance(calls[1].error, RuntimeError)
-        assert (calls[2].result, calls[2].error) == ("c", None)
-        assert (3, True) in commits  # the three shared one commit
-        assert ledger.read(lambda r: [r.activation(T, C1, c) is not None for c in "abc"]) == [True, False, True]
-        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 2)
-
-    def test_a_unit_whose_statement_violates_a_constraint_fails_alone_while_the_rest_of_its_group_commits(
-        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
-    ):
-        """Ledger docstring / api.md Errors (SG-2, SG-8): a unit breaking activate's precondition (contact
-        already active) is still just a unit that raises: it fails alone, its neighbours commit, and the
-        ledger stays ready."""
-        ledger.transact(lambda tx: tx.activate(T, C1, [act("dup")]))
-
-        def good(name: str) -> Callable[[LedgerTx], str]:
-            def unit(tx: LedgerTx) -> str:
-                tx.activate(T, C1, [act(name)])
-                return name
-
-            return unit
-
-        def bad(tx: LedgerTx) -> None:
-            tx.activate(T, C1, [act("dup")])  # already active: the store refuses the row
-
-        with writer_blocked(ledger):
-            calls = [_Call(ledger, good("a"))]
-            wait_until(lambda: backend.pending(ledger) == 1, "unit a queued")
-            calls.append(_Call(ledger, bad))
-            wait_until(lambda: backend.pending(ledger) == 2, "unit dup queued")
-            calls.append(_Call(ledger, good("c")))
-            wait_until(lambda: backend.pending(ledger) == 3, "unit c queued")
-        for c in calls:
-            c.join()
-        assert calls[1].error is not None
-        assert (calls[0].result, calls[0].error) == ("a", None)
-        assert (calls[2].result, calls[2].error) == ("c", None)
-        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
-        assert ledger.ready
-
-    def test_a_unit_whose_deadline_passed_while_it_waited_is_not_run(self, backend: Backend, ledger: Ledger):
-        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"): a unit is not started
-        once its deadline has passed; the caller gets DeadlineExceeded, nothing it would have written is stored,
-        and a unit whose deadline is still ahead commits."""
-        ran: list[str] = []
-
-        def unit(name: str) -> Callable[[LedgerTx], str]:
-            def work(tx: LedgerTx) -> str:
-                ran.append(name)
-                tx.activate(T, C1, [act(name)])
-                return name
-
-            return work
-
-        with writer_blocked(ledger):
-            late = _Call(ledger, unit("late"), deadline=time.monotonic() + 0.05)
-            wait_until(lambda: backend.pending(ledger) == 1, "the late unit queued")
-            timely = _Call(ledger, unit("timely"), deadline=time.monotonic() + 60)
-            wait_until(lambda: backend.pending(ledger) == 2, "the timely unit queued")
-            time.sleep(0.1)
-        late.join()
-        timely.join()
-        assert isinstance(late.error, DeadlineExceeded)
-        assert (timely.result, timely.error) == ("timely", None)
-        assert ran == ["timely"]
-        assert ledger.read(lambda r: r.active_among(T, C1, ["late", "timely"])) == {"timely"}
-        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
-        with pytest.raises(DeadlineExceeded):
-            ledger.transact(unit("past"), deadline=time.monotonic() - 1)
-        assert ran == ["timely"] and ledger.ready
-
     def test_the_backend_figures_and_loading_are_behind_the_interface(self, ledger: Ledger):
         """style.md (backend metrics through a collector it exposes): whatever the backend reports at scrape time
         comes from `Ledger.collector()`, and `loading` settles once its background loading is done."""
@@ -532,7 +463,9 @@ class TestLedgerContract:
                 return [c for c in chunk if tx.activation(T, C1, c) is None]
 
             assert ledger.transact(unit) == []
-        wait_until(lambda: (backend.filter_capacity(ledger, T, C1) or 0) >= 3000, "the filter built bigger")
+        capacity = backend.filter_capacity
+        if capacity is not None:
+            wait_until(lambda: (capacity(ledger, T, C1) or 0) >= 3000, "the filter built bigger")
         missing = ledger.transact(lambda tx: [c for c in ids if tx.activation(T, C1, c) is None])
         assert missing == []
         strangers = [f"stranger-{i}" for i in range(2000)]
@@ -643,30 +576,80 @@ class TestLedgerContract:
         finally:
             lg.close()
 
-    # -- one writer per store -------------------------------------------------------------------
 
-    def test_a_second_ledger_on_the_same_store_fails_to_open_while_the_first_is_open(
-        self, backend: Backend, tmp_path: Path
+def queued(backend: Backend, ledger: Ledger) -> int:
+    assert backend.pending is not None, f"{backend.name} has no group commit"
+    return backend.pending(ledger)
+
+
+@pytest.mark.parametrize("backend", GROUPING, indirect=True)
+class TestGroupCommit:
+    """Units queued behind the writer share one transaction and stay isolated in it."""
+
+    def test_a_unit_that_raises_fails_alone_while_the_rest_of_its_group_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
     ):
-        """SG-2: the filters are exact only with one writer; a second one is LedgerUnavailable."""
-        first = backend.make(tmp_path)
-        first.open()
-        second = backend.make(tmp_path)
-        try:
-            with pytest.raises(LedgerUnavailable):
-                second.open()
-            assert not second.ready
-            # the first is unaffected
-            first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
-        finally:
-            first.close()
-        second.open()
-        try:
-            assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
-        finally:
-            second.close()
+        """Ledger docstring / api.md Errors: group commit isolates units; other callers' decisions still commit."""
 
-    # -- concurrency and group commit ------------------------------------------------------------
+        def good(name: str) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return unit
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("b")])
+            raise RuntimeError("unit b fails")
+
+        with writer_blocked(ledger):
+            calls = [_Call(ledger, good("a"))]
+            wait_until(lambda: queued(backend, ledger) == 1, "unit a queued")
+            calls.append(_Call(ledger, bad))
+            wait_until(lambda: queued(backend, ledger) == 2, "unit b queued")
+            calls.append(_Call(ledger, good("c")))
+            wait_until(lambda: queued(backend, ledger) == 3, "unit c queued")
+        for c in calls:
+            c.join()
+        assert (calls[0].result, calls[0].error) == ("a", None)
+        assert isinstance(calls[1].error, RuntimeError)
+        assert (calls[2].result, calls[2].error) == ("c", None)
+        assert (3, True) in commits  # the three shared one commit
+        assert ledger.read(lambda r: [r.activation(T, C1, c) is not None for c in "abc"]) == [True, False, True]
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 2)
+
+    def test_a_unit_whose_statement_violates_a_constraint_fails_alone_while_the_rest_of_its_group_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
+    ):
+        """Ledger docstring / api.md Errors (SG-2, SG-8): a unit breaking activate's precondition (contact
+        already active) is still just a unit that raises: it fails alone, its neighbours commit, and the
+        ledger stays ready."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("dup")]))
+
+        def good(name: str) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return unit
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("dup")])  # already active: the store refuses the row
+
+        with writer_blocked(ledger):
+            calls = [_Call(ledger, good("a"))]
+            wait_until(lambda: queued(backend, ledger) == 1, "unit a queued")
+            calls.append(_Call(ledger, bad))
+            wait_until(lambda: queued(backend, ledger) == 2, "unit dup queued")
+            calls.append(_Call(ledger, good("c")))
+            wait_until(lambda: queued(backend, ledger) == 3, "unit c queued")
+        for c in calls:
+            c.join()
+        assert calls[1].error is not None
+        assert (calls[0].result, calls[0].error) == ("a", None)
+        assert (calls[2].result, calls[2].error) == ("c", None)
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
+        assert ledger.ready
 
     def test_a_light_unit_queued_behind_heavy_ones_commits_before_the_second_of_them(
         self, backend: Backend, ledger: Ledger
@@ -688,7 +671,7 @@ class TestLedgerContract:
             calls = []
             for name, size in (("heavy-1", 500), ("heavy-2", 500), ("heavy-3", 500), ("light", 1)):
                 calls.append(_Call(ledger, unit(name, size), weight=size))
-                wait_until(lambda: backend.pending(ledger) == len(calls), f"unit {name} queued")
+                wait_until(lambda: queued(backend, ledger) == len(calls), f"unit {name} queued")
         for c in calls:
             c.join()
         assert [c.error for c in calls] == [None] * 4
@@ -724,7 +707,7 @@ class TestLedgerContract:
             for t in pool:
                 t.start()
             # every thread's first unit is queued behind the blocked writer
-            wait_until(lambda: backend.pending(ledger) == threads, "16 units queued")
+            wait_until(lambda: queued(backend, ledger) == threads, "16 units queued")
         for t in pool:
             t.join(60)
             assert not t.is_alive()
@@ -738,3 +721,58 @@ class TestLedgerContract:
         assert all(ok for _, ok in commits)
         assert sum(size for size, _ in commits) == total + 1  # every unit, plus the gate, committed once
         assert max(size for size, _ in commits) > 1  # and some shared a commit
+
+    def test_a_unit_whose_deadline_passed_while_it_waited_is_not_run(self, backend: Backend, ledger: Ledger):
+        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"): a unit is not started
+        once its deadline has passed; the caller gets DeadlineExceeded, nothing it would have written is stored,
+        and a unit whose deadline is still ahead commits."""
+        ran: list[str] = []
+
+        def unit(name: str) -> Callable[[LedgerTx], str]:
+            def work(tx: LedgerTx) -> str:
+                ran.append(name)
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return work
+
+        with writer_blocked(ledger):
+            late = _Call(ledger, unit("late"), deadline=time.monotonic() + 0.05)
+            wait_until(lambda: queued(backend, ledger) == 1, "the late unit queued")
+            timely = _Call(ledger, unit("timely"), deadline=time.monotonic() + 60)
+            wait_until(lambda: queued(backend, ledger) == 2, "the timely unit queued")
+            time.sleep(0.1)
+        late.join()
+        timely.join()
+        assert isinstance(late.error, DeadlineExceeded)
+        assert (timely.result, timely.error) == ("timely", None)
+        assert ran == ["timely"]
+        assert ledger.read(lambda r: r.active_among(T, C1, ["late", "timely"])) == {"timely"}
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        with pytest.raises(DeadlineExceeded):
+            ledger.transact(unit("past"), deadline=time.monotonic() - 1)
+        assert ran == ["timely"] and ledger.ready
+
+
+@pytest.mark.parametrize("backend", SINGLE_WRITER, indirect=True)
+class TestOneWriter:
+    def test_a_second_ledger_on_the_same_store_fails_to_open_while_the_first_is_open(
+        self, backend: Backend, tmp_path: Path
+    ):
+        """SG-2: the filters are exact only with one writer; a second one is LedgerUnavailable."""
+        first = backend.make(tmp_path)
+        first.open()
+        second = backend.make(tmp_path)
+        try:
+            with pytest.raises(LedgerUnavailable):
+                second.open()
+            assert not second.ready
+            # the first is unaffected
+            first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        finally:
+            first.close()
+        second.open()
+        try:
+            assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        finally:
+            second.close()

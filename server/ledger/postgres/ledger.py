@@ -306,8 +306,19 @@ class _Tx(_Reader):
         self.held: list[str] = []
 
     def _enter(self, tenant_id: str) -> None:
-        if tenant_id not in self.held:
-            self.held.append(tenant_id)
+        """Holds the tenant until the commit, before anything of it is read: the unit's
+        reads then stay true until it commits (a new tenant's row is inserted first; an
+        insert that meets another's waits for it, and the row is then locked as it is)."""
+        if tenant_id in self.held:
+            return
+        lock = "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE"
+        if self._one(lock, (tenant_id,)) is None:
+            added = self.conn.execute(
+                "INSERT INTO tenants (tenant_id) VALUES (%s) ON CONFLICT (tenant_id) DO NOTHING", (tenant_id,)
+            ).rowcount
+            if not added:
+                self._one(lock, (tenant_id,))
+        self.held.append(tenant_id)
 
     def _write(self, tenant_id: str) -> None:
         self._enter(tenant_id)
@@ -325,9 +336,8 @@ class _Tx(_Reader):
             return 0
         if self.held:
             self.conn.execute(
-                "INSERT INTO tenants (tenant_id, time_us) SELECT unnest(%s::text[]), %s"
-                " ON CONFLICT (tenant_id) DO UPDATE SET time_us = GREATEST(tenants.time_us, excluded.time_us)",
-                (self.held, self.noted_us),
+                "UPDATE tenants SET time_us = GREATEST(time_us, %s) WHERE tenant_id = ANY(%s)",
+                (self.noted_us, self.held),
             )
         else:
             self.conn.execute(

@@ -17,6 +17,7 @@ and request_id answers kept durably (api.md Errors).
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,12 @@ from quota_sidecar.server.domain.model import (
     Reanchor,
     StoredPlan,
     StoredResult,
+    Usage,
     UsageContext,
+    UsageEvent,
+    UsageEventType,
+    UsageFigure,
+    UsageState,
 )
 from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
 from quota_sidecar.server.ledger.postgres import PostgresLedger
@@ -776,3 +782,154 @@ class TestOneWriter:
             assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
         finally:
             second.close()
+
+
+def event(tenant_id: str, name: str) -> UsageEvent:
+    usage = Usage(tenant_id, C1, C1 + 10, 8, 10, 0.8, 8, 100, UsageState.WARNING, 0, "0", "EUR", "p")
+    return UsageEvent(name, UsageEventType.THRESHOLD_CROSSED, UsageFigure.CONTACTS, tenant_id, 0.8, C1 + 5, usage)
+
+
+@pytest.fixture
+def fleet(backend: Backend, tmp_path: Path) -> Iterator[list[Ledger]]:
+    """Two ledgers (two sidecars) open on one store."""
+    ledgers = [backend.make(tmp_path), backend.make(tmp_path)]
+    for lg in ledgers:
+        lg.open()
+    try:
+        yield ledgers
+    finally:
+        for lg in ledgers:
+            lg.close()
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+class TestSharedStore:
+    """Several ledgers on one store, as several sidecars of a fleet share one database."""
+
+    def test_ledgers_on_one_store_open_together_and_see_each_others_commits(self, fleet: list[Ledger]):
+        """issue 16 (any number of sidecars share every tenant's quota): what one commits the other reads
+        and decides on at once, in its units as in its reads; nothing is cached across transactions."""
+        first, second = fleet
+        first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        assert second.transact(lambda tx: tx.activation(T, C1, "a")) == act("a")
+        second.transact(lambda tx: tx.send_to_active(T, C1, ["a"]))
+        first.transact(lambda tx: tx.put_plan(T, "v2", 5))
+        assert first.transact(lambda tx: (tx.counters(T, C1), tx.active_among(T, C1, ["a", "b"]))) == (
+            Counters(1, 2),
+            {"a"},
+        )
+        assert second.read(lambda r: r.plan(T)) == StoredPlan("v2", 5)
+
+    def test_units_on_two_ledgers_racing_at_the_ceiling_admit_exactly_the_limit(self, fleet: list[Ledger]):
+        """SG-2, SG-8: 8 threads on each of two ledgers read the count, decide and activate (the engine's
+        read-decide-write in a unit) for distinct new contacts: exactly the limit is admitted, and the
+        count equals the rows."""
+        limit, per_thread = 25, 10
+        admitted: list[str] = []
+        lock = threading.Lock()
+        start = threading.Barrier(16)
+
+        def admit(tx: LedgerTx, contact: str) -> bool:
+            if tx.counters(T, C1).active_contacts >= limit or tx.activation(T, C1, contact) is not None:
+                return False
+            tx.send_to_new(T, C1, [contact], C1 + 1, "CAMPAIGN")
+            return True
+
+        def racer(lg: Ledger, name: str) -> None:
+            start.wait(20)
+            for i in range(per_thread):
+                contact = f"{name}-{i}"
+                if lg.transact(lambda tx, contact=contact: admit(tx, contact)):
+                    with lock:
+                        admitted.append(contact)
+
+        threads = [threading.Thread(target=racer, args=(fleet[n % 2], f"r{n}")) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        rows = fleet[0].read(lambda r: r.active_contacts(T, C1, "", 1000))
+        assert (len(admitted), len(rows)) == (limit, limit)
+        assert sorted(a.contact_id for a in rows) == sorted(admitted)
+        assert fleet[1].read(lambda r: r.counters(T, C1)) == Counters(limit, limit)
+
+    def test_a_reader_following_the_outbox_sees_every_event_in_order_though_commits_are_late(self, fleet: list[Ledger]):
+        """issue 16 (notifications once per fleet, in order; sequence values are not in commit order):
+        units on two ledgers add events and hold their commits a little while a reader follows the outbox
+        by `seq > cursor`; it reads every event once, in sequence order, with no gap."""
+        writers, per_writer = 6, 8
+        done = threading.Event()
+        seen: list[UsageEvent] = []
+
+        def writer(lg: Ledger, n: int) -> None:
+            rng = random.Random(n)
+            for i in range(per_writer):
+
+                def unit(tx: LedgerTx, name: str = f"w{n}-{i}") -> int:
+                    seq = tx.add_event(event(f"tenant-{n}", name))
+                    time.sleep(rng.random() * 0.004)
+                    return seq
+
+                lg.transact(unit)
+
+        def follow() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                found = fleet[0].read(lambda r, after=cursor: r.events_after(after, "", 100))
+                seen.extend(found)
+                cursor = found[-1].sequence if found else cursor
+                if finished and not found:
+                    return
+
+        reader = threading.Thread(target=follow)
+        reader.start()
+        threads = [threading.Thread(target=writer, args=(fleet[n % 2], n)) for n in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        reader.join(60)
+        total = writers * per_writer
+        assert [e.sequence for e in seen] == list(range(1, total + 1))
+        assert len({e.event_id for e in seen}) == total
+        assert fleet[1].read(lambda r: r.last_event_seq()) == total
+
+    def test_units_deadlocked_over_two_tenants_both_commit_and_a_failed_attempt_leaves_no_callback(
+        self, fleet: list[Ledger]
+    ):
+        """Ledger concurrency contract: two units taking two tenants in opposite orders deadlock;
+        PostgreSQL aborts one, which runs again and commits; each unit's after_commit callback runs
+        once, never for the aborted attempt."""
+        first_in, second_in = threading.Event(), threading.Event()
+        attempts = {"ab": 0, "ba": 0}
+        called: list[str] = []
+
+        def crossing(name: str, mine: threading.Event, theirs: threading.Event) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                attempts[name] += 1
+                tx.count_sends(f"tenant-{name[0]}", C1, 1)
+                tx.after_commit(lambda: called.append(name))
+                if attempts[name] == 1:
+                    mine.set()
+                    assert theirs.wait(20)
+                tx.count_sends(f"tenant-{name[1]}", C1, 1)
+                return name
+
+            return unit
+
+        calls = [
+            _Call(fleet[0], crossing("ab", first_in, second_in)),
+            _Call(fleet[1], crossing("ba", second_in, first_in)),
+        ]
+        for c in calls:
+            c.join()
+        assert [(c.result, c.error) for c in calls] == [("ab", None), ("ba", None)]
+        assert sorted(attempts.values()) == [1, 2]
+        assert sorted(called) == ["ab", "ba"]
+        assert fleet[0].read(lambda r: (r.counters("tenant-a", C1), r.counters("tenant-b", C1))) == (
+            Counters(0, 2),
+            Counters(0, 2),
+        )

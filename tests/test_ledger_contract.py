@@ -48,6 +48,7 @@ from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
+from support.polling import wait_until
 from support.postgres import schema_at, schema_for, schema_url
 
 CommitObserver = Callable[[float, int, bool], None]
@@ -110,15 +111,6 @@ C0 = 1_768_464_000_000_000  # the cycle before it
 
 def act(contact_id: str, sends: int = 1, at: int = C1 + 1, activity: str = "CAMPAIGN") -> Activation:
     return Activation(contact_id, at, activity, sends)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = 20.0) -> None:
-    """Polls a condition (a safety deadline, not a timing assertion)."""
-    end = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.001)
 
 
 class _Call:

@@ -7,8 +7,7 @@ Durable and Failures). Each test on a schema of its own, dropped afterwards.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from quota_sidecar.server.ledger import LedgerTx
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.postgres.schema import SCHEMA_VERSION
 
+from support.polling import wait_until
 from support.postgres import admin, schema_for, schema_url
 
 T = "tenant-a"
@@ -28,15 +28,6 @@ C1 = 1_771_142_400_000_000
 def url(postgres_server: None, tmp_path: Path) -> Iterator[str]:
     with schema_for(tmp_path) as schema:
         yield schema_url(schema)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = 20.0) -> None:
-    """Polls a condition (a safety deadline, not a timing assertion)."""
-    end = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_sidecars_opening_an_empty_database_at_once_all_come_up(url: str):

@@ -103,3 +103,31 @@ def test_a_connection_broken_at_commit_is_unavailable_and_the_ledger_recovers_by
         assert lg.read(lambda r: (r.plan(T), r.counters(T, C1).sends)) == (None, 1)
     finally:
         lg.close()
+
+
+def test_a_call_that_waited_too_long_for_a_busy_pool_is_unavailable_while_the_ledger_stays_ready(url: str):
+    """issue 16 Failures: health says NOT_SERVING only while the database cannot be reached; a call that
+    found every pooled connection busy for too long is UNAVAILABLE alone."""
+    lg = PostgresLedger(url, pool_size=1, connect_timeout=0.5)
+    lg.open()
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(tx: LedgerTx) -> None:
+        entered.set()
+        release.wait(20)
+
+    holder = threading.Thread(target=lambda: lg.transact(hold))
+    holder.start()
+    try:
+        assert entered.wait(20)
+        with pytest.raises(LedgerUnavailable):
+            lg.transact(lambda tx: tx.count_sends(T, C1, 1))
+        assert lg.ready
+    finally:
+        release.set()
+        holder.join(20)
+    try:
+        lg.transact(lambda tx: tx.count_sends(T, C1, 1))
+        assert lg.read(lambda r: r.counters(T, C1).sends) == 1
+    finally:
+        lg.close()

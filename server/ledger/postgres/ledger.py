@@ -677,14 +677,17 @@ class PostgresLedger(Ledger):
         return self._time_us
 
     @property
+    def _connect_timeout_s(self) -> int:
+        """libpq's connect_timeout counts whole seconds."""
+        return max(1, round(self.connect_timeout))
+
+    @property
     def ready(self) -> bool:
         return self._open and not self._failing
 
     def open(self) -> None:
         try:
-            with psycopg.connect(
-                self.url, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
-            ) as conn:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout_s) as conn:
                 migrate(conn)
                 row = conn.execute(
                     "SELECT GREATEST((SELECT MAX(time_us) FROM tenants), (SELECT at_us FROM ledger_time), 0)"
@@ -746,7 +749,7 @@ class PostgresLedger(Ledger):
                             raise LedgerUnavailable(f"a unit of work was aborted {attempt} times: {exc}") from exc
                         log.info("a unit of work was aborted (%s); it runs again", exc)
         except _UNAVAILABLE as exc:
-            self._set_failing(True, exc)
+            self._failed(exc)
             if self.on_commit is not None:
                 self.on_commit(0.0, 1, False)
             raise LedgerUnavailable(f"the PostgreSQL ledger failed: {exc}") from exc
@@ -796,8 +799,22 @@ class PostgresLedger(Ledger):
                     if conn.info.transaction_status != psycopg.pq.TransactionStatus.UNKNOWN:
                         conn.execute("ROLLBACK")
         except _UNAVAILABLE as exc:
-            self._set_failing(True, exc)
+            self._failed(exc)
             raise LedgerUnavailable(f"the PostgreSQL ledger cannot be read: {exc}") from exc
+
+    def _failed(self, exc: Exception) -> None:
+        """Marks the ledger failing, unless only this call failed: every pooled connection
+        busy until the wait for one timed out, while the server takes new connections."""
+        if isinstance(exc, psycopg_pool.PoolTimeout) and self._reachable():
+            return
+        self._set_failing(True, exc)
+
+    def _reachable(self) -> bool:
+        try:
+            with psycopg.connect(self.url, connect_timeout=self._connect_timeout_s):
+                return True
+        except psycopg.Error:
+            return False
 
     def _set_failing(self, failing: bool, why: object = None) -> None:
         with self._state:

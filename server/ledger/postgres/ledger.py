@@ -93,6 +93,17 @@ _CONTACT = (
     " marketing_source_id, marketing_until_us, held_since_us"
 )
 
+# The activations of a set of contacts (the array parameter), each found by its own probe
+# of the primary key: a plan that stays right whatever the planner thinks of the table. A
+# join or `contact_id = ANY(...)` was planned (as a prepared statement, on a table not yet
+# analyzed) as a scan of the whole cycle, and a batch of 500 took 200 ms at 20,000 rows.
+# `column`: `c` for the contact ids, `ctid` for the rows, which the unit may update at once
+# (it holds the tenant: no other transaction moves them).
+_FOUND = (
+    "SELECT {column} FROM unnest(%s::text[]) c, LATERAL (SELECT ctid FROM activations"
+    " WHERE tenant_id = %s AND cycle_start_us = %s AND contact_id = c LIMIT 1) a"
+)
+
 
 def _contact(row: tuple[Any, ...]) -> ContactRecord:
     return ContactRecord(*row)
@@ -164,10 +175,7 @@ class _Reader:
         self._enter(tenant_id)
         if not contact_ids:
             return set()
-        rows = self.conn.execute(
-            "SELECT contact_id FROM activations WHERE tenant_id = %s AND cycle_start_us = %s AND contact_id = ANY(%s)",
-            (tenant_id, cycle_start_us, list(contact_ids)),
-        )
+        rows = self.conn.execute(_FOUND.format(column="c"), (list(contact_ids), tenant_id, cycle_start_us))
         return {r[0] for r in rows}
 
     def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
@@ -466,9 +474,8 @@ class _Tx(_Reader):
         if not contact_ids:
             return
         changed = self.conn.execute(
-            "UPDATE activations SET sends = sends + 1 WHERE tenant_id = %s AND cycle_start_us = %s"
-            " AND contact_id = ANY(%s)",
-            (tenant_id, cycle_start_us, list(contact_ids)),
+            f"UPDATE activations SET sends = sends + 1 WHERE ctid = ANY(ARRAY({_FOUND.format(column='ctid')}))",
+            (list(contact_ids), tenant_id, cycle_start_us),
         ).rowcount
         if changed != len(contact_ids):
             raise LookupError(f"{len(contact_ids) - changed} of the contacts sent to are not active")

@@ -893,8 +893,8 @@ class TestSharedStore:
         self, fleet: list[Ledger]
     ):
         """Ledger concurrency contract: two units taking two tenants in opposite orders deadlock;
-        PostgreSQL aborts one, which runs again and commits; each unit's after_commit callback runs
-        once, never for the aborted attempt."""
+        PostgreSQL aborts one, which runs again until it commits; each unit's after_commit callback
+        runs once, never for an aborted attempt."""
         first_in, second_in = threading.Event(), threading.Event()
         attempts = {"ab": 0, "ba": 0}
         called: list[str] = []
@@ -919,7 +919,8 @@ class TestSharedStore:
         for c in calls:
             c.join()
         assert [(c.result, c.error) for c in calls] == [("ab", None), ("ba", None)]
-        assert sorted(attempts.values()) == [1, 2]
+        # one at least was aborted and ran again (its re-run may meet the other again)
+        assert min(attempts.values()) >= 1 and sum(attempts.values()) >= 3
         assert sorted(called) == ["ab", "ba"]
         assert fleet[0].read(lambda r: (r.counters("tenant-a", C1), r.counters("tenant-b", C1))) == (
             Counters(0, 2),

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -84,6 +85,7 @@ log = logging.getLogger("quota_sidecar.ledger")
 
 # How many times a unit aborted as a deadlock (or a serialization failure) is run.
 ATTEMPTS = 8
+RETRY_PAUSE_S = 0.005
 _RETRIED = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 # Errors of the store, not of a unit: the connection or the server failed.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
@@ -755,6 +757,9 @@ class PostgresLedger(Ledger):
                         if attempt == ATTEMPTS:
                             raise LedgerUnavailable(f"a unit of work was aborted {attempt} times: {exc}") from exc
                         log.info("a unit of work was aborted (%s); it runs again", exc)
+                        # A short random pause lets the unit it met finish first, rather
+                        # than meet it again at once.
+                        time.sleep(random.uniform(0, RETRY_PAUSE_S * attempt))
         except _UNAVAILABLE as exc:
             self._failed(exc)
             if self.on_commit is not None:

@@ -20,6 +20,13 @@ ATTEMPTS times. Every unit may be re-run so: its effects outside the transaction
 the `after_commit` callbacks, and those of an attempt that failed are dropped, never
 run.
 
+Round trips. A unit's BEGIN travels with its first statement, and the ledger time it
+keeps with its COMMIT (pipeline mode); activations and the figures they raise are one
+statement. The tenant's lock stays a statement of its own: under READ COMMITTED a
+statement that waited for a row lock sees the other tables it joins as they were when
+it started, so the reads that follow it are statements of their own, each with a
+fresh snapshot taken once the tenant is held.
+
 A unit that raises is rolled back and its exception reaches the caller; the ledger
 stays ready. A failure of PostgreSQL itself (unreachable, restarting, a connection
 broken, even during COMMIT, when the outcome is unknown) is LedgerUnavailable: the
@@ -95,6 +102,8 @@ _CONTACT = (
     " marketing_source_id, marketing_until_us, held_since_us"
 )
 
+_OPEN = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+
 # The activations of a set of contacts (the array parameter), each found by its own probe
 # of the primary key: a plan that stays right whatever the planner thinks of the table. A
 # join or `contact_id = ANY(...)` was planned (as a prepared statement, on a table not yet
@@ -120,8 +129,11 @@ class _Reader:
     def _enter(self, tenant_id: str) -> None:
         """Called before anything is read or written of the tenant; a reader needs nothing."""
 
+    def _run(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        return self.conn.execute(sql, args)
+
     def _one(self, sql: str, args: Sequence[Any]) -> tuple[Any, ...] | None:
-        return self.conn.execute(sql, args).fetchone()
+        return self._run(sql, args).fetchone()
 
     def plan(self, tenant_id: str) -> StoredPlan | None:
         self._enter(tenant_id)
@@ -177,7 +189,7 @@ class _Reader:
         self._enter(tenant_id)
         if not contact_ids:
             return set()
-        rows = self.conn.execute(_FOUND.format(column="c"), (list(contact_ids), tenant_id, cycle_start_us))
+        rows = self._run(_FOUND.format(column="c"), (list(contact_ids), tenant_id, cycle_start_us))
         return {r[0] for r in rows}
 
     def contact(self, tenant_id: str, contact_id: str) -> ContactRecord | None:
@@ -191,7 +203,7 @@ class _Reader:
         self, tenant_id: str, cycle_start_us: int, after_contact_id: str, limit: int
     ) -> list[Activation]:
         self._enter(tenant_id)
-        rows = self.conn.execute(
+        rows = self._run(
             "SELECT contact_id, activated_at_us, activity, sends FROM activations"
             " WHERE tenant_id = %s AND cycle_start_us = %s AND contact_id > %s ORDER BY contact_id LIMIT %s",
             (tenant_id, cycle_start_us, after_contact_id, limit),
@@ -204,7 +216,7 @@ class _Reader:
         self._enter(tenant_id)
         marketing = " AND marketing AND (marketing_until_us = 0 OR marketing_until_us > %s)" if marketing_only else ""
         args: tuple[Any, ...] = (tenant_id, after_contact_id) + ((at_us,) if marketing_only else ()) + (limit,)
-        rows = self.conn.execute(
+        rows = self._run(
             f"SELECT {_CONTACT} FROM contacts WHERE tenant_id = %s AND held AND contact_id > %s{marketing}"
             " ORDER BY contact_id LIMIT %s",
             args,
@@ -226,7 +238,7 @@ class _Reader:
         in the cycle is in it even when it ended at once: the peak counted it."""
         self._enter(tenant_id)
         one = " AND s.contact_id = %s" if contact_id is not None else ""
-        rows = self.conn.execute(
+        rows = self._run(
             "SELECT contact_id, from_us, until FROM (SELECT h.contact_id, h.from_us, COALESCE(h.to_us,"
             " CASE WHEN h.marketing AND c.marketing_until_us > 0 THEN c.marketing_until_us END) AS until"
             " FROM held_spans h JOIN contacts c ON c.tenant_id = h.tenant_id AND c.contact_id = h.contact_id"
@@ -251,7 +263,7 @@ class _Reader:
         return StoredResult(bytes(row[0]), bytes(row[1]), UsageContext(tenant_id, *row[2:]))
 
     def tenants(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT tenant_id FROM plans ORDER BY tenant_id")]
+        return [r[0] for r in self._run("SELECT tenant_id FROM plans ORDER BY tenant_id")]
 
     def file_entry(self, tenant_id: str) -> str | None:
         self._enter(tenant_id)
@@ -267,7 +279,7 @@ class _Reader:
         return NoticeState(*row) if row else None
 
     def raised_notices(self) -> list[tuple[str, UsageFigure, NoticeState]]:
-        rows = self.conn.execute(
+        rows = self._run(
             "SELECT tenant_id, figure, level, cycle_start_us, last_at_us FROM notices WHERE level > 0"
             " ORDER BY tenant_id, figure"
         )
@@ -276,7 +288,7 @@ class _Reader:
     def events_after(self, after_seq: int, tenant_id: str, limit: int) -> list[UsageEvent]:
         where = " AND tenant_id = %s" if tenant_id else ""
         args: tuple[Any, ...] = (after_seq, tenant_id, limit) if tenant_id else (after_seq, limit)
-        rows = self.conn.execute(
+        rows = self._run(
             "SELECT seq, event_id, type, figure, tenant_id, threshold, at_us, usage_json FROM usage_events"
             f" WHERE seq > %s{where} ORDER BY seq LIMIT %s",
             args,
@@ -309,6 +321,7 @@ class _Tx(_Reader):
 
     def __init__(self, conn: psycopg.Connection) -> None:
         super().__init__(conn)
+        self.begun = False
         self.committed: list[Callable[[], None]] = []
         self.noted_us = 0
         self.wrote = False
@@ -323,12 +336,26 @@ class _Tx(_Reader):
             return
         lock = "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE"
         if self._one(lock, (tenant_id,)) is None:
-            added = self.conn.execute(
+            added = self._run(
                 "INSERT INTO tenants (tenant_id) VALUES (%s) ON CONFLICT (tenant_id) DO NOTHING", (tenant_id,)
             ).rowcount
             if not added:
                 self._one(lock, (tenant_id,))
         self.held.append(tenant_id)
+
+    def _run(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        """The unit's transaction begins with its first statement, in the same round trip."""
+        if self.begun:
+            return self.conn.execute(sql, args)
+        self.begun = True
+        with self.conn.pipeline():
+            self.conn.execute("BEGIN")
+            return self.conn.execute(sql, args)
+
+    def _begin(self) -> None:
+        if not self.begun:
+            self.begun = True
+            self.conn.execute("BEGIN")
 
     def _write(self, tenant_id: str) -> None:
         self._enter(tenant_id)
@@ -340,17 +367,26 @@ class _Tx(_Reader):
     def note_time(self, at_us: int) -> None:
         self.noted_us = max(self.noted_us, at_us)
 
-    def stamp(self) -> int:
-        """Before the commit: keeps the instant the unit noted, when it wrote; returns it (0: none)."""
+    def commit(self) -> int:
+        """Keeps the instant the unit noted, when it wrote, and commits, in one round trip;
+        returns the instant kept (0: none)."""
+        if not self.begun:
+            return 0
+        with self.conn.pipeline():
+            stamped = self._stamp()
+            self.conn.execute("COMMIT")
+        return stamped
+
+    def _stamp(self) -> int:
         if not self.wrote or self.noted_us <= 0:
             return 0
         if self.held:
-            self.conn.execute(
+            self._run(
                 "UPDATE tenants SET time_us = GREATEST(time_us, %s) WHERE tenant_id = ANY(%s)",
                 (self.noted_us, self.held),
             )
         else:
-            self.conn.execute(
+            self._run(
                 "INSERT INTO ledger_time (id, at_us) VALUES (1, %s)"
                 " ON CONFLICT (id) DO UPDATE SET at_us = GREATEST(ledger_time.at_us, excluded.at_us)",
                 (self.noted_us,),
@@ -359,7 +395,7 @@ class _Tx(_Reader):
 
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "INSERT INTO plans (tenant_id, plan_json, updated_at_us) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id) DO UPDATE SET plan_json = excluded.plan_json,"
             " updated_at_us = excluded.updated_at_us",
@@ -368,7 +404,7 @@ class _Tx(_Reader):
         latest = self.plan_at(tenant_id, at_us + 1)
         if latest is not None and latest.plan_json == plan_json:
             return
-        self.conn.execute(
+        self._run(
             "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",
             (tenant_id, at_us, plan_json),
@@ -376,7 +412,7 @@ class _Tx(_Reader):
 
     def put_reanchor(self, tenant_id: str, reanchor: Reanchor) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "INSERT INTO reanchors (tenant_id, at_us, anchor_before_us) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id, at_us) DO NOTHING",
             (tenant_id, reanchor.at_us, reanchor.anchor_before_us),
@@ -384,7 +420,7 @@ class _Tx(_Reader):
 
     def put_file_entry(self, tenant_id: str, digest: str, at_us: int) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "INSERT INTO tenant_file_entries (tenant_id, digest, applied_at_us) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id) DO UPDATE SET digest = excluded.digest, applied_at_us = excluded.applied_at_us",
             (tenant_id, digest, at_us),
@@ -392,7 +428,7 @@ class _Tx(_Reader):
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "INSERT INTO holdings (tenant_id, cycle_start_us, held, marketing, pending) VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (tenant_id) DO UPDATE SET cycle_start_us = excluded.cycle_start_us,"
             " held = excluded.held, marketing = excluded.marketing, pending = excluded.pending",
@@ -401,7 +437,7 @@ class _Tx(_Reader):
 
     def record_held(self, tenant_id: str, cycle_start_us: int, held: int, marketing: int) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "INSERT INTO usage (tenant_id, cycle_start_us, held_end, held_peak, marketing_end, marketing_peak)"
             " VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET held_end = excluded.held_end,"
@@ -412,7 +448,7 @@ class _Tx(_Reader):
 
     def switch_marketing(self, tenant_id: str, due_us: int) -> int:
         self._write(tenant_id)
-        return self.conn.execute(
+        return self._run(
             "UPDATE contacts SET marketing = false, marketing_until_next_update = false, marketing_until_us = 0"
             " WHERE tenant_id = %s AND marketing_until_us > 0 AND marketing_until_us <= %s",
             (tenant_id, due_us),
@@ -420,22 +456,28 @@ class _Tx(_Reader):
 
     def reschedule_marketing(self, tenant_id: str, until_us: int) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "UPDATE contacts SET marketing_until_us = %s WHERE tenant_id = %s AND marketing_until_us > 0",
             (until_us, tenant_id),
         )
 
     def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
         self._write(tenant_id)
-        self._bump(tenant_id, cycle_start_us, 0, sends)
+        self._run(
+            "INSERT INTO usage (tenant_id, cycle_start_us, sends) VALUES (%s, %s, %s)"
+            " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET sends = usage.sends + excluded.sends",
+            (tenant_id, cycle_start_us, sends),
+        )
 
     def activate(self, tenant_id: str, cycle_start_us: int, activations: Sequence[Activation]) -> None:
         self._write(tenant_id)
         if not activations:
             return
-        self.conn.execute(
+        self._counted(
+            tenant_id,
+            cycle_start_us,
             "INSERT INTO activations (tenant_id, cycle_start_us, contact_id, activated_at_us, activity, sends)"
-            " SELECT %s, %s, * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[])",
+            " SELECT %s, %s, * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[]) RETURNING sends",
             (
                 tenant_id,
                 cycle_start_us,
@@ -444,19 +486,21 @@ class _Tx(_Reader):
                 [a.activity for a in activations],
                 [a.sends for a in activations],
             ),
+            new=True,
         )
-        self._bump(tenant_id, cycle_start_us, len(activations), sum(a.sends for a in activations))
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         self._write(tenant_id)
-        changed = self.conn.execute(
+        changed = self._counted(
+            tenant_id,
+            cycle_start_us,
             "UPDATE activations SET sends = sends + %s WHERE tenant_id = %s AND cycle_start_us = %s"
-            " AND contact_id = %s",
-            (sends, tenant_id, cycle_start_us, contact_id),
-        ).rowcount
+            " AND contact_id = %s RETURNING %s::bigint AS sends",
+            (sends, tenant_id, cycle_start_us, contact_id, sends),
+            new=False,
+        )
         if changed != 1:
             raise LookupError(f"no activation of {contact_id!r} to add sends to")
-        self._bump(tenant_id, cycle_start_us, 0, sends)
 
     def send_to_new(
         self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str], at_us: int, activity: str
@@ -464,33 +508,44 @@ class _Tx(_Reader):
         self._write(tenant_id)
         if not contact_ids:
             return
-        self.conn.execute(
+        self._counted(
+            tenant_id,
+            cycle_start_us,
             "INSERT INTO activations (tenant_id, cycle_start_us, contact_id, activated_at_us, activity, sends)"
-            " SELECT %s, %s, c, %s, %s, 1 FROM unnest(%s::text[]) c",
+            " SELECT %s, %s, c, %s, %s, 1 FROM unnest(%s::text[]) c RETURNING sends",
             (tenant_id, cycle_start_us, at_us, activity, list(contact_ids)),
+            new=True,
         )
-        self._bump(tenant_id, cycle_start_us, len(contact_ids), len(contact_ids))
 
     def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
         self._write(tenant_id)
         if not contact_ids:
             return
-        changed = self.conn.execute(
-            f"UPDATE activations SET sends = sends + 1 WHERE ctid = ANY(ARRAY({_FOUND.format(column='ctid')}))",
+        changed = self._counted(
+            tenant_id,
+            cycle_start_us,
+            f"UPDATE activations SET sends = sends + 1 WHERE ctid = ANY(ARRAY({_FOUND.format(column='ctid')}))"
+            " RETURNING 1::bigint AS sends",
             (list(contact_ids), tenant_id, cycle_start_us),
-        ).rowcount
+            new=False,
+        )
         if changed != len(contact_ids):
             raise LookupError(f"{len(contact_ids) - changed} of the contacts sent to are not active")
-        self._bump(tenant_id, cycle_start_us, 0, len(contact_ids))
 
-    def _bump(self, tenant_id: str, cycle_start_us: int, active: int, sends: int) -> None:
-        self.conn.execute(
-            "INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends) VALUES (%s, %s, %s, %s)"
+    def _counted(self, tenant_id: str, cycle_start_us: int, change: str, args: Sequence[Any], *, new: bool) -> int:
+        """Runs `change` (an INSERT or UPDATE of activations returning the sends each row
+        adds) and raises the cycle's figures by what it changed, in one statement: the
+        contacts it activated when `new`, and their sends. Returns how many rows it changed."""
+        row = self._one(
+            f"WITH change AS ({change}), n AS (SELECT COUNT(*) AS rows, COALESCE(SUM(sends), 0) AS sends FROM change)"
+            " INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends)"
+            " SELECT %s, %s, CASE WHEN %s THEN rows ELSE 0 END, sends FROM n WHERE rows > 0"
             " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET"
             " active_contacts = usage.active_contacts + excluded.active_contacts,"
-            " sends = usage.sends + excluded.sends",
-            (tenant_id, cycle_start_us, active, sends),
+            " sends = usage.sends + excluded.sends RETURNING (SELECT rows FROM n)",
+            (*args, tenant_id, cycle_start_us, new),
         )
+        return 0 if row is None else row[0]
 
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None:
         self._write(tenant_id)
@@ -511,6 +566,7 @@ class _Tx(_Reader):
         ]
         if not rows:
             return
+        self._begin()
         with self.conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO contacts (tenant_id, contact_id, held, marketing, marketing_until_next_update,"
@@ -528,7 +584,7 @@ class _Tx(_Reader):
         assert result.context is not None
         self._write(tenant_id)
         c = result.context
-        self.conn.execute(
+        self._run(
             f"INSERT INTO request_results (tenant_id, rpc, request_id, fingerprint, reply, {_CONTEXT}, created_at_us)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
@@ -550,7 +606,7 @@ class _Tx(_Reader):
     def _prune(self, table: str, key: str, age: str, before: int, limit: int) -> int:
         """Deletes, among the `limit` oldest rows of `table` by `key`, those whose `age` is below `before`."""
         self.wrote = True
-        return self.conn.execute(
+        return self._run(
             f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} ORDER BY {key} LIMIT %s) AND {age} < %s",
             (limit, before),
         ).rowcount
@@ -562,7 +618,7 @@ class _Tx(_Reader):
 
     def prune_events(self, before_us: int, through_seq: int, limit: int) -> int:
         self.wrote = True
-        return self.conn.execute(
+        return self._run(
             "DELETE FROM usage_events WHERE seq IN (SELECT seq FROM usage_events WHERE seq <= %s ORDER BY seq LIMIT %s)"
             " AND at_us < %s",
             (through_seq, limit, before_us),
@@ -571,7 +627,7 @@ class _Tx(_Reader):
     def prune_audit(self, before_us: int, limit: int) -> int:
         deleted = self._prune("audit", "seq", "at_us", before_us, limit)
         if deleted:
-            self.conn.execute(
+            self._run(
                 "INSERT INTO audit_pruned (id, before_us) VALUES (1, %s)"
                 " ON CONFLICT (id) DO UPDATE SET before_us = GREATEST(audit_pruned.before_us, excluded.before_us)",
                 (before_us,),
@@ -598,6 +654,7 @@ class _Tx(_Reader):
         if not rows:
             return
         self.wrote = True
+        self._begin()
         with self.conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO audit (at_us, tenant_id, cycle_start_us, rpc, request_id, contact_id, decision,"
@@ -607,7 +664,7 @@ class _Tx(_Reader):
 
     def put_notice(self, tenant_id: str, figure: UsageFigure, state: NoticeState) -> None:
         self._write(tenant_id)
-        self.conn.execute(
+        self._run(
             "INSERT INTO notices (tenant_id, figure, level, cycle_start_us, last_at_us) VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (tenant_id, figure) DO UPDATE SET level = excluded.level,"
             " cycle_start_us = excluded.cycle_start_us, last_at_us = excluded.last_at_us",
@@ -621,7 +678,7 @@ class _Tx(_Reader):
         row = self._one("UPDATE event_sequence SET last = last + 1 WHERE id = 1 RETURNING last", ())
         assert row is not None
         seq: int = row[0]
-        self.conn.execute(
+        self._run(
             "INSERT INTO usage_events (tenant_id, seq, event_id, at_us, type, figure, threshold, usage_json)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (
@@ -639,7 +696,7 @@ class _Tx(_Reader):
 
     def put_event_cursor(self, consumer: str, seq: int) -> None:
         self.wrote = True
-        self.conn.execute(
+        self._run(
             "INSERT INTO event_cursors (consumer, seq) VALUES (%s, %s)"
             " ON CONFLICT (consumer) DO UPDATE SET seq = GREATEST(event_cursors.seq, excluded.seq)",
             (consumer, seq),
@@ -772,23 +829,19 @@ class PostgresLedger(Ledger):
     def _attempt(self, conn: psycopg.Connection, work: Callable[[LedgerTx], T]) -> T:
         """One run of the unit in a new transaction: committed, or rolled back and raised."""
         tx = _Tx(conn)
-        conn.execute("BEGIN")
         try:
             result = work(tx)
-            stamped = tx.stamp()
+            if tx.ordered:
+                # Sequence order is commit order fleet-wide (the counter row's lock); this
+                # keeps the callbacks of this process in that order too.
+                with self._ordered:
+                    self._committed(tx, tx.commit())
+            else:
+                self._committed(tx, tx.commit())
         except BaseException:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.UNKNOWN:
+            if conn.info.transaction_status in _OPEN:
                 conn.execute("ROLLBACK")
             raise
-        if tx.ordered:
-            # Sequence order is commit order fleet-wide (the counter row's lock); this
-            # keeps the callbacks of this process in that order too.
-            with self._ordered:
-                conn.execute("COMMIT")
-                self._committed(tx, stamped)
-        else:
-            conn.execute("COMMIT")
-            self._committed(tx, stamped)
         return result
 
     def _committed(self, tx: _Tx, stamped: int) -> None:

@@ -131,3 +131,24 @@ def test_a_call_that_waited_too_long_for_a_busy_pool_is_unavailable_while_the_le
         assert lg.read(lambda r: r.counters(T, C1).sends) == 1
     finally:
         lg.close()
+
+
+def test_the_time_of_a_unit_that_wrote_for_no_tenant_is_kept_across_a_reopen(url: str):
+    """Ledger time (the module docstring): a unit that wrote without holding a tenant (the webhook's
+    cursor) keeps its instant in the one ledger_time row; one that only tried to prune, deleting
+    nothing, keeps none."""
+    lg = PostgresLedger(url)
+    lg.open()
+    try:
+        lg.transact(lambda tx: (tx.put_event_cursor("webhook", 3), tx.note_time(700)))
+        lg.transact(lambda tx: (tx.prune_audit(10**18, 100), tx.note_time(900)))
+        assert lg.time_us == 700
+    finally:
+        lg.close()
+    again = PostgresLedger(url)
+    again.open()
+    try:
+        assert again.time_us == 700
+        assert again.read(lambda r: r.event_cursor("webhook")) == 3
+    finally:
+        again.close()

@@ -605,11 +605,16 @@ class _Tx(_Reader):
 
     def _prune(self, table: str, key: str, age: str, before: int, limit: int) -> int:
         """Deletes, among the `limit` oldest rows of `table` by `key`, those whose `age` is below `before`."""
-        self.wrote = True
-        return self._run(
+        return self._deleted(
             f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} ORDER BY {key} LIMIT %s) AND {age} < %s",
             (limit, before),
-        ).rowcount
+        )
+
+    def _deleted(self, sql: str, args: Sequence[Any]) -> int:
+        """Runs a DELETE; the unit wrote only if it deleted something (as SQLite counts changes)."""
+        deleted = self._run(sql, args).rowcount
+        self.wrote = self.wrote or deleted > 0
+        return deleted
 
     def prune_results(self, before_us: int, limit: int) -> int:
         return self._prune(
@@ -617,12 +622,11 @@ class _Tx(_Reader):
         )
 
     def prune_events(self, before_us: int, through_seq: int, limit: int) -> int:
-        self.wrote = True
-        return self._run(
+        return self._deleted(
             "DELETE FROM usage_events WHERE seq IN (SELECT seq FROM usage_events WHERE seq <= %s ORDER BY seq LIMIT %s)"
             " AND at_us < %s",
             (through_seq, limit, before_us),
-        ).rowcount
+        )
 
     def prune_audit(self, before_us: int, limit: int) -> int:
         deleted = self._prune("audit", "seq", "at_us", before_us, limit)

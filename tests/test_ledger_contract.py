@@ -30,10 +30,12 @@ import pytest
 from quota_sidecar.server.domain.errors import DeadlineExceeded, LedgerUnavailable
 from quota_sidecar.server.domain.model import (
     Activation,
+    AuditEntry,
     ContactRecord,
     Counters,
     HeldSpan,
     Holdings,
+    NoticeState,
     Reanchor,
     StoredPlan,
     StoredResult,
@@ -401,6 +403,74 @@ class TestLedgerContract:
             lg.transact(lambda tx: tx.put_plan(T, "p", 1))
         with pytest.raises(LedgerUnavailable):
             lg.read(lambda r: r.plan(T))
+
+    def test_tenants_are_those_with_a_plan_in_id_order(self, ledger: Ledger):
+        """LedgerReader.tenants (the per-tenant metrics read every tenant through it): every tenant with a
+        plan, ordered by id; figures alone make no tenant."""
+        ledger.transact(lambda tx: (tx.put_plan("b", "p", 1), tx.put_plan("a", "p", 1), tx.count_sends("c", C1, 1)))
+        assert ledger.read(lambda r: r.tenants()) == ["a", "b"]
+
+    # -- notifications ---------------------------------------------------------------------------
+
+    def test_notice_states_are_kept_per_figure_and_the_raised_ones_listed(self, ledger: Ledger):
+        """AC-1 (reminders while a figure stays above a threshold): each figure's notice state is kept
+        and replaced; the raised ones (level above 0) are listed by tenant and figure."""
+        ledger.transact(lambda tx: tx.put_notice(T, UsageFigure.CONTACTS, NoticeState(0.8, C1, 5)))
+        ledger.transact(lambda tx: tx.put_notice(T, UsageFigure.SENDS, NoticeState(0.0, C1, 0)))
+        ledger.transact(lambda tx: tx.put_notice("tenant-b", UsageFigure.SENDS, NoticeState(0.5, C1, 6)))
+        ledger.transact(lambda tx: tx.put_notice(T, UsageFigure.CONTACTS, NoticeState(0.9, C1, 7)))
+        assert ledger.read(lambda r: r.notice(T, UsageFigure.CONTACTS)) == NoticeState(0.9, C1, 7)
+        assert ledger.read(lambda r: r.notice(T, UsageFigure.SENDS)) == NoticeState(0.0, C1, 0)
+        assert ledger.read(lambda r: r.notice("nobody", UsageFigure.CONTACTS)) is None
+        assert ledger.read(lambda r: r.raised_notices()) == [
+            (T, UsageFigure.CONTACTS, NoticeState(0.9, C1, 7)),
+            ("tenant-b", UsageFigure.SENDS, NoticeState(0.5, C1, 6)),
+        ]
+
+    def test_the_outbox_lists_events_in_order_and_prunes_only_old_delivered_ones(self, ledger: Ledger):
+        """docs/notifications.md (events in order, resumable by sequence): events listed after a sequence,
+        for all tenants or one; a consumer's cursor never moves back; pruning takes the oldest events up
+        to a sequence, and only those written before the instant given."""
+        seqs = [
+            ledger.transact(lambda tx, tenant=tenant, name=name: tx.add_event(event(tenant, name)))
+            for tenant, name in ((T, "e1"), ("tenant-b", "e2"), (T, "e3"))
+        ]
+        assert seqs == [1, 2, 3]
+        listed = ledger.read(lambda r: r.events_after(0, "", 10))
+        assert [(e.event_id, e.sequence) for e in listed] == [("e1", 1), ("e2", 2), ("e3", 3)]
+        assert listed[1] == replace(event("tenant-b", "e2"), sequence=2)
+        assert [e.event_id for e in ledger.read(lambda r: r.events_after(1, T, 10))] == ["e3"]
+        assert [e.event_id for e in ledger.read(lambda r: r.events_after(0, "", 2))] == ["e1", "e2"]
+        assert ledger.read(lambda r: (r.pending_events(1), r.pending_events(3), r.last_event_seq())) == (
+            (2, C1 + 5),
+            (0, None),
+            3,
+        )
+        assert ledger.read(lambda r: r.event_cursor("webhook")) == 0
+        ledger.transact(lambda tx: tx.put_event_cursor("webhook", 2))
+        ledger.transact(lambda tx: tx.put_event_cursor("webhook", 1))
+        assert ledger.read(lambda r: r.event_cursor("webhook")) == 2
+        assert ledger.transact(lambda tx: tx.prune_events(C1 + 5, 3, 10)) == 0
+        assert ledger.transact(lambda tx: tx.prune_events(C1 + 6, 2, 1)) == 1
+        assert ledger.transact(lambda tx: tx.prune_events(C1 + 6, 2, 10)) == 1
+        assert [e.event_id for e in ledger.read(lambda r: r.events_after(0, "", 10))] == ["e3"]
+
+    def test_kept_answers_and_audit_rows_are_pruned_oldest_first_and_only_when_old(self, ledger: Ledger):
+        """api.md (answers kept for retries, then pruned), operations.md Retention: pruning
+        deletes up to `limit` of the oldest rows written before the instant given, and nothing newer."""
+        second = 1_000_000
+        for n in range(1, 5):
+            answer = StoredResult(b"fp", bytes([n]), CONTEXT)
+            ledger.transact(lambda tx, n=n, answer=answer: tx.store_result(T, "CheckSend", f"r{n}", answer, n * second))
+            entry = AuditEntry(n * second, T, C1, "CheckSend", f"c{n}", "ALLOW", "OK", 1, 1)
+            ledger.transact(lambda tx, entry=entry: tx.audit([entry]))
+        assert ledger.transact(lambda tx: tx.prune_results(3 * second, 10)) == 2
+        assert ledger.transact(lambda tx: tx.prune_results(10 * second, 1)) == 1
+        kept = ledger.read(lambda r: [r.stored_result(T, "CheckSend", f"r{n}") is not None for n in range(1, 5)])
+        assert kept == [False, False, False, True]
+        assert ledger.transact(lambda tx: tx.prune_audit(3 * second, 10)) == 2
+        assert ledger.transact(lambda tx: tx.prune_audit(3 * second, 10)) == 0
+        assert ledger.transact(lambda tx: tx.prune_audit(10 * second, 1)) == 1
 
     # -- counters ------------------------------------------------------------------------------
 

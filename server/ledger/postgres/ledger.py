@@ -313,7 +313,7 @@ class _Reader:
         """The sequence of the last event committed: the counter moves only with commits."""
         row = self._one("SELECT last FROM event_sequence WHERE id = 1", ())
         assert row is not None
-        return row[0]
+        return int(row[0])
 
 
 class _Tx(_Reader):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from quota_sidecar.server.domain.errors import LedgerUnavailable
-from quota_sidecar.server.ledger import LedgerTx
+from quota_sidecar.server.ledger import LedgerOptions, LedgerTx
+from quota_sidecar.server.ledger.factory import open_ledger
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.postgres.schema import SCHEMA_VERSION
 
@@ -152,3 +153,21 @@ def test_the_time_of_a_unit_that_wrote_for_no_tenant_is_kept_across_a_reopen(url
         assert again.read(lambda r: r.event_cursor("webhook")) == 3
     finally:
         again.close()
+
+
+def test_the_factory_builds_it_from_a_postgres_url_with_the_sidecars_hooks(url: str):
+    """issue 16 (`--ledger postgresql://...`, `postgres://` too): the factory builds a PostgresLedger
+    from either scheme, told of each commit and of its readiness as the sidecar asks."""
+    commits: list[bool] = []
+    readiness: list[bool] = []
+    options = LedgerOptions(on_commit=lambda s, n, ok: commits.append(ok), on_ready=readiness.append)
+    for scheme_url in (url, url.replace("postgresql://", "postgres://", 1)):
+        lg = open_ledger(scheme_url, options)
+        assert isinstance(lg, PostgresLedger)
+        lg.open()
+        try:
+            lg.transact(lambda tx: tx.count_sends(T, C1, 1))
+        finally:
+            lg.close()
+    assert commits == [True, True]
+    assert readiness == []  # never failed, so never told

@@ -1,9 +1,23 @@
 """The PostgreSQL ledger backend: a ledger shared by every sidecar of a fleet.
 
 `ledger.py` holds `PostgresLedger` and its concurrency contract; `schema.py` the
-tables and the migrations the sidecar runs itself.
+tables and the migrations the sidecar runs itself. `from_url` is how the factory
+(ledger/factory.py) builds one from a `postgresql://` or `postgres://` URL.
 """
 
+from __future__ import annotations
+
+from .. import LedgerOptions
 from .ledger import PostgresLedger
 
-__all__ = ["PostgresLedger"]
+
+def from_url(url: str, options: LedgerOptions) -> PostgresLedger:
+    """The ledger at the libpq URL `url`, not yet open, told of commits and readiness as
+    `options` says. The backend settings in `options.backend` are other backends' own
+    (the SQLite file's synchronous mode, its filters' rate): none applies here."""
+    return PostgresLedger(
+        url, on_commit=options.on_commit, on_ready=options.on_ready, check_interval=options.check_interval
+    )
+
+
+__all__ = ["PostgresLedger", "from_url"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from quota_sidecar.server.domain.errors import LedgerUnavailable
-from quota_sidecar.server.ledger import LedgerOptions, LedgerTx
+from quota_sidecar.server.ledger import LedgerOptionError, LedgerOptions, LedgerTx
 from quota_sidecar.server.ledger.factory import open_ledger
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.postgres.schema import SCHEMA_VERSION
@@ -171,3 +171,15 @@ def test_the_factory_builds_it_from_a_postgres_url_with_the_sidecars_hooks(url: 
             lg.close()
     assert commits == [True, True]
     assert readiness == []  # never failed, so never told
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://quota:s3cret@db.example/quota?nonsense=1", "postgres://quota:s3cret@[db.example/quota"]
+)
+def test_a_url_libpq_cannot_parse_is_refused_as_the_ledger_setting_without_its_password(url: str):
+    """style.md 5 (bad configuration fails at start with one clear line), issue 16 (the password never
+    logged): a malformed PostgreSQL URL is a LedgerOptionError naming `ledger`, before any connection."""
+    with pytest.raises(LedgerOptionError) as refused:
+        open_ledger(url)
+    assert refused.value.option == "ledger" and "not a PostgreSQL URL" in refused.value.problem
+    assert "s3cret" not in str(refused.value)

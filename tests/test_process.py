@@ -295,7 +295,7 @@ def test_bad_settings_stop_the_start_with_one_clear_line(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["quota-sidecar: --address: expected HOST:PORT, got 'nonsense'"]
     env_bad = subprocess.run(
-        [str(BIN / "quota-sidecar"), "serve", "--ledger", "postgresql://nowhere/x"],
+        [str(BIN / "quota-sidecar"), "serve", "--ledger", "postgresql://nowhere/x?nonsense=1"],
         capture_output=True,
         text=True,
         timeout=30,

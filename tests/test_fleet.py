@@ -1,17 +1,21 @@
 """A fleet: three real `quota-sidecar serve` processes sharing one PostgreSQL ledger (a schema
 of its own per test, dropped afterwards), called by client processes through every sidecar.
-Exact at the HARD, grace and held-contacts limits whichever sidecar decides. The oracles read
-the ledger through its interface (PostgresLedger). Rule ids refer to domain.md.
+Exact at the HARD, grace and held-contacts limits whichever sidecar decides; a request_id
+retried through another sidecar gets the first answer; a plan changed through one is the
+others' at once. The oracles read the ledger through its interface (PostgresLedger). Rule ids
+refer to domain.md.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import random
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
@@ -197,3 +201,60 @@ def test_three_sidecars_racing_at_a_held_contacts_limit(ledger_url: str, fleet: 
         assert r.usage.state == pb.USAGE_STATE_BLOCKED
     holdings, rows = held_rows(ledger_url, T)
     assert holdings is not None and holdings.held == len(rows) == 23
+
+
+def test_a_request_id_retried_through_another_sidecar_gets_the_first_answer(ledger_url: str, fleet: list[FleetSidecar]):
+    """API request_id (a retry returns the first answer and counts nothing twice), across the fleet:
+    a CheckSend retried through the two other sidecars, after other sends changed the figures, gets
+    the first answer, figures included; one request_id sent through all three at once is counted once."""
+    put_plan(fleet[0].address, T, cycle_active(pb.ENFORCEMENT_HARD, 10))
+    first = check_send(fleet[0].address, T, "x", request_id="retry-1")
+    assert (first.decision, first.reason, first.newly_active) == (
+        pb.DECISION_ALLOW,
+        pb.REASON_NEW_CONTACT_COUNTED,
+        True,
+    )
+    check_send(fleet[0].address, T, "y")
+    assert check_send(fleet[1].address, T, "x", request_id="retry-1") == first
+    assert check_send(fleet[2].address, T, "x", request_id="retry-1") == first
+
+    answers: list[pb.CheckSendResponse | str] = []
+    go = threading.Barrier(SIDECARS)
+
+    def retry(sidecar: FleetSidecar) -> None:
+        go.wait(10)
+        try:
+            answers.append(check_send(sidecar.address, T, "z", request_id="retry-2"))
+        except grpc.RpcError as exc:
+            answers.append(exc.code().name)
+
+    threads = [threading.Thread(target=retry, args=(s,)) for s in fleet]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(answers) == SIDECARS and all(a == answers[0] for a in answers), answers
+    assert isinstance(answers[0], pb.CheckSendResponse) and answers[0].newly_active
+    rows = assert_figures_equal_rows(ledger_url, fleet)
+    assert [(a.contact_id, a.sends) for a in rows] == [("x", 1), ("y", 1), ("z", 1)]
+
+
+def test_a_plan_changed_through_one_sidecar_is_enforced_by_the_others_at_once(
+    ledger_url: str, fleet: list[FleetSidecar]
+):
+    """SG-2 and SG-4 across the fleet (the plan is the fleet's, not a sidecar's): a limit lowered
+    through one sidecar denies the next new contact on the others, and a limit raised through another
+    admits exactly the room it made, whichever sidecar is asked next."""
+    a, b, c = (s.address for s in fleet)
+    put_plan(a, T, cycle_active(pb.ENFORCEMENT_HARD, 100))
+    for i in range(5):
+        assert check_send(a, T, f"early-{i}").decision == pb.DECISION_ALLOW
+    put_plan(b, T, cycle_active(pb.ENFORCEMENT_HARD, 5))
+    for address in (c, a):
+        r = check_send(address, T, f"late-{address}")
+        assert (r.decision, r.reason) == (pb.DECISION_DENY, pb.REASON_CONTACT_LIMIT_REACHED)
+        assert r.usage.contact_limit == 5
+    put_plan(c, T, cycle_active(pb.ENFORCEMENT_HARD, 6))
+    assert check_send(a, T, "room").reason == pb.REASON_NEW_CONTACT_COUNTED
+    assert check_send(b, T, "no-room").reason == pb.REASON_CONTACT_LIMIT_REACHED
+    assert len(assert_figures_equal_rows(ledger_url, fleet)) == 6

@@ -1,15 +1,16 @@
 """A fleet: three real `quota-sidecar serve` processes sharing one PostgreSQL ledger (a schema
-of its own per test, dropped afterwards), called by client processes through every sidecar.
-Exact at the HARD, grace and held-contacts limits whichever sidecar decides; a request_id
-retried through another sidecar gets the first answer; a plan changed through one is the
-others' at once. The oracles read the ledger through its interface (PostgresLedger). Rule ids
-refer to domain.md.
+of its own per test, dropped afterwards), called by client processes and load threads through
+every sidecar. Exact at the HARD, grace and held-contacts limits whichever sidecar decides;
+a request_id retried through another sidecar, a plan changed through one; `kill -9` of one
+sidecar and a PostgreSQL restart under load lose nothing acknowledged. The oracles read the
+ledger through its interface (PostgresLedger). Rule ids refer to domain.md.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import random
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.model import Activation, ContactRecord, Counters, Holdings
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 
-from support.fleet import Answer, FleetSidecar, check_send, put_plan, race, start_fleet, usage
-from support.postgres import schema_for, schema_url
+from support.fleet import Answer, FleetSidecar, Load, check_send, put_plan, race, start_fleet, usage
+from support.postgres import CLUSTER, schema_for, schema_url
 
 pytestmark = pytest.mark.process
 
@@ -258,3 +259,65 @@ def test_a_plan_changed_through_one_sidecar_is_enforced_by_the_others_at_once(
     assert check_send(a, T, "room").reason == pb.REASON_NEW_CONTACT_COUNTED
     assert check_send(b, T, "no-room").reason == pb.REASON_CONTACT_LIMIT_REACHED
     assert len(assert_figures_equal_rows(ledger_url, fleet)) == 6
+
+
+def test_kill_9_of_one_sidecar_under_load_loses_nothing_acknowledged(ledger_url: str, fleet: list[FleetSidecar]):
+    """Domain 'Nothing that was decided and acknowledged is lost', for a fleet: mail workers send to
+    new contacts through all 3 sidecars; one is killed with SIGKILL mid-load and the other two carry
+    on. Every contact any sidecar ALLOWed is in the ledger, the figures equal the rows, and the two
+    survivors stay SERVING."""
+    put_plan(fleet[0].address, T, cycle_active(pb.ENFORCEMENT_HARD, 1_000_000))
+    load = Load(addresses(fleet), T)
+    load.start()
+    try:
+        load.wait_for(60)
+        fleet[0].proc.kill()
+        fleet[0].proc.wait()
+        load.wait_for(60)
+    finally:
+        load.stop()
+    assert all(s.health() == "SERVING" for s in fleet[1:])
+    assert set(load.outcomes) <= {"DECISION_ALLOW REASON_NEW_CONTACT_COUNTED", "UNAVAILABLE"}, load.outcomes
+    rows = assert_figures_equal_rows(ledger_url, fleet)
+    assert set(load.allowed) <= {a.contact_id for a in rows}
+
+
+def test_a_postgresql_restart_under_load_is_unavailable_then_every_sidecar_recovers(
+    ledger_url: str, fleet: list[FleetSidecar]
+):
+    """API errors (the ledger cannot commit: UNAVAILABLE, never a wrong answer), health NOT_SERVING
+    while the ledger fails, and 'nothing acknowledged is lost': PostgreSQL is restarted
+    (`pg_ctlcluster ... restart`) while mail workers send through all 3 sidecars. Calls during it are
+    UNAVAILABLE, every sidecar reports NOT_SERVING and then SERVING again by itself and answers
+    again; every contact ALLOWed is in the ledger and the figures equal the rows."""
+    put_plan(fleet[0].address, T, cycle_active(pb.ENFORCEMENT_HARD, 1_000_000))
+    seen: list[set[str]] = [set() for _ in fleet]
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            for statuses, sidecar in zip(seen, fleet, strict=True):
+                statuses.add(sidecar.health())
+            watching.wait(0.01)
+
+    load = Load(addresses(fleet), T)
+    watcher = threading.Thread(target=watch, daemon=True)
+    load.start()
+    try:
+        load.wait_for(30)
+        watcher.start()
+        subprocess.run(["pg_ctlcluster", *CLUSTER, "restart"], check=True, capture_output=True, timeout=60)
+        for sidecar in fleet:
+            sidecar.wait_for("SERVING", 30)
+        load.wait_for(30)
+    finally:
+        watching.set()
+        load.stop()
+    watcher.join(10)
+    assert load.outcomes["UNAVAILABLE"] > 0, load.outcomes
+    assert set(load.outcomes) <= {"DECISION_ALLOW REASON_NEW_CONTACT_COUNTED", "UNAVAILABLE"}, load.outcomes
+    assert all("NOT_SERVING" in statuses for statuses in seen), seen
+    for n, sidecar in enumerate(fleet):
+        assert check_send(sidecar.address, T, f"after-{n}").decision == pb.DECISION_ALLOW
+    rows = assert_figures_equal_rows(ledger_url, fleet)
+    assert set(load.allowed) <= {a.contact_id for a in rows}

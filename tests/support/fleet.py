@@ -1,10 +1,14 @@
-"""A fleet of real `quota-sidecar serve` processes on one PostgreSQL ledger, and the client
-processes racing through every sidecar of it."""
+"""A fleet of real `quota-sidecar serve` processes on one PostgreSQL ledger, and the mail
+workers that call it: client processes racing through every sidecar, and load threads
+that note each answer they were given."""
 
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 
@@ -134,3 +138,59 @@ def race(
     finally:
         for ch in channels:
             ch.close()
+
+
+@dataclass
+class Load:
+    """Mail-worker threads sending CAMPAIGN mail to new contacts through the sidecars until stopped,
+    noting every answer: the contacts ALLOWed, and how many calls ended with each status code or
+    decision other than ALLOW."""
+
+    addresses: list[str]
+    tenant_id: str
+    workers_per_sidecar: int = 2
+    allowed: list[str] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self, address: str, worker: str) -> None:
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.QuotaServiceStub(ch)
+            i = 0
+            while not self._stop.is_set():
+                contact_id = f"{worker}-{i}"
+                i += 1
+                try:
+                    r = stub.CheckSend(campaign_send(self.tenant_id, contact_id), timeout=CALL_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    with self._lock:
+                        self.outcomes[exc.code().name] += 1
+                    # A worker backs off a little on a failure, as a real one would.
+                    time.sleep(0.02)
+                    continue
+                with self._lock:
+                    if r.decision == pb.DECISION_ALLOW:
+                        self.allowed.append(contact_id)
+                    self.outcomes[f"{pb.Decision.Name(r.decision)} {pb.Reason.Name(r.reason)}"] += 1
+
+    def start(self) -> None:
+        for s, address in enumerate(self.addresses):
+            for w in range(self.workers_per_sidecar):
+                t = threading.Thread(target=self._run, args=(address, f"s{s}w{w}"), daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def wait_for(self, allowed: int, timeout: float = 30) -> None:
+        """Until `allowed` more contacts than now have been ALLOWed."""
+        target = len(self.allowed) + allowed
+        deadline = time.monotonic() + timeout
+        while len(self.allowed) < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.allowed) >= target, f"the load made no progress: {self.outcomes}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)

@@ -40,6 +40,8 @@ class Sizes:
     sweep_tenants: int
     sweep_seconds: int
     restart_seconds: int
+    fleet_sidecars: int
+    race_limit: int
 
 
 QUICK = Sizes(
@@ -72,6 +74,8 @@ QUICK = Sizes(
     sweep_tenants=2_000,
     sweep_seconds=4,
     restart_seconds=5,
+    fleet_sidecars=3,
+    race_limit=200,
 )
 
 FULL = Sizes(
@@ -104,6 +108,8 @@ FULL = Sizes(
     sweep_tenants=50_000,
     sweep_seconds=20,
     restart_seconds=60,
+    fleet_sidecars=3,
+    race_limit=1_000,
 )
 
 HELP = {
@@ -136,4 +142,6 @@ HELP = {
     "sweep_tenants": "tenants past a notify threshold, each swept for a reminder every second",
     "sweep_seconds": "seconds the lone caller calls while reminder sweeps run, per run",
     "restart_seconds": "seconds after SERVING the lone caller calls while the filters build, per run",
+    "fleet_sidecars": "sidecars sharing one PostgreSQL ledger in the fleet scenario (measured against 1)",
+    "race_limit": "HARD limit the fleet's callers race for, asking for twice as many new contacts, per run",
 }

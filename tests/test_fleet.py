@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import signal
 import subprocess
 import threading
 from collections import Counter
@@ -25,6 +26,7 @@ from quota_sidecar.server.ledger.postgres import PostgresLedger
 
 from support.fleet import Answer, FleetSidecar, Load, check_send, put_plan, race, start_fleet, usage
 from support.postgres import CLUSTER, schema_for, schema_url
+from support.serving import BIN
 
 pytestmark = pytest.mark.process
 
@@ -321,3 +323,33 @@ def test_a_postgresql_restart_under_load_is_unavailable_then_every_sidecar_recov
         assert check_send(sidecar.address, T, f"after-{n}").decision == pb.DECISION_ALLOW
     rows = assert_figures_equal_rows(ledger_url, fleet)
     assert set(load.allowed) <= {a.contact_id for a in rows}
+
+
+def test_the_ledger_password_never_shows_in_what_the_sidecar_prints(ledger_url: str):
+    """Issue 16 (the password from the URL is never logged): a sidecar given a password in its ledger's
+    URL (in the authority, and as libpq's `password` parameter) prints neither, whether it serves (the start
+    line) or cannot open the ledger (the one line it exits with)."""
+    secret = "fleet-secret-pw"
+    user, at, rest = ledger_url.partition("@")
+    serving = user + f":{secret}" + at + rest + f"&password={secret}"
+    (sidecar,) = start_fleet(serving, 1)
+    sidecar.proc.send_signal(signal.SIGTERM)
+    out, err = sidecar.proc.communicate(timeout=30)
+    assert "listening on" in err and "postgresql://postgres:***@127.0.0.1" in err, err
+    assert secret not in out + err
+    unreachable = f"postgresql://postgres:{secret}@127.0.0.1:1/quota?password={secret}"
+    failed = subprocess.run(
+        [
+            str(BIN / "quota-sidecar"),
+            "serve",
+            "--address",
+            "127.0.0.1:0",
+            "--ledger",
+            unreachable,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode == 1 and "cannot open the ledger" in failed.stderr, failed.stderr
+    assert secret not in failed.stdout + failed.stderr

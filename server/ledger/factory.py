@@ -12,6 +12,7 @@ checking its own options; a backend module without one is built as
 from __future__ import annotations
 
 import importlib
+import re
 
 from . import Ledger, LedgerOptionError, LedgerOptions
 
@@ -47,3 +48,14 @@ def _postgres(url: str, options: LedgerOptions) -> Ledger:
     if from_url is not None:
         return from_url(url, options)
     return backend.PostgresLedger(url)
+
+
+# A password in a libpq URL: after the user in the authority, or the `password` parameter.
+_AUTHORITY_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/?#@:]*):[^/?#@]*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def ledger_as_shown(url_or_path: str) -> str:
+    """The ledger's URL as the sidecar logs and prints it: any password replaced by `***`,
+    the rest (scheme, user, host, database, other parameters) as given."""
+    return _QUERY_PASSWORD.sub(r"\1***", _AUTHORITY_PASSWORD.sub(r"\1:***@", url_or_path))

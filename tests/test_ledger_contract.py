@@ -383,6 +383,22 @@ class TestLedgerContract:
         ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
         assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
 
+    def test_a_unit_whose_deadline_has_passed_is_not_started(self, ledger: Ledger):
+        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"), on every backend:
+        a unit given a deadline already past is never run and the call is DeadlineExceeded; one whose
+        deadline is ahead commits."""
+        ran: list[str] = []
+
+        def unit(tx: LedgerTx) -> None:
+            ran.append("ran")
+            tx.activate(T, C1, [act("a")])
+
+        with pytest.raises(DeadlineExceeded):
+            ledger.transact(unit, deadline=time.monotonic() - 1)
+        assert ran == [] and ledger.read(lambda r: r.counters(T, C1)) == Counters()
+        ledger.transact(unit, deadline=time.monotonic() + 60)
+        assert ran == ["ran"] and ledger.ready
+
     def test_the_backend_figures_and_loading_are_behind_the_interface(self, ledger: Ledger):
         """style.md (backend metrics through a collector it exposes): whatever the backend reports at scrape time
         comes from `Ledger.collector()`, and `loading` settles once its background loading is done."""

@@ -13,6 +13,7 @@ HARD limit (the contacts admitted past it: the goal is none).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -62,12 +63,17 @@ class Schemas:
 
 
 def postgres(session: Session, schemas: Schemas) -> None:
-    """The checksend and batch scenarios on one sidecar over PostgreSQL."""
+    """The checksend and batch scenarios on one sidecar over PostgreSQL, with `postgres_calls` calls where
+    the SQLite sidecar makes `calls` and `concurrent_calls` (a decision takes longer: the run stays short)."""
+    s = session.sizes
+    sized = dataclasses.replace(
+        session, sizes=dataclasses.replace(s, calls=s.postgres_calls, concurrent_calls=s.postgres_calls)
+    )
     with SidecarProcess(session.processes, schemas.fresh()) as sidecar:
         sidecar.start()
         sidecar.put_plan(scenarios.TENANT, bench_plan(NEVER_REACHED))
-        scenarios.checksend(session, sidecar, figures="postgres.checksend")
-        scenarios.batch(session, sidecar, figures="postgres.batch")
+        scenarios.checksend(sized, sidecar, figures="postgres.checksend")
+        scenarios.batch(sized, sidecar, figures="postgres.batch")
 
 
 @contextmanager
@@ -98,9 +104,9 @@ def fleet(session: Session, schemas: Schemas) -> None:
             channels = [sidecar.channel() for sidecar in sidecars]
             rate_in_threads(_callers(channels, [ONE_TENANT] * s.threads, s.warmup))
             for _ in range(session.repeat):
-                one = rate_in_threads(_callers(channels, [ONE_TENANT] * s.threads, s.concurrent_calls))
+                one = rate_in_threads(_callers(channels, [ONE_TENANT] * s.threads, s.postgres_calls))
                 session.results.add(f"fleet.{size}.one_tenant.rate", one)
-                each = rate_in_threads(_callers(channels, tenants, s.concurrent_calls))
+                each = rate_in_threads(_callers(channels, tenants, s.postgres_calls))
                 session.results.add(f"fleet.{size}.tenants.rate", each)
                 session.results.add(f"fleet.{size}.batch.rate", _batch_rate(channels, s))
             if size == s.fleet_sidecars:

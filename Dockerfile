@@ -1,5 +1,6 @@
 # quota-sidecar: the gRPC service in a slim Python image, running as a
-# non-root user with its SQLite ledger on the /data volume.
+# non-root user with its SQLite ledger on the /data volume, or on a PostgreSQL
+# database (--ledger postgresql://..., deploy/compose.postgres.yaml).
 
 FROM python:3.11-slim AS builder
 
@@ -14,11 +15,13 @@ COPY client/ client/
 
 # The image runs the sidecar, so the wheel goes in with its `server` extra.
 # The venv is created at the path it keeps in the final stage, so its
-# interpreter link and script shebangs stay valid after the copy.
+# interpreter link and script shebangs stay valid after the copy. The postgres
+# extra (psycopg's binary wheels, libpq included) makes one image serve both
+# ledgers.
 RUN python -m venv /opt/quota-sidecar \
     && /opt/quota-sidecar/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && set -- /wheels/quota_sidecar-*.whl \
-    && /opt/quota-sidecar/bin/pip install --no-cache-dir "$1[server]"
+    && /opt/quota-sidecar/bin/pip install --no-cache-dir "$1[server,postgres]"
 
 
 FROM python:3.11-slim

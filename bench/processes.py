@@ -116,10 +116,16 @@ def wait_serving(channel: grpc.Channel, proc: subprocess.Popen[bytes], log: Path
 
 
 class SidecarProcess:
-    """One `quota-sidecar serve` over a SQLite ledger file, on free ports."""
+    """One `quota-sidecar serve` on free ports, over a SQLite ledger file (a Path) or the ledger a
+    URL names (a str: `postgresql://...`)."""
 
     def __init__(
-        self, processes: Processes, ledger: Path, *, serving_timeout: float = 3600.0, flags: Sequence[str] = ()
+        self,
+        processes: Processes,
+        ledger: Path | str,
+        *,
+        serving_timeout: float = 3600.0,
+        flags: Sequence[str] = (),
     ) -> None:
         self.processes = processes
         self.ledger = ledger
@@ -142,6 +148,8 @@ class SidecarProcess:
 
     def start(self) -> float:
         """Starts the process; returns the seconds from spawning it to health SERVING."""
+        # The SQLite synchronous mode is the run's, and means nothing to another backend.
+        on_sqlite = isinstance(self.ledger, Path)
         args = [
             sidecar_command(),
             "serve",
@@ -153,8 +161,7 @@ class SidecarProcess:
             ADMIN_TOKEN,
             "--metrics-address",
             f"127.0.0.1:{self.metrics_port}",
-            "--sqlite-synchronous",
-            self.processes.synchronous,
+            *(("--sqlite-synchronous", self.processes.synchronous) if on_sqlite else ()),
             *self.flags,
         ]
         self._channel = grpc.insecure_channel(self.address, options=FAST_RECONNECT)

@@ -153,6 +153,50 @@ def sections(sizes: Sizes, synchronous: str) -> list[Section]:
             Row("rename.seconds", f"RecordActivity STATUS_RENAMED x{sizes.rename_contacts:,} active", "s"),
         ),
     )
+
+    def versus_sqlite(figure: str, label: str, unit: str, goal: Goal | None = None) -> Row:
+        return Row(f"postgres.{figure}", label, unit, figure, "SQLite sidecar", goal=goal)
+
+    p50_sqlite = Goal("<= 1.3x SQLite", (("ratio<=", 1.3),))
+    on_postgres = Section(
+        "The same calls on PostgreSQL (one sidecar, synchronous_commit on; issue 16)",
+        (
+            versus_sqlite("checksend.new.p50_ms", "CheckSend p50, new contact", "ms", p50_sqlite),
+            versus_sqlite("checksend.new.p99_ms", "CheckSend p99, new contact", "ms"),
+            versus_sqlite("checksend.active.p50_ms", "CheckSend p50, active contact", "ms", p50_sqlite),
+            versus_sqlite("checksend.active.p99_ms", "CheckSend p99, active contact", "ms"),
+            versus_sqlite("checksend.new.rate", f"CheckSend calls/s {x}, new", "/s"),
+            versus_sqlite("checksend.active.rate", f"CheckSend calls/s {x}, active", "/s"),
+            versus_sqlite("batch.new.rate", f"CheckSendBatch x{sizes.batch:,}: decisions/s, new", "/s"),
+            versus_sqlite("batch.active.rate", f"CheckSendBatch x{sizes.batch:,}: decisions/s, active", "/s"),
+        ),
+    )
+    f = sizes.fleet_sidecars
+    fleet_rows = []
+    for figure, label, goal in (
+        ("one_tenant.rate", f"CheckSend calls/s {x}, new, one tenant", Goal(">= 2,500/s", ((">=", 2_500),))),
+        ("tenants.rate", f"CheckSend calls/s {x}, new, a tenant per caller", None),
+        (
+            "batch.rate",
+            f"CheckSendBatch x{sizes.batch:,} x{f} callers: decisions/s, new, one tenant",
+            Goal(">= 50k/s", ((">=", 50_000),)),
+        ),
+    ):
+        fleet_rows.append(Row(f"fleet.1.{figure}", f"1 sidecar: {label}", "/s"))
+        fleet_rows.append(
+            Row(f"fleet.{f}.{figure}", f"{f} sidecars: {label}", "/s", f"fleet.1.{figure}", "1 sidecar", goal=goal)
+        )
+    fleet_rows.append(
+        Row(
+            "fleet.race.over_admitted",
+            f"{f} sidecars racing a HARD limit of {sizes.race_limit:,}: admitted past it",
+            "contacts",
+            goal=Goal("none", (("<=", 0),)),
+        )
+    )
+    on_fleet = Section(
+        f"A fleet on one PostgreSQL ledger: 1 vs {f} sidecars, callers dealt round them (issue 16)", tuple(fleet_rows)
+    )
     n = _count(sizes.memory_contacts)
     storage_rows = [
         Row(
@@ -304,7 +348,7 @@ def sections(sizes: Sizes, synchronous: str) -> list[Section]:
             Row("restart.early.slow_calls", f"calls over 100 ms, first {sizes.restart_seconds} s", "calls"),
         ),
     )
-    return [floor, redis, sqlite, calls, storage, scaling, stalls]
+    return [floor, redis, sqlite, calls, on_postgres, on_fleet, storage, scaling, stalls]
 
 
 def _count(n: int) -> str:
@@ -321,6 +365,8 @@ def _format(value: float, unit: str) -> str:
         return f"{value:,.0f}/s"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "contacts":
+        return f"{value:,.0f} contacts"
     if unit == "MB":
         return f"{value:,.1f} MB"
     return f"{value:,.1f} {unit}"
@@ -374,7 +420,7 @@ def evaluate(results: Results, sizes: Sizes, synchronous: str) -> list[Line]:
 
 def table(lines: list[Line], results: Results, failures: dict[str, str], footer: list[str]) -> str:
     width = max([len(line.label) for line in lines] + [30])
-    head = f"{'figure':<{width}}  {'median':>15}  {'ratio':>7}  {'vs':<16}  {'goal (issue 5, 13)':<26}  met"
+    head = f"{'figure':<{width}}  {'median':>15}  {'ratio':>7}  {'vs':<16}  {'goal (issue 5, 13, 16)':<26}  met"
     out = [head, "-" * len(head)]
     section = None
     for line in lines:

@@ -1,10 +1,12 @@
-"""The sidecar's benchmark against the floors of its stack and a Redis baseline (issue 5).
+"""The sidecar's benchmark against the floors of its stack and a Redis baseline (issue 5),
+and on PostgreSQL beside SQLite, one sidecar and a fleet (issue 16).
 
     .venv/bin/python bench/run.py [--quick|--full] [--out results.json]
-                                  [--only SCENARIO,...] [--repeat N] [size flags]
+                                  [--only SCENARIO,...] [--repeat N] [--postgres URL] [size flags]
 
 Starts what it needs (the no-op gRPC server, `quota-sidecar serve` processes, raw
-SQLite files, keys on the local Redis) in a temporary folder, runs every scenario
+SQLite files, keys on the local Redis, schemas in the PostgreSQL database of
+--postgres) in a temporary folder, runs every scenario
 `--repeat` times, prints one table of medians with each figure's ratio to its floor
 or baseline and the issue's goal, and writes every raw figure, the sizes and the
 machine to a JSON file. See bench/README.md.
@@ -29,8 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import fleet
 import floors
 import grpc
+import psycopg
 import report
 import scenarios
 from fills import Ledgers
@@ -41,7 +45,8 @@ from sizes import FULL, HELP, QUICK, Sizes
 REPO = Path(__file__).resolve().parent.parent
 CALL_SCENARIOS = ("checksend", "batch", "coalesce", "rename", "floods")
 LEDGER_SCENARIOS = ("memory", "serving", "tenants", "sweep", "restart")
-SCENARIOS = ("floor", "redis", "sqlite", *CALL_SCENARIOS, "retention", *LEDGER_SCENARIOS)
+POSTGRES_SCENARIOS = ("postgres", "fleet")
+SCENARIOS = ("floor", "redis", "sqlite", *CALL_SCENARIOS, *POSTGRES_SCENARIOS, "retention", *LEDGER_SCENARIOS)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,6 +59,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the table shows their median")
     parser.add_argument("--tmp", type=Path, default=None, help="folder to make the run's temporary folder in")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (ledgers, process logs)")
+    parser.add_argument(
+        "--postgres",
+        default=fleet.DEFAULT_SERVER,
+        metavar="URL",
+        help="the PostgreSQL database the postgres and fleet scenarios make their schemas in (a libpq URL)",
+    )
     parser.add_argument(
         "--sqlite-synchronous",
         default="FULL",
@@ -96,7 +107,7 @@ def _counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated counts, got {text!r}") from None
 
 
-def machine() -> dict[str, Any]:
+def machine(postgres: str) -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = ""
     try:
@@ -135,6 +146,11 @@ def machine() -> dict[str, Any]:
             client.close()
     except Exception as exc:
         info["redis_server"] = f"unavailable ({type(exc).__name__})"
+    try:
+        with psycopg.connect(postgres, connect_timeout=2) as conn:
+            info["postgres_server"] = conn.info.parameter_status("server_version") or ""
+    except psycopg.Error as exc:
+        info["postgres_server"] = f"unavailable ({type(exc).__name__})"
     return info
 
 
@@ -146,7 +162,7 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def run_scenarios(session: Session, names: list[str], failures: dict[str, str]) -> None:
+def run_scenarios(session: Session, names: list[str], failures: dict[str, str], postgres: str) -> None:
     def attempt(name: str, work: Callable[[], None]) -> None:
         session.progress(f"{name}: start")
         try:
@@ -186,6 +202,16 @@ def run_scenarios(session: Session, names: list[str], failures: dict[str, str]) 
                     running.stop()
                 except Exception as exc:
                     failures["sidecar stop"] = f"{type(exc).__name__}: {exc}"
+    schemas = fleet.Schemas(postgres)
+    try:
+        for name in POSTGRES_SCENARIOS:
+            if name in names:
+                attempt(name, lambda name=name: getattr(fleet, name)(session, schemas))
+    finally:
+        try:
+            schemas.close()
+        except psycopg.Error as exc:
+            failures["postgres schemas"] = f"not dropped: {exc}"
     if "retention" in names:
         attempt("retention", lambda: scenarios.retention(session))
     ledgers = Ledgers(session)
@@ -215,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = Session(folder, processes, args.sizes, args.repeat)
     session.progress(f"{args.mode} run of {', '.join(args.scenarios)} in {folder}; {args.repeat} run(s) each")
     try:
-        run_scenarios(session, args.scenarios, failures)
+        run_scenarios(session, args.scenarios, failures, args.postgres)
     except KeyboardInterrupt:
         session.progress("interrupted: stopping every process started")
         return 130
@@ -226,12 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(folder, ignore_errors=True)
     wall = time.monotonic() - started
-    info = machine()
+    info = machine(args.postgres)
     lines = report.evaluate(session.results, args.sizes, args.sqlite_synchronous)
     footer = [
         f"{args.mode} run, medians of {args.repeat} run(s); wall time {wall:.0f} s; contact ids are 16 characters",
         f"machine: {info['cpu_model']}, {info['cores']} cores; Python {info['python']}, grpcio {info['grpc']},"
-        f" SQLite {info['sqlite']}, Redis {info.get('redis_server', '')}; commit {info['git_commit'][:12]}"
+        f" SQLite {info['sqlite']}, Redis {info.get('redis_server', '')},"
+        f" PostgreSQL {info.get('postgres_server', '')}; commit {info['git_commit'][:12]}"
         + (" (uncommitted changes)" if info["git_dirty"] else ""),
         f"raw figures: {args.out}",
     ]

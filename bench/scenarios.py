@@ -69,7 +69,7 @@ def _checked_call(
     return call
 
 
-def _caller(channel: grpc.Channel, requests: Sequence[pb.CheckSendRequest], newly_active: bool) -> Callable[[], int]:
+def caller(channel: grpc.Channel, requests: Sequence[pb.CheckSendRequest], newly_active: bool) -> Callable[[], int]:
     """One concurrent caller: its own stub on the shared channel."""
     stub = pb_grpc.QuotaServiceStub(channel)
 
@@ -101,9 +101,12 @@ def call_sidecar(session: Session) -> SidecarProcess:
     return sidecar
 
 
-def checksend(session: Session, sidecar: SidecarProcess, floor: GrpcFloor | None = None) -> None:
-    """CheckSend p50/p99 of one caller and calls/s of `threads` callers, new then active contacts;
-    with `floor`, one run of the floor's figures right before each run of these."""
+def checksend(
+    session: Session, sidecar: SidecarProcess, floor: GrpcFloor | None = None, figures: str = "checksend"
+) -> None:
+    """CheckSend p50/p99 of one caller and calls/s of `threads` callers, new then active contacts,
+    stored under `figures` (`checksend.new.p50_ms` ...); with `floor`, one run of the floor's figures
+    right before each run of these."""
     s = session.sizes
     stub = sidecar.quota()
     warm = [send_request(TENANT, c) for c in new_contact_ids(s.warmup)]
@@ -115,16 +118,17 @@ def checksend(session: Session, sidecar: SidecarProcess, floor: GrpcFloor | None
         requests = [send_request(TENANT, c) for c in new_contact_ids(s.calls)]
         for label, newly in (("new", True), ("active", False)):
             samples = latencies([_checked_call(stub, r, newly) for r in requests])
-            session.results.add(f"checksend.{label}.p50_ms", percentile(samples, 0.5) * 1e3)
-            session.results.add(f"checksend.{label}.p99_ms", percentile(samples, 0.99) * 1e3)
+            session.results.add(f"{figures}.{label}.p50_ms", percentile(samples, 0.5) * 1e3)
+            session.results.add(f"{figures}.{label}.p99_ms", percentile(samples, 0.99) * 1e3)
         parts = split([send_request(TENANT, c) for c in new_contact_ids(s.concurrent_calls)], s.threads)
         for label, newly in (("new", True), ("active", False)):
-            rate = rate_in_threads([_caller(sidecar.channel(), part, newly) for part in parts])
-            session.results.add(f"checksend.{label}.rate", rate)
+            rate = rate_in_threads([caller(sidecar.channel(), part, newly) for part in parts])
+            session.results.add(f"{figures}.{label}.rate", rate)
 
 
-def batch(session: Session, sidecar: SidecarProcess) -> None:
-    """CheckSendBatch decisions/s (median over batches), new contacts then the same ones active."""
+def batch(session: Session, sidecar: SidecarProcess, figures: str = "batch") -> None:
+    """CheckSendBatch decisions/s (median over batches), new contacts then the same ones active,
+    stored under `figures` (`batch.new.rate` ...)."""
     s = session.sizes
     stub = sidecar.quota()
     warm = [send_batch(TENANT, new_contact_ids(s.batch)) for _ in range(2)]
@@ -132,8 +136,8 @@ def batch(session: Session, sidecar: SidecarProcess) -> None:
     _batch_rate(stub, warm, new=False)
     for _ in range(session.repeat):
         requests = [send_batch(TENANT, new_contact_ids(s.batch)) for _ in range(s.batches)]
-        session.results.add("batch.new.rate", _batch_rate(stub, requests, new=True))
-        session.results.add("batch.active.rate", _batch_rate(stub, requests, new=False))
+        session.results.add(f"{figures}.new.rate", _batch_rate(stub, requests, new=True))
+        session.results.add(f"{figures}.active.rate", _batch_rate(stub, requests, new=False))
 
 
 def _batch_rate(stub: pb_grpc.QuotaServiceStub, requests: list[pb.CheckSendBatchRequest], *, new: bool) -> float:
@@ -142,12 +146,12 @@ def _batch_rate(stub: pb_grpc.QuotaServiceStub, requests: list[pb.CheckSendBatch
     rates = []
     for request in requests:
         size = len(request.contact_ids)
-        elapsed = latencies([functools.partial(_batch_call, stub, request, size if new else 0)])[0]
+        elapsed = latencies([functools.partial(batch_call, stub, request, size if new else 0)])[0]
         rates.append(size / elapsed)
     return statistics.median(rates)
 
 
-def _batch_call(stub: pb_grpc.QuotaServiceStub, request: pb.CheckSendBatchRequest, newly_active: int) -> None:
+def batch_call(stub: pb_grpc.QuotaServiceStub, request: pb.CheckSendBatchRequest, newly_active: int) -> None:
     answer = stub.CheckSendBatch(request, timeout=BATCH_TIMEOUT)
     if answer.allowed != len(request.contact_ids) or answer.newly_active != newly_active:
         raise WrongAnswer(

@@ -40,6 +40,9 @@ class Sizes:
     sweep_tenants: int
     sweep_seconds: int
     restart_seconds: int
+    postgres_calls: int
+    fleet_sidecars: int
+    race_limit: int
 
 
 QUICK = Sizes(
@@ -72,6 +75,9 @@ QUICK = Sizes(
     sweep_tenants=2_000,
     sweep_seconds=4,
     restart_seconds=5,
+    postgres_calls=500,
+    fleet_sidecars=3,
+    race_limit=200,
 )
 
 FULL = Sizes(
@@ -104,6 +110,9 @@ FULL = Sizes(
     sweep_tenants=50_000,
     sweep_seconds=20,
     restart_seconds=60,
+    postgres_calls=5_000,
+    fleet_sidecars=3,
+    race_limit=1_000,
 )
 
 HELP = {
@@ -136,4 +145,7 @@ HELP = {
     "sweep_tenants": "tenants past a notify threshold, each swept for a reminder every second",
     "sweep_seconds": "seconds the lone caller calls while reminder sweeps run, per run",
     "restart_seconds": "seconds after SERVING the lone caller calls while the filters build, per run",
+    "postgres_calls": "CheckSend calls per figure and run on PostgreSQL (one at a time, and by the callers together)",
+    "fleet_sidecars": "sidecars sharing one PostgreSQL ledger in the fleet scenario (measured against 1)",
+    "race_limit": "HARD limit the fleet's callers race for, asking for twice as many new contacts, per run",
 }

@@ -35,7 +35,7 @@ from .domain.model import Usage, UsageEvent
 from .engine import Engine, Retention
 from .grpc.service import QuotaAdminService, QuotaService, register
 from .ledger import Ledger, LedgerOptions
-from .ledger.factory import open_ledger
+from .ledger.factory import ledger_as_shown, open_ledger
 from .metrics.prometheus import Metrics, SidecarCollector, TenantFigures
 from .outbox.delivery import WEBHOOK, EventFeed, Webhook
 from .settings import Settings
@@ -243,7 +243,7 @@ class Sidecar:
             self.address,
             " with TLS" + (" (client certificates required)" if s.tls_client_ca else "") if s.tls_cert else "",
             metrics_at,
-            s.ledger,
+            ledger_as_shown(s.ledger),
             os.getpid(),
         )
         for wide in s.wide_binds:

@@ -30,6 +30,7 @@ from . import __version__
 from .app import Sidecar
 from .domain.errors import QuotaError
 from .ledger import LedgerOptionError
+from .ledger.factory import ledger_as_shown
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
 from .ledger.verify import VerifyError, verify_ledger
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
@@ -123,7 +124,7 @@ def serve(args: argparse.Namespace) -> int:
         sidecar.open()
     except (QuotaError, TenantsFileError, OSError) as exc:
         sidecar.stop(0)
-        print(f"quota-sidecar: cannot open the ledger {settings.ledger}: {exc}", file=sys.stderr)
+        print(f"quota-sidecar: cannot open the ledger {ledger_as_shown(settings.ledger)}: {exc}", file=sys.stderr)
         return 1
     received = None
     while sidecar.loading and received is None:

@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.refusing_server import RefusingServer
-from support.sidecar import START, RunningSidecar, start_sidecar
 
 from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.postgres import ensure_server
+from support.refusing_server import RefusingServer
+from support.sidecar import START, RunningSidecar, start_sidecar
 
 
 @pytest.fixture
@@ -71,3 +73,9 @@ def refusing_server() -> Iterator[RefusingServer]:
     server = RefusingServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> None:
+    """The local PostgreSQL, started if it is down; a test asking for it fails, never skips, without it."""
+    ensure_server()

@@ -52,14 +52,15 @@ from typing import Any
 
 import grpc
 from google.protobuf import text_format
-from support.oracle import read_rows
-from support.process import AUTH, Process, start
-from support.sqlite_file import file_reader
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.domain.clock import SystemClock
 from quota_sidecar.server.domain.model import Counters
+
+from support.oracle import read_rows
+from support.process import AUTH, Process, start
+from support.sqlite_file import file_reader
 
 DEADLINE_S = 10.0
 WORKERS = 6

@@ -6,7 +6,7 @@ handed to it by `Ledger.transact`. A backend is built by the factory
 (`LedgerOptions.backend`, `LedgerOptionError`), and its own figures it exposes
 through `Ledger.collector()`. The SQLite backend (`sqlite/`) is the embedded
 default; every backend must pass the same contract tests
-(tests/test_ledger_contract.py).
+(tests/ledger/test_ledger_contract.py).
 
 Concurrency contract, what a unit of work (the function given to `transact`) may
 assume:

@@ -4,14 +4,14 @@
 `postgresql://` or `postgres://`: the shared PostgreSQL ledger, imported only
 when asked for, so the embedded default needs no PostgreSQL driver.
 
-A backend module builds its ledger with `from_url(url, options)`, reading and
-checking its own options; a backend module without one is built as
-`PostgresLedger(url)`, from its URL alone.
+Each backend module builds its ledger with `from_url(url, options)`, reading and
+checking its own options.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from . import Ledger, LedgerOptionError, LedgerOptions
@@ -44,8 +44,16 @@ def _postgres(url: str, options: LedgerOptions) -> Ledger:
         raise LedgerOptionError(
             "ledger", f"the PostgreSQL ledger is not available in this installation ({exc}); use sqlite:///PATH"
         ) from None
-    from_url: Callable[[str, LedgerOptions], Ledger] | None = getattr(backend, "from_url", None)
-    if from_url is not None:
-        return from_url(url, options)
-    ledger: Ledger = backend.PostgresLedger(url)
-    return ledger
+    from_url: Callable[[str, LedgerOptions], Ledger] = backend.from_url
+    return from_url(url, options)
+
+
+# A password in a libpq URL: after the user in the authority, or the `password` parameter.
+_AUTHORITY_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/?#@:]*):[^/?#@]*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def ledger_as_shown(url_or_path: str) -> str:
+    """The ledger's URL as the sidecar logs and prints it: any password replaced by `***`,
+    the rest (scheme, user, host, database, other parameters) as given."""
+    return _QUERY_PASSWORD.sub(r"\1***", _AUTHORITY_PASSWORD.sub(r"\1:***@", url_or_path))

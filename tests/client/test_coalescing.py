@@ -23,7 +23,6 @@ from typing import Any
 
 import grpc
 import pytest
-from support.refusing_server import EAGER_RETRY
 
 from quota_sidecar.api.v1 import quota_pb2
 from quota_sidecar.client import (
@@ -37,6 +36,8 @@ from quota_sidecar.client import (
     SendDecision,
     Unavailable,
 )
+
+from support.refusing_server import EAGER_RETRY
 
 TENANT = "tenant-1"
 PLAN = Plan(

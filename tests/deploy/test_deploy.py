@@ -1,4 +1,5 @@
-"""Issue 4: the deploy/ examples and the Grafana files agree with the image, the sidecar's settings and each other.
+"""Issues 4 and 16: the deploy/ examples (one sidecar on SQLite; a fleet on PostgreSQL) and the Grafana files
+agree with the image, the sidecar's settings and each other.
 
 There is no Docker or Kubernetes engine (nor a Grafana server) where these tests run, so
 nothing here starts a container: the files are validated statically. Every YAML and JSON
@@ -6,7 +7,9 @@ file must parse; images are pinned; the host paths compose mounts exist; the por
 sidecar is given (read through the sidecar's own settings parser, flags over QUOTA_*
 variables over the Dockerfile's ENV) match the Dockerfile's EXPOSE, the published and
 container ports, the probes, the Prometheus scrape target and the prometheus.io
-annotations; the Secret, PersistentVolumeClaim and volumes the pod names exist; and the
+annotations; the Secret, PersistentVolumeClaim and volumes the pod names exist; the fleet's
+ledger URL (the example Secret's, the compose environment's) builds the PostgreSQL ledger
+and carries no password; and the
 dashboard follows the conventions Grafana provisioning and the end-to-end test rely on
 (stable uid, no numeric ids, the `datasource` variable everywhere, only known variables
 in queries). The queries themselves are run against a real Prometheus elsewhere.
@@ -18,6 +21,7 @@ import json
 import re
 import shlex
 import tomllib
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,6 +29,8 @@ from typing import Any
 import pytest
 import yaml
 
+from quota_sidecar.server.ledger.factory import open_ledger
+from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.sqlite import sqlite_path
 from quota_sidecar.server.probe import connectable_address
 from quota_sidecar.server.settings import Settings, settings_from
@@ -32,13 +38,18 @@ from quota_sidecar.server.settings import Settings, settings_from
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "deploy" / "compose.yaml"
+COMPOSE_FLEET = REPO / "deploy" / "compose.postgres.yaml"
 KUBERNETES = REPO / "deploy" / "kubernetes"
+KUBERNETES_FLEET = REPO / "deploy" / "kubernetes-postgres"
+KUSTOMIZATIONS = [KUBERNETES, KUBERNETES_FLEET]
 GRAFANA = REPO / "monitoring" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "quota-sidecar.json"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "quota-sidecar.yml"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 
 SIDECAR_SERVICE = "quota-sidecar"
+FLEET_SIDECARS = ("quota-sidecar-1", "quota-sidecar-2", "quota-sidecar-3")
+POSTGRES_SERVICE = "postgres"
 PROMETHEUS_JOB = "quota-sidecar"
 PROMETHEUS_DEFAULT_CONFIG = "/etc/prometheus/prometheus.yml"
 PROMETHEUS_PORT = 9090
@@ -55,9 +66,11 @@ RATIO_METRICS = {
 YAML_FILES = sorted(
     [
         COMPOSE,
+        COMPOSE_FLEET,
         DASHBOARD_PROVIDER,
         DATASOURCES,
         *KUBERNETES.glob("*.yaml"),
+        *KUBERNETES_FLEET.glob("*.yaml"),
     ]
 )
 
@@ -69,8 +82,8 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the final stage, continuation lines joined."""
+def dockerfile_instructions(every_stage: bool = False) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the final stage (of every stage with `every_stage`), continuation lines joined."""
     logical: list[str] = []
     pending = ""
     for line in DOCKERFILE.read_text().splitlines():
@@ -84,7 +97,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
         pending = ""
     last_from = max(i for i, text in enumerate(logical) if text.upper().startswith("FROM "))
     instructions = []
-    for text in logical[last_from:]:
+    for text in logical[0 if every_stage else last_from :]:
         word, _, rest = text.partition(" ")
         instructions.append((word.upper(), rest.strip()))
     return instructions
@@ -145,12 +158,12 @@ def sidecar_settings(argv: list[str], environment: Mapping[str, str]) -> Setting
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
 
 
-def compose() -> dict[str, Any]:
-    return load_yaml(COMPOSE)
+def compose(path: Path = COMPOSE) -> dict[str, Any]:
+    return load_yaml(path)
 
 
-def services() -> dict[str, Any]:
-    return compose()["services"]
+def services(path: Path = COMPOSE) -> dict[str, Any]:
+    return compose(path)["services"]
 
 
 def environment_of(service: Mapping[str, Any]) -> dict[str, str]:
@@ -211,41 +224,58 @@ def scrape_job(config: Mapping[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- kubernetes
 
 
-def manifests() -> list[dict[str, Any]]:
+def manifests(directory: Path = KUBERNETES) -> list[dict[str, Any]]:
     documents = []
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         documents.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
     return documents
 
 
-def of_kind(kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in manifests() if doc["kind"] == kind]
+def of_kind(kind: str, directory: Path = KUBERNETES) -> list[dict[str, Any]]:
+    return [doc for doc in manifests(directory) if doc["kind"] == kind]
 
 
-def pod_spec() -> dict[str, Any]:
-    (deployment,) = of_kind("Deployment")
+def pod_spec(directory: Path = KUBERNETES) -> dict[str, Any]:
+    (deployment,) = of_kind("Deployment", directory)
     return deployment["spec"]["template"]["spec"]
 
 
-def pod_containers() -> list[dict[str, Any]]:
-    spec = pod_spec()
+def pod_containers(directory: Path = KUBERNETES) -> list[dict[str, Any]]:
+    spec = pod_spec(directory)
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
-def sidecar_container() -> dict[str, Any]:
-    found = [c for c in pod_containers() if c["name"] == "quota-sidecar"]
+def sidecar_container(directory: Path = KUBERNETES) -> dict[str, Any]:
+    found = [c for c in pod_containers(directory) if c["name"] == "quota-sidecar"]
     assert len(found) == 1, "the pod has no container named quota-sidecar"
     return found[0]
 
 
-def kubernetes_sidecar_settings() -> Settings:
-    container = sidecar_container()
+def example_secret_value(directory: Path, ref: Mapping[str, str]) -> str:
+    """The value a secretKeyRef reads from the example Secret beside the manifests (secret.yaml)."""
+    secrets = {doc["metadata"]["name"]: doc for doc in of_kind("Secret", directory)}
+    assert ref["name"] in secrets, f"no Secret {ref['name']}"
+    return {**secrets[ref["name"]].get("data", {}), **secrets[ref["name"]].get("stringData", {})}[ref["key"]]
+
+
+def sidecar_environment(directory: Path = KUBERNETES) -> dict[str, str]:
+    """The sidecar container's environment, secretKeyRefs read from the example Secrets."""
+    env = {}
+    for e in sidecar_container(directory).get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            env[e["name"]] = example_secret_value(directory, ref)
+        else:
+            env[e["name"]] = e.get("value", f"stand-in-for-{e['name']}")
+    return env
+
+
+def kubernetes_sidecar_settings(directory: Path = KUBERNETES) -> Settings:
+    container = sidecar_container(directory)
     argv = [*container.get("command", [])[1:], *container.get("args", [])]
-    literal_env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    from_refs = {e["name"]: f"stand-in-for-{e['name']}" for e in container.get("env", []) if "valueFrom" in e}
-    return sidecar_settings(argv, {**literal_env, **from_refs})
+    return sidecar_settings(argv, sidecar_environment(directory))
 
 
 # ----------------------------------------------------------------------------- the dashboard
@@ -302,8 +332,10 @@ def test_every_yaml_file_parses(path: Path) -> None:
 
 
 def test_the_deploy_files_are_where_the_docs_say() -> None:
-    """Issue 4: a compose file, a Kubernetes example, the dashboard and both provisioning files exist."""
-    for path in (COMPOSE, DASHBOARD, DASHBOARD_PROVIDER, DATASOURCES, KUBERNETES / "kustomization.yaml"):
+    """Issue 4 and 16: the compose files and Kubernetes examples (SQLite and PostgreSQL), the dashboard and both
+    provisioning files exist."""
+    kustomizations = [directory / "kustomization.yaml" for directory in KUSTOMIZATIONS]
+    for path in (COMPOSE, COMPOSE_FLEET, DASHBOARD, DASHBOARD_PROVIDER, DATASOURCES, *kustomizations):
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
 
 
@@ -318,29 +350,31 @@ def test_compose_runs_the_sidecar_prometheus_and_grafana() -> None:
     assert context / build.get("dockerfile", "Dockerfile") == DOCKERFILE
 
 
-def test_compose_images_are_pinned() -> None:
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_FLEET], ids=lambda p: p.name)
+def test_compose_images_are_pinned(path: Path) -> None:
     """Issue 4: every image names a tag, and never `latest`, so the example runs what was written for; the image
-    built from this tree is tagged with the project's version."""
-    for name, service in services().items():
+    built from this tree (each service with `build`) is tagged with the project's version."""
+    for name, service in services(path).items():
         image = service.get("image")
         assert image, f"service {name} names no image"
         repository, _, tag = image.rpartition(":")
         assert repository and "/" not in tag, f"service {name}: {image} has no tag"
         assert tag != "latest", f"service {name}: {image} is not pinned"
-    built = services()[SIDECAR_SERVICE]["image"]
-    assert built.rpartition(":")[2] == project_version(), f"the image built from this tree is tagged {built}"
+    built = [service["image"] for service in services(path).values() if "build" in service]
+    assert built and all(image.rpartition(":")[2] == project_version() for image in built), built
 
 
-def test_compose_mounts_only_paths_that_exist_in_the_repository() -> None:
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_FLEET], ids=lambda p: p.name)
+def test_compose_mounts_only_paths_that_exist_in_the_repository(path: Path) -> None:
     """Issue 4: every host path compose mounts exists in the repository; named volumes are declared."""
-    declared = set(compose().get("volumes") or {})
-    for name, service in services().items():
+    declared = set(compose(path).get("volumes") or {})
+    for name, service in services(path).items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith((".", "/")):
-                path = (COMPOSE.parent / source).resolve()
-                assert path.exists(), f"service {name} mounts {source}, which does not exist"
-                assert REPO in path.parents, f"service {name} mounts {source}, outside the repository"
+                host = (path.parent / source).resolve()
+                assert host.exists(), f"service {name} mounts {source}, which does not exist"
+                assert REPO in host.parents, f"service {name} mounts {source}, outside the repository"
             else:
                 assert source in declared, f"service {name} uses volume {source}, not declared under volumes:"
 
@@ -356,9 +390,10 @@ def test_compose_sidecar_listens_where_the_image_exposes_and_publishes() -> None
     assert container_ports(services()[SIDECAR_SERVICE]) == ports
 
 
-def test_compose_publishes_ports_on_loopback_only() -> None:
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_FLEET], ids=lambda p: p.name)
+def test_compose_publishes_ports_on_loopback_only(path: Path) -> None:
     """Issue 4: the example publishes nothing beyond the host's loopback (the data-plane RPCs take no credential)."""
-    for name, service in services().items():
+    for name, service in services(path).items():
         for published in service.get("ports", []):
             assert str(published).startswith("127.0.0.1:"), f"service {name} publishes {published} on every interface"
 
@@ -389,6 +424,60 @@ def test_compose_asks_for_the_admin_token_instead_of_writing_one_down() -> None:
     """Issue 4: no admin token is committed; compose refuses to start until QUOTA_ADMIN_TOKEN is set."""
     value = services()[SIDECAR_SERVICE]["environment"]["QUOTA_ADMIN_TOKEN"]
     assert re.fullmatch(r"\$\{QUOTA_ADMIN_TOKEN:\?[^}]+\}", value), value
+
+
+def test_compose_fleet_runs_three_sidecars_beside_postgresql() -> None:
+    """Issue 16: compose.postgres.yaml runs PostgreSQL and three sidecars built from the repository's Dockerfile,
+    each listening where the image EXPOSEs on every interface and published on ports of its own."""
+    fleet = services(COMPOSE_FLEET)
+    assert set(fleet) == {POSTGRES_SERVICE, *FLEET_SIDECARS}
+    published: list[str] = []
+    for name in FLEET_SIDECARS:
+        build = fleet[name]["build"]
+        assert (COMPOSE_FLEET.parent / build["context"]).resolve() / build.get("dockerfile", "Dockerfile") == DOCKERFILE
+        settings = sidecar_settings(command_of(fleet[name]), environment_of(fleet[name]))
+        ports = {port_of(settings.address), port_of(settings.metrics_address)}
+        assert ports == dockerfile_exposed() == container_ports(fleet[name])
+        assert host_of(settings.address) == host_of(settings.metrics_address) == "0.0.0.0"
+        published += [str(p).rsplit(":", 1)[0] for p in fleet[name]["ports"]]
+    assert len(published) == len(set(published)), f"two sidecars publish one host port: {published}"
+
+
+def test_compose_fleet_ledger_is_the_postgresql_service() -> None:
+    """Issue 16: every sidecar's ledger is a libpq URL naming the postgres service, its database and user, with
+    no password in it (PGPASSWORD carries it, the one compose asks for, as the server's); the sidecars wait for
+    the server's health check; the database is on a named volume and published nowhere; synchronous_commit is
+    left on; no credential is written down."""
+    fleet = services(COMPOSE_FLEET)
+    postgres = fleet[POSTGRES_SERVICE]
+    server_env = postgres["environment"]
+    password = server_env["POSTGRES_PASSWORD"]
+    assert re.fullmatch(r"\$\{QUOTA_PG_PASSWORD:\?[^}]+\}", password), password
+    assert "healthcheck" in postgres and not postgres.get("ports")
+    assert any(
+        v.split(":")[1] == "/var/lib/postgresql/data" for v in postgres["volumes"] if not v.startswith((".", "/"))
+    )
+    assert "synchronous_commit" not in " ".join([*command_of(postgres), *map(str, server_env.values())])
+    for name in FLEET_SIDECARS:
+        env = fleet[name]["environment"]
+        url = sidecar_settings(command_of(fleet[name]), environment_of(fleet[name])).ledger
+        parts = urllib.parse.urlsplit(url)
+        assert parts.scheme in ("postgresql", "postgres") and parts.password is None, url
+        assert (parts.hostname, parts.username, parts.path.lstrip("/")) == (
+            POSTGRES_SERVICE,
+            server_env["POSTGRES_USER"],
+            server_env["POSTGRES_DB"],
+        )
+        assert isinstance(open_ledger(url), PostgresLedger)
+        assert env["PGPASSWORD"] == password
+        assert re.fullmatch(r"\$\{QUOTA_ADMIN_TOKEN:\?[^}]+\}", env["QUOTA_ADMIN_TOKEN"])
+        assert fleet[name]["depends_on"][POSTGRES_SERVICE]["condition"] == "service_healthy"
+
+
+def test_the_image_serves_both_ledgers() -> None:
+    """Issue 16: the image installs the postgres extra, so the one image runs on SQLite and on PostgreSQL."""
+    runs = " ".join(rest for word, rest in dockerfile_instructions(every_stage=True) if word == "RUN")
+    assert re.search(r"\[server,postgres\]", runs) and "quota_sidecar-" in runs, runs
 
 
 def test_prometheus_scrapes_the_sidecars_metrics_port() -> None:
@@ -430,72 +519,79 @@ def test_grafana_datasource_is_the_compose_prometheus() -> None:
 # ============================================================================= tests: kubernetes
 
 
-def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_kustomization_lists_every_manifest_but_the_example_secret(directory: Path) -> None:
     """Issue 4: `kubectl apply -k deploy/kubernetes` applies every manifest, except the Secret whose token is a
     placeholder (it is created with kubectl create secret instead)."""
-    listed = load_yaml(KUBERNETES / "kustomization.yaml")["resources"]
+    listed = load_yaml(directory / "kustomization.yaml")["resources"]
     for name in listed:
-        assert (KUBERNETES / name).is_file(), f"kustomization.yaml lists {name}, which does not exist"
-    on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+        assert (directory / name).is_file(), f"kustomization.yaml lists {name}, which does not exist"
+    on_disk = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(listed) == on_disk - {"secret.yaml"}
 
 
-def test_every_manifest_names_its_api_kind_and_name() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_every_manifest_names_its_api_kind_and_name(directory: Path) -> None:
     """Issue 4: each Kubernetes document has apiVersion, kind and metadata.name."""
-    for doc in manifests():
+    for doc in manifests(directory):
         assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), doc
 
 
-def test_pod_runs_a_worker_beside_the_sidecar() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_pod_runs_a_worker_beside_the_sidecar(directory: Path) -> None:
     """Issue 4: the pod runs the user's worker and the sidecar (at the project's version), the worker dialing it
     on localhost; a sidecar declared as an init container keeps running (restartPolicy Always) instead of
     blocking the worker."""
-    names = {c["name"] for c in pod_containers()}
+    names = {c["name"] for c in pod_containers(directory)}
     assert names == {"mail-worker", "quota-sidecar"}
-    assert sidecar_container()["image"].endswith(f"/quota-sidecar:{project_version()}")
-    grpc_port = port_of(kubernetes_sidecar_settings().address)
-    (worker,) = pod_spec()["containers"]
+    assert sidecar_container(directory)["image"].endswith(f"/quota-sidecar:{project_version()}")
+    grpc_port = port_of(kubernetes_sidecar_settings(directory).address)
+    (worker,) = pod_spec(directory)["containers"]
     dials = [e["value"] for e in worker.get("env", []) if str(e.get("value", "")).startswith("localhost:")]
     assert dials == [f"localhost:{grpc_port}"]
-    if sidecar_container() in pod_spec().get("initContainers", []):
-        assert sidecar_container()["restartPolicy"] == "Always"
+    if sidecar_container(directory) in pod_spec(directory).get("initContainers", []):
+        assert sidecar_container(directory)["restartPolicy"] == "Always"
 
 
-def test_sidecar_container_ports_match_its_flags_and_the_image() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_sidecar_container_ports_match_its_flags_and_the_image(directory: Path) -> None:
     """Issue 4: the container ports are the gRPC and metrics ports the flags give, which the image EXPOSEs,
     both bound on every interface (the kubelet probes and Prometheus scrapes the pod's IP)."""
-    settings = kubernetes_sidecar_settings()
-    ports = {p["name"]: p["containerPort"] for p in sidecar_container()["ports"]}
+    settings = kubernetes_sidecar_settings(directory)
+    ports = {p["name"]: p["containerPort"] for p in sidecar_container(directory)["ports"]}
     assert ports == {"grpc": port_of(settings.address), "metrics": port_of(settings.metrics_address)}
     assert set(ports.values()) == dockerfile_exposed()
     assert host_of(settings.address) == "0.0.0.0"
     assert host_of(settings.metrics_address) == "0.0.0.0"
 
 
-def test_sidecar_probes_ask_the_grpc_health_service_on_the_grpc_port() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_sidecar_probes_ask_the_grpc_health_service_on_the_grpc_port(directory: Path) -> None:
     """Issue 4: readiness and liveness (and startup) are native gRPC probes on the port gRPC listens on."""
-    grpc_port = port_of(kubernetes_sidecar_settings().address)
-    container = sidecar_container()
+    grpc_port = port_of(kubernetes_sidecar_settings(directory).address)
+    container = sidecar_container(directory)
     assert {"readinessProbe", "livenessProbe"} <= set(container)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in container:
             assert container[probe]["grpc"]["port"] == grpc_port, probe
 
 
-def test_pod_is_annotated_for_scraping_on_the_metrics_port() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_pod_is_annotated_for_scraping_on_the_metrics_port(directory: Path) -> None:
     """Issue 4: prometheus.io/scrape, port (the metrics port the flags give) and path annotate the pod."""
-    (deployment,) = of_kind("Deployment")
+    (deployment,) = of_kind("Deployment", directory)
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(port_of(kubernetes_sidecar_settings().metrics_address))
+    assert annotations["prometheus.io/port"] == str(port_of(kubernetes_sidecar_settings(directory).metrics_address))
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_network_policy_admits_the_metrics_port_and_not_grpc() -> None:
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_network_policy_admits_the_metrics_port_and_not_grpc(directory: Path) -> None:
     """Issue 4: other pods reach the metrics port; the unauthenticated gRPC port stays for the worker beside it."""
-    settings = kubernetes_sidecar_settings()
-    (policy,) = of_kind("NetworkPolicy")
-    (deployment,) = of_kind("Deployment")
+    settings = kubernetes_sidecar_settings(directory)
+    (policy,) = of_kind("NetworkPolicy", directory)
+    (deployment,) = of_kind("Deployment", directory)
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     admitted = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
@@ -503,13 +599,14 @@ def test_network_policy_admits_the_metrics_port_and_not_grpc() -> None:
     assert port_of(settings.address) not in admitted
 
 
-def test_secrets_claims_and_volumes_the_pod_names_exist() -> None:
-    """Issue 4: each secretKeyRef names a Secret and key defined in deploy/kubernetes, each claim a PVC there,
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_secrets_claims_and_volumes_the_pod_names_exist(directory: Path) -> None:
+    """Issue 4: each secretKeyRef names a Secret and key defined beside it, each claim a PVC there,
     and each volumeMount a volume of the pod."""
-    secrets = {doc["metadata"]["name"]: doc for doc in of_kind("Secret")}
-    claims = {doc["metadata"]["name"] for doc in of_kind("PersistentVolumeClaim")}
-    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
-    for container in pod_containers():
+    secrets = {doc["metadata"]["name"]: doc for doc in of_kind("Secret", directory)}
+    claims = {doc["metadata"]["name"] for doc in of_kind("PersistentVolumeClaim", directory)}
+    volumes = {v["name"]: v for v in pod_spec(directory).get("volumes", [])}
+    for container in pod_containers(directory):
         for env in container.get("env", []):
             ref = env.get("valueFrom", {}).get("secretKeyRef")
             if ref:
@@ -521,6 +618,17 @@ def test_secrets_claims_and_volumes_the_pod_names_exist() -> None:
     for volume in volumes.values():
         if "persistentVolumeClaim" in volume:
             assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+def assert_sidecar_runs_as_the_images_user(directory: Path) -> None:
+    """The sidecar runs as the image's non-root uid, on a read-only root filesystem, with a memory limit."""
+    container = sidecar_container(directory)
+    security = {**pod_spec(directory).get("securityContext", {}), **container.get("securityContext", {})}
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == dockerfile_uid()
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert "memory" in container["resources"]["limits"]
 
 
 def test_sidecar_keeps_its_ledger_on_the_claim_and_runs_as_the_images_user() -> None:
@@ -535,16 +643,39 @@ def test_sidecar_keeps_its_ledger_on_the_claim_and_runs_as_the_images_user() -> 
         if "persistentVolumeClaim" in volumes[m["name"]] and PurePosixPath(m["mountPath"]) in ledger.parents
     ]
     assert on_claim, f"{ledger} is not on a PersistentVolumeClaim"
-    pod_security = pod_spec().get("securityContext", {})
-    security = {**pod_security, **container.get("securityContext", {})}
-    assert security["runAsNonRoot"] is True
-    assert security["runAsUser"] == dockerfile_uid()
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert "memory" in container["resources"]["limits"]
+    assert_sidecar_runs_as_the_images_user(KUBERNETES)
     (deployment,) = of_kind("Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_the_fleet_runs_three_replicas_on_a_postgresql_url_from_a_secret() -> None:
+    """Issue 16: deploy/kubernetes-postgres runs 3 replicas (rolled one by one: every pod may write) whose
+    sidecars read the ledger's libpq URL from a Secret, the password apart from it (PGPASSWORD, from the Secret
+    too, so it is never part of a URL a log line could show); the URL builds the PostgreSQL ledger; no volume
+    holds a ledger; at most one pod is taken down at a time; the sidecar runs as the image's user."""
+    (deployment,) = of_kind("Deployment", KUBERNETES_FLEET)
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in sidecar_container(KUBERNETES_FLEET)["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {"QUOTA_LEDGER", "PGPASSWORD", "QUOTA_ADMIN_TOKEN"} <= set(refs)
+    url = kubernetes_sidecar_settings(KUBERNETES_FLEET).ledger
+    parts = urllib.parse.urlsplit(url)
+    assert parts.scheme in ("postgresql", "postgres") and parts.password is None, url
+    assert isinstance(open_ledger(url), PostgresLedger)
+    assert not of_kind("PersistentVolumeClaim", KUBERNETES_FLEET)
+    assert not pod_spec(KUBERNETES_FLEET).get("volumes")
+    (budget,) = of_kind("PodDisruptionBudget", KUBERNETES_FLEET)
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert (
+        budget["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert_sidecar_runs_as_the_images_user(KUBERNETES_FLEET)
 
 
 # ============================================================================= tests: the dashboard

@@ -1,5 +1,6 @@
 """Docs that tests keep honest: every setting is in docs/settings.md, every metric in
-docs/monitoring.md, every quotactl command and the test command in the README."""
+docs/monitoring.md, every quotactl command and the test command in the README; the
+topologies page names files that exist and every table of the PostgreSQL schema."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import urllib.request
 from dataclasses import fields
 from pathlib import Path
 
-from support.sidecar import RunningSidecar
+import psycopg
 
 from quota_sidecar.client.cli import COMMANDS
+from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.settings import Settings
+
+from support.postgres import SERVER, schema_for, schema_url
+from support.sidecar import RunningSidecar
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -109,3 +114,42 @@ def test_every_docs_page_is_linked_from_the_readme_or_the_docs_index() -> None:
     }
     for page in PAGES[1:]:
         assert page.resolve() in linked, f"docs/{page.name} is linked from nowhere"
+
+
+TOPOLOGIES = (ROOT / "docs" / "topologies.md").read_text()
+
+
+def test_the_topologies_page_names_only_files_that_exist() -> None:
+    """Issue 16: every repository path docs/topologies.md names exists (its links are checked with every page's)."""
+    named = re.findall(r"`((?:tests|deploy|server|docs|bench)/[\w./-]*\w)`", TOPOLOGIES)
+    assert named
+    for path in named:
+        assert (ROOT / path).exists(), f"docs/topologies.md names {path}, which does not exist"
+
+
+def test_the_citus_statements_name_every_table_of_the_postgresql_schema(postgres_server: None, tmp_path: Path) -> None:
+    """Issue 16 (schema ready for Citus, by tenant): the tables docs/topologies.md distributes and those it
+    replicates are, together, every table the sidecar creates, and each distributed one has tenant_id first in
+    its primary key."""
+    sql = TOPOLOGIES.split("```sql", 1)[1].split("```", 1)[0]
+    distributed_part, reference_part = sql.split("create_reference_table", 1)
+    distributed = set(re.findall(r"'(\w+)'", distributed_part)) - {"tenant_id", "citus"}
+    reference = set(re.findall(r"'(\w+)'", reference_part))
+    with schema_for(tmp_path) as schema:
+        ledger = PostgresLedger(schema_url(schema))
+        ledger.open()
+        ledger.close()
+        with psycopg.connect(SERVER) as conn:
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))}
+            first_key = dict(
+                conn.execute(
+                    "SELECT c.relname, a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]"
+                    " WHERE i.indisprimary AND n.nspname = %s",
+                    (schema,),
+                ).fetchall()
+            )
+    assert not distributed & reference
+    assert distributed | reference == tables
+    assert {t: first_key[t] for t in distributed} == {t: "tenant_id" for t in distributed}

@@ -12,9 +12,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support.engine import ANCHOR, AUTOMATION, CAMPAIGN, MESSAGE_SENT, NOW, TRANSACTIONAL, T, batch, plan, record, send
-from support.oracle import assert_figures_equal_rows
-from support.sqlite_file import snapshot
 
 from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
 from quota_sidecar.server.domain.errors import InvalidArgument, NotFound
@@ -35,6 +32,10 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.engine import ANCHOR, AUTOMATION, CAMPAIGN, MESSAGE_SENT, NOW, TRANSACTIONAL, T, batch, plan, record, send
+from support.oracle import assert_figures_equal_rows
+from support.sqlite_file import snapshot
 
 UTC = UTC
 # the cycle containing NOW

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import sqlite_utils
-from support.held import T, add, ids, preset
-from support.sqlite_file import snapshot
 
 from quota_sidecar.server.domain.clock import FakeClock, to_us
 from quota_sidecar.server.domain.cycles import cycle_at
@@ -43,6 +41,9 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
+
+from support.held import T, add, ids, preset
+from support.sqlite_file import snapshot
 
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)

@@ -20,10 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.backends import writer_blocked
-from support.engine import ANCHOR, CAMPAIGN, NOW, batch, plan, record, send
-from support.oracle import assert_figures_equal_rows
-from support.waiting import wait_until
 
 from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
 from quota_sidecar.server.domain.cycles import cycle_at
@@ -32,6 +28,11 @@ from quota_sidecar.server.domain.model import ActivityKind, Decision, Enforcemen
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger import LedgerTx
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.backends import writer_blocked
+from support.engine import ANCHOR, CAMPAIGN, NOW, batch, plan, record, send
+from support.oracle import assert_figures_equal_rows
+from support.waiting import wait_until
 
 T = "tenant-a"
 OTHER = "tenant-b"

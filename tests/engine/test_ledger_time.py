@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import sqlite_utils
-from support.oracle import assert_figures_equal_rows
 
 from quota_sidecar.server.domain.clock import FakeClock, to_us
 from quota_sidecar.server.domain.model import ActivityKind, Channel, ContactSource, MessageKind
@@ -25,6 +24,8 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger, _keep_ledger_time
+
+from support.oracle import assert_figures_equal_rows
 
 T = "tenant-t"
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)

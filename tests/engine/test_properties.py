@@ -41,7 +41,6 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from support.oracle import pages_of_activations
 
 from quota_sidecar.server.domain.clock import MICROS, FakeClock, from_us, to_us
 from quota_sidecar.server.domain.model import (
@@ -68,6 +67,8 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.oracle import pages_of_activations
 
 EXAMPLES = int(os.environ.get("QUOTA_PROPERTY_EXAMPLES", "60"))
 STEPS = 40

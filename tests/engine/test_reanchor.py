@@ -16,7 +16,6 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.sidecar import RunningSidecar, start_sidecar
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock, from_us, to_us
@@ -42,6 +41,8 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.sidecar import RunningSidecar, start_sidecar
 
 T = "tenant-r"
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)

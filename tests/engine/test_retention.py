@@ -22,7 +22,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.sidecar import RunningSidecar, start_sidecar
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
@@ -48,6 +47,8 @@ from quota_sidecar.server.engine import (
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger
 from quota_sidecar.server.ledger.verify import verify_ledger
 from quota_sidecar.server.outbox.delivery import WEBHOOK
+
+from support.sidecar import RunningSidecar, start_sidecar
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # A ledger written by the release before answers were stored compactly, with the

@@ -1,9 +1,12 @@
 """The ledger contract (server/ledger/__init__.py) that every backend must pass.
 
-One test class, parametrised over `BACKENDS`; only SQLite exists today. A new
-backend (PostgreSQL) adds one `Backend` entry: how to build a ledger at a test
-location, and how many units are waiting for its writer (used to line units up
-into one group commit without timing anything).
+One test class, parametrised over `BACKENDS` (SQLite and PostgreSQL, each test on a
+store of its own: a file, or a schema dropped afterwards). A `Backend` entry says how
+to build a ledger at a test location and, for a backend with group commit, how many
+units are waiting for its writer (used to line units up into one group commit without
+timing anything). Three classes hold what only some backends promise: group commit
+(SQLite), one writer per store (SQLite), and several ledgers writing one store at once
+(PostgreSQL: the multi-instance cases).
 
 Rules served: the durability and isolation the engine relies on for "counted
 atomically with the decision" and "nothing decided and acknowledged is lost"
@@ -14,6 +17,7 @@ and request_id answers kept durably (api.md Errors).
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,22 +25,30 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from support.backends import BACKENDS, Backend, _Call, writer_blocked
-from support.waiting import wait_until
 
 from quota_sidecar.server.domain.errors import DeadlineExceeded, LedgerUnavailable
 from quota_sidecar.server.domain.model import (
     Activation,
+    AuditEntry,
     ContactRecord,
     Counters,
     HeldSpan,
     Holdings,
+    NoticeState,
     Reanchor,
     StoredPlan,
     StoredResult,
+    Usage,
     UsageContext,
+    UsageEvent,
+    UsageEventType,
+    UsageFigure,
+    UsageState,
 )
 from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
+
+from support.backends import BACKENDS, GROUPING, SHARED, SINGLE_WRITER, Backend, _Call, writer_blocked
+from support.waiting import wait_until
 
 T = "tenant-a"
 C1 = 1_771_142_400_000_000  # a cycle start
@@ -49,8 +61,12 @@ def act(contact_id: str, sends: int = 1, at: int = C1 + 1, activity: str = "CAMP
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return request.param
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    chosen: Backend = request.param
+    if chosen.on_postgres:
+        request.getfixturevalue("postgres_server")
+    with chosen.store(tmp_path):
+        yield chosen
 
 
 @pytest.fixture
@@ -269,101 +285,21 @@ class TestLedgerContract:
         ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
         assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
 
-    def test_a_unit_that_raises_fails_alone_while_the_rest_of_its_group_commits(
-        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
-    ):
-        """Ledger docstring / api.md Errors: group commit isolates units; other callers' decisions still commit."""
-
-        def good(name: str) -> Callable[[LedgerTx], str]:
-            def unit(tx: LedgerTx) -> str:
-                tx.activate(T, C1, [act(name)])
-                return name
-
-            return unit
-
-        def bad(tx: LedgerTx) -> None:
-            tx.activate(T, C1, [act("b")])
-            raise RuntimeError("unit b fails")
-
-        with writer_blocked(ledger):
-            calls = [_Call(ledger, good("a"))]
-            wait_until(lambda: backend.pending(ledger) == 1, "unit a queued")
-            calls.append(_Call(ledger, bad))
-            wait_until(lambda: backend.pending(ledger) == 2, "unit b queued")
-            calls.append(_Call(ledger, good("c")))
-            wait_until(lambda: backend.pending(ledger) == 3, "unit c queued")
-        for c in calls:
-            c.join()
-        assert (calls[0].result, calls[0].error) == ("a", None)
-        assert isinstance(calls[1].error, RuntimeError)
-        assert (calls[2].result, calls[2].error) == ("c", None)
-        assert (3, True) in commits  # the three shared one commit
-        assert ledger.read(lambda r: [r.activation(T, C1, c) is not None for c in "abc"]) == [True, False, True]
-        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 2)
-
-    def test_a_unit_whose_statement_violates_a_constraint_fails_alone_while_the_rest_of_its_group_commits(
-        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
-    ):
-        """Ledger docstring / api.md Errors (SG-2, SG-8): a unit breaking activate's precondition (contact
-        already active) is still just a unit that raises: it fails alone, its neighbours commit, and the
-        ledger stays ready."""
-        ledger.transact(lambda tx: tx.activate(T, C1, [act("dup")]))
-
-        def good(name: str) -> Callable[[LedgerTx], str]:
-            def unit(tx: LedgerTx) -> str:
-                tx.activate(T, C1, [act(name)])
-                return name
-
-            return unit
-
-        def bad(tx: LedgerTx) -> None:
-            tx.activate(T, C1, [act("dup")])  # already active: the store refuses the row
-
-        with writer_blocked(ledger):
-            calls = [_Call(ledger, good("a"))]
-            wait_until(lambda: backend.pending(ledger) == 1, "unit a queued")
-            calls.append(_Call(ledger, bad))
-            wait_until(lambda: backend.pending(ledger) == 2, "unit dup queued")
-            calls.append(_Call(ledger, good("c")))
-            wait_until(lambda: backend.pending(ledger) == 3, "unit c queued")
-        for c in calls:
-            c.join()
-        assert calls[1].error is not None
-        assert (calls[0].result, calls[0].error) == ("a", None)
-        assert (calls[2].result, calls[2].error) == ("c", None)
-        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
-        assert ledger.ready
-
-    def test_a_unit_whose_deadline_passed_while_it_waited_is_not_run(self, backend: Backend, ledger: Ledger):
-        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"): a unit is not started
-        once its deadline has passed; the caller gets DeadlineExceeded, nothing it would have written is stored,
-        and a unit whose deadline is still ahead commits."""
+    def test_a_unit_whose_deadline_has_passed_is_not_started(self, ledger: Ledger):
+        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"), on every backend:
+        a unit given a deadline already past is never run and the call is DeadlineExceeded; one whose
+        deadline is ahead commits."""
         ran: list[str] = []
 
-        def unit(name: str) -> Callable[[LedgerTx], str]:
-            def work(tx: LedgerTx) -> str:
-                ran.append(name)
-                tx.activate(T, C1, [act(name)])
-                return name
+        def unit(tx: LedgerTx) -> None:
+            ran.append("ran")
+            tx.activate(T, C1, [act("a")])
 
-            return work
-
-        with writer_blocked(ledger):
-            late = _Call(ledger, unit("late"), deadline=time.monotonic() + 0.05)
-            wait_until(lambda: backend.pending(ledger) == 1, "the late unit queued")
-            timely = _Call(ledger, unit("timely"), deadline=time.monotonic() + 60)
-            wait_until(lambda: backend.pending(ledger) == 2, "the timely unit queued")
-            time.sleep(0.1)
-        late.join()
-        timely.join()
-        assert isinstance(late.error, DeadlineExceeded)
-        assert (timely.result, timely.error) == ("timely", None)
-        assert ran == ["timely"]
-        assert ledger.read(lambda r: r.active_among(T, C1, ["late", "timely"])) == {"timely"}
-        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
         with pytest.raises(DeadlineExceeded):
-            ledger.transact(unit("past"), deadline=time.monotonic() - 1)
-        assert ran == ["timely"] and ledger.ready
+            ledger.transact(unit, deadline=time.monotonic() - 1)
+        assert ran == [] and ledger.read(lambda r: r.counters(T, C1)) == Counters()
+        ledger.transact(unit, deadline=time.monotonic() + 60)
+        assert ran == ["ran"] and ledger.ready
 
     def test_the_backend_figures_and_loading_are_behind_the_interface(self, ledger: Ledger):
         """style.md (backend metrics through a collector it exposes): whatever the backend reports at scrape time
@@ -385,6 +321,74 @@ class TestLedgerContract:
             lg.transact(lambda tx: tx.put_plan(T, "p", 1))
         with pytest.raises(LedgerUnavailable):
             lg.read(lambda r: r.plan(T))
+
+    def test_tenants_are_those_with_a_plan_in_id_order(self, ledger: Ledger):
+        """LedgerReader.tenants (the per-tenant metrics read every tenant through it): every tenant with a
+        plan, ordered by id; figures alone make no tenant."""
+        ledger.transact(lambda tx: (tx.put_plan("b", "p", 1), tx.put_plan("a", "p", 1), tx.count_sends("c", C1, 1)))
+        assert ledger.read(lambda r: r.tenants()) == ["a", "b"]
+
+    # -- notifications ---------------------------------------------------------------------------
+
+    def test_notice_states_are_kept_per_figure_and_the_raised_ones_listed(self, ledger: Ledger):
+        """AC-1 (reminders while a figure stays above a threshold): each figure's notice state is kept
+        and replaced; the raised ones (level above 0) are listed by tenant and figure."""
+        ledger.transact(lambda tx: tx.put_notice(T, UsageFigure.CONTACTS, NoticeState(0.8, C1, 5)))
+        ledger.transact(lambda tx: tx.put_notice(T, UsageFigure.SENDS, NoticeState(0.0, C1, 0)))
+        ledger.transact(lambda tx: tx.put_notice("tenant-b", UsageFigure.SENDS, NoticeState(0.5, C1, 6)))
+        ledger.transact(lambda tx: tx.put_notice(T, UsageFigure.CONTACTS, NoticeState(0.9, C1, 7)))
+        assert ledger.read(lambda r: r.notice(T, UsageFigure.CONTACTS)) == NoticeState(0.9, C1, 7)
+        assert ledger.read(lambda r: r.notice(T, UsageFigure.SENDS)) == NoticeState(0.0, C1, 0)
+        assert ledger.read(lambda r: r.notice("nobody", UsageFigure.CONTACTS)) is None
+        assert ledger.read(lambda r: r.raised_notices()) == [
+            (T, UsageFigure.CONTACTS, NoticeState(0.9, C1, 7)),
+            ("tenant-b", UsageFigure.SENDS, NoticeState(0.5, C1, 6)),
+        ]
+
+    def test_the_outbox_lists_events_in_order_and_prunes_only_old_delivered_ones(self, ledger: Ledger):
+        """docs/notifications.md (events in order, resumable by sequence): events listed after a sequence,
+        for all tenants or one; a consumer's cursor never moves back; pruning takes the oldest events up
+        to a sequence, and only those written before the instant given."""
+        seqs = [
+            ledger.transact(lambda tx, tenant=tenant, name=name: tx.add_event(event(tenant, name)))
+            for tenant, name in ((T, "e1"), ("tenant-b", "e2"), (T, "e3"))
+        ]
+        assert seqs == [1, 2, 3]
+        listed = ledger.read(lambda r: r.events_after(0, "", 10))
+        assert [(e.event_id, e.sequence) for e in listed] == [("e1", 1), ("e2", 2), ("e3", 3)]
+        assert listed[1] == replace(event("tenant-b", "e2"), sequence=2)
+        assert [e.event_id for e in ledger.read(lambda r: r.events_after(1, T, 10))] == ["e3"]
+        assert [e.event_id for e in ledger.read(lambda r: r.events_after(0, "", 2))] == ["e1", "e2"]
+        assert ledger.read(lambda r: (r.pending_events(1), r.pending_events(3), r.last_event_seq())) == (
+            (2, C1 + 5),
+            (0, None),
+            3,
+        )
+        assert ledger.read(lambda r: r.event_cursor("webhook")) == 0
+        ledger.transact(lambda tx: tx.put_event_cursor("webhook", 2))
+        ledger.transact(lambda tx: tx.put_event_cursor("webhook", 1))
+        assert ledger.read(lambda r: r.event_cursor("webhook")) == 2
+        assert ledger.transact(lambda tx: tx.prune_events(C1 + 5, 3, 10)) == 0
+        assert ledger.transact(lambda tx: tx.prune_events(C1 + 6, 2, 1)) == 1
+        assert ledger.transact(lambda tx: tx.prune_events(C1 + 6, 2, 10)) == 1
+        assert [e.event_id for e in ledger.read(lambda r: r.events_after(0, "", 10))] == ["e3"]
+
+    def test_kept_answers_and_audit_rows_are_pruned_oldest_first_and_only_when_old(self, ledger: Ledger):
+        """api.md (answers kept for retries, then pruned), operations.md Retention: pruning
+        deletes up to `limit` of the oldest rows written before the instant given, and nothing newer."""
+        second = 1_000_000
+        for n in range(1, 5):
+            answer = StoredResult(b"fp", bytes([n]), CONTEXT)
+            ledger.transact(lambda tx, n=n, answer=answer: tx.store_result(T, "CheckSend", f"r{n}", answer, n * second))
+            entry = AuditEntry(n * second, T, C1, "CheckSend", f"c{n}", "ALLOW", "OK", 1, 1)
+            ledger.transact(lambda tx, entry=entry: tx.audit([entry]))
+        assert ledger.transact(lambda tx: tx.prune_results(3 * second, 10)) == 2
+        assert ledger.transact(lambda tx: tx.prune_results(10 * second, 1)) == 1
+        kept = ledger.read(lambda r: [r.stored_result(T, "CheckSend", f"r{n}") is not None for n in range(1, 5)])
+        assert kept == [False, False, False, True]
+        assert ledger.transact(lambda tx: tx.prune_audit(3 * second, 10)) == 2
+        assert ledger.transact(lambda tx: tx.prune_audit(3 * second, 10)) == 0
+        assert ledger.transact(lambda tx: tx.prune_audit(10 * second, 1)) == 1
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -445,7 +449,9 @@ class TestLedgerContract:
                 return [c for c in chunk if tx.activation(T, C1, c) is None]
 
             assert ledger.transact(unit) == []
-        wait_until(lambda: (backend.filter_capacity(ledger, T, C1) or 0) >= 3000, "the filter built bigger")
+        capacity = backend.filter_capacity
+        if capacity is not None:
+            wait_until(lambda: (capacity(ledger, T, C1) or 0) >= 3000, "the filter built bigger")
         missing = ledger.transact(lambda tx: [c for c in ids if tx.activation(T, C1, c) is None])
         assert missing == []
         strangers = [f"stranger-{i}" for i in range(2000)]
@@ -556,30 +562,80 @@ class TestLedgerContract:
         finally:
             lg.close()
 
-    # -- one writer per store -------------------------------------------------------------------
 
-    def test_a_second_ledger_on_the_same_store_fails_to_open_while_the_first_is_open(
-        self, backend: Backend, tmp_path: Path
+def queued(backend: Backend, ledger: Ledger) -> int:
+    assert backend.pending is not None, f"{backend.name} has no group commit"
+    return backend.pending(ledger)
+
+
+@pytest.mark.parametrize("backend", GROUPING, indirect=True)
+class TestGroupCommit:
+    """Units queued behind the writer share one transaction and stay isolated in it."""
+
+    def test_a_unit_that_raises_fails_alone_while_the_rest_of_its_group_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
     ):
-        """SG-2: the filters are exact only with one writer; a second one is LedgerUnavailable."""
-        first = backend.make(tmp_path)
-        first.open()
-        second = backend.make(tmp_path)
-        try:
-            with pytest.raises(LedgerUnavailable):
-                second.open()
-            assert not second.ready
-            # the first is unaffected
-            first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
-        finally:
-            first.close()
-        second.open()
-        try:
-            assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
-        finally:
-            second.close()
+        """Ledger docstring / api.md Errors: group commit isolates units; other callers' decisions still commit."""
 
-    # -- concurrency and group commit ------------------------------------------------------------
+        def good(name: str) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return unit
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("b")])
+            raise RuntimeError("unit b fails")
+
+        with writer_blocked(ledger):
+            calls = [_Call(ledger, good("a"))]
+            wait_until(lambda: queued(backend, ledger) == 1, "unit a queued")
+            calls.append(_Call(ledger, bad))
+            wait_until(lambda: queued(backend, ledger) == 2, "unit b queued")
+            calls.append(_Call(ledger, good("c")))
+            wait_until(lambda: queued(backend, ledger) == 3, "unit c queued")
+        for c in calls:
+            c.join()
+        assert (calls[0].result, calls[0].error) == ("a", None)
+        assert isinstance(calls[1].error, RuntimeError)
+        assert (calls[2].result, calls[2].error) == ("c", None)
+        assert (3, True) in commits  # the three shared one commit
+        assert ledger.read(lambda r: [r.activation(T, C1, c) is not None for c in "abc"]) == [True, False, True]
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(2, 2)
+
+    def test_a_unit_whose_statement_violates_a_constraint_fails_alone_while_the_rest_of_its_group_commits(
+        self, backend: Backend, ledger: Ledger, commits: list[tuple[int, bool]]
+    ):
+        """Ledger docstring / api.md Errors (SG-2, SG-8): a unit breaking activate's precondition (contact
+        already active) is still just a unit that raises: it fails alone, its neighbours commit, and the
+        ledger stays ready."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("dup")]))
+
+        def good(name: str) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return unit
+
+        def bad(tx: LedgerTx) -> None:
+            tx.activate(T, C1, [act("dup")])  # already active: the store refuses the row
+
+        with writer_blocked(ledger):
+            calls = [_Call(ledger, good("a"))]
+            wait_until(lambda: queued(backend, ledger) == 1, "unit a queued")
+            calls.append(_Call(ledger, bad))
+            wait_until(lambda: queued(backend, ledger) == 2, "unit dup queued")
+            calls.append(_Call(ledger, good("c")))
+            wait_until(lambda: queued(backend, ledger) == 3, "unit c queued")
+        for c in calls:
+            c.join()
+        assert calls[1].error is not None
+        assert (calls[0].result, calls[0].error) == ("a", None)
+        assert (calls[2].result, calls[2].error) == ("c", None)
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(3, 3)
+        assert ledger.ready
 
     def test_a_light_unit_queued_behind_heavy_ones_commits_before_the_second_of_them(
         self, backend: Backend, ledger: Ledger
@@ -601,7 +657,7 @@ class TestLedgerContract:
             calls = []
             for name, size in (("heavy-1", 500), ("heavy-2", 500), ("heavy-3", 500), ("light", 1)):
                 calls.append(_Call(ledger, unit(name, size), weight=size))
-                wait_until(lambda: backend.pending(ledger) == len(calls), f"unit {name} queued")
+                wait_until(lambda: queued(backend, ledger) == len(calls), f"unit {name} queued")
         for c in calls:
             c.join()
         assert [c.error for c in calls] == [None] * 4
@@ -637,7 +693,7 @@ class TestLedgerContract:
             for t in pool:
                 t.start()
             # every thread's first unit is queued behind the blocked writer
-            wait_until(lambda: backend.pending(ledger) == threads, "16 units queued")
+            wait_until(lambda: queued(backend, ledger) == threads, "16 units queued")
         for t in pool:
             t.join(60)
             assert not t.is_alive()
@@ -651,3 +707,210 @@ class TestLedgerContract:
         assert all(ok for _, ok in commits)
         assert sum(size for size, _ in commits) == total + 1  # every unit, plus the gate, committed once
         assert max(size for size, _ in commits) > 1  # and some shared a commit
+
+    def test_a_unit_whose_deadline_passed_while_it_waited_is_not_run(self, backend: Backend, ledger: Ledger):
+        """README Errors (DEADLINE_EXCEEDED: "it was not decided and nothing is counted"): a unit is not started
+        once its deadline has passed; the caller gets DeadlineExceeded, nothing it would have written is stored,
+        and a unit whose deadline is still ahead commits."""
+        ran: list[str] = []
+
+        def unit(name: str) -> Callable[[LedgerTx], str]:
+            def work(tx: LedgerTx) -> str:
+                ran.append(name)
+                tx.activate(T, C1, [act(name)])
+                return name
+
+            return work
+
+        with writer_blocked(ledger):
+            late = _Call(ledger, unit("late"), deadline=time.monotonic() + 0.05)
+            wait_until(lambda: queued(backend, ledger) == 1, "the late unit queued")
+            timely = _Call(ledger, unit("timely"), deadline=time.monotonic() + 60)
+            wait_until(lambda: queued(backend, ledger) == 2, "the timely unit queued")
+            time.sleep(0.1)
+        late.join()
+        timely.join()
+        assert isinstance(late.error, DeadlineExceeded)
+        assert (timely.result, timely.error) == ("timely", None)
+        assert ran == ["timely"]
+        assert ledger.read(lambda r: r.active_among(T, C1, ["late", "timely"])) == {"timely"}
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        with pytest.raises(DeadlineExceeded):
+            ledger.transact(unit("past"), deadline=time.monotonic() - 1)
+        assert ran == ["timely"] and ledger.ready
+
+
+@pytest.mark.parametrize("backend", SINGLE_WRITER, indirect=True)
+class TestOneWriter:
+    def test_a_second_ledger_on_the_same_store_fails_to_open_while_the_first_is_open(
+        self, backend: Backend, tmp_path: Path
+    ):
+        """SG-2: the filters are exact only with one writer; a second one is LedgerUnavailable."""
+        first = backend.make(tmp_path)
+        first.open()
+        second = backend.make(tmp_path)
+        try:
+            with pytest.raises(LedgerUnavailable):
+                second.open()
+            assert not second.ready
+            # the first is unaffected
+            first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        finally:
+            first.close()
+        second.open()
+        try:
+            assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        finally:
+            second.close()
+
+
+def event(tenant_id: str, name: str) -> UsageEvent:
+    usage = Usage(tenant_id, C1, C1 + 10, 8, 10, 0.8, 8, 100, UsageState.WARNING, 0, "0", "EUR", "p")
+    return UsageEvent(name, UsageEventType.THRESHOLD_CROSSED, UsageFigure.CONTACTS, tenant_id, 0.8, C1 + 5, usage)
+
+
+@pytest.fixture
+def fleet(backend: Backend, tmp_path: Path) -> Iterator[list[Ledger]]:
+    """Two ledgers (two sidecars) open on one store."""
+    ledgers = [backend.make(tmp_path), backend.make(tmp_path)]
+    for lg in ledgers:
+        lg.open()
+    try:
+        yield ledgers
+    finally:
+        for lg in ledgers:
+            lg.close()
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+class TestSharedStore:
+    """Several ledgers on one store, as several sidecars of a fleet share one database."""
+
+    def test_ledgers_on_one_store_open_together_and_see_each_others_commits(self, fleet: list[Ledger]):
+        """issue 16 (any number of sidecars share every tenant's quota): what one commits the other reads
+        and decides on at once, in its units as in its reads; nothing is cached across transactions."""
+        first, second = fleet
+        first.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        assert second.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
+        assert second.transact(lambda tx: tx.activation(T, C1, "a")) == act("a")
+        second.transact(lambda tx: tx.send_to_active(T, C1, ["a"]))
+        first.transact(lambda tx: tx.put_plan(T, "v2", 5))
+        assert first.transact(lambda tx: (tx.counters(T, C1), tx.active_among(T, C1, ["a", "b"]))) == (
+            Counters(1, 2),
+            {"a"},
+        )
+        assert second.read(lambda r: r.plan(T)) == StoredPlan("v2", 5)
+
+    def test_units_on_two_ledgers_racing_at_the_ceiling_admit_exactly_the_limit(self, fleet: list[Ledger]):
+        """SG-2, SG-8: 8 threads on each of two ledgers read the count, decide and activate (the engine's
+        read-decide-write in a unit) for distinct new contacts: exactly the limit is admitted, and the
+        count equals the rows."""
+        limit, per_thread = 25, 10
+        admitted: list[str] = []
+        lock = threading.Lock()
+        start = threading.Barrier(16)
+
+        def admit(tx: LedgerTx, contact: str) -> bool:
+            if tx.counters(T, C1).active_contacts >= limit or tx.activation(T, C1, contact) is not None:
+                return False
+            tx.send_to_new(T, C1, [contact], C1 + 1, "CAMPAIGN")
+            return True
+
+        def racer(lg: Ledger, name: str) -> None:
+            start.wait(20)
+            for i in range(per_thread):
+                contact = f"{name}-{i}"
+                if lg.transact(lambda tx, contact=contact: admit(tx, contact)):
+                    with lock:
+                        admitted.append(contact)
+
+        threads = [threading.Thread(target=racer, args=(fleet[n % 2], f"r{n}")) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        rows = fleet[0].read(lambda r: r.active_contacts(T, C1, "", 1000))
+        assert (len(admitted), len(rows)) == (limit, limit)
+        assert sorted(a.contact_id for a in rows) == sorted(admitted)
+        assert fleet[1].read(lambda r: r.counters(T, C1)) == Counters(limit, limit)
+
+    def test_a_reader_following_the_outbox_sees_every_event_in_order_though_commits_are_late(self, fleet: list[Ledger]):
+        """issue 16 (notifications once per fleet, in order; sequence values are not in commit order):
+        units on two ledgers add events and hold their commits a little while a reader follows the outbox
+        by `seq > cursor`; it reads every event once, in sequence order, with no gap."""
+        writers, per_writer = 6, 8
+        done = threading.Event()
+        seen: list[UsageEvent] = []
+
+        def writer(lg: Ledger, n: int) -> None:
+            rng = random.Random(n)
+            for i in range(per_writer):
+
+                def unit(tx: LedgerTx, name: str = f"w{n}-{i}") -> int:
+                    seq = tx.add_event(event(f"tenant-{n}", name))
+                    time.sleep(rng.random() * 0.004)
+                    return seq
+
+                lg.transact(unit)
+
+        def follow() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                found = fleet[0].read(lambda r, after=cursor: r.events_after(after, "", 100))
+                seen.extend(found)
+                cursor = found[-1].sequence if found else cursor
+                if finished and not found:
+                    return
+
+        reader = threading.Thread(target=follow)
+        reader.start()
+        threads = [threading.Thread(target=writer, args=(fleet[n % 2], n)) for n in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        reader.join(60)
+        total = writers * per_writer
+        assert [e.sequence for e in seen] == list(range(1, total + 1))
+        assert len({e.event_id for e in seen}) == total
+        assert fleet[1].read(lambda r: r.last_event_seq()) == total
+
+    def test_units_deadlocked_over_two_tenants_both_commit_and_a_failed_attempt_leaves_no_callback(
+        self, fleet: list[Ledger]
+    ):
+        """Ledger concurrency contract: two units taking two tenants in opposite orders deadlock;
+        PostgreSQL aborts one, which runs again until it commits; each unit's after_commit callback
+        runs once, never for an aborted attempt."""
+        first_in, second_in = threading.Event(), threading.Event()
+        attempts = {"ab": 0, "ba": 0}
+        called: list[str] = []
+
+        def crossing(name: str, mine: threading.Event, theirs: threading.Event) -> Callable[[LedgerTx], str]:
+            def unit(tx: LedgerTx) -> str:
+                attempts[name] += 1
+                tx.count_sends(f"tenant-{name[0]}", C1, 1)
+                tx.after_commit(lambda: called.append(name))
+                if attempts[name] == 1:
+                    mine.set()
+                    assert theirs.wait(20)
+                tx.count_sends(f"tenant-{name[1]}", C1, 1)
+                return name
+
+            return unit
+
+        calls = [
+            _Call(fleet[0], crossing("ab", first_in, second_in)),
+            _Call(fleet[1], crossing("ba", second_in, first_in)),
+        ]
+        for c in calls:
+            c.join()
+        assert [(c.result, c.error) for c in calls] == [("ab", None), ("ba", None)]
+        # one at least was aborted and ran again (its re-run may meet the other again)
+        assert min(attempts.values()) >= 1 and sum(attempts.values()) >= 3
+        assert sorted(called) == ["ab", "ba"]
+        assert fleet[0].read(lambda r: (r.counters("tenant-a", C1), r.counters("tenant-b", C1))) == (
+            Counters(0, 2),
+            Counters(0, 2),
+        )

@@ -8,16 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.backends import BACKENDS, Backend
-from support.engine import T, batch, plan, send
-from support.held import T as HELD
-from support.held import add, ids, preset
-from support.oracle import FiguresDiffer, assert_figures_equal_rows
 
 from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.domain.model import Holdings
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger import Ledger, LedgerTx
+
+from support.backends import BACKENDS, Backend
+from support.engine import T, batch, plan, send
+from support.held import T as HELD
+from support.held import add, ids, preset
+from support.oracle import FiguresDiffer, assert_figures_equal_rows
 
 
 @pytest.fixture(params=BACKENDS)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
 from support.monitoring import ALERTS, RULES_DIR, dashboard, load_tenants
 from support.sidecar import RunningSidecar
 

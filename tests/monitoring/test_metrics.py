@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.sidecar import RunningSidecar, start_sidecar
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.ledger.sqlite.dedupe import CycleFilter, DedupeFilters
+
+from support.sidecar import RunningSidecar, start_sidecar
 
 DAY = 24 * 3600
 

@@ -18,11 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from support.monitoring import ALERTS, FULL_TENANT, NEAR_TENANT, TENANTS, dashboard, load_tenants, panel_targets
-from support.process import AUTH, Process, free_port, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
+
+from support.monitoring import ALERTS, FULL_TENANT, NEAR_TENANT, TENANTS, dashboard, load_tenants, panel_targets
+from support.process import AUTH, Process, start
+from support.serving import free_port
 
 pytestmark = pytest.mark.process
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from crash_load import CEILING_TENANTS, WORKERS, Summary, run, seed_from
+
 from support.process import Process
 
 pytestmark = pytest.mark.process

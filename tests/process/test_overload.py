@@ -17,10 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.process import Process, ledger_rows, put_plan, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
+
+from support.process import Process, ledger_rows, put_plan, start
 
 pytestmark = pytest.mark.process
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.process import BIN, Load, Process, free_port, ledger_rows, put_plan, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
@@ -20,6 +19,9 @@ from quota_sidecar.server.domain.clock import SystemClock
 from quota_sidecar.server.domain.cycles import cycle_at
 from quota_sidecar.server.domain.model import Enforcement, MessageKind, Metering, Plan
 from quota_sidecar.server.ledger.sqlite import migrate
+
+from support.process import Load, Process, ledger_rows, put_plan, start
+from support.serving import BIN, free_port
 
 pytestmark = pytest.mark.process
 
@@ -155,7 +157,7 @@ def test_bad_settings_stop_the_start_with_one_clear_line(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["quota-sidecar: --address: expected HOST:PORT, got 'nonsense'"]
     env_bad = subprocess.run(
-        [str(BIN / "quota-sidecar"), "serve", "--ledger", "postgresql://nowhere/x"],
+        [str(BIN / "quota-sidecar"), "serve", "--ledger", "postgresql://nowhere/x?nonsense=1"],
         capture_output=True,
         text=True,
         timeout=30,

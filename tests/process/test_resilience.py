@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from support.process import TOKEN, Process, free_port, ledger_rows, put_plan, start
 
 from quota_sidecar.client import (
     AsyncQuotaClient,
@@ -36,6 +35,9 @@ from quota_sidecar.client import (
     SendDecision,
     Unavailable,
 )
+
+from support.process import TOKEN, Process, ledger_rows, put_plan, start
+from support.serving import free_port
 
 pytestmark = pytest.mark.process
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-from support.process import AUTH, BIN, Process, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.app import Sidecar
 from quota_sidecar.server.settings import Settings
+
+from support.process import AUTH, Process, start
+from support.serving import BIN
 
 pytestmark = pytest.mark.process
 

@@ -63,11 +63,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from support.sidecar import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.domain.clock import MICROS, FakeClock, to_us
+
+from support.sidecar import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
 
 EXAMPLES = int(os.environ.get("QUOTA_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(

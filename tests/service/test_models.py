@@ -17,10 +17,11 @@ from typing import NamedTuple
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from support.sidecar import START, RunningSidecar, start_sidecar
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock
+
+from support.sidecar import START, RunningSidecar, start_sidecar
 
 TENANT = "acme"
 NEXT_CYCLE = datetime(2026, 4, 10, 12, 0, tzinfo=UTC)

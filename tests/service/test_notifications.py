@@ -21,13 +21,6 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
-from support.engine import batch, plan, record, send
-from support.held import T as HELD
-from support.held import add, ids, preset
-from support.process import free_port, start
-from support.sidecar import RunningSidecar, start_sidecar
-from support.sqlite_file import file_reader
-from support.webhook import Answer, Receiver, cross_80_percent, grpc_plan, to_pb_ts
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client import AsyncQuotaClient, NotFound, QuotaClient
@@ -35,6 +28,15 @@ from quota_sidecar.client.cli import main as quotactl_main
 from quota_sidecar.server.domain.clock import MICROS, FakeClock
 from quota_sidecar.server.domain.model import ActivityKind, Enforcement, UsageEvent, UsageEventType, UsageFigure
 from quota_sidecar.server.engine import Engine
+
+from support.engine import batch, plan, record, send
+from support.held import T as HELD
+from support.held import add, ids, preset
+from support.process import start
+from support.serving import free_port
+from support.sidecar import RunningSidecar, start_sidecar
+from support.sqlite_file import file_reader
+from support.webhook import Answer, Receiver, cross_80_percent, grpc_plan, to_pb_ts
 
 CROSSED = UsageEventType.THRESHOLD_CROSSED
 REMINDER = UsageEventType.REMINDER

@@ -16,11 +16,12 @@ from decimal import Decimal
 
 import grpc
 import pytest
-from support.oracle import TenantRows, assert_figures_equal_rows
-from support.sidecar import RunningSidecar
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
+
+from support.oracle import TenantRows, assert_figures_equal_rows
+from support.sidecar import RunningSidecar
 
 CALLERS = 20
 ROUNDS = 3

@@ -25,10 +25,6 @@ import grpc
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
-from support.process import BIN, TOKEN, Process, free_port, start
-from support.sidecar import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
-from support.sqlite_file import snapshot
-from support.webhook import Receiver, cross_80_percent
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
@@ -37,6 +33,12 @@ from quota_sidecar.client.cli import main as quotactl
 from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.outbox.delivery import signature
 from quota_sidecar.server.probe import main as probe
+
+from support.process import TOKEN, Process, start
+from support.serving import BIN, free_port
+from support.sidecar import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
+from support.sqlite_file import snapshot
+from support.webhook import Receiver, cross_80_percent
 
 HARD = dict(
     plan_name="P",

@@ -12,12 +12,13 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from support.oracle import TenantRows, assert_figures_equal_rows
-from support.sidecar import START, RunningSidecar, start_sidecar
-from support.sqlite_file import snapshot
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock
+
+from support.oracle import TenantRows, assert_figures_equal_rows
+from support.sidecar import START, RunningSidecar, start_sidecar
+from support.sqlite_file import snapshot
 
 HARD = dict(
     plan_name="P",

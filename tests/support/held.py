@@ -5,6 +5,7 @@ from __future__ import annotations
 from quota_sidecar.server.domain.clock import to_us
 from quota_sidecar.server.domain.model import ContactAddOutcome, ContactSource
 from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput
+
 from support.engine import ANCHOR
 
 T = "tenant-h"

@@ -2,82 +2,45 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.domain.clock import SystemClock
+
 from support.oracle import TenantRows, assert_rows_agree, read_rows
+from support.serving import free_port, health_status, serve, wait_for_status
 from support.sqlite_file import file_reader
 
-BIN = Path(sys.executable).parent
 TOKEN = "process-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Process:
-    proc: subprocess.Popen
+    proc: subprocess.Popen[str]
     address: str
     ledger: Path
     metrics_address: str = ""
 
     def health(self) -> str:
-        try:
-            with grpc.insecure_channel(self.address) as ch:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
-        except grpc.RpcError:
-            return "UNREACHABLE"
+        return health_status(self.address)
 
     def wait_serving(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            if self.health() == "SERVING":
-                return
-            time.sleep(0.02)
-        raise AssertionError("sidecar never reported SERVING")
+        wait_for_status(self.proc, self.address, "SERVING", timeout)
 
 
 def start(ledger: Path, *extra: str, address: str | None = None) -> Process:
     """The real `quota-sidecar serve` on `ledger`, on `address` (a free loopback port by default)."""
     address = address or f"127.0.0.1:{free_port()}"
     metrics_address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "quota-sidecar"),
-            "serve",
-            "--address",
-            address,
-            "--ledger",
-            f"sqlite:///{ledger}",
-            "--metrics-address",
-            metrics_address,
-            "--admin-token",
-            TOKEN,
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = serve(f"sqlite:///{ledger}", address, metrics_address, TOKEN, *extra)
     return Process(proc, address, ledger, metrics_address)
 
 

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.domain.clock import MICROS, to_us
+
 from support.engine import ANCHOR
 from support.process import AUTH
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.process import Process, put_plan, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.ledger.sqlite import migrate
+
+from support.process import Process, put_plan, start
 
 pytestmark = pytest.mark.process
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlite_utils
-from support.process import AUTH, Process, start
 
 import quota_sidecar.server.ledger.sqlite.schema as ledger_schema
 from quota_sidecar.api.v1 import quota_pb2 as pb
@@ -27,6 +26,8 @@ from quota_sidecar.server.domain.clock import to_us
 from quota_sidecar.server.domain.cycles import cycle_at
 from quota_sidecar.server.domain.model import Enforcement, MessageKind, Metering, Plan
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
+
+from support.process import AUTH, Process, start
 
 T = "tenant-m"
 ANCHOR_US = to_us(datetime(2026, 1, 15, 8, 0, tzinfo=UTC))

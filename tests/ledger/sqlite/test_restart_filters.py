@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.engine import NOW, batch, plan, send
-from support.waiting import wait_until
 
 from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.domain.model import Decision
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.ledger.sqlite.dedupe import INSTALLS_PER_UNIT
+
+from support.engine import NOW, batch, plan, send
+from support.waiting import wait_until
 
 TENANTS = 2 * INSTALLS_PER_UNIT + 72
 ROWS_READ = "SELECT contact_id FROM cycle_activations WHERE cycle_key"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.process import BIN, Process, put_plan, start
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
@@ -24,6 +23,9 @@ from quota_sidecar.server.domain.errors import LedgerUnavailable
 from quota_sidecar.server.domain.model import Channel, ContactSource, MessageKind
 from quota_sidecar.server.engine import ContactAddRequest, Engine, PlanInput, SendRequest
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.process import Process, put_plan, start
+from support.serving import BIN
 
 pytestmark = pytest.mark.process
 

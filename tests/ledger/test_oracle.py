@@ -24,12 +24,15 @@ from support.oracle import FiguresDiffer, assert_figures_equal_rows
 @pytest.fixture(params=BACKENDS)
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     backend: Backend = request.param
-    lg = backend.make(tmp_path)
-    lg.open()
-    try:
-        yield lg
-    finally:
-        lg.close()
+    if backend.on_postgres:
+        request.getfixturevalue("postgres_server")
+    with backend.store(tmp_path):
+        lg = backend.make(tmp_path)
+        lg.open()
+        try:
+            yield lg
+        finally:
+            lg.close()
 
 
 @pytest.fixture

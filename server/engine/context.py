@@ -5,7 +5,8 @@ with the notices and board a change of figures calls for (`observe`).
 
 One per process and thread-safe: the caches only ever hold what the ledger says
 (a plan is reused while its stored JSON is unchanged; a notice state is put only
-after its transaction commits).
+after its transaction commits, and read only while the ledger is its store's sole
+writer: another sidecar may re-arm a threshold this one last saw told).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class EngineContext:
         for figure in UsageFigure:
             ratio = ratio_of(usage, figure)
             key = (tenant_id, figure)
-            known = self._notices.get(key)
+            known = self._notices.get(key) if self.ledger.sole_writer else None
             level = level_of(plan.notify_thresholds, ratio)
             if not rearm and not remind and settled(known, level, usage.cycle_start_us):
                 continue

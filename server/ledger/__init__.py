@@ -267,6 +267,13 @@ class Ledger(ABC):
         in-memory accelerator) is still loading; answers are exact meanwhile."""
         return False
 
+    @property
+    def sole_writer(self) -> bool:
+        """Whether this ledger is the only writer of its store. Only then may a caller keep
+        what it read past its transaction (the engine's notice states): with other
+        writers, another sidecar may have changed it since."""
+        return False
+
     def collector(self) -> Collector | None:
         """The backend's own figures, read at scrape time (None when it has none)."""
         return None

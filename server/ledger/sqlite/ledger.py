@@ -91,6 +91,10 @@ class SQLiteLedger(Ledger):
         return self._writer.open and not self._failing
 
     @property
+    def sole_writer(self) -> bool:
+        return True
+
+    @property
     def loading(self) -> bool:
         """Whether dedupe filters are being built (their contacts are confirmed in the ledger meanwhile)."""
         return self.filters.building > 0

@@ -1,7 +1,8 @@
 """The PostgreSQL ledger backend: a ledger shared by every sidecar of a fleet.
 
-`ledger.py` holds `PostgresLedger` and its concurrency contract; `schema.py` the
-tables and the migrations the sidecar runs itself. `from_url` is how the factory
+`ledger.py` holds `PostgresLedger` and its concurrency contract, `rows.py` its reads,
+`tx.py` its writes and tenant locks; `schema.py` the tables and the migrations the
+sidecar runs itself. `from_url` is how the factory
 (ledger/factory.py) builds one from a `postgresql://` or `postgres://` URL.
 """
 

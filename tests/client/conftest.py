@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+
+from support.proxy import Proxy
 
 
 @pytest.fixture
@@ -14,3 +18,17 @@ def free_address() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def proxies(sidecar) -> Iterator[Callable[..., Proxy]]:
+    """Makes proxies (tests/support/proxy.py) in front of the sidecar; closed at the end."""
+    made: list[Proxy] = []
+
+    def make(**options: Any) -> Proxy:
+        made.append(Proxy(sidecar.address, **options))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()

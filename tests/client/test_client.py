@@ -105,57 +105,10 @@ def silent_server() -> Iterator[SilentServer]:
     server._server.stop(0)
 
 
-class LossyProxy:
-    """A real gRPC server in front of the sidecar. It forwards every call and, for the
-    first `lose` calls of `method`, throws the sidecar's answer away and answers
-    UNAVAILABLE instead: what a caller sees when a connection drops after the sidecar
-    committed."""
-
-    def __init__(self, upstream: str, method: str, lose: int) -> None:
-        self.method = method
-        self.requests: list[bytes] = []
-        self._lose = lose
-        self._upstream = grpc.insecure_channel(upstream)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self._server.add_generic_rpc_handlers([self])
-        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-        self._server.start()
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        forward = self._upstream.unary_unary(details.method)
-        metadata = [(k, v) for k, v in details.invocation_metadata if k == "authorization"]
-
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            lost = False
-            if details.method.endswith("/" + self.method):
-                self.requests.append(request)
-                lost = len(self.requests) <= self._lose
-            try:
-                answer = forward(request, metadata=metadata, timeout=TIMEOUT)
-            except grpc.RpcError as exc:
-                context.abort(exc.code(), exc.details())
-            if lost:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "proxy lost the answer")
-            return answer
-
-        return grpc.unary_unary_rpc_method_handler(handle)
-
-    def close(self) -> None:
-        self._server.stop(0).wait()
-        self._upstream.close()
-
-
 @pytest.fixture
-def lossy_proxy(sidecar):
-    proxies: list[LossyProxy] = []
-
-    def make(method: str, lose: int) -> LossyProxy:
-        proxies.append(LossyProxy(sidecar.address, method, lose))
-        return proxies[-1]
-
-    yield make
-    for proxy in proxies:
-        proxy.close()
+def lossy_proxy(proxies):
+    """A proxy that loses the first `lose` answers to `method`."""
+    return lambda method, lose: proxies(lose_method=method, lose=lose)
 
 
 def test_put_plan_and_get_plan_speak_short_names(sidecar) -> None:
@@ -490,7 +443,7 @@ def test_a_retried_contact_add_gets_the_first_answer_and_adds_once_AC_2(quota: Q
         result = client.check_contact_add(TENANT, ["c1", "c2"], "IMPORT")
         client.check_contact_add(TENANT, ["c3"], "IMPORT", dry_run=True)
     assert (result.decision, result.added, result.fallback) == ("ALLOW", 2, False)
-    first, retry, dry = (quota_pb2.CheckContactAddRequest.FromString(raw) for raw in proxy.requests)
+    first, retry, dry = proxy.sent("CheckContactAdd")
     assert len(first.request_id) == 32 and retry.request_id == first.request_id
     assert dry.request_id == ""
     assert quota.get_usage(TENANT).active_contacts == 2
@@ -698,7 +651,7 @@ def test_retries_are_bounded_in_attempts_and_time(quota: QuotaClient, lossy_prox
     with QuotaClient(proxy.address, retries=retry, timeout=TIMEOUT) as client:
         decision = client.check_send(TENANT, "c1", "CAMPAIGN")
     assert (decision.decision, decision.fallback) == ("DENY", True)
-    assert len(proxy.requests) == 4
+    assert len(proxy.sent("CheckSend")) == 4
 
     rng = random.Random(7)
     bounded = Retry(attempts=50, backoff=0.2, max_elapsed=0.3)
@@ -755,7 +708,7 @@ def test_a_retried_call_counts_once_SG_8(quota: QuotaClient, lossy_proxy, method
     with QuotaClient(proxy.address, retries=Retry(attempts=3, backoff=0.01), timeout=TIMEOUT) as client:
         result = call(client)
     assert getattr(result, "fallback", False) is False
-    sent = [getattr(quota_pb2, method + "Request").FromString(raw) for raw in proxy.requests]
+    sent = proxy.sent(method)
     assert len(sent) == 2
     assert sent[0].request_id and sent[0].request_id == sent[1].request_id
     usage = quota.get_usage(TENANT)
@@ -767,7 +720,7 @@ def test_dry_runs_carry_no_request_id(quota: QuotaClient, lossy_proxy) -> None:
     with QuotaClient(proxy.address, timeout=TIMEOUT) as client:
         client.check_send(TENANT, "c1", "CAMPAIGN", dry_run=True)
         client.check_send(TENANT, "c1", "CAMPAIGN")
-    dry, real = (quota_pb2.CheckSendRequest.FromString(raw) for raw in proxy.requests)
+    dry, real = proxy.sent("CheckSend")
     assert dry.request_id == "" and len(real.request_id) == 32
 
 

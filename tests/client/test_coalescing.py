@@ -17,11 +17,9 @@ import dataclasses
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent import futures
 from datetime import timedelta
 from typing import Any
 
-import grpc
 import pytest
 
 from quota_sidecar.api.v1 import quota_pb2
@@ -37,6 +35,7 @@ from quota_sidecar.client import (
     Unavailable,
 )
 
+from support.proxy import Proxy
 from support.refusing_server import EAGER_RETRY
 
 TENANT = "tenant-1"
@@ -50,79 +49,6 @@ PLAN = Plan(
 TIMEOUT = 5.0
 # Longer than any test runs: a queue then leaves only when it is full.
 NEVER = 600.0
-
-
-class Proxy:
-    """A real gRPC server in front of the sidecar that records every call (method and
-    request, in arrival order) and forwards it. While `holding`, a call waits for
-    release() before it is forwarded; the first `lose_batches` CheckSendBatch answers are
-    thrown away after the sidecar gave them and replaced by UNAVAILABLE, as when a
-    connection drops after the sidecar committed."""
-
-    def __init__(self, upstream: str, *, holding: bool = False, lose_batches: int = 0) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self._changed = threading.Condition()
-        self._released = threading.Event()
-        if not holding:
-            self._released.set()
-        self._lose_batches = lose_batches
-        self._upstream = grpc.insecure_channel(upstream)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-        self._server.add_generic_rpc_handlers([self])
-        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-        self._server.start()
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method = details.method.rsplit("/", 1)[-1]
-        forward = self._upstream.unary_unary(details.method)
-        metadata = [(k, v) for k, v in details.invocation_metadata if k == "authorization"]
-
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            message = getattr(quota_pb2, method + "Request", None)
-            with self._changed:
-                self.calls.append((method, message.FromString(request) if message else request))
-                lost = method == "CheckSendBatch" and self._lose_batches > 0
-                self._lose_batches -= lost
-                self._changed.notify_all()
-            self._released.wait(NEVER)
-            try:
-                answer = forward(request, metadata=metadata, timeout=TIMEOUT)
-            except grpc.RpcError as exc:
-                context.abort(exc.code(), exc.details())
-            if lost:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "proxy lost the answer")
-            return answer
-
-        return grpc.unary_unary_rpc_method_handler(handle)
-
-    def sent(self, method: str) -> list[Any]:
-        with self._changed:
-            return [request for name, request in self.calls if name == method]
-
-    def wait_for(self, what: str, done: Callable[[Proxy], bool]) -> None:
-        with self._changed:
-            assert self._changed.wait_for(lambda: done(self), TIMEOUT * 2), f"the proxy never saw {what}"
-
-    def release(self) -> None:
-        self._released.set()
-
-    def close(self) -> None:
-        self._released.set()
-        self._server.stop(0).wait()
-        self._upstream.close()
-
-
-@pytest.fixture
-def proxies(sidecar) -> Iterator[Callable[..., Proxy]]:
-    made: list[Proxy] = []
-
-    def make(**options: Any) -> Proxy:
-        made.append(Proxy(sidecar.address, **options))
-        return made[-1]
-
-    yield make
-    for proxy in made:
-        proxy.close()
 
 
 @pytest.fixture
@@ -327,7 +253,7 @@ def test_a_retried_batch_counts_nothing_twice_SG_8(admin: QuotaClient, proxies) 
     """A batch whose answer is lost (UNAVAILABLE after the sidecar committed) is retried
     with the same request_id, so the sidecar returns its first answer and counts nothing
     twice (SG-8); every caller gets its real decision."""
-    proxy = proxies(holding=True, lose_batches=1)
+    proxy = proxies(holding=True, lose_method="CheckSendBatch", lose=1)
     retry = Retry(attempts=3, backoff=0.01)
     with QuotaClient(proxy.address, timeout=TIMEOUT, retries=retry, coalesce_window=NEVER, coalesce_max=3) as client:
         first, _ = first_in_flight(proxy, client)

@@ -178,7 +178,8 @@ def verify(args: argparse.Namespace) -> int:
 def backup(args: argparse.Namespace) -> int:
     """Copies the ledger in one read transaction of the backup API: a snapshot as of one
     commit, taken beside a serving sidecar (WAL readers never block its writer, and its
-    flock keeps out sidecars, not readers). The copy gets its name only once complete."""
+    flock keeps out sidecars, not readers). The copy gets its name only once complete, and
+    is readable by its owner alone (0600), as the ledger is."""
     try:
         source = sqlite_path(args.ledger)
     except ValueError as exc:
@@ -194,6 +195,7 @@ def backup(args: argparse.Namespace) -> int:
         return 2
     try:
         partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
         try:
             copy = sqlite3.connect(partial)

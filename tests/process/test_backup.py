@@ -144,3 +144,25 @@ def test_a_backup_never_overwrites_and_names_what_it_cannot_copy(tmp_path: Path)
     assert failed.returncode == 2
     assert failed.stderr.startswith(f"quota-sidecar backup: {ledger} could not be copied to {nowhere}: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.db", "taken.db"]
+
+
+def test_the_ledger_its_wal_and_a_backup_are_readable_by_their_owner_alone(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    """They hold every contact id of every tenant: a sidecar creates its ledger (and SQLite
+    its -wal and -shm, with the database's mode) 0600, and `backup` its copy 0600, whatever
+    the umask (022 here, the common default)."""
+    ledger = tmp_path / "ledger.db"
+    old = os.umask(0o022)
+    try:
+        process = start(ledger)
+        processes.append(process)
+        process.wait_serving()
+        put_plan(process.address, 10)
+        copy = tmp_path / "copy.db"
+        result = run(f"quota-sidecar backup --ledger sqlite:///{ledger} --to {copy}")
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    made = [ledger, Path(f"{ledger}-wal"), Path(f"{ledger}-shm"), copy]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o600" for p in made}

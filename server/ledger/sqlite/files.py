@@ -68,9 +68,11 @@ def _hold(path: Path) -> int:
 
     Two sidecars creating the file at once open the same new file (O_CREAT alone) and
     one of them gets the lock. A name given to another file between the open and the
-    lock (the holder writing the ledger back) is opened again."""
+    lock (the holder writing the ledger back) is opened again. A new file is readable by
+    its owner alone (0600): it holds every tenant's contact ids, and SQLite gives its -wal
+    and -shm files the database's mode."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held = os.fstat(fd)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from quota_sidecar.server.ledger.sqlite import migrate
-from quota_sidecar.server.ledger.verify import find_mismatches
+from quota_sidecar.server.ledger.sqlite.verify import find_mismatches
 
 CYCLE = 1_773_561_600_000_000
 

@@ -32,7 +32,7 @@ from .domain.errors import QuotaError
 from .ledger import LedgerOptionError
 from .ledger.factory import ledger_as_shown
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
-from .ledger.verify import VerifyError, verify_ledger
+from .ledger.sqlite.verify import VerifyError, verify_ledger
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
 from .tenants import TenantsFileError, check_tenants
 

@@ -45,7 +45,7 @@ from quota_sidecar.server.engine import (
     SendRequest,
 )
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger
-from quota_sidecar.server.ledger.verify import verify_ledger
+from quota_sidecar.server.ledger.sqlite.verify import verify_ledger
 from quota_sidecar.server.outbox.delivery import WEBHOOK
 
 from support.sidecar import RunningSidecar, start_sidecar

@@ -302,7 +302,7 @@ class Sidecar:
         self._set_health(
             health_pb2.HealthCheckResponse.SERVING if self.ledger.ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        log.info("ledger open; SERVING (dedupe filters are built in the background)")
+        log.info("ledger open; SERVING%s", " (its accelerators load in the background)" if self.ledger.loading else "")
         self._filling = True
         self._start_worker(self._fill_board, "tenant-figures")
         self._start_worker(self._remind, "reminders")

@@ -128,9 +128,9 @@ def status_of(call: Callable[[], object]) -> grpc.RpcError:
 
 @contextmanager
 def restarted(running: RunningSidecar) -> Iterator[RunningSidecar]:
-    """Stops the sidecar and starts a new one on the same ledger file and clock."""
+    """Stops the sidecar and starts a new one on the same ledger and clock."""
     running.stop()
-    again = start_sidecar(running.ledger_path, running.clock)
+    again = start_sidecar(running.ledger_path, running.clock, ledger=running.ledger_url)
     try:
         yield again
     finally:

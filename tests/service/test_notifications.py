@@ -34,8 +34,7 @@ from support.held import T as HELD
 from support.held import add, ids, preset
 from support.process import start
 from support.serving import free_port
-from support.sidecar import RunningSidecar, start_sidecar
-from support.sqlite_file import file_reader
+from support.sidecar import RunningSidecar, query_ledger, start_sidecar
 from support.webhook import Answer, Receiver, cross_80_percent, grpc_plan, to_pb_ts
 
 CROSSED = UsageEventType.THRESHOLD_CROSSED
@@ -249,8 +248,10 @@ def test_watch_refuses_bad_input_and_unknown_tenants(sidecar: RunningSidecar) ->
     assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_watch_streams_are_bounded_and_end_when_the_sidecar_stops(tmp_path: Path, clock: FakeClock) -> None:
-    running = start_sidecar(tmp_path / "ledger.db", clock, max_workers=4)
+def test_watch_streams_are_bounded_and_end_when_the_sidecar_stops(
+    ledger_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    running = start_sidecar(tmp_path / "ledger.db", clock, ledger=ledger_url, max_workers=4)
     try:
         running.put_plan("a", **grpc_plan(10))
         grpc_send(running, "a", [f"c{i}" for i in range(8)])
@@ -275,10 +276,15 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_cr8_crossing_80_percent_posts_exactly_one_signed_event_to_the_webhook(
-    tmp_path: Path, clock: FakeClock, receiver: Receiver
+    ledger_url: str, tmp_path: Path, clock: FakeClock, receiver: Receiver
 ) -> None:
     running = start_sidecar(
-        tmp_path / "ledger.db", clock, metrics=True, webhook_url=receiver.url, webhook_secret="s3cret"
+        tmp_path / "ledger.db",
+        clock,
+        ledger=ledger_url,
+        metrics=True,
+        webhook_url=receiver.url,
+        webhook_secret="s3cret",
     )
     try:
         running.put_plan("acme", **grpc_plan(10))
@@ -303,12 +309,12 @@ def test_cr8_crossing_80_percent_posts_exactly_one_signed_event_to_the_webhook(
 
 
 def test_the_webhook_body_and_quotactl_json_events_are_one_message_in_the_proto3_json_mapping(
-    tmp_path: Path, clock: FakeClock, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+    ledger_url: str, tmp_path: Path, clock: FakeClock, receiver: Receiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 17 item 9, CR-8: the webhook body and a line of `quotactl --json events` are the
     UsageEvent message in the proto3 JSON mapping: json_format.Parse reads each into the
     message WatchUsageEvents streams, field for field."""
-    running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=receiver.url)
+    running = start_sidecar(tmp_path / "ledger.db", clock, ledger=ledger_url, webhook_url=receiver.url)
     try:
         running.put_plan("acme", **grpc_plan(10))
         grpc_send(running, "acme", [f"c{i}" for i in range(8)])
@@ -331,12 +337,22 @@ def test_the_webhook_body_and_quotactl_json_events_are_one_message_in_the_proto3
 
 
 def posts_for(
-    tmp_path: Path, clock: FakeClock, receiver: Receiver, contacts: int, posts: int, **settings: object
+    tmp_path: Path,
+    clock: FakeClock,
+    ledger_url: str,
+    receiver: Receiver,
+    contacts: int,
+    posts: int,
+    **settings: object,
 ) -> list[tuple[dict[str, str], bytes]]:
     """Runs a sidecar posting to `receiver` (and `settings`), sends to `contacts` contacts of a
     10-contact plan, and returns the first `posts` posts once they arrived; closes both."""
     running = start_sidecar(
-        tmp_path / "ledger.db", clock, webhook_url=settings.pop("webhook_url", receiver.url), **settings
+        tmp_path / "ledger.db",
+        clock,
+        ledger=ledger_url,
+        webhook_url=settings.pop("webhook_url", receiver.url),
+        **settings,
     )
     try:
         running.put_plan("acme", **grpc_plan(10))
@@ -347,22 +363,26 @@ def posts_for(
         receiver.close()
 
 
-def test_a_failing_receiver_gets_the_event_again_until_it_answers_2xx(tmp_path: Path, clock: FakeClock) -> None:
-    posts = posts_for(tmp_path, clock, Receiver([500, 503]), 10, 4)
+def test_a_failing_receiver_gets_the_event_again_until_it_answers_2xx(
+    ledger_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    posts = posts_for(tmp_path, clock, ledger_url, Receiver([500, 503]), 10, 4)
     ids_in_order = [json.loads(body)["event_id"] for _, body in posts]
     first, second = ids_in_order[0], ids_in_order[3]
     assert ids_in_order[:3] == [first, first, first] and second != first
     assert [json.loads(body)["threshold"] for _, body in posts] == [0.8, 0.8, 0.8, 1.0]
-    assert webhook_cursor(tmp_path / "ledger.db") == 2
+    assert webhook_cursor(ledger_url) == 2
 
 
-def test_events_wait_in_the_ledger_across_a_restart_and_are_delivered_once(tmp_path: Path, clock: FakeClock) -> None:
+def test_events_wait_in_the_ledger_across_a_restart_and_are_delivered_once(
+    ledger_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
     """At least once and no more than that: an event written while the receiver was down is
     delivered after the restart; one already delivered is not posted again."""
     down = Receiver()
     dead_url = down.url
     down.close()
-    running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=dead_url)
+    running = start_sidecar(tmp_path / "ledger.db", clock, ledger=ledger_url, webhook_url=dead_url)
     try:
         running.put_plan("acme", **grpc_plan(10))
         grpc_send(running, "acme", [f"c{i}" for i in range(8)])
@@ -370,12 +390,12 @@ def test_events_wait_in_the_ledger_across_a_restart_and_are_delivered_once(tmp_p
         running.stop()
     receiver = Receiver()
     try:
-        running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=receiver.url)
+        running = start_sidecar(tmp_path / "ledger.db", clock, ledger=ledger_url, webhook_url=receiver.url)
         try:
             ((_, body),) = receiver.wait_for(1)
         finally:
             running.stop()
-        running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=receiver.url)
+        running = start_sidecar(tmp_path / "ledger.db", clock, ledger=ledger_url, webhook_url=receiver.url)
         try:
             grpc_send(running, "acme", ["c8", "c9"])
             posts = receiver.wait_for(2)
@@ -388,9 +408,13 @@ def test_events_wait_in_the_ledger_across_a_restart_and_are_delivered_once(tmp_p
     assert len({json.loads(b)["event_id"] for _, b in posts}) == 2
 
 
-def test_reminders_are_written_by_the_running_sidecar(tmp_path: Path, clock: FakeClock, receiver: Receiver) -> None:
+def test_reminders_are_written_by_the_running_sidecar(
+    ledger_url: str, tmp_path: Path, clock: FakeClock, receiver: Receiver
+) -> None:
     """AC-1 end to end: the sidecar's own reminder loop writes the reminder once it is due."""
-    running = start_sidecar(tmp_path / "ledger.db", clock, webhook_url=receiver.url, reminder_interval=0.05)
+    running = start_sidecar(
+        tmp_path / "ledger.db", clock, ledger=ledger_url, webhook_url=receiver.url, reminder_interval=0.05
+    )
     try:
         running.put_plan(
             "acme",
@@ -470,33 +494,36 @@ def trickle(receiver: Receiver, interval: float = 0.2) -> Answer:
     return answer
 
 
-def webhook_cursor(db_path: Path) -> int:
-    with file_reader(db_path) as reader:
-        return reader.event_cursor("webhook")
+def webhook_cursor(url: str) -> int:
+    """How far the webhook has delivered, as the ledger at `url` keeps it."""
+    found = query_ledger(url, "SELECT seq FROM event_cursors WHERE consumer = ?", "webhook")
+    return found[0][0] if found else 0
 
 
-def test_a_redirect_is_not_followed_and_the_event_is_posted_again_until_a_2xx(tmp_path: Path, clock: FakeClock) -> None:
+def test_a_redirect_is_not_followed_and_the_event_is_posted_again_until_a_2xx(
+    ledger_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
     """Issue 14.1: a 302 is a failure like any other non-2xx: no GET follows it, the position
     stays, and the same event is posted again to the configured URL after the backoff."""
     receiver = Receiver([redirect_to("/moved")])
-    posts = posts_for(tmp_path, clock, receiver, 8, 2)
+    posts = posts_for(tmp_path, clock, ledger_url, receiver, 8, 2)
     assert receiver.requests[:2] == [("POST", "/quota-events"), ("POST", "/quota-events")]
     assert ("GET", "/moved") not in receiver.requests
     assert len({json.loads(body)["event_id"] for _, body in posts}) == 1
-    assert webhook_cursor(tmp_path / "ledger.db") == 1
+    assert webhook_cursor(ledger_url) == 1
 
 
 def test_a_receiver_trickling_its_answer_is_cut_off_at_the_timeout_and_posted_again(
-    tmp_path: Path, clock: FakeClock
+    ledger_url: str, tmp_path: Path, clock: FakeClock
 ) -> None:
     """Issue 14.2: --webhook-timeout bounds the whole attempt, not each read: a receiver
     sending a byte every 0.2 s (each read well within the timeout) is cut off after 1 s and
     the event is posted again; the second receiver answers at once and it is delivered."""
     receiver = Receiver()
     receiver.answers.append(trickle(receiver))
-    posts = posts_for(tmp_path, clock, receiver, 8, 2, webhook_timeout=1.0)
+    posts = posts_for(tmp_path, clock, ledger_url, receiver, 8, 2, webhook_timeout=1.0)
     assert len({json.loads(body)["event_id"] for _, body in posts}) == 1
-    assert webhook_cursor(tmp_path / "ledger.db") == 1
+    assert webhook_cursor(ledger_url) == 1
 
 
 def test_sigterm_exits_0_within_the_drain_timeout_while_a_receiver_trickles(tmp_path: Path, processes: list) -> None:
@@ -516,26 +543,28 @@ def test_sigterm_exits_0_within_the_drain_timeout_while_a_receiver_trickles(tmp_
         assert running.proc.wait(timeout=20) == 0
     finally:
         receiver.close()
-    assert webhook_cursor(ledger) == 0
+    assert webhook_cursor(f"sqlite:///{ledger}") == 0
 
 
-def test_credentials_in_the_webhook_url_are_sent_as_basic_auth(tmp_path: Path, clock: FakeClock) -> None:
+def test_credentials_in_the_webhook_url_are_sent_as_basic_auth(
+    ledger_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
     """Issue 14.3: `http://user:password@host/path` (percent-encoded) posts to host/path with
     `Authorization: Basic`, and the credentials appear in no log line."""
     receiver = Receiver()
     url = receiver.url.replace("http://", "http://mail%40ops:p%3As%2Fs@")
-    ((headers, _),) = posts_for(tmp_path, clock, receiver, 8, 1, webhook_url=url)
+    ((headers, _),) = posts_for(tmp_path, clock, ledger_url, receiver, 8, 1, webhook_url=url)
     assert receiver.requests[0] == ("POST", "/quota-events")
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"mail@ops:p:s/s").decode()
 
 
 def test_the_signature_covers_a_timestamp_and_the_user_agent_names_the_product(
-    tmp_path: Path, clock: FakeClock, receiver: Receiver
+    ledger_url: str, tmp_path: Path, clock: FakeClock, receiver: Receiver
 ) -> None:
     """Issue 14.3: `X-Quota-Signature-V1: t=<unix seconds>,v1=<HMAC-SHA256 of "<t>." + body>`,
     the same t in `X-Quota-Timestamp`: a receiver refusing old timestamps refuses replays,
     because changing t breaks the signature. The body-only X-Quota-Signature stays."""
-    ((headers, body),) = posts_for(tmp_path, clock, receiver, 8, 1, webhook_secret="s3cret")
+    ((headers, body),) = posts_for(tmp_path, clock, ledger_url, receiver, 8, 1, webhook_secret="s3cret")
     stamp = clock.now_us() // MICROS
     assert headers["X-Quota-Timestamp"] == str(stamp)
 
@@ -563,12 +592,12 @@ def test_the_signature_covers_a_timestamp_and_the_user_agent_names_the_product(
 
 
 def test_the_client_watch_resumes_across_a_sidecar_restart_without_a_gap_or_a_repeat(
-    tmp_path: Path, clock: FakeClock
+    ledger_url: str, tmp_path: Path, clock: FakeClock
 ) -> None:
     """CR-8 for a billing system that reads events with QuotaClient: a restart of the sidecar
     costs the reader nothing."""
     address = f"127.0.0.1:{free_port()}"
-    running = start_sidecar(tmp_path / "ledger.db", clock, address)
+    running = start_sidecar(tmp_path / "ledger.db", clock, address, ledger=ledger_url)
     running.put_plan("acme", **grpc_plan(10))
     grpc_send(running, "acme", [f"c{i}" for i in range(8)])
     received: list = []
@@ -588,7 +617,7 @@ def test_the_client_watch_resumes_across_a_sidecar_restart_without_a_gap_or_a_re
     with arrived:
         assert arrived.wait_for(lambda: len(received) == 1, 10)
     running.stop()
-    running = start_sidecar(tmp_path / "ledger.db", clock, address)
+    running = start_sidecar(tmp_path / "ledger.db", clock, address, ledger=ledger_url)
     try:
         grpc_send(running, "acme", ["c8", "c9"])
         reader.join(timeout=20)

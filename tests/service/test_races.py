@@ -8,7 +8,6 @@ rows. Rule ids refer to domain.md.
 from __future__ import annotations
 
 import random
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,17 +164,11 @@ def activation_rows(sidecar: RunningSidecar, tenant: str) -> tuple[dict[str, int
 
 def held_rows(sidecar: RunningSidecar, tenant: str) -> tuple[set[str], int, int]:
     """The tenant's held contacts and its stored held count, read through the ledger once every
-    figure equals its rows, and the sends its audit rows add up to (the audit is the SQLite
-    file's alone: the ledger interface writes it and never reads it back)."""
+    figure equals its rows, and the sends its audit rows add up to (the audit is the
+    store's alone: the ledger interface writes it and never reads it back)."""
     found = figures_and_rows(sidecar, tenant)
     assert found.holdings is not None
-    conn = sqlite3.connect(f"file:{sidecar.ledger_path}?mode=ro", uri=True)
-    try:
-        (sends,) = conn.execute(
-            "SELECT COALESCE(SUM(sends_delta), 0) FROM audit WHERE tenant_id = ?", (tenant,)
-        ).fetchone()
-    finally:
-        conn.close()
+    [(sends,)] = sidecar.query("SELECT COALESCE(SUM(sends_delta), 0) FROM audit WHERE tenant_id = ?", tenant)
     return {c.contact_id for c in found.held}, found.holdings.held, sends
 
 

@@ -37,7 +37,6 @@ from quota_sidecar.server.probe import main as probe
 from support.process import TOKEN, Process, start
 from support.serving import BIN, free_port
 from support.sidecar import ADMIN_TOKEN, START, RunningSidecar, start_sidecar
-from support.sqlite_file import snapshot
 from support.webhook import Receiver, cross_80_percent
 
 HARD = dict(
@@ -83,7 +82,7 @@ def test_every_admin_rpc_needs_the_exact_token_and_changes_nothing_without_it(
     neither changes the ledger. With the token the call goes through."""
     sidecar.put_plan("t", **HARD)
     admin = sidecar.admin()
-    before = snapshot(sidecar.ledger_path)
+    before = sidecar.rows()
     with pytest.raises(grpc.RpcError) as none:
         ADMIN_CALLS[method](admin, ())
     assert none.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -91,7 +90,7 @@ def test_every_admin_rpc_needs_the_exact_token_and_changes_nothing_without_it(
         with pytest.raises(grpc.RpcError) as wrong:
             ADMIN_CALLS[method](admin, metadata)
         assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED, what
-    assert snapshot(sidecar.ledger_path) == before
+    assert sidecar.rows() == before
     assert sidecar.sidecar.engine.get_plan("t").contact_limit == 100
     if method != "GetContact":
         ADMIN_CALLS[method](admin, sidecar.auth)

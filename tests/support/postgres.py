@@ -66,3 +66,27 @@ def schema_for(location: Path) -> Iterator[str]:
         yield name
     finally:
         admin(f"DROP SCHEMA {name} CASCADE")
+
+
+def schema_of(url: str) -> str:
+    """The schema a `schema_url` URL's connections use."""
+    return url.rpartition("search_path%3D")[2]
+
+
+def schema_snapshot(schema: str) -> dict[str, list[tuple]]:
+    """Every row of every table in the schema."""
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY table_name",
+                (schema,),
+            )
+        ]
+        return {t: sorted(conn.execute(f'SELECT * FROM {schema}."{t}"').fetchall(), key=repr) for t in tables}
+
+
+def schema_query(schema: str, sql: str, args: tuple = ()) -> list[tuple]:
+    """The rows of one query (placeholders `%s`) run with `schema` first on the search path."""
+    with psycopg.connect(schema_url(schema), autocommit=True) as conn:
+        return conn.execute(sql, args).fetchall()

@@ -11,6 +11,7 @@ from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
+from support.both_backends import sqlite_only
 from support.postgres import ensure_server
 from support.refusing_server import RefusingServer
 from support.sidecar import START, RunningSidecar, start_sidecar
@@ -79,3 +80,7 @@ def refusing_server() -> Iterator[RefusingServer]:
 def postgres_server() -> None:
     """The local PostgreSQL, started if it is down; a test asking for it fails, never skips, without it."""
     ensure_server()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    sqlite_only(items, config)

@@ -35,7 +35,7 @@ from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 
 from support.engine import ANCHOR, AUTOMATION, CAMPAIGN, MESSAGE_SENT, NOW, TRANSACTIONAL, T, batch, plan, record, send
 from support.oracle import assert_figures_equal_rows
-from support.sqlite_file import snapshot
+from support.sidecar import rows_of
 
 UTC = UTC
 # the cycle containing NOW
@@ -194,10 +194,10 @@ def test_sg4_addon_purchase_mid_cycle_raises_sends_allowance(engine: Engine):
 # -- SG-5: the pre-flight dry run --------------------------------------------------------------
 
 
-def test_sg5_dry_run_batch_reports_what_would_happen_and_counts_nothing(engine: Engine, db_path: Path):
+def test_sg5_dry_run_batch_reports_what_would_happen_and_counts_nothing(engine: Engine):
     engine.put_plan(T, plan(3))
     send(engine, "a")
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     out = batch(engine, ["a", "b", "c", "d", "b", "e"], dry_run=True, request_id="preflight-1")
     got = [(c, d.decision, d.reason, d.newly_active) for c, d in out.results]
     assert got == [
@@ -213,20 +213,20 @@ def test_sg5_dry_run_batch_reports_what_would_happen_and_counts_nothing(engine: 
     # the usage is what it would be after the batch
     assert (out.usage.active_contacts, out.usage.sends, out.usage.state) == (3, 4, UsageState.AT_LIMIT)
     # nothing counted, nothing stored (not even the request_id)
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     assert (usage(engine).active_contacts, usage(engine).sends) == (1, 1)
     # the same request_id is free for a real batch: a dry run stored no answer
     real = batch(engine, ["b"], request_id="preflight-1")
     assert real.newly_active == 1
 
 
-def test_sg5_dry_run_single_send_counts_nothing(engine: Engine, db_path: Path):
+def test_sg5_dry_run_single_send_counts_nothing(engine: Engine):
     engine.put_plan(T, plan(1))
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     out = send(engine, "a", dry_run=True, request_id="r1")
     allow(out, Reason.NEW_CONTACT_COUNTED, True)
     assert out.usage.active_contacts == 1
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     # the dry run's request_id was not stored: a different real request may use it
     allow(send(engine, "b", request_id="r1"), Reason.NEW_CONTACT_COUNTED, True)
 
@@ -318,11 +318,11 @@ def test_sg11_rotating_contacts_within_a_cycle_never_reaches_more_than_the_limit
 # -- counted_kinds -----------------------------------------------------------------------------
 
 
-def test_uncounted_kind_is_allowed_not_counted_and_touches_no_figure(engine: Engine, db_path: Path):
+def test_uncounted_kind_is_allowed_not_counted_and_touches_no_figure(engine: Engine):
     """MK-4 / api.md Decision rules: kinds not in counted_kinds are ALLOW NOT_COUNTED and touch no figure."""
     engine.put_plan(T, plan(1))
     send(engine, "a")
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     # even at the limit, a transactional mail to a new contact goes out uncounted
     out = send(engine, "stranger", TRANSACTIONAL)
     allow(out, Reason.NOT_COUNTED, False)
@@ -332,8 +332,9 @@ def test_uncounted_kind_is_allowed_not_counted_and_touches_no_figure(engine: Eng
     b = batch(engine, ["x", "y", "x"], TRANSACTIONAL)
     assert [d.reason for _, d in b.results] == [Reason.NOT_COUNTED] * 3
     assert (b.allowed, b.denied, b.newly_active) == (3, 0, 0)
-    after = snapshot(db_path)
-    for table in ("usage", "activations", "contacts", "request_replies"):
+    after = rows_of(engine.ledger)
+    # the answers kept for retries are request_replies on SQLite, request_results on PostgreSQL
+    for table in {"usage", "activations", "contacts", "request_replies", "request_results"} & before.keys():
         assert after[table] == before[table], table
     with pytest.raises(NotFound):
         engine.get_contact(T, "stranger")
@@ -376,31 +377,31 @@ def test_batch_of_exactly_10000_contacts_is_accepted(engine: Engine):
 # -- request_id idempotency -------------------------------------------------------------------
 
 
-def test_request_id_retry_returns_first_answer_and_counts_nothing(engine: Engine, db_path: Path):
+def test_request_id_retry_returns_first_answer_and_counts_nothing(engine: Engine):
     """SG-8 / api.md request_id: a retry returns the first answer and counts nothing twice."""
     engine.put_plan(T, plan(2))
     first = send(engine, "a", request_id="req-1")
     allow(first, Reason.NEW_CONTACT_COUNTED, True)
     send(engine, "b")  # the tenant is now at its limit
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     retry = send(engine, "a", request_id="req-1")
     assert retry == first  # the first answer, newly_active and usage included
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     assert (usage(engine).active_contacts, usage(engine).sends) == (2, 2)
 
 
-def test_request_id_reused_for_a_different_request_is_invalid_argument(engine: Engine, db_path: Path):
+def test_request_id_reused_for_a_different_request_is_invalid_argument(engine: Engine):
     """api.md Errors / request_id: the same id for a different request is INVALID_ARGUMENT naming request_id."""
     engine.put_plan(T, plan(5))
     send(engine, "a", request_id="req-1")
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     with pytest.raises(InvalidArgument) as err:
         send(engine, "b", request_id="req-1")
     assert err.value.field == "request_id"
     with pytest.raises(InvalidArgument) as err:
         send(engine, "a", AUTOMATION, request_id="req-1")
     assert err.value.field == "request_id"
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
 
 
 def test_request_id_is_scoped_to_tenant_and_rpc(engine: Engine):
@@ -416,27 +417,27 @@ def test_request_id_is_scoped_to_tenant_and_rpc(engine: Engine):
     assert usage(engine).active_contacts == 3
 
 
-def test_batch_request_id_retry_returns_first_answer(engine: Engine, db_path: Path):
+def test_batch_request_id_retry_returns_first_answer(engine: Engine):
     """SG-5, SG-8 / api.md request_id on CheckSendBatch."""
     engine.put_plan(T, plan(2))
     first = batch(engine, ["a", "b", "c", "a"], request_id="camp-7")
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     again = batch(engine, ["a", "b", "c", "a"], request_id="camp-7")
     assert again == first
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     with pytest.raises(InvalidArgument) as err:
         batch(engine, ["a", "b"], request_id="camp-7")
     assert err.value.field == "request_id"
 
 
-def test_record_activity_request_id_retry_counts_nothing(engine: Engine, db_path: Path):
+def test_record_activity_request_id_retry_counts_nothing(engine: Engine):
     """CR-2 / api.md request_id on RecordActivity: a retry counts nothing."""
     engine.put_plan(T, plan(5))
     first = record(engine, ["a", "b"], request_id="act-1")
     assert first.newly_active == 2
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     assert record(engine, ["a", "b"], request_id="act-1") == first
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     with pytest.raises(InvalidArgument) as err:
         record(engine, ["a", "b", "c"], request_id="act-1")
     assert err.value.field == "request_id"
@@ -535,14 +536,14 @@ def test_record_activity_is_booked_into_the_cycle_containing_occurred_at(engine:
     assert usage(engine, at=occurred).active_contacts == 3
 
 
-def test_record_activity_refuses_occurred_at_far_in_the_future(engine: Engine, clock: FakeClock, db_path: Path):
+def test_record_activity_refuses_occurred_at_far_in_the_future(engine: Engine, clock: FakeClock):
     """CR-1 / api.md Errors: activity is recorded after it happened; nothing is counted on an error."""
     engine.put_plan(T, plan(3))
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     with pytest.raises(InvalidArgument) as err:
         record(engine, ["a"], occurred_at_us=clock.now_us() + 2 * HOUR_US)
     assert err.value.field == "occurred_at"
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
 
 
 # -- GRACE ---------------------------------------------------------------------------------------
@@ -727,12 +728,12 @@ def test_mk2_cr8_warning_is_inclusive_when_the_ratio_equals_the_threshold_exactl
 # -- validation errors ----------------------------------------------------------------------------
 
 
-def test_invalid_ids_are_invalid_argument_naming_the_field_and_count_nothing(engine: Engine, db_path: Path):
+def test_invalid_ids_are_invalid_argument_naming_the_field_and_count_nothing(engine: Engine):
     """api.md Errors: empty or over-256-byte ids, missing enums, batches over 10,000 are INVALID_ARGUMENT naming the
     field; nothing is counted.
     """
     engine.put_plan(T, plan(5))
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     cases = [
         (lambda: engine.check_send(SendRequest("", "a", Channel.EMAIL, CAMPAIGN)), "tenant_id"),
         (lambda: engine.check_send(SendRequest(T, "", Channel.EMAIL, CAMPAIGN)), "contact_id"),
@@ -763,7 +764,7 @@ def test_invalid_ids_are_invalid_argument_naming_the_field_and_count_nothing(eng
         with pytest.raises(InvalidArgument) as err:
             call()
         assert err.value.field == field, (field, str(err.value))
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
 
 
 def test_ids_of_exactly_256_bytes_are_accepted(engine: Engine):
@@ -803,19 +804,17 @@ def test_input_is_validated_before_the_tenant_is_looked_up(engine: Engine):
         (dict(max_queue_us=-1), "plan.max_queue"),
     ],
 )
-def test_bad_plan_is_invalid_argument_naming_the_field_and_stores_nothing(
-    engine: Engine, db_path: Path, fields: dict, field: str
-):
+def test_bad_plan_is_invalid_argument_naming_the_field_and_stores_nothing(engine: Engine, fields: dict, field: str):
     """SG-3, AC-7, CR-6 / api.md Errors: a negative or nonsensical plan is INVALID_ARGUMENT naming the field; the
     old plan stays.
     """
     engine.put_plan(T, plan(5))
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     given = dict(fields)
     with pytest.raises(InvalidArgument) as err:
         engine.put_plan(T, plan(given.pop("contact_limit", 5), **given))
     assert err.value.field == field
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     assert engine.get_plan(T).contact_limit == 5
 
 
@@ -825,10 +824,10 @@ def test_grace_percent_of_100_is_accepted(engine: Engine):
     assert p.ceiling == 20
 
 
-def test_a_tenant_without_a_plan_is_not_found_for_every_call_and_nothing_is_counted(engine: Engine, db_path: Path):
+def test_a_tenant_without_a_plan_is_not_found_for_every_call_and_nothing_is_counted(engine: Engine):
     """api.md Errors: a tenant with no plan is NOT_FOUND for every RPC; nothing is counted or stored."""
     engine.put_plan(T, plan(5))
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     calls = [
         lambda: send(engine, "a", tenant="ghost"),
         lambda: send(engine, "a", tenant="ghost", dry_run=True),
@@ -844,7 +843,7 @@ def test_a_tenant_without_a_plan_is_not_found_for_every_call_and_nothing_is_coun
     for call in calls:
         with pytest.raises(NotFound):
             call()
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
 
 
 # -- plan anchor rules ----------------------------------------------------------------------------

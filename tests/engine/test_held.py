@@ -43,7 +43,7 @@ from quota_sidecar.server.engine import (
 from quota_sidecar.server.ledger.sqlite import SCHEMA_VERSION, SQLiteLedger, migrate
 
 from support.held import T, add, ids, preset
-from support.sqlite_file import snapshot
+from support.sidecar import rows_of
 
 ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -148,15 +148,13 @@ def test_explicit_fields_override_a_presets(engine: Engine) -> None:
         (preset("marketing-contacts", contact_limit=-1), "plan.contact_limit"),
     ],
 )
-def test_bad_or_contradictory_plans_are_refused_naming_the_field(
-    engine: Engine, db_path: Path, given: PlanInput, field: str
-) -> None:
+def test_bad_or_contradictory_plans_are_refused_naming_the_field(engine: Engine, given: PlanInput, field: str) -> None:
     """api.md Errors: unknown preset, grace over 100%, negative prices, contradictory fields change nothing."""
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     with pytest.raises(InvalidArgument) as err:
         engine.put_plan(T, given)
     assert err.value.field == field
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     with pytest.raises(NotFound):
         engine.get_plan(T)
 
@@ -263,13 +261,13 @@ def test_non_marketing_adds_are_free_and_never_refused_by_a_refusing_source(engi
     )
 
 
-def test_a_contact_add_dry_run_and_a_retry_change_nothing(engine: Engine, db_path: Path) -> None:
+def test_a_contact_add_dry_run_and_a_retry_change_nothing(engine: Engine) -> None:
     """AC-4 pre-flight: a dry run decides without adding; a request_id retry adds nothing twice."""
     engine.put_plan(T, preset("contact-limit", contact_limit=3))
-    before = snapshot(db_path)
+    before = rows_of(engine.ledger)
     dry = add(engine, ids("c", 3), ContactSource.IMPORT, dry_run=True)
     assert (dry.decision, dry.added, dry.usage.active_contacts) == (Decision.ALLOW, 3, 3)
-    assert snapshot(db_path) == before
+    assert rows_of(engine.ledger) == before
     first = add(engine, ids("c", 2), ContactSource.IMPORT, request_id="imp-1")
     again = add(engine, ids("c", 2), ContactSource.IMPORT, request_id="imp-1")
     assert first == again and first.added == 2

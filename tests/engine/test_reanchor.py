@@ -518,7 +518,7 @@ def test_sg7_cr6_service_reanchor_keeps_the_closed_cycle_readable(sidecar: Runni
     assert err is not None and err.code() == grpc.StatusCode.NOT_FOUND
     # the closed cycle is read from the ledger: a restarted sidecar still finds it
     sidecar.stop()
-    again = start_sidecar(sidecar.ledger_path, sidecar.clock)
+    again = start_sidecar(sidecar.ledger_path, sidecar.clock, ledger=sidecar.ledger_url)
     try:
         reread = again.quota().GetUsage(_request(pb.GetUsageRequest, IN_CLOSED), timeout=5).usage
         assert (reread.cycle_end.ToDatetime(UTC), reread.active_contacts, reread.overage_amount) == (NOW, 4, "1.00")

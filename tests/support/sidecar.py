@@ -15,6 +15,9 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.api.v1 import quota_pb2_grpc as pb_grpc
 from quota_sidecar.server.app import Sidecar
 from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.ledger import Ledger
+from quota_sidecar.server.ledger.postgres import PostgresLedger
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
 from quota_sidecar.server.settings import Settings
 
 from support.postgres import schema_of, schema_query, schema_snapshot
@@ -65,9 +68,7 @@ class RunningSidecar:
 
     def rows(self) -> dict[str, list[tuple]]:
         """Every row of every table of its ledger, whichever the backend."""
-        if self.ledger_url.startswith("sqlite:"):
-            return snapshot(self.ledger_path)
-        return schema_snapshot(schema_of(self.ledger_url))
+        return rows_of(self.sidecar.ledger)
 
     def query(self, sql: str, *args: object) -> list[tuple]:
         """The rows of one query against its ledger's tables (`query_ledger`)."""
@@ -117,3 +118,11 @@ def query_ledger(url: str, sql: str, *args: object) -> list[tuple]:
         finally:
             conn.close()
     return schema_query(schema_of(url), sql.replace("?", "%s"), args)
+
+
+def rows_of(ledger: Ledger) -> dict[str, list[tuple]]:
+    """Every row of every table of the ledger's store, whichever the backend."""
+    if isinstance(ledger, SQLiteLedger):
+        return snapshot(ledger.path)
+    assert isinstance(ledger, PostgresLedger)
+    return schema_snapshot(schema_of(ledger.url))

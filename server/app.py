@@ -100,6 +100,7 @@ class Sidecar:
             self._current_usage,
             settings.metrics_tenant_min_ratio,
             settings.metrics_tenant_max,
+            shared=lambda: not self.ledger.sole_writer,
         )
         self.registry.register(SidecarCollector(lambda: self.ledger.ready, tenants, self._undelivered))
         backend_figures = self.ledger.collector()

@@ -6,6 +6,10 @@ sidecar fills in every tenant with a plan (`fill`), never over a figure a change
 has already put. The metrics collector reads a snapshot and asks the engine
 again for tenants whose cycle has ended since (a new cycle's figures differ).
 Each entry is three numbers, so 100,000 tenants take a few megabytes.
+
+With a ledger other sidecars write too, the board only knows this sidecar's own
+changes; the collector then reads again the tenants it is about to show
+(`reread`), so their figures are the ledger's at the scrape.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ class TenantFigure:
 class UsageBoard:
     def __init__(self) -> None:
         self._figures: dict[str, TenantFigure] = {}
+        # How many times each tenant's figure was put: a figure read from the ledger
+        # replaces it only if no commit put a newer one while it was being read.
+        self._puts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -37,6 +44,7 @@ class UsageBoard:
         figure = self._figure(usage)
         with self._lock:
             self._figures[usage.tenant_id] = figure
+            self._puts[usage.tenant_id] = self._puts.get(usage.tenant_id, 0) + 1
 
     def fill(self, usages: Iterable[Usage]) -> int:
         """Adds tenants not on the board yet; returns how many were added."""
@@ -63,6 +71,23 @@ class UsageBoard:
                         if current is not None and current.cycle_end_us <= now_us:
                             self._figures[tenant_id] = figures[tenant_id]
         return figures
+
+    def reread(self, tenant_ids: Iterable[str], read: Callable[[str], Usage | None]) -> dict[str, TenantFigure]:
+        """The figures of these tenants read again through `read`, each kept on the board
+        unless a commit of this sidecar put a newer one meanwhile."""
+        fresh: dict[str, TenantFigure] = {}
+        for tenant_id in tenant_ids:
+            with self._lock:
+                puts = self._puts.get(tenant_id, 0)
+            usage = read(tenant_id)
+            if usage is None:
+                continue
+            figure = self._figure(usage)
+            with self._lock:
+                if self._puts.get(tenant_id, 0) == puts:
+                    self._figures[tenant_id] = figure
+                fresh[tenant_id] = self._figures.get(tenant_id, figure)
+        return fresh
 
     def __len__(self) -> int:
         return len(self._figures)

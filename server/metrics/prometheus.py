@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..domain.model import Usage, UsageEventType, UsageState
-from .board import UsageBoard
+from .board import TenantFigure, UsageBoard
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -178,6 +178,9 @@ class TenantFigures:
     each of RATIO_STEPS. With one: the usage ratio and state of tenants at or above
     `min_ratio`, or in a state past WARNING, at most `max_series` of them, the
     most pressing first; `quota_tenant_series_omitted` says how many were left out.
+    When other sidecars write the ledger too (`shared`), the tenants about to be
+    shown are read again first (at most `max_series` reads a scrape), so a plan
+    or a count changed through another sidecar shows at once.
     """
 
     def __init__(
@@ -187,26 +190,38 @@ class TenantFigures:
         refresh: Callable[[str], Usage | None],
         min_ratio: float,
         max_series: int,
+        shared: Callable[[], bool] = lambda: False,
     ) -> None:
         self.board = board
         self.now_us = now_us
         self.refresh = refresh
         self.min_ratio = min_ratio
         self.max_series = max_series
+        self.shared = shared
+
+    def _pressing(self, figures: dict[str, TenantFigure]) -> list[tuple[bool, float, str, UsageState]]:
+        """The pressing tenants, most pressing first."""
+        pressing = [
+            (f.state not in QUIET_STATES, f.usage_ratio, tenant_id, f.state)
+            for tenant_id, f in figures.items()
+            if f.state not in QUIET_STATES or f.usage_ratio >= self.min_ratio
+        ]
+        pressing.sort(key=lambda p: (not p[0], -p[1], p[2]))
+        return pressing
 
     def collect(self) -> Iterator[Metric]:
         figures = self.board.snapshot(self.now_us(), self.refresh)
+        if self.shared():
+            first = [tenant_id for _, _, tenant_id, _ in self._pressing(figures)[: self.max_series]]
+            figures.update(self.board.reread(first, self.refresh))
         by_state = dict.fromkeys(UsageState, 0)
         at_least = dict.fromkeys(RATIO_STEPS, 0)
-        pressing: list[tuple[bool, float, str, UsageState]] = []
-        for tenant_id, f in figures.items():
+        for f in figures.values():
             by_state[f.state] += 1
             for step in RATIO_STEPS:
                 if f.usage_ratio >= step:
                     at_least[step] += 1
-            past_warning = f.state not in QUIET_STATES
-            if past_warning or f.usage_ratio >= self.min_ratio:
-                pressing.append((past_warning, f.usage_ratio, tenant_id, f.state))
+        pressing = self._pressing(figures)
         states = GaugeMetricFamily("quota_tenants", "Tenants by usage state", labels=["state"])
         for state, n in by_state.items():
             states.add_metric([state.name], n)
@@ -219,7 +234,6 @@ class TenantFigures:
         for step, n in at_least.items():
             steps.add_metric([format(step, "g")], n)
         yield steps
-        pressing.sort(key=lambda p: (not p[0], -p[1], p[2]))
         shown = pressing[: self.max_series]
         ratio = GaugeMetricFamily(
             "quota_tenant_usage_ratio",

@@ -15,6 +15,7 @@ from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.server.domain.clock import FakeClock
 from quota_sidecar.server.ledger.sqlite.dedupe import CycleFilter, DedupeFilters
 
+from support.postgres import schema_for, schema_url
 from support.sidecar import RunningSidecar, start_sidecar
 
 DAY = 24 * 3600
@@ -216,3 +217,29 @@ def test_dedupe_figures_follow_filters_grown_replaced_evicted_and_dropped() -> N
     assert filters.items == 1 and filters.size_bytes == c.size_bytes
     filters.forget()
     assert (filters.items, filters.size_bytes, filters.estimated_fp_rate) == (0, 0, 0.0)
+
+
+def test_in_a_fleet_a_sidecar_reads_again_the_tenants_it_shows_so_another_sidecars_change_is_seen(
+    tmp_path: Path, clock: FakeClock, postgres_server: None
+) -> None:
+    """Issue 16, a PostgreSQL ledger shared by two sidecars: each shows a tenant's limit
+    proximity as the ledger has it at the scrape, not as it was at its own last decision.
+    A plan raised through B takes the tenant off A's pressing series; contacts counted
+    through B show in A's ratio. (A sidecar that is its ledger's only writer knows every
+    change already.)"""
+    with schema_for(tmp_path) as schema:
+        url = schema_url(schema)
+        a = start_sidecar(tmp_path / "a.db", clock, metrics=True, ledger=url)
+        b = start_sidecar(tmp_path / "b.db", clock, metrics=True, ledger=url)
+        try:
+            a.put_plan("acme", **plan(10))
+            send(a, "acme", contacts("acme", 8))
+            assert by(scrape(a)["quota_tenant_usage_ratio"], "tenant") == {"acme": 0.8}
+            send(b, "acme", contacts("acme", 9))
+            assert by(scrape(a)["quota_tenant_usage_ratio"], "tenant") == {"acme": 0.9}
+            b.put_plan("acme", **plan(100))
+            assert "quota_tenant_usage_ratio" not in scrape(a)
+            assert by(scrape(a)["quota_tenants"], "state")["WARNING"] == 0
+        finally:
+            a.stop()
+            b.stop()

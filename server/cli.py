@@ -32,7 +32,8 @@ from .domain.errors import QuotaError
 from .ledger import LedgerOptionError
 from .ledger.factory import ledger_as_shown
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
-from .ledger.sqlite.verify import VerifyError, verify_ledger
+from .ledger.sqlite.verify import verify_ledger
+from .ledger.verification import VerifyError
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
 from .tenants import TenantsFileError, check_tenants
 

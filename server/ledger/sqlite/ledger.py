@@ -27,12 +27,13 @@ from prometheus_client.registry import Collector
 
 from ...domain.errors import LedgerUnavailable
 from .. import CommitObserver, Ledger, LedgerReader, LedgerTx
+from ..verification import Mismatch
 from .dedupe import Builds, DedupeCollector, DedupeFilters, FilterBuilder, request_latest
 from .files import LedgerFile
 from .rows import Reader
 from .schema import migrate
 from .tx import Transaction
-from .verify import Mismatch, find_mismatches
+from .verify import find_mismatches
 from .writer import Writer
 
 T = TypeVar("T")

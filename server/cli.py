@@ -30,10 +30,10 @@ from . import __version__
 from .app import Sidecar
 from .domain.errors import QuotaError
 from .ledger import LedgerOptionError
-from .ledger.factory import ledger_as_shown
+from .ledger.factory import POSTGRES_SCHEMES, ledger_as_shown
 from .ledger.sqlite import SCHEMA_VERSION, sqlite_path
 from .ledger.sqlite.verify import verify_ledger
-from .ledger.verification import VerifyError
+from .ledger.verification import Report, VerifyError
 from .settings import SettingsError, add_arguments, resolve, secrets_on_the_command_line
 from .tenants import TenantsFileError, check_tenants
 
@@ -140,9 +140,20 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_postgres(url: str, repair: bool) -> Report:
+    try:
+        from .ledger.postgres.verify import verify_ledger as verify_postgres
+    except ImportError as exc:
+        raise VerifyError(f"the PostgreSQL ledger is not available in this installation ({exc})") from None
+    return verify_postgres(url, repair_figures=repair)
+
+
 def verify(args: argparse.Namespace) -> int:
     try:
-        report = verify_ledger(sqlite_path(args.ledger), schema_version=SCHEMA_VERSION, repair_figures=args.repair)
+        if args.ledger.split("://", 1)[0].lower() in POSTGRES_SCHEMES:
+            report = _verify_postgres(args.ledger, args.repair)
+        else:
+            report = verify_ledger(sqlite_path(args.ledger), schema_version=SCHEMA_VERSION, repair_figures=args.repair)
     except (ValueError, VerifyError) as exc:
         print(f"quota-sidecar verify: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +161,7 @@ def verify(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "ledger": args.ledger,
+                    "ledger": ledger_as_shown(args.ledger),
                     "mismatches": [m.to_dict() for m in report.mismatches],
                     "repaired": report.repaired,
                     "integrity": report.integrity,

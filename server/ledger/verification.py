@@ -33,6 +33,14 @@ from typing import Any
 # What HELD_CONTACTS sends leave in the audit: the sends of a cycle no activation row holds.
 HELD_SENDS = "sends_delta <> 0 AND decision = 'ALLOW' AND reason = 'OK'"
 
+# The cycles (a query of tenant_id, cycle_start_us, given as `cycles`) with a peak below its end count.
+PEAKS = """
+WITH cycles AS ({cycles})
+SELECT u.tenant_id, u.cycle_start_us, u.held_peak, u.held_end, u.marketing_peak, u.marketing_end
+FROM cycles c JOIN usage u ON u.tenant_id = c.tenant_id AND u.cycle_start_us = c.cycle_start_us
+WHERE u.held_peak < u.held_end OR u.marketing_peak < u.marketing_end
+"""
+
 USAGE_COLUMNS = {
     "usage.active_contacts": "active_contacts",
     "usage.sends": "sends",

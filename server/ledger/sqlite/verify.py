@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..verification import HELD_SENDS, Mismatch, Report, VerifyError, compare, repairs
+from ..verification import HELD_SENDS, PEAKS, Mismatch, Report, VerifyError, compare, repairs
 
 _CURRENT = (
     "SELECT tenant_id, MAX(cycle_start_us) AS cycle_start_us FROM"
@@ -64,13 +64,6 @@ LEFT JOIN counted n ON n.tenant_id = t.tenant_id
 LEFT JOIN usage u ON u.tenant_id = t.tenant_id AND u.cycle_start_us = h.cycle_start_us
 """
 
-_PEAKS = """
-WITH cycles AS ({cycles})
-SELECT u.tenant_id, u.cycle_start_us, u.held_peak, u.held_end, u.marketing_peak, u.marketing_end
-FROM cycles c JOIN usage u ON u.tenant_id = c.tenant_id AND u.cycle_start_us = c.cycle_start_us
-WHERE u.held_peak < u.held_end OR u.marketing_peak < u.marketing_end
-"""
-
 
 def find_mismatches(conn: sqlite3.Connection, *, every_cycle: bool) -> list[Mismatch]:
     """Every stored figure that disagrees with its rows: of each tenant's latest cycle
@@ -79,7 +72,7 @@ def find_mismatches(conn: sqlite3.Connection, *, every_cycle: bool) -> list[Mism
     return compare(
         conn.execute(_COUNTERS.format(cycles=cycles, held_sends=HELD_SENDS)).fetchall(),
         conn.execute(_HOLDINGS).fetchall(),
-        conn.execute(_PEAKS.format(cycles=cycles)).fetchall(),
+        conn.execute(PEAKS.format(cycles=cycles)).fetchall(),
     )
 
 

@@ -1,5 +1,12 @@
 """The running sidecar: the gRPC server, health, reflection, metrics and the ledger.
 
+Health answers two questions. Readiness (the whole server "", "readiness" and each
+service name): may calls be sent here now? NOT_SERVING until the ledger is open, while
+its commits fail (a full disk, the database down: the sidecar recovers by itself) and
+once stopping. Liveness ("liveness"): is the process alive and answering? SERVING from
+the moment the port is bound until the stop, whatever the ledger does, so a liveness
+probe restarts a wedged sidecar, never one that waits for its disk.
+
 Start-up order is what callers can rely on: the port is bound and the health
 service answers NOT_SERVING first; the ledger is then opened (and migrated);
 then health says SERVING. The dedupe filters are built from the ledger in the
@@ -53,6 +60,9 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     pb.DESCRIPTOR.services_by_name["QuotaAdminService"].full_name,
 )
+# The health names beside "" and the service names (app.py's docstring says what each answers).
+READINESS = "readiness"
+LIVENESS = "liveness"
 
 
 class Sidecar:
@@ -211,7 +221,8 @@ class Sidecar:
         return f"{host}:{self.port}"
 
     def _set_health(self, status: int) -> None:
-        for name in ("", *SERVICE_NAMES):
+        """Sets readiness: the whole server, READINESS and each service."""
+        for name in ("", READINESS, *SERVICE_NAMES):
             self.health.set(name, status)
 
     def bind(self) -> None:
@@ -232,6 +243,7 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self.port = self._listen(s)
         if s.metrics_address:
             host, _, mport = s.metrics_address.rpartition(":")

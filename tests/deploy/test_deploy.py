@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from quota_sidecar.server.app import LIVENESS, READINESS
 from quota_sidecar.server.ledger.factory import open_ledger
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 from quota_sidecar.server.ledger.sqlite import sqlite_path
@@ -567,13 +568,18 @@ def test_sidecar_container_ports_match_its_flags_and_the_image(directory: Path) 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
 def test_sidecar_probes_ask_the_grpc_health_service_on_the_grpc_port(directory: Path) -> None:
-    """Issue 4: readiness and liveness (and startup) are native gRPC probes on the port gRPC listens on."""
+    """Issue 4: readiness and liveness (and startup) are native gRPC probes on the port gRPC
+    listens on. Issue 17 item 3: liveness asks for the name that stays SERVING while the
+    ledger fails (LIVENESS), readiness and startup for the one that does not (READINESS)."""
     grpc_port = port_of(kubernetes_sidecar_settings(directory).address)
     container = sidecar_container(directory)
     assert {"readinessProbe", "livenessProbe"} <= set(container)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in container:
             assert container[probe]["grpc"]["port"] == grpc_port, probe
+    asked = {probe: container[probe]["grpc"].get("service", "") for probe in ("readinessProbe", "livenessProbe")}
+    assert asked == {"readinessProbe": READINESS, "livenessProbe": LIVENESS}
+    assert container.get("startupProbe", {}).get("grpc", {}).get("service", READINESS) == READINESS
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)

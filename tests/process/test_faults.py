@@ -169,7 +169,9 @@ def test_read_only_ledger_is_unavailable_not_serving_then_recovers_by_itself(
 ) -> None:
     """api.md Errors (read-only), SG-2, SG-8: with the ledger's files made immutable, calls that
     write get UNAVAILABLE and health says NOT_SERVING until the files are writable again; then
-    the sidecar takes writes by itself and a kill -9 loses nothing acknowledged."""
+    the sidecar takes writes by itself and a kill -9 loses nothing acknowledged. Issue 17
+    item 3: meanwhile readiness ("", "readiness", each service) is NOT_SERVING and liveness
+    stays SERVING, so a liveness probe never restarts a sidecar that recovers by itself."""
     ledger = tmp_path / "ledger.db"
     p = serve(ledger, processes)
     sender = Sender(p.address)
@@ -181,7 +183,11 @@ def test_read_only_ledger_is_unavailable_not_serving_then_recovers_by_itself(
             assert sender.batch(50) == grpc.StatusCode.UNAVAILABLE
             assert p.health() == "NOT_SERVING"
             assert sender.batch(1) == grpc.StatusCode.UNAVAILABLE
-            assert p.health() == "NOT_SERVING"
+            readiness = ("", "readiness", "quota.v1.QuotaService", "quota.v1.QuotaAdminService")
+            assert {name: p.health(name) for name in (*readiness, "liveness")} == {
+                **dict.fromkeys(readiness, "NOT_SERVING"),
+                "liveness": "SERVING",
+            }
             with grpc.insecure_channel(p.address) as ch:
                 usage = pb_grpc.QuotaServiceStub(ch).GetUsage(pb.GetUsageRequest(tenant_id="t"), timeout=5).usage
             assert usage.active_contacts == len(sender.allowed)
@@ -189,6 +195,7 @@ def test_read_only_ledger_is_unavailable_not_serving_then_recovers_by_itself(
             subprocess.run(["chattr", "-i", *files], check=True)
         p.wait_serving()
         assert sender.batch(50) == grpc.StatusCode.OK
+        assert (p.health("readiness"), p.health("liveness")) == ("SERVING", "SERVING")
     finally:
         sender.close()
     restart_and_check(p, sender, processes)

@@ -31,8 +31,8 @@ class FleetSidecar:
     proc: subprocess.Popen[str]
     address: str
 
-    def health(self) -> str:
-        return health_status(self.address)
+    def health(self, service: str = "") -> str:
+        return health_status(self.address, service)
 
     def wait_for(self, status: str, timeout: float = 30) -> None:
         wait_for_status(self.proc, self.address, status, timeout)

@@ -29,8 +29,8 @@ class Process:
     ledger: Path
     metrics_address: str = ""
 
-    def health(self) -> str:
-        return health_status(self.address)
+    def health(self, service: str = "") -> str:
+        return health_status(self.address, service)
 
     def wait_serving(self, timeout: float = 30) -> None:
         wait_for_status(self.proc, self.address, "SERVING", timeout)

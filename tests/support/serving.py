@@ -43,14 +43,15 @@ def serve(ledger_url: str, address: str, metrics_address: str, admin_token: str,
     )
 
 
-def health_status(address: str) -> str:
-    """SERVING, NOT_SERVING ... as the sidecar at `address` reports it, or UNREACHABLE."""
+def health_status(address: str, service: str = "") -> str:
+    """SERVING, NOT_SERVING ... as the sidecar at `address` reports it for `service` (""
+    the whole server: readiness), or UNREACHABLE (SERVICE_UNKNOWN: an unknown name)."""
     try:
         with grpc.insecure_channel(address) as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
-    except grpc.RpcError:
-        return "UNREACHABLE"
+    except grpc.RpcError as exc:
+        return "SERVICE_UNKNOWN" if exc.code() is grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
 
 
 def wait_for_status(proc: subprocess.Popen[str], address: str, status: str, timeout: float = 30) -> None:

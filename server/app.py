@@ -30,12 +30,12 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 
+from . import reflection
 from .domain.clock import MICROS, Clock, SystemClock
 from .domain.errors import QuotaError
 from .domain.model import Usage, UsageEvent
@@ -241,7 +241,7 @@ class Sidecar:
         register(self.server, "QuotaService", self.quota_service)
         register(self.server, "QuotaAdminService", QuotaAdminService(self.engine, self.metrics, s.admin_token))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self.port = self._listen(s)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -546,6 +547,72 @@ def test_health_serving_and_reflection_lists_the_services(sidecar: RunningSideca
     )
     names = {s.name for s in answer.list_services_response.service}
     assert {"quota.v1.QuotaService", "quota.v1.QuotaAdminService", "grpc.health.v1.Health"} <= names
+
+
+# grpc.reflection.v1's messages (grpc-proto, grpc/reflection/v1/reflection.proto) carry the
+# same fields under the same numbers as v1alpha's, so v1alpha's classes speak v1 on the wire.
+V1_REFLECTION = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+V1_REQUEST_FIELDS = {
+    "host": 1,
+    "file_by_filename": 3,
+    "file_containing_symbol": 4,
+    "file_containing_extension": 5,
+    "all_extension_numbers_of_type": 6,
+    "list_services": 7,
+}
+V1_RESPONSE_FIELDS = {
+    "valid_host": 1,
+    "original_request": 2,
+    "file_descriptor_response": 4,
+    "all_extension_numbers_response": 5,
+    "list_services_response": 6,
+    "error_response": 7,
+}
+
+
+def test_reflection_answers_v1_and_v1alpha_clients_alike(sidecar: RunningSidecar) -> None:
+    """Issue 17 item 2: grpcurl, Postman and buf curl ask grpc.reflection.v1 first; a v1 client
+    lists the services (v1 among them) and gets the file defining QuotaService and the one
+    defining v1's own service (package grpc.reflection.v1, the published field numbers); a
+    v1alpha client gets the same answers."""
+    fields = {f.name: f.number for f in reflection_pb2.ServerReflectionRequest.DESCRIPTOR.fields}
+    assert fields == V1_REQUEST_FIELDS
+    assert {f.name: f.number for f in reflection_pb2.ServerReflectionResponse.DESCRIPTOR.fields} == V1_RESPONSE_FIELDS
+    v1 = sidecar.channel().stream_stream(
+        V1_REFLECTION,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    v1alpha = reflection_pb2_grpc.ServerReflectionStub(sidecar.channel()).ServerReflectionInfo
+    asked = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="quota.v1.QuotaService"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    ]
+    answers = {name: list(call(iter(asked), timeout=5)) for name, call in (("v1", v1), ("v1alpha", v1alpha))}
+    for name, (listed, quota, reflection) in answers.items():
+        services = {s.name for s in listed.list_services_response.service}
+        assert {
+            "quota.v1.QuotaService",
+            "quota.v1.QuotaAdminService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= services, name
+        (quota_file,) = [
+            descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in quota.file_descriptor_response.file_descriptor_proto[:1]
+        ]
+        assert quota_file.package == "quota.v1", name
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in reflection.file_descriptor_response.file_descriptor_proto
+        ]
+        (v1_file,) = [f for f in files if f.package == "grpc.reflection.v1"]
+        messages = {m.name: {f.name: f.number for f in m.field} for m in v1_file.message_type}
+        assert messages["ServerReflectionRequest"] == V1_REQUEST_FIELDS, name
+        assert messages["ServerReflectionResponse"] == V1_RESPONSE_FIELDS, name
+        assert [m.input_type for m in v1_file.service[0].method] == [".grpc.reflection.v1.ServerReflectionRequest"]
 
 
 def test_unavailable_when_the_ledger_is_closed(sidecar: RunningSidecar) -> None:

@@ -235,6 +235,9 @@ class Sidecar:
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", max(s.max_message_bytes, 64 * 1024 * 1024)),
                 ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", round(s.keepalive_min_ping_interval * 1000)),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         self.quota_service = QuotaService(self.engine, self.metrics, self.feed, max_watchers=max(1, s.max_workers // 4))

@@ -60,6 +60,7 @@ class Settings:
     event_retention: float = 7 * 86_400.0
     audit_retention: float = 90 * 86_400.0
     prune_interval: float = 60.0
+    keepalive_min_ping_interval: float = 1.0
 
     def validate(self) -> Settings:
         """These settings with the secret files read in, once every value is checked."""
@@ -123,6 +124,8 @@ class Settings:
         ):
             if not seconds > 0:
                 raise SettingsError(f"{flag}: must be positive")
+        if not self.keepalive_min_ping_interval > 0:
+            raise SettingsError("--keepalive-min-ping-interval: must be positive")
         if self.ledger_check_interval <= 0:
             raise SettingsError("--ledger-check-interval: must be positive")
         if self.socket_group is not None:
@@ -234,7 +237,7 @@ def _host_port(flag: str, value: str) -> tuple[str, int]:
 
 HELP = {
     "address": "where gRPC listens: HOST:PORT or unix:///path/to.sock",
-    "ledger": "the ledger: sqlite:///PATH or a bare file path",
+    "ledger": "the ledger: sqlite:///PATH or a bare file path (one sidecar), or postgresql://... (a fleet)",
     "metrics_address": "HOST:PORT serving Prometheus /metrics; empty to disable",
     "admin_token": "the admin credential (Bearer token); admin RPCs are refused without one",
     "admin_token_file": "a file holding the admin token (instead of --admin-token, which other users can read)",
@@ -262,6 +265,10 @@ HELP = {
     "event_retention": "seconds a usage event is kept in the outbox once the webhook delivered it",
     "audit_retention": "seconds an audit row is kept",
     "prune_interval": "seconds between prunings of what is past its retention",
+    "keepalive_min_ping_interval": (
+        "shortest interval in seconds between a client's keepalive pings, with or without calls;"
+        " a client pinging more often is sent GOAWAY too_many_pings after two strikes"
+    ),
 }
 
 

@@ -40,6 +40,7 @@ from .domain.clock import MICROS, Clock, SystemClock
 from .domain.errors import QuotaError
 from .domain.model import Usage, UsageEvent
 from .engine import Engine, Retention
+from .grpc.refused import RefusedCalls
 from .grpc.service import QuotaAdminService, QuotaService, register
 from .ledger import Ledger, LedgerOptions
 from .ledger.factory import ledger_as_shown, open_ledger
@@ -231,6 +232,7 @@ class Sidecar:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=s.max_workers + s.max_pending_calls,
+            interceptors=[RefusedCalls(self.metrics.call_refused)],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", max(s.max_message_bytes, 64 * 1024 * 1024)),

@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -45,6 +52,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # The process's own series: process_* (resident memory, against the manifests'
+        # memory limit; CPU; open files against their limit), python_info and python_gc_*.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.calls = Counter(
             "quota_calls_total", "gRPC calls handled, by method and status code", ["method", "code"], registry=registry
         )
@@ -96,6 +108,13 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.refused = Counter(
+            "quota_calls_refused_before_handler_total",
+            "Calls gRPC ended before their handler ran, by method: over --max-message-bytes or"
+            " --max-pending-calls (RESOURCE_EXHAUSTED), or the caller gone before its request arrived",
+            ["method"],
+            registry=registry,
+        )
         self._timers: dict[str, Any] = {}
         self._calls: dict[tuple[str, str], Any] = {}
         self._decisions: dict[tuple[str, str, str], Any] = {}
@@ -105,6 +124,9 @@ class Metrics:
             self.webhook_deliveries.labels(result)
         for kind in ("results", "events", "audit"):
             self.pruned.labels(kind)
+
+    def call_refused(self, method: str) -> None:
+        self.refused.labels(method).inc()
 
     def call_done(self, method: str, code: str, seconds: float) -> None:
         """Times and counts one call (the labelled series looked up once each)."""

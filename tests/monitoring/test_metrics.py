@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -243,3 +245,46 @@ def test_in_a_fleet_a_sidecar_reads_again_the_tenants_it_shows_so_another_sideca
         finally:
             a.stop()
             b.stop()
+
+
+def test_process_figures_and_calls_refused_before_their_handler_are_on_metrics(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Issue 17 item 7: the process's own series (resident memory against the manifests'
+    limit, CPU, open files; the interpreter's collections) are scraped with the sidecar's,
+    and a request over --max-message-bytes, refused by gRPC before any handler runs
+    (RESOURCE_EXHAUSTED), is counted by method, once; a handled call is not."""
+    running = start_sidecar(tmp_path / "ledger.db", clock, metrics=True, max_message_bytes=64 * 1024)
+    try:
+        running.put_plan("t", **plan(10))
+        send(running, "t", contacts("t", 1))
+        oversize = pb.CheckSendBatchRequest(
+            tenant_id="t", channel=pb.CHANNEL_EMAIL, kind=pb.MESSAGE_KIND_CAMPAIGN, contact_ids=contacts("t", 3_000)
+        )
+        assert oversize.ByteSize() > 64 * 1024
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as refused:
+                running.quota().CheckSendBatch(oversize, timeout=5)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        m = wait_for_scrape(running, lambda m: "quota_calls_refused_before_handler_total" in m)
+    finally:
+        running.stop()
+    assert by(m["quota_calls_refused_before_handler_total"], "method") == {"CheckSendBatch": 2.0}
+    assert m["process_resident_memory_bytes"][0][1] > 10 * 1024 * 1024
+    assert m["process_open_fds"][0][1] > 0
+    assert "process_cpu_seconds_total" in m
+    assert "python_gc_collections_total" in m
+    assert "python_info" in m
+    assert {
+        labels["code"]: value for labels, value in m["quota_calls_total"] if labels["method"] == "CheckSendBatch"
+    } == {"OK": 1.0}
+
+
+def wait_for_scrape(running: RunningSidecar, ready: Callable[[dict], bool], timeout: float = 10.0) -> dict:
+    """A scrape once `ready` holds of it (a refused call is counted once gRPC lets it go)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(running)
+        if ready(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)

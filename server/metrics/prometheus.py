@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ...api.v1 import quota_pb2
 from .. import __version__
 from ..domain.model import Usage, UsageEventType, UsageState
 from .board import TenantFigure, UsageBoard
@@ -124,6 +125,9 @@ class Metrics:
             self.webhook_deliveries.labels(result)
         for kind in ("results", "events", "audit"):
             self.pruned.labels(kind)
+        for service in quota_pb2.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                self.refused.labels(method.name)
 
     def call_refused(self, method: str) -> None:
         self.refused.labels(method).inc()

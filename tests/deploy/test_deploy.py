@@ -43,6 +43,7 @@ COMPOSE_FLEET = REPO / "deploy" / "compose.postgres.yaml"
 KUBERNETES = REPO / "deploy" / "kubernetes"
 KUBERNETES_FLEET = REPO / "deploy" / "kubernetes-postgres"
 KUSTOMIZATIONS = [KUBERNETES, KUBERNETES_FLEET]
+POD_MONITOR = REPO / "deploy" / "prometheus-operator" / "podmonitor.yaml"
 GRAFANA = REPO / "monitoring" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "quota-sidecar.json"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "quota-sidecar.yml"
@@ -55,7 +56,7 @@ PROMETHEUS_JOB = "quota-sidecar"
 PROMETHEUS_DEFAULT_CONFIG = "/etc/prometheus/prometheus.yml"
 PROMETHEUS_PORT = 9090
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
-VARIABLES = {"datasource", "instance", "tenant"}
+VARIABLES = {"datasource", "job", "instance", "tenant"}
 GRAFANA_BUILTINS = {"__rate_interval", "__interval"}
 TENANT_METRICS = {"quota_tenant_usage_ratio", "quota_tenant_usage_state"}
 RATIO_METRICS = {
@@ -316,8 +317,8 @@ def walk_datasource_refs() -> Iterator[tuple[str, str, dict[str, Any]]]:
 
 
 def metric_selectors(expr: str) -> Iterator[tuple[str, str]]:
-    """(metric name, label matchers) of every quota_* selector in a PromQL expression."""
-    for match in re.finditer(r"\b(quota_\w+)(\{([^}]*)\})?", expr):
+    """(metric name, label matchers) of every quota_* and process_* selector in a PromQL expression."""
+    for match in re.finditer(r"\b((?:quota|process)_\w+)(\{([^}]*)\})?", expr):
         yield match.group(1), match.group(3) or ""
 
 
@@ -336,7 +337,7 @@ def test_the_deploy_files_are_where_the_docs_say() -> None:
     """Issue 4 and 16: the compose files and Kubernetes examples (SQLite and PostgreSQL), the dashboard and both
     provisioning files exist."""
     kustomizations = [directory / "kustomization.yaml" for directory in KUSTOMIZATIONS]
-    for path in (COMPOSE, COMPOSE_FLEET, DASHBOARD, DASHBOARD_PROVIDER, DATASOURCES, *kustomizations):
+    for path in (COMPOSE, COMPOSE_FLEET, DASHBOARD, DASHBOARD_PROVIDER, DATASOURCES, POD_MONITOR, *kustomizations):
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
 
 
@@ -593,6 +594,25 @@ def test_pod_is_annotated_for_scraping_on_the_metrics_port(directory: Path) -> N
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_the_pod_monitor_scrapes_the_metrics_port_as_the_job_the_alerts_expect(directory: Path) -> None:
+    """Issue 17 item 8: for the Prometheus Operator, deploy/prometheus-operator/podmonitor.yaml
+    selects the example's pods by their labels, scrapes the sidecar's port named `metrics` at
+    the annotated path, and names the job as alerts.yml and the dashboard expect."""
+    (monitor,) = list(yaml.safe_load_all(POD_MONITOR.read_text()))
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    (deployment,) = of_kind("Deployment", directory)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar_container(directory)["ports"]}
+    assert endpoint["port"] in ports
+    assert ports[endpoint["port"]] == port_of(kubernetes_sidecar_settings(directory).metrics_address)
+    assert endpoint["path"] == deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    assert {"action": "replace", "targetLabel": "job", "replacement": PROMETHEUS_JOB} in endpoint["relabelings"]
+    assert f'job="{PROMETHEUS_JOB}"' in (REPO / "monitoring" / "prometheus" / "alerts.yml").read_text()
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
 def test_network_policy_admits_the_metrics_port_and_not_grpc(directory: Path) -> None:
     """Issue 4: other pods reach the metrics port; the unauthenticated gRPC port stays for the worker beside it."""
     settings = kubernetes_sidecar_settings(directory)
@@ -716,13 +736,21 @@ def test_dashboard_uses_the_datasource_variable_everywhere() -> None:
         assert ref == DATASOURCE_REF, path
 
 
-def test_dashboard_templating_is_datasource_instance_and_tenant() -> None:
-    """Issue 4: the variables are exactly datasource (a Prometheus picker), instance and tenant (multi, All)."""
-    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
-    assert set(variables) == VARIABLES
+def test_dashboard_templating_is_datasource_job_instance_and_tenant() -> None:
+    """Issue 4, issue 17 item 8: the variables are exactly datasource (a Prometheus picker), then
+    job, instance and tenant (multi, All), each narrowed by the ones before it."""
+    board_variables = dashboard()["templating"]["list"]
+    variables = {v["name"]: v for v in board_variables}
+    assert [v["name"] for v in board_variables] == ["datasource", "job", "instance", "tenant"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name, metric in (("instance", "quota_build_info"), ("tenant", "quota_tenant_usage_ratio")):
+    assert 'job=~"$job"' in variables["instance"]["definition"]
+    assert 'job=~"$job", instance=~"$instance"' in variables["tenant"]["definition"]
+    for name, metric in (
+        ("job", "quota_build_info"),
+        ("instance", "quota_build_info"),
+        ("tenant", "quota_tenant_usage_ratio"),
+    ):
         variable = variables[name]
         assert variable["type"] == "query"
         assert variable["multi"] is True and variable["includeAll"] is True
@@ -744,8 +772,10 @@ def test_every_target_has_an_expression_ref_id_and_legend() -> None:
 
 
 def test_queries_use_only_the_known_variables_and_filter_on_them() -> None:
-    """Issue 4: a query names only $instance, $tenant, $__rate_interval and $__interval, every quota_* selector
-    filters on instance=~"$instance", and the per-tenant series also on tenant=~"$tenant"."""
+    """Issue 4, issue 17 item 8: a query names only $job, $instance, $tenant, $__rate_interval and
+    $__interval, every selector filters on job=~"$job" and instance=~"$instance" (several
+    Prometheus jobs may scrape sidecars, one per team or fleet), and the per-tenant series
+    also on tenant=~"$tenant"."""
     panel_queries = [(f"{p['title']} {t['refId']}", t["expr"]) for p, t in targets()]
     variable_queries = [
         (f"variable {v['name']}", v["definition"]) for v in dashboard()["templating"]["list"] if "definition" in v
@@ -755,6 +785,7 @@ def test_queries_use_only_the_known_variables_and_filter_on_them() -> None:
         assert used <= (VARIABLES - {"datasource"}) | GRAFANA_BUILTINS, f"{where}: {used}"
     for where, expr in panel_queries:
         for metric, matchers in metric_selectors(expr):
+            assert 'job=~"$job"' in matchers, f"{where}: {metric} is not filtered on $job"
             assert 'instance=~"$instance"' in matchers, f"{where}: {metric} is not filtered on $instance"
             if metric in TENANT_METRICS:
                 assert 'tenant=~"$tenant"' in matchers, f"{where}: {metric} is not filtered on $tenant"

@@ -30,8 +30,8 @@ pytestmark = pytest.mark.process
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 DEADLINE_SECONDS = 60
-# What Grafana would put in place of the dashboard's variables: every instance, every tenant.
-VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "instance": ".*", "tenant": ".*"}
+# What Grafana would put in place of the dashboard's variables: every job, instance and tenant.
+VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "job": ".*", "instance": ".*", "tenant": ".*"}
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tempfile
 import tomllib
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -262,22 +263,43 @@ def example_secret_value(directory: Path, ref: Mapping[str, str]) -> str:
     return {**secrets[ref["name"]].get("data", {}), **secrets[ref["name"]].get("stringData", {})}[ref["key"]]
 
 
-def sidecar_environment(directory: Path = KUBERNETES) -> dict[str, str]:
-    """The sidecar container's environment, secretKeyRefs read from the example Secrets."""
+def sidecar_environment(directory: Path = KUBERNETES, mounted: Path | None = None) -> dict[str, str]:
+    """The sidecar container's environment, secretKeyRefs read from the example Secrets. With
+    `mounted`, the Secret volumes the sidecar mounts are written under it as the kubelet
+    would (a file per key, at mountPath under `mounted`) and paths into them point there."""
+    moved: dict[str, str] = {}
+    if mounted is not None:
+        volumes = {v["name"]: v for v in pod_spec(directory).get("volumes", [])}
+        for mount in sidecar_container(directory).get("volumeMounts", []):
+            secret = volumes[mount["name"]].get("secret")
+            if secret is None:
+                continue
+            target = mounted / mount["mountPath"].lstrip("/")
+            target.mkdir(parents=True)
+            (doc,) = [d for d in of_kind("Secret", directory) if d["metadata"]["name"] == secret["secretName"]]
+            for key, value in {**doc.get("data", {}), **doc.get("stringData", {})}.items():
+                (target / key).write_text(value)
+            moved[mount["mountPath"]] = str(target)
     env = {}
     for e in sidecar_container(directory).get("env", []):
         ref = e.get("valueFrom", {}).get("secretKeyRef")
         if ref:
             env[e["name"]] = example_secret_value(directory, ref)
         else:
-            env[e["name"]] = e.get("value", f"stand-in-for-{e['name']}")
+            value = e.get("value", f"stand-in-for-{e['name']}")
+            for path, target in moved.items():
+                if value.startswith(path + "/"):
+                    value = target + value.removeprefix(path)
+            env[e["name"]] = value
     return env
 
 
 def kubernetes_sidecar_settings(directory: Path = KUBERNETES) -> Settings:
+    """The settings the sidecar container runs with, its Secret volumes mounted."""
     container = sidecar_container(directory)
     argv = [*container.get("command", [])[1:], *container.get("args", [])]
-    return sidecar_settings(argv, sidecar_environment(directory))
+    with tempfile.TemporaryDirectory() as mounted:
+        return sidecar_settings(argv, sidecar_environment(directory, Path(mounted)))
 
 
 # ----------------------------------------------------------------------------- the dashboard
@@ -354,16 +376,38 @@ def test_compose_runs_the_sidecar_prometheus_and_grafana() -> None:
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_FLEET], ids=lambda p: p.name)
 def test_compose_images_are_pinned(path: Path) -> None:
-    """Issue 4: every image names a tag, and never `latest`, so the example runs what was written for; the image
-    built from this tree (each service with `build`) is tagged with the project's version."""
+    """Issue 4, issue 17 item 11: every image pulled from a registry is pinned by digest beside
+    its tag (`name:tag@sha256:...`, never `latest`), so the example runs exactly what was
+    written for; the image built from this tree (each service with `build`) is tagged with the
+    project's version."""
     for name, service in services(path).items():
         image = service.get("image")
         assert image, f"service {name} names no image"
-        repository, _, tag = image.rpartition(":")
-        assert repository and "/" not in tag, f"service {name}: {image} has no tag"
-        assert tag != "latest", f"service {name}: {image} is not pinned"
-    built = [service["image"] for service in services(path).values() if "build" in service]
-    assert built and all(image.rpartition(":")[2] == project_version() for image in built), built
+        if "build" in service:
+            assert image.rpartition(":")[2] == project_version(), f"service {name}: {image}"
+            continue
+        pinned = re.fullmatch(r"([\w./-]+):([\w.-]+)@sha256:([0-9a-f]{64})", image)
+        assert pinned, f"service {name}: {image} is not name:tag@sha256:<digest>"
+        assert pinned.group(2) != "latest", f"service {name}: {image}"
+    assert any("build" in service for service in services(path).values())
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_FLEET], ids=lambda p: p.name)
+def test_compose_sidecars_are_confined_as_in_kubernetes(path: Path) -> None:
+    """Issue 17 item 11: each sidecar service runs on a read-only root filesystem (temporary
+    files in a tmpfs, the SQLite ledger on its volume), without capabilities and unable to
+    gain privileges, as the Kubernetes examples' securityContext says."""
+    sidecars = {name: s for name, s in services(path).items() if "build" in s}
+    assert sidecars
+    for name, service in sidecars.items():
+        assert service.get("read_only") is True, name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert "/tmp" in service.get("tmpfs", []), name
+        mounts = [v.split(":")[1] for v in service.get("volumes", [])]
+        ledger = service["environment"]["QUOTA_LEDGER"]
+        if ledger.startswith("sqlite:"):
+            assert any(sqlite_path(ledger).is_relative_to(m) for m in mounts), f"{name}: the ledger is not on a volume"
 
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_FLEET], ids=lambda p: p.name)
@@ -613,6 +657,29 @@ def test_the_pod_monitor_scrapes_the_metrics_port_as_the_job_the_alerts_expect(d
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_the_admin_token_comes_from_a_mounted_file_and_the_pod_has_no_api_token(directory: Path) -> None:
+    """Issue 17 item 11: the sidecar reads the admin token from the Secret mounted read-only
+    (QUOTA_ADMIN_TOKEN_FILE), never from a variable; the file is readable by the pod's group,
+    which the sidecar's user is in; and no service account token is mounted into the pod."""
+    spec = pod_spec(directory)
+    assert spec["automountServiceAccountToken"] is False
+    env = {e["name"]: e for e in sidecar_container(directory).get("env", [])}
+    assert "QUOTA_ADMIN_TOKEN" not in env
+    (secret,) = [d for d in of_kind("Secret", directory) if d["metadata"]["name"] == "quota-sidecar-admin"]
+    assert kubernetes_sidecar_settings(directory).admin_token == secret["stringData"]["admin-token"]
+    mounts = {m["name"]: m for m in sidecar_container(directory)["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (token_volume,) = [
+        name for name, v in volumes.items() if v.get("secret", {}).get("secretName") == "quota-sidecar-admin"
+    ]
+    assert mounts[token_volume]["readOnly"] is True
+    assert env["QUOTA_ADMIN_TOKEN_FILE"]["value"].startswith(mounts[token_volume]["mountPath"] + "/")
+    mode = volumes[token_volume]["secret"]["defaultMode"]
+    assert mode & 0o040 and not mode & 0o007, oct(mode)
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
 def test_network_policy_admits_the_metrics_port_and_not_grpc(directory: Path) -> None:
     """Issue 4: other pods reach the metrics port; the unauthenticated gRPC port stays for the worker beside it."""
     settings = kubernetes_sidecar_settings(directory)
@@ -688,13 +755,13 @@ def test_the_fleet_runs_three_replicas_on_a_postgresql_url_from_a_secret() -> No
         for e in sidecar_container(KUBERNETES_FLEET)["env"]
         if "secretKeyRef" in e.get("valueFrom", {})
     }
-    assert {"QUOTA_LEDGER", "PGPASSWORD", "QUOTA_ADMIN_TOKEN"} <= set(refs)
+    assert {"QUOTA_LEDGER", "PGPASSWORD"} <= set(refs)
     url = kubernetes_sidecar_settings(KUBERNETES_FLEET).ledger
     parts = urllib.parse.urlsplit(url)
     assert parts.scheme in ("postgresql", "postgres") and parts.password is None, url
     assert isinstance(open_ledger(url), PostgresLedger)
     assert not of_kind("PersistentVolumeClaim", KUBERNETES_FLEET)
-    assert not pod_spec(KUBERNETES_FLEET).get("volumes")
+    assert all("secret" in volume for volume in pod_spec(KUBERNETES_FLEET).get("volumes", []))
     (budget,) = of_kind("PodDisruptionBudget", KUBERNETES_FLEET)
     assert budget["spec"]["maxUnavailable"] == 1
     assert (

@@ -64,6 +64,21 @@ from ..domain.model import (
     UsageFigure,
 )
 
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A named lease as the store keeps it: its holder and when it expires (microseconds
+    on the store's clock, which `now_us` read in the same transaction)."""
+
+    holder: str
+    expires_us: int
+    now_us: int
+
+    @property
+    def live(self) -> bool:
+        return self.expires_us > self.now_us
+
+
 T = TypeVar("T")
 A = TypeVar("A")
 # Told of each commit: its seconds (0 when it failed), how many units it held, whether it succeeded.
@@ -148,6 +163,9 @@ class LedgerReader(Protocol):
 
     def last_event_seq(self) -> int: ...
 
+    def lease(self, name: str) -> Lease | None:
+        """Who holds the named lease and until when (None: never taken, or released)."""
+
 
 class LedgerTx(LedgerReader, Protocol):
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
@@ -218,6 +236,17 @@ class LedgerTx(LedgerReader, Protocol):
 
     def put_event_cursor(self, consumer: str, seq: int) -> None:
         """Moves a consumer's delivered position forward (never back)."""
+
+    def take_lease(self, name: str, holder: str, ttl_us: int) -> bool:
+        """Takes the named lease for `holder` for `ttl_us` from now, or renews it, when it is
+        free, has expired, or is `holder`'s already; returns whether `holder` holds it now.
+        Several sidecars writing one store hold it one at a time (the webhook's delivery,
+        the reminder sweep), on the store's own clock so that theirs need not agree; the
+        only writer of its store holds it whenever it asks (a previous holder is a process
+        that is gone)."""
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Lets the named lease go if `holder` holds it, so another may take it at once."""
 
     def note_time(self, at_us: int) -> None:
         """The unit decided at `at_us`: once a unit that wrote commits, the ledger's time

@@ -764,6 +764,36 @@ class TestOneWriter:
             second.close()
 
 
+def test_a_lease_is_taken_renewed_and_released_by_its_holder(ledger: Ledger):
+    """issue 16 (the webhook delivered, the reminder sweep run, by one sidecar at a time): a lease
+    is taken for a time, renewed by its holder, kept in the store with its holder and expiry
+    (on the store's clock), and let go by its holder only."""
+    assert ledger.read(lambda r: r.lease("webhook")) is None
+    assert ledger.transact(lambda tx: tx.take_lease("webhook", "a", 60_000_000)) is True
+    first = ledger.read(lambda r: r.lease("webhook"))
+    assert first is not None and first.holder == "a" and first.live
+    assert 59_000_000 <= first.expires_us - first.now_us <= 60_000_000
+    assert ledger.transact(lambda tx: tx.take_lease("webhook", "a", 120_000_000)) is True
+    renewed = ledger.read(lambda r: r.lease("webhook"))
+    assert renewed is not None and renewed.expires_us > first.expires_us
+    ledger.transact(lambda tx: tx.release_lease("webhook", "someone-else"))
+    kept = ledger.read(lambda r: r.lease("webhook"))
+    assert kept is not None and (kept.holder, kept.expires_us) == (renewed.holder, renewed.expires_us)
+    ledger.transact(lambda tx: tx.release_lease("webhook", "a"))
+    assert ledger.read(lambda r: r.lease("webhook")) is None
+    assert ledger.read(lambda r: r.lease("reminders")) is None
+
+
+@pytest.mark.parametrize("backend", SINGLE_WRITER, indirect=True)
+def test_the_only_writer_of_its_store_holds_every_lease_it_asks_for(ledger: Ledger):
+    """A lease left by a sidecar that is gone (a kill -9 before it let go) is no obstacle on a store
+    that has one writer: the sidecar holding the file now takes it at once."""
+    assert ledger.transact(lambda tx: tx.take_lease("webhook", "before-the-crash", 60_000_000))
+    assert ledger.transact(lambda tx: tx.take_lease("webhook", "after-the-restart", 60_000_000))
+    lease = ledger.read(lambda r: r.lease("webhook"))
+    assert lease is not None and lease.holder == "after-the-restart"
+
+
 def event(tenant_id: str, name: str) -> UsageEvent:
     usage = Usage(tenant_id, C1, C1 + 10, 8, 10, 0.8, 8, 100, UsageState.WARNING, 0, "0", "EUR", "p")
     return UsageEvent(name, UsageEventType.THRESHOLD_CROSSED, UsageFigure.CONTACTS, tenant_id, 0.8, C1 + 5, usage)
@@ -833,6 +863,40 @@ class TestSharedStore:
         assert (len(admitted), len(rows)) == (limit, limit)
         assert sorted(a.contact_id for a in rows) == sorted(admitted)
         assert fleet[1].read(lambda r: r.counters(T, C1)) == Counters(limit, limit)
+
+    def test_a_lease_has_one_holder_at_a_time_until_it_expires_or_is_let_go(self, fleet: list[Ledger]):
+        """issue 16 (the delivery lease): while one sidecar holds a lease, the other cannot take it;
+        once it lapses (its holder stopped renewing: a kill -9) or is let go, the other takes it; 16
+        threads on two ledgers racing for a free lease leave exactly one holder."""
+        first, second = fleet
+        assert first.transact(lambda tx: tx.take_lease("webhook", "a", 400_000))
+        assert second.transact(lambda tx: tx.take_lease("webhook", "b", 400_000)) is False
+        held = second.read(lambda r: r.lease("webhook"))
+        assert held is not None and held.holder == "a" and held.live
+        time.sleep(0.5)
+        lapsed = second.read(lambda r: r.lease("webhook"))
+        assert lapsed is not None and not lapsed.live
+        assert second.transact(lambda tx: tx.take_lease("webhook", "b", 60_000_000))
+        assert first.transact(lambda tx: tx.take_lease("webhook", "a", 60_000_000)) is False
+        second.transact(lambda tx: tx.release_lease("webhook", "b"))
+        assert first.transact(lambda tx: tx.take_lease("webhook", "a", 60_000_000))
+
+        start = threading.Barrier(16)
+        won: list[str] = []
+
+        def racer(lg: Ledger, name: str) -> None:
+            start.wait(20)
+            if lg.transact(lambda tx: tx.take_lease("sweep", name, 60_000_000)):
+                won.append(name)
+
+        threads = [threading.Thread(target=racer, args=(fleet[n % 2], f"r{n}")) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        (winner,) = won
+        lease = first.read(lambda r: r.lease("sweep"))
+        assert lease is not None and lease.holder == winner
 
     def test_a_reader_following_the_outbox_sees_every_event_in_order_though_commits_are_late(self, fleet: list[Ledger]):
         """issue 16 (notifications once per fleet, in order; sequence values are not in commit order):

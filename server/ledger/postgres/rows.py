@@ -28,7 +28,11 @@ from ...domain.model import (
     UsageEventType,
     UsageFigure,
 )
+from .. import Lease
 
+# The database's clock in microseconds: what leases are timed by, so that sidecars whose
+# clocks differ agree on when one expires.
+NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 CONTEXT_COLUMNS = "cycle_start_us, cycle_end_us, contact_limit, sends_limit, currency, plan_name"
 CONTACT_COLUMNS = (
     "contact_id, held, marketing, marketing_until_next_update, marketing_source_type,"
@@ -247,3 +251,7 @@ class Reader:
         row = self._one("SELECT last FROM event_sequence WHERE id = 1", ())
         assert row is not None
         return int(row[0])
+
+    def lease(self, name: str) -> Lease | None:
+        row = self._one(f"SELECT holder, expires_us, {NOW_US} FROM leases WHERE name = %s", (name,))
+        return Lease(row[0], row[1], row[2]) if row else None

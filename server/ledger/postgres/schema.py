@@ -12,7 +12,7 @@ Every table a tenant's work writes is keyed by `tenant_id` first, so the ledger 
 distributed by tenant (Citus: `create_distributed_table(t, 'tenant_id')` for each of
 them, colocated). A unit of the data plane touches one tenant's rows only. The few
 rows that are not a tenant's (`ledger_schema`, `event_sequence`, `event_cursors`,
-`ledger_time`, `audit_pruned`) are small, written rarely, and would be reference or
+`ledger_time`, `audit_pruned`, `leases`) are small, written rarely, and would be reference or
 local tables. Text keys use the "C" collation: listings page by contact id in the byte
 order of their UTF-8 (code point order), as the SQLite ledger does, whatever the
 database's default collation.
@@ -153,9 +153,15 @@ def _keep_held_spans(conn: psycopg.Connection) -> None:
     )
 
 
+def _keep_leases(conn: psycopg.Connection) -> None:
+    """Named leases, held by one sidecar of the fleet at a time (the webhook's delivery, the
+    reminder sweep) until `expires_us` on the database's clock."""
+    conn.execute(f"CREATE TABLE leases (name {_KEY} PRIMARY KEY, holder TEXT NOT NULL, expires_us BIGINT NOT NULL)")
+
+
 # Each step runs inside the one transaction migrate() opens for it, which it must not end,
 # so that the step and its version number commit together.
-MIGRATIONS: list[Step] = [_ledger]
+MIGRATIONS: list[Step] = [_ledger, _keep_leases]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

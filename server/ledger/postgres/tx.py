@@ -22,7 +22,7 @@ from ...domain.model import (
     UsageEvent,
     UsageFigure,
 )
-from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, Reader
+from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, NOW_US, Reader
 
 
 class Transaction(Reader):
@@ -415,3 +415,17 @@ class Transaction(Reader):
             " ON CONFLICT (consumer) DO UPDATE SET seq = GREATEST(event_cursors.seq, excluded.seq)",
             (consumer, seq),
         )
+
+    def take_lease(self, name: str, holder: str, ttl_us: int) -> bool:
+        """One statement: the row is taken (or renewed) only where it is free, expired or
+        the holder's, and a racing taker waits for this one's row lock and then sees it."""
+        row = self._one(
+            f"INSERT INTO leases (name, holder, expires_us) VALUES (%s, %s, {NOW_US} + %s)"
+            " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_us = excluded.expires_us"
+            f" WHERE leases.holder = excluded.holder OR leases.expires_us <= {NOW_US} RETURNING holder",
+            (name, holder, ttl_us),
+        )
+        return row is not None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._run("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))

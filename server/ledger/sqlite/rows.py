@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ...domain.model import (
     UsageEventType,
     UsageFigure,
 )
+from .. import Lease
 
 _KEY = "(SELECT cycle_key FROM cycle_keys WHERE tenant_id = ? AND cycle_start_us = ?)"
 CONTEXT_COLUMNS = "tenant_id, cycle_start_us, cycle_end_us, contact_limit, sends_limit, currency, plan_name"
@@ -227,6 +229,10 @@ class Reader:
     def last_event_seq(self) -> int:
         seq: int = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM usage_events").fetchone()[0]
         return seq
+
+    def lease(self, name: str) -> Lease | None:
+        row = self.conn.execute("SELECT holder, expires_us FROM leases WHERE name = ?", (name,)).fetchone()
+        return Lease(row[0], row[1], time.time_ns() // 1000) if row else None
 
 
 def active_among(conn: sqlite3.Connection, key_sql: str, key: tuple[Any, ...], contact_ids: Sequence[str]) -> set[str]:

@@ -301,6 +301,12 @@ def _remember_audit_pruning(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE audit_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), before_us INTEGER NOT NULL)")
 
 
+def _keep_leases(db: sqlite_utils.Database) -> None:
+    """Named leases (the webhook's delivery, the reminder sweep): who last held each and
+    until when. The only writer of its file holds every lease it asks for."""
+    db.execute("CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_us INTEGER NOT NULL)")
+
+
 # Each step runs inside the one transaction migrate() opens for it, which it must not end
 # (no commit of its own), so that the step and its version number commit together.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
@@ -315,6 +321,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _remember_tenant_file_entries,
     _keep_held_spans,
     _remember_audit_pruning,
+    _keep_leases,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

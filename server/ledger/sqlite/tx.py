@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple
 from itertools import repeat
@@ -448,6 +449,18 @@ class Transaction(Reader):
             " ON CONFLICT (consumer) DO UPDATE SET seq = MAX(seq, excluded.seq)",
             (consumer, seq),
         )
+
+    def take_lease(self, name: str, holder: str, ttl_us: int) -> bool:
+        """Always taken: this sidecar is the file's only writer (its flock), so whoever held
+        the lease before is a process that is gone."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO leases (name, holder, expires_us) VALUES (?, ?, ?)",
+            (name, holder, time.time_ns() // 1000 + ttl_us),
+        )
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self.conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     def audit(self, entries: Iterable[AuditEntry]) -> None:
         self.conn.executemany(

@@ -21,7 +21,10 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import secrets
+import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -64,6 +67,8 @@ SERVICE_NAMES = (
 # The health names beside "" and the service names (app.py's docstring says what each answers).
 READINESS = "readiness"
 LIVENESS = "liveness"
+# The ledger lease of the reminder sweep (the webhook's is WEBHOOK).
+REMINDERS = "reminders"
 
 
 class Sidecar:
@@ -91,6 +96,9 @@ class Sidecar:
             ),
         )
         self.feed = EventFeed()
+        # Who this sidecar is when it holds a lease of the ledger (the webhook's delivery,
+        # the reminder sweep): unique to this process.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.engine = Engine(self.ledger, self.clock, on_events=self._events_committed)
         self.webhook = (
             Webhook(
@@ -101,6 +109,8 @@ class Sidecar:
                 now_us=self.clock.now_us,
                 secret=settings.webhook_secret,
                 timeout=settings.webhook_timeout,
+                holder=self.holder,
+                lease_ttl=settings.lease_ttl,
             )
             if settings.webhook_url
             else None
@@ -157,13 +167,43 @@ class Sidecar:
         except QuotaError:
             return 0, 0.0
 
+    def _hold(self, lease: str) -> bool:
+        """Takes or renews one of the ledger's leases for --lease-ttl; whether it is held."""
+        ttl = round(self.settings.lease_ttl * MICROS)
+        try:
+            return self.ledger.transact(lambda tx: tx.take_lease(lease, self.holder, ttl))
+        except QuotaError as exc:
+            log.warning("the %s lease cannot be renewed: %s", lease, exc)
+            return False
+
     def _remind(self) -> None:
-        """Writes due reminders every --reminder-interval seconds until stopped."""
+        """Writes due reminders every --reminder-interval seconds until stopped, while this
+        sidecar holds the ledger's `reminders` lease: one sidecar of a fleet sweeps at a
+        time. A sweep renews the lease as it goes and stops if it lost it."""
+        renewed = 0.0
+
+        def pause() -> bool:
+            nonlocal renewed
+            if self._stopping.wait(REMINDER_PAUSE):
+                return True
+            if time.monotonic() - renewed > self.settings.lease_ttl / 3:
+                if not self._hold(REMINDERS):
+                    return True
+                renewed = time.monotonic()
+            return False
+
         while not self._stopping.wait(self.settings.reminder_interval):
+            if not self._hold(REMINDERS):
+                continue
+            renewed = time.monotonic()
             try:
-                self.engine.send_reminders(lambda: self._stopping.wait(REMINDER_PAUSE))
+                self.engine.send_reminders(pause)
             except QuotaError as exc:
                 log.warning("reminders not written this time: %s", exc)
+        try:
+            self.ledger.transact(lambda tx: tx.release_lease(REMINDERS, self.holder))
+        except QuotaError as exc:
+            log.warning("the reminders lease was not let go (%s); it lapses by itself", exc)
 
     def _prune(self) -> None:
         """Every --prune-interval seconds deletes what is past its retention."""

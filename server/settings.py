@@ -61,6 +61,7 @@ class Settings:
     audit_retention: float = 90 * 86_400.0
     prune_interval: float = 60.0
     keepalive_min_ping_interval: float = 1.0
+    lease_ttl: float = 15.0
 
     def validate(self) -> Settings:
         """These settings with the secret files read in, once every value is checked."""
@@ -124,6 +125,8 @@ class Settings:
         ):
             if not seconds > 0:
                 raise SettingsError(f"{flag}: must be positive")
+        if not self.lease_ttl > 0:
+            raise SettingsError("--lease-ttl: must be positive")
         if not self.keepalive_min_ping_interval > 0:
             raise SettingsError("--keepalive-min-ping-interval: must be positive")
         if self.ledger_check_interval <= 0:
@@ -265,6 +268,10 @@ HELP = {
     "event_retention": "seconds a usage event is kept in the outbox once the webhook delivered it",
     "audit_retention": "seconds an audit row is kept",
     "prune_interval": "seconds between prunings of what is past its retention",
+    "lease_ttl": (
+        "seconds a sidecar holds the webhook's delivery and the reminder sweep unrenewed; when it stops"
+        " renewing (killed), another sidecar of the fleet takes over after this"
+    ),
     "keepalive_min_ping_interval": (
         "shortest interval in seconds between a client's keepalive pings, with or without calls;"
         " a client pinging more often is sent GOAWAY too_many_pings after two strikes"

@@ -10,10 +10,12 @@ from functools import partial
 from ..domain.figures import usage_at
 from ..domain.model import UsageEvent
 from ..domain.plans import MAX_FIGURE
-from ..ledger import LedgerTx
+from ..ledger import LedgerReader, LedgerTx
 from .context import EngineContext
 from .requests import Retention
 
+# The outbox's consumer (and lease) that webhook delivery keeps its position under.
+WEBHOOK_CONSUMER = "webhook"
 # Rows one pruning transaction deletes at most: a short unit between decisions.
 PRUNE_ROWS = 1_000
 # The reminder sweep writes this many tenants per transaction.
@@ -51,10 +53,25 @@ def send_reminders(ctx: EngineContext, pause: Callable[[], bool]) -> list[UsageE
 def prune(ctx: EngineContext, retention: Retention, consumers: Sequence[str]) -> dict[str, int]:
     """Deletes what is older than its retention, oldest first, in transactions of at
     most PRUNE_ROWS rows: answers kept for retries ("results"), outbox events
-    ("events") every consumer in `consumers` has delivered (every event, with none),
-    and audit rows ("audit"). Returns the rows deleted of each."""
+    ("events") every consumer has delivered (every event, with none), and audit rows
+    ("audit"). Returns the rows deleted of each.
+
+    The consumers are this sidecar's (`consumers`) and, on a ledger several sidecars
+    share, those another sidecar delivers to: a consumer whose lease of the same name
+    was held within the events' retention (the webhook: the sidecar delivering it may
+    not be this one). A consumer no sidecar has delivered to for that long holds
+    nothing back: its events would otherwise be kept for ever."""
     now = ctx.clock.now_us()
-    through = ctx.ledger.read(lambda r: min((r.event_cursor(c) for c in consumers), default=MAX_FIGURE))
+
+    def delivered(r: LedgerReader) -> int:
+        following = set(consumers)
+        for name in (WEBHOOK_CONSUMER,):
+            lease = r.lease(name)
+            if lease is not None and lease.now_us - lease.expires_us < retention.events_us:
+                following.add(name)
+        return min((r.event_cursor(c) for c in following), default=MAX_FIGURE)
+
+    through = ctx.ledger.read(delivered)
     jobs: dict[str, Callable[[LedgerTx], int]] = {
         "results": lambda tx: tx.prune_results(now - retention.requests_us, PRUNE_ROWS),
         "events": lambda tx: tx.prune_events(now - retention.events_us, through, PRUNE_ROWS),

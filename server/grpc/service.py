@@ -79,7 +79,7 @@ STATUS_OF: dict[type[QuotaError], grpc.StatusCode] = {
 # The cycle containing a requested instant, and the months beside it that cycle
 # arithmetic reads, must fall within years 1..9999.
 CYCLE_MARGIN_S = 62 * 86_400
-# Event sequences are SQLite rowids (int64); none comes after this one.
+# Event sequences are signed 64-bit integers on every backend; none comes after this one.
 MAX_SEQUENCE = 2**63 - 1
 
 
@@ -344,8 +344,10 @@ class QuotaService(_Servicer, pb_grpc.QuotaServiceServicer):
         self, request: pb.WatchUsageEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchUsageEventsResponse]:
         """Streams the outbox from `after_sequence`, then waits for commits that add
-        events. Each stream holds a server thread, so at most `max_watchers` run at
-        once; one more gets RESOURCE_EXHAUSTED."""
+        events: woken at once by this sidecar's commits, and reading the ledger again at
+        least every WATCH_POLL_S for those of other sidecars sharing it. Each stream holds
+        a server thread, so at most `max_watchers` run at once; one more gets
+        RESOURCE_EXHAUSTED."""
         code = "OK"
         if not self._watchers.acquire(blocking=False):
             self.metrics.calls.labels("WatchUsageEvents", "RESOURCE_EXHAUSTED").inc()

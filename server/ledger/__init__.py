@@ -164,7 +164,7 @@ class LedgerReader(Protocol):
     def last_event_seq(self) -> int: ...
 
     def lease(self, name: str) -> Lease | None:
-        """Who holds the named lease and until when (None: never taken, or released)."""
+        """Who holds (or last held) the named lease and until when (None: never taken)."""
 
 
 class LedgerTx(LedgerReader, Protocol):
@@ -246,7 +246,8 @@ class LedgerTx(LedgerReader, Protocol):
         that is gone)."""
 
     def release_lease(self, name: str, holder: str) -> None:
-        """Lets the named lease go if `holder` holds it, so another may take it at once."""
+        """Lets the named lease go if `holder` holds it, so another may take it at once: it
+        expires now, and the store keeps who held it last and when it ended."""
 
     def note_time(self, at_us: int) -> None:
         """The unit decided at `at_us`: once a unit that wrote commits, the ledger's time

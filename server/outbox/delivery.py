@@ -8,6 +8,12 @@ sequence. Delivery is at least once: the webhook's position moves past an event
 only after the receiver answered 2xx, so an event can be delivered again after
 a crash between the answer and that write, never lost; receivers dedupe on
 `event_id`.
+
+Several sidecars sharing a ledger may all be given the webhook: one delivers at a
+time, the holder of the ledger's `webhook` lease, which it renews before each post;
+the others wait and take the lease over once it lapses (the holder was killed) or is
+let go (it stopped). Delivery continues from the position kept in the ledger, so a
+takeover repeats at most the post the old holder was making, and never skips one.
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ from quota_sidecar.api.json_mapping import message_json
 
 from ..domain.clock import MICROS
 from ..domain.model import UsageEvent
+from ..engine.upkeep import WEBHOOK_CONSUMER
 from ..grpc.convert import usage_event_pb
 from ..ledger import Ledger, LedgerReader
 from ..metrics.prometheus import Metrics
 
 log = logging.getLogger("quota_sidecar.outbox")
 
-WEBHOOK = "webhook"
+# The consumer and the lease the webhook keeps its position and its turn under.
+WEBHOOK = WEBHOOK_CONSUMER
 READ_AHEAD = 100
 
 
@@ -206,7 +214,9 @@ class Webhook:
     `timestamped_signature`) and `X-Quota-Signature` (see `signature`), signed afresh on
     every attempt. A failed post (no answer within `timeout`, a redirect, any other
     non-2xx) is retried with `Backoff` until it succeeds or the sidecar stops; later
-    events wait behind it so the receiver sees them in order.
+    events wait behind it so the receiver sees them in order. Only while it holds the
+    ledger's `webhook` lease (as `holder`, for `lease_ttl` seconds, renewed before each
+    attempt and at least every third of that) does it post.
     """
 
     def __init__(
@@ -220,8 +230,13 @@ class Webhook:
         secret: str | None = None,
         timeout: float = 5.0,
         backoff: Backoff | None = None,
+        holder: str = "",
+        lease_ttl: float = 15.0,
     ) -> None:
         self.ledger = ledger
+        self.holder = holder
+        self.lease_ttl = lease_ttl
+        self._holding = False
         self.feed = feed
         self.metrics = metrics
         self.now_us = now_us
@@ -244,6 +259,23 @@ class Webhook:
         self.poster.cancel()
         if self._thread is not None:
             self._thread.join(wait)
+        if self._holding:
+            try:
+                self.ledger.transact(lambda tx: tx.release_lease(WEBHOOK, self.holder))
+            except Exception as exc:
+                log.warning("webhook: could not let the delivery lease go (%s); it lapses by itself", exc)
+
+    def _hold(self) -> bool:
+        """Takes or renews the delivery lease; whether this sidecar may post now."""
+        try:
+            held = self.ledger.transact(lambda tx: tx.take_lease(WEBHOOK, self.holder, round(self.lease_ttl * MICROS)))
+        except Exception as exc:
+            log.warning("webhook: cannot renew the delivery lease (%s)", exc)
+            held = False
+        if held != self._holding:
+            log.info("webhook: %s", "this sidecar delivers now" if held else "another sidecar delivers; this one waits")
+        self._holding = held
+        return held
 
     def pending(self, now_us: int) -> tuple[int, float]:
         """Events not yet delivered, and the age in seconds of the oldest."""
@@ -254,6 +286,9 @@ class Webhook:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            if not self._hold():
+                self._stop.wait(self.lease_ttl / 3)
+                continue
             try:
                 seen, events = self.ledger.read(_undelivered)
             except Exception as exc:
@@ -262,18 +297,18 @@ class Webhook:
                 self._stop.wait(self.backoff.pause(failures))
                 continue
             if not events:
-                self.feed.wait(seen, timeout=5.0)
+                self.feed.wait(seen, timeout=min(5.0, self.lease_ttl / 3))
                 continue
             for event in events:
                 failures = self._deliver(event, failures)
-                if self._stop.is_set():
-                    return
+                if self._stop.is_set() or not self._holding:
+                    break
 
     def _deliver(self, event: UsageEvent, failures: int) -> int:
         """Posts one event until it is delivered and its position written; returns
         the failures in a row left after it (0 once delivered)."""
         body = event_json(event)
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._hold():
             try:
                 status = self.poster.post(body, self._headers(event, body), self.timeout)
                 problem = None if 200 <= status < 300 else _failure(status)

@@ -4,14 +4,15 @@ one schema, as two sidecars of a fleet."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.domain.clock import MICROS, FakeClock
 from quota_sidecar.server.domain.model import UsageEvent, UsageEventType
-from quota_sidecar.server.engine import Engine
+from quota_sidecar.server.engine import Engine, Retention
 from quota_sidecar.server.ledger import Ledger
 
 from support.backends import POSTGRES
@@ -53,3 +54,28 @@ def test_a_threshold_re_armed_through_one_sidecar_is_crossed_again_through_anoth
     send(b, "c3")
     send(b, "c4")
     assert [e.threshold for e in crossings(ledger)] == [0.5, 0.5]
+
+
+def test_a_sidecar_without_the_webhook_prunes_no_event_another_sidecar_has_yet_to_deliver(
+    fleet: tuple[Engine, Engine, Ledger],
+) -> None:
+    """Issue 16 (the webhook delivered by one sidecar of the fleet, at least once): B has no
+    --webhook-url, but another sidecar holds the webhook's lease and has not delivered the
+    event yet: B's pruning keeps it, however old. Once no sidecar has held that lease for the
+    events' retention, the event is pruned like any other."""
+    a, b, ledger = fleet
+    a.put_plan(T, plan(4, notify_thresholds=(0.5,)))
+    send(a, "c1")
+    send(a, "c2")
+    assert len(crossings(ledger)) == 1
+    assert ledger.transact(lambda tx: tx.take_lease("webhook", "the-delivering-sidecar", 60_000_000))
+    later = FakeClock(NOW)
+    later.advance(30 * 86_400)
+    b = Engine(b.ledger, later)
+    assert b.prune(Retention(events_us=86_400 * MICROS))["events"] == 0
+    assert len(crossings(ledger)) == 1
+
+    ledger.transact(lambda tx: tx.release_lease("webhook", "the-delivering-sidecar"))
+    time.sleep(0.2)
+    assert b.prune(Retention(events_us=100_000))["events"] == 1
+    assert crossings(ledger) == []

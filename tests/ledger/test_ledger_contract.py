@@ -767,7 +767,8 @@ class TestOneWriter:
 def test_a_lease_is_taken_renewed_and_released_by_its_holder(ledger: Ledger):
     """issue 16 (the webhook delivered, the reminder sweep run, by one sidecar at a time): a lease
     is taken for a time, renewed by its holder, kept in the store with its holder and expiry
-    (on the store's clock), and let go by its holder only."""
+    (on the store's clock), and let go by its holder only: it then expires, its last holder
+    kept."""
     assert ledger.read(lambda r: r.lease("webhook")) is None
     assert ledger.transact(lambda tx: tx.take_lease("webhook", "a", 60_000_000)) is True
     first = ledger.read(lambda r: r.lease("webhook"))
@@ -780,7 +781,8 @@ def test_a_lease_is_taken_renewed_and_released_by_its_holder(ledger: Ledger):
     kept = ledger.read(lambda r: r.lease("webhook"))
     assert kept is not None and (kept.holder, kept.expires_us) == (renewed.holder, renewed.expires_us)
     ledger.transact(lambda tx: tx.release_lease("webhook", "a"))
-    assert ledger.read(lambda r: r.lease("webhook")) is None
+    released = ledger.read(lambda r: r.lease("webhook"))
+    assert released is not None and released.holder == "a" and not released.live
     assert ledger.read(lambda r: r.lease("reminders")) is None
 
 

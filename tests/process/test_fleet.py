@@ -15,7 +15,6 @@ import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,7 +24,7 @@ from quota_sidecar.server.domain.model import Activation, ContactRecord, Counter
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 
 from support.fleet import Answer, FleetSidecar, Load, check_send, put_plan, race, start_fleet, usage
-from support.postgres import CLUSTER, schema_for, schema_url
+from support.postgres import CLUSTER
 from support.serving import BIN
 
 pytestmark = pytest.mark.process
@@ -34,13 +33,6 @@ T = "fleet-tenant"
 SIDECARS = 3
 CLIENTS = 3
 PATIENCE_S = 120
-
-
-@pytest.fixture
-def ledger_url(postgres_server: None, tmp_path: Path) -> Iterator[str]:
-    """A fresh schema for the fleet's ledger, dropped after the test."""
-    with schema_for(tmp_path) as schema:
-        yield schema_url(schema)
 
 
 @pytest.fixture

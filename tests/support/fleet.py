@@ -30,6 +30,7 @@ class FleetSidecar:
 
     proc: subprocess.Popen[str]
     address: str
+    metrics_address: str = ""
 
     def health(self, service: str = "") -> str:
         return health_status(self.address, service)
@@ -50,9 +51,9 @@ def start_fleet(ledger_url: str, size: int, *extra: str) -> list[FleetSidecar]:
     """`size` sidecars on `ledger_url`, started all at once (so they race to create its schema), each SERVING."""
     fleet = []
     for _ in range(size):
-        address = f"127.0.0.1:{free_port()}"
-        proc = serve(ledger_url, address, f"127.0.0.1:{free_port()}", TOKEN, *extra)
-        fleet.append(FleetSidecar(proc, address))
+        address, metrics_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        proc = serve(ledger_url, address, metrics_address, TOKEN, *extra)
+        fleet.append(FleetSidecar(proc, address, metrics_address))
     try:
         for sidecar in fleet:
             sidecar.wait_for("SERVING", 60)

@@ -428,4 +428,7 @@ class Transaction(Reader):
         return row is not None
 
     def release_lease(self, name: str, holder: str) -> None:
-        self._run("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+        self._run(
+            f"UPDATE leases SET expires_us = LEAST(expires_us, {NOW_US}) WHERE name = %s AND holder = %s",
+            (name, holder),
+        )

@@ -460,7 +460,10 @@ class Transaction(Reader):
         return True
 
     def release_lease(self, name: str, holder: str) -> None:
-        self.conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+        self.conn.execute(
+            "UPDATE leases SET expires_us = MIN(expires_us, ?) WHERE name = ? AND holder = ?",
+            (time.time_ns() // 1000, name, holder),
+        )
 
     def audit(self, entries: Iterable[AuditEntry]) -> None:
         self.conn.executemany(

@@ -341,6 +341,18 @@ def keep_request_id(f: Fuzzed, key: tuple[str, str, str], stored: bool) -> Calla
     return (lambda _: f.request_ids.add(key)) if stored else None
 
 
+def kept_exchange(f: Fuzzed, rpc: str, request: Any, tenant_id: str, request_id: str, kept: bool, bad: set[str]) -> Any:
+    """One call of an RPC that keeps its answer for `request_id` when `kept` (not a dry run):
+    a request_id already answered may be refused as reused for a different request."""
+    key = (tenant_id, rpc, request_id)
+    reused = kept and key in f.request_ids
+    expected = judged(f, tenant_id, bad, maybe={"request_id"} if reused else None)
+    call = getattr(f.quota, rpc)
+    return exchange(
+        f, rpc, request, lambda: call(request, timeout=CALL_TIMEOUT), expected, remember=keep_request_id(f, key, kept)
+    )
+
+
 def judged(
     f: Fuzzed,
     tenant_id: str,
@@ -1056,17 +1068,7 @@ def test_check_send_answers_every_request_with_a_contract_status(
         )
         if wrong
     }
-    key = (tenant_id, "CheckSend", request_id)
-    reused = bool(request_id) and not dry_run and key in fuzzed.request_ids
-    expected = judged(fuzzed, tenant_id, bad, maybe={"request_id"} if reused else None)
-    got = exchange(
-        fuzzed,
-        "CheckSend",
-        request,
-        lambda: fuzzed.quota.CheckSend(request, timeout=CALL_TIMEOUT),
-        expected,
-        remember=keep_request_id(fuzzed, key, bool(request_id) and not dry_run),
-    )
+    got = kept_exchange(fuzzed, "CheckSend", request, tenant_id, request_id, bool(request_id) and not dry_run, bad)
     if got.code is OK:
         assert got.response.decision != pb.DECISION_UNSPECIFIED and got.response.usage.tenant_id == tenant_id
 
@@ -1111,17 +1113,7 @@ def test_check_send_batch_answers_every_request_with_a_contract_status(
         )
         if wrong
     }
-    key = (tenant_id, "CheckSendBatch", request_id)
-    reused = bool(request_id) and not dry_run and key in fuzzed.request_ids
-    expected = judged(fuzzed, tenant_id, bad, maybe={"request_id"} if reused else None)
-    got = exchange(
-        fuzzed,
-        "CheckSendBatch",
-        request,
-        lambda: fuzzed.quota.CheckSendBatch(request, timeout=CALL_TIMEOUT),
-        expected,
-        remember=keep_request_id(fuzzed, key, bool(request_id) and not dry_run),
-    )
+    got = kept_exchange(fuzzed, "CheckSendBatch", request, tenant_id, request_id, bool(request_id) and not dry_run, bad)
     if got.code is not OK:
         return
     results = got.response.results
@@ -1177,16 +1169,8 @@ def test_check_contact_add_answers_every_request_with_a_contract_status(
         )
         if wrong
     }
-    key = (tenant_id, "CheckContactAdd", request_id)
-    reused = bool(request_id) and not dry_run and key in fuzzed.request_ids
-    expected = judged(fuzzed, tenant_id, bad, maybe={"request_id"} if reused else None)
-    got = exchange(
-        fuzzed,
-        "CheckContactAdd",
-        request,
-        lambda: fuzzed.quota.CheckContactAdd(request, timeout=CALL_TIMEOUT),
-        expected,
-        remember=keep_request_id(fuzzed, key, bool(request_id) and not dry_run),
+    got = kept_exchange(
+        fuzzed, "CheckContactAdd", request, tenant_id, request_id, bool(request_id) and not dry_run, bad
     )
     if got.code is not OK:
         return
@@ -1275,17 +1259,7 @@ def test_record_activity_answers_every_request_with_a_contract_status(
         )
         if wrong
     }
-    key = (tenant_id, "RecordActivity", request_id)
-    reused = bool(request_id) and key in fuzzed.request_ids
-    expected = judged(fuzzed, tenant_id, bad, maybe={"request_id"} if reused else None)
-    got = exchange(
-        fuzzed,
-        "RecordActivity",
-        request,
-        lambda: fuzzed.quota.RecordActivity(request, timeout=CALL_TIMEOUT),
-        expected,
-        remember=keep_request_id(fuzzed, key, bool(request_id)),
-    )
+    got = kept_exchange(fuzzed, "RecordActivity", request, tenant_id, request_id, bool(request_id), bad)
     if got.code is OK:
         assert 0 <= got.response.newly_active <= got.response.recorded <= len(contact_ids)
 

@@ -59,6 +59,11 @@ log = logging.getLogger("quota_sidecar")
 BOARD_CHUNK = 100
 BOARD_PAUSE = 0.002
 REMINDER_PAUSE = 0.002
+# How long the reminder sweep waits, before each transaction, for the calls in flight to
+# end (and how often it looks): it starts the transaction then in any case, so that a
+# sidecar never idle still sends its reminders.
+SWEEP_YIELD_S = 0.05
+SWEEP_YIELD_POLL_S = 0.0005
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["QuotaService"].full_name,
@@ -179,13 +184,20 @@ class Sidecar:
     def _remind(self) -> None:
         """Writes due reminders every --reminder-interval seconds until stopped, while this
         sidecar holds the ledger's `reminders` lease: one sidecar of a fleet sweeps at a
-        time. A sweep renews the lease as it goes and stops if it lost it."""
+        time. A sweep renews the lease as it goes and stops if it lost it. Before each of
+        its transactions it gives way to the calls in flight, for up to SWEEP_YIELD_S: the
+        sweep is background work, and its Python work and commits otherwise stalled the
+        data plane (issue 13 item 8)."""
         renewed = 0.0
 
         def pause() -> bool:
             nonlocal renewed
             if self._stopping.wait(REMINDER_PAUSE):
                 return True
+            yielded = time.monotonic() + SWEEP_YIELD_S
+            while self.metrics.in_flight and time.monotonic() < yielded:
+                if self._stopping.wait(SWEEP_YIELD_POLL_S):
+                    return True
             if time.monotonic() - renewed > self.settings.lease_ttl / 3:
                 if not self._hold(REMINDERS):
                     return True

@@ -18,8 +18,9 @@ from .requests import Retention
 WEBHOOK_CONSUMER = "webhook"
 # Rows one pruning transaction deletes at most: a short unit between decisions.
 PRUNE_ROWS = 1_000
-# The reminder sweep writes this many tenants per transaction.
-REMINDER_TENANTS = 16
+# The reminder sweep writes this many tenants per transaction: a call that arrives
+# while one runs waits for it, so it is kept short.
+REMINDER_TENANTS = 4
 # What one tenant's reminder costs the writer, in contacts (the unit's weight).
 TENANT_WEIGHT = 32
 

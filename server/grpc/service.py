@@ -175,6 +175,7 @@ def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def handler(self: _Servicer, request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code = "OK"
+            self.metrics.call_started()
             try:
                 self.authorize(context)
                 if isinstance(request, Undecodable):
@@ -188,6 +189,7 @@ def _handled(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 code = _code_name(exc)
                 _answer_failure(context, method, exc)
             finally:
+                self.metrics.call_ended()
                 self.metrics.call_done(method, code, time.perf_counter() - started)
 
         return handler

@@ -8,12 +8,14 @@ not from the hot path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     PlatformCollector,
@@ -117,6 +119,12 @@ class Metrics:
             registry=registry,
         )
         self._timers: dict[str, Any] = {}
+        self._busy = threading.Lock()
+        # Handled calls under way now: background work (the reminder sweep) gives way to them.
+        self.in_flight = 0
+        Gauge(
+            "quota_calls_in_flight", "gRPC calls being handled now (streams excluded)", registry=registry
+        ).set_function(lambda: self.in_flight)
         self._calls: dict[tuple[str, str], Any] = {}
         self._decisions: dict[tuple[str, str, str], Any] = {}
         for event_type in UsageEventType:
@@ -128,6 +136,14 @@ class Metrics:
         for service in quota_pb2.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 self.refused.labels(method.name)
+
+    def call_started(self) -> None:
+        with self._busy:
+            self.in_flight += 1
+
+    def call_ended(self) -> None:
+        with self._busy:
+            self.in_flight -= 1
 
     def call_refused(self, method: str) -> None:
         self.refused.labels(method).inc()

@@ -92,6 +92,9 @@ class PostgresLedger(Ledger):
     """The ledger in a PostgreSQL database (a libpq URL: `postgresql://user@host:port/db?...`),
     shared by any number of sidecars."""
 
+    # What a unit runs in: the SQL of each read and write, and the tenant locks.
+    transaction = Transaction
+
     def __init__(
         self,
         url: str,
@@ -207,7 +210,7 @@ class PostgresLedger(Ledger):
 
     def _attempt(self, conn: psycopg.Connection, work: Callable[[LedgerTx], T]) -> T:
         """One run of the unit in a new transaction: committed, or rolled back and raised."""
-        tx = Transaction(conn)
+        tx = self.transaction(conn)
         try:
             result = work(tx)
             if tx.ordered:

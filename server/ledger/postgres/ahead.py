@@ -9,15 +9,16 @@ written (`put_notice`). Nothing here outlives the transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 
-from ...domain.model import Counters, NoticeState, StoredPlan, StoredResult
+from ...domain.model import Counters, NoticeState, StoredPlan, StoredResult, UsageFigure
 from .. import ReadAhead
-from .rows import COUNTERS, FOUND_BY_KEY, NOTICES, PLAN, RESULT, counters_of, notices_of, plan_of, result_of
+from .rows import COUNTERS, FOUND_BY_KEY, NOTICES, PLAN, RESULT, Reader, counters_of, notices_of, plan_of, result_of
 
-# What `Fetched.get` returns for a read not fetched ahead: the reader asks the store.
+# What a `Fetched` read answers when it was not fetched ahead: the reader asks the store.
 UNKNOWN: Any = object()
 
 
@@ -91,3 +92,34 @@ class Fetched:
         states = self._known.get(("notices", tenant_id))
         if states is not None:
             states[figure] = state
+
+
+class ReaderAhead(Reader):
+    """A unit's reads: those fetched ahead answered from `fetched`, the others from the store."""
+
+    fetched: Fetched
+
+    def plan(self, tenant_id: str) -> StoredPlan | None:
+        self._enter(tenant_id)
+        known = self.fetched.plan(tenant_id)
+        return super().plan(tenant_id) if known is UNKNOWN else known
+
+    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
+        self._enter(tenant_id)
+        known = self.fetched.counters(tenant_id, cycle_start_us)
+        return super().counters(tenant_id, cycle_start_us) if known is UNKNOWN else known
+
+    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
+        self._enter(tenant_id)
+        known = self.fetched.active_among(tenant_id, cycle_start_us, list(contact_ids))
+        return super().active_among(tenant_id, cycle_start_us, contact_ids) if known is UNKNOWN else known
+
+    def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
+        self._enter(tenant_id)
+        known = self.fetched.stored_result(tenant_id, rpc, request_id)
+        return super().stored_result(tenant_id, rpc, request_id) if known is UNKNOWN else known
+
+    def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None:
+        self._enter(tenant_id)
+        known = self.fetched.notice(tenant_id, figure.value)
+        return super().notice(tenant_id, figure) if known is UNKNOWN else known

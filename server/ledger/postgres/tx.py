@@ -18,25 +18,23 @@ from ...domain.model import (
     Activation,
     AuditEntry,
     ContactRecord,
-    Counters,
     Holdings,
     NoticeState,
     Reanchor,
-    StoredPlan,
     StoredResult,
     UsageEvent,
     UsageFigure,
 )
 from .. import ReadAhead
-from .ahead import UNKNOWN, Fetched, Fetching
-from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, Reader
+from .ahead import Fetched, Fetching, ReaderAhead
+from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY
 
 LOCK = "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE"
 # A write kept for later: its SQL, and its arguments (a list of them, run as executemany, when `many`).
 Pending = tuple[str, Sequence[Any], bool]
 
 
-class Transaction(Reader):
+class Transaction(ReaderAhead):
     """A unit's view inside its transaction: reads see the unit's own writes."""
 
     lock = LOCK
@@ -115,31 +113,6 @@ class Transaction(Reader):
     def _later(self, sql: str, args: Sequence[Any], *, many: bool = False) -> None:
         """A write whose answer the unit does not need: sent before its next statement."""
         self.pending.append((sql, args, many))
-
-    def plan(self, tenant_id: str) -> StoredPlan | None:
-        self._enter(tenant_id)
-        known = self.fetched.plan(tenant_id)
-        return super().plan(tenant_id) if known is UNKNOWN else known
-
-    def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
-        self._enter(tenant_id)
-        known = self.fetched.counters(tenant_id, cycle_start_us)
-        return super().counters(tenant_id, cycle_start_us) if known is UNKNOWN else known
-
-    def active_among(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> set[str]:
-        self._enter(tenant_id)
-        known = self.fetched.active_among(tenant_id, cycle_start_us, list(contact_ids))
-        return super().active_among(tenant_id, cycle_start_us, contact_ids) if known is UNKNOWN else known
-
-    def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
-        self._enter(tenant_id)
-        known = self.fetched.stored_result(tenant_id, rpc, request_id)
-        return super().stored_result(tenant_id, rpc, request_id) if known is UNKNOWN else known
-
-    def notice(self, tenant_id: str, figure: UsageFigure) -> NoticeState | None:
-        self._enter(tenant_id)
-        known = self.fetched.notice(tenant_id, figure.value)
-        return super().notice(tenant_id, figure) if known is UNKNOWN else known
 
     def _write(self, tenant_id: str) -> None:
         self._enter(tenant_id)

@@ -16,39 +16,55 @@ import psycopg
 
 from ...domain.model import Counters, NoticeState, StoredPlan, StoredResult, UsageFigure
 from .. import ReadAhead
-from .rows import COUNTERS, FOUND_BY_KEY, NOTICES, PLAN, RESULT, Reader, counters_of, notices_of, plan_of, result_of
+from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, Reader, counters_of, notices_of, plan_of, result_of
 
 # What a `Fetched` read answers when it was not fetched ahead: the reader asks the store.
 UNKNOWN: Any = object()
 
 
+# Everything a unit may read ahead of one tenant, in one statement (a statement costs the
+# sidecar's Python more than its round trip), each part by the tenant's key and absent
+# (NULL) when not asked for. Parameters: the tenant; the tenant and the cycle; the
+# contacts, the tenant and the cycle (their activations, as FOUND_BY_KEY finds them);
+# the tenant; the tenant, the rpc and the request_id of the stored result.
+AHEAD = (
+    "SELECT p.plan_json, p.updated_at_us, u.active_contacts, u.sends, u.held_end, u.held_peak,"
+    " u.marketing_end, u.marketing_peak, f.active, n.figures, n.levels, n.starts, n.lasts,"
+    f" r.fingerprint, r.reply, {', '.join('r.' + c.strip() for c in CONTEXT_COLUMNS.split(','))}"
+    " FROM (SELECT 1) o LEFT JOIN plans p ON p.tenant_id = %s"
+    " LEFT JOIN usage u ON u.tenant_id = %s AND u.cycle_start_us = %s"
+    f" LEFT JOIN LATERAL (SELECT array_agg(c) AS active FROM ({FOUND_BY_KEY.format(column='c')}) k) f ON true"
+    " LEFT JOIN LATERAL (SELECT array_agg(figure) AS figures, array_agg(level) AS levels,"
+    " array_agg(cycle_start_us) AS starts, array_agg(last_at_us) AS lasts FROM notices WHERE tenant_id = %s) n ON true"
+    " LEFT JOIN request_results r ON r.tenant_id = %s AND r.rpc = %s AND r.request_id = %s"
+)
+
+
 class Fetching:
-    """The statements of one tenant's read-ahead, queued in the pipeline after its lock."""
+    """One tenant's read-ahead, its statement queued in the pipeline after the tenant's lock."""
 
     def __init__(self, conn: psycopg.Connection, tenant_id: str, ahead: ReadAhead) -> None:
         self.tenant_id = tenant_id
         self.ahead = ahead
-        self.plan = conn.execute(PLAN, (tenant_id,))
-        self.notices = conn.execute(NOTICES, (tenant_id,))
         cycle = ahead.cycle_start_us
-        self.counters = conn.execute(COUNTERS, (tenant_id, cycle)) if cycle is not None else None
         self.asked = list(dict.fromkeys(ahead.contact_ids)) if cycle is not None else []
-        self.active = (
-            conn.execute(FOUND_BY_KEY.format(column="c"), (self.asked, tenant_id, cycle)) if self.asked else None
+        rpc, request_id = ahead.result if ahead.result is not None else (None, None)
+        self.fetching = conn.execute(
+            AHEAD, (tenant_id, tenant_id, cycle, self.asked, tenant_id, cycle, tenant_id, tenant_id, rpc, request_id)
         )
-        self.result = conn.execute(RESULT, (tenant_id, *ahead.result)) if ahead.result is not None else None
 
     def into(self, known: Fetched) -> None:
-        """Keeps the answers, once the pipeline has brought them."""
-        t, cycle = self.tenant_id, self.ahead.cycle_start_us
-        known.put(("plan", t), plan_of(self.plan.fetchone()))
-        known.put(("notices", t), notices_of(self.notices.fetchall()))
-        if self.counters is not None:
-            known.put(("counters", t, cycle), counters_of(self.counters.fetchone()))
-        if self.active is not None:
-            known.put(("active", t, cycle), (frozenset(self.asked), {r[0] for r in self.active.fetchall()}))
-        if self.result is not None and self.ahead.result is not None:
-            known.put(("result", t, *self.ahead.result), result_of(t, self.result.fetchone()))
+        """Keeps the answers asked for, once the pipeline has brought them."""
+        t, cycle, ahead = self.tenant_id, self.ahead.cycle_start_us, self.ahead
+        row = self.fetching.fetchone()
+        assert row is not None
+        known.put(("plan", t), plan_of(row[0:2] if row[0] is not None else None))
+        known.put(("notices", t), notices_of(zip(*row[9:13], strict=True) if row[9] is not None else ()))
+        if cycle is not None:
+            known.put(("counters", t, cycle), counters_of(row[2:8] if row[2] is not None else None))
+            known.put(("active", t, cycle), (frozenset(self.asked), set(row[8] or ())))
+        if ahead.result is not None:
+            known.put(("result", t, *ahead.result), result_of(t, row[13:] if row[13] is not None else None))
 
 
 class Fetched:

@@ -49,7 +49,6 @@ FOUND_BY_KEY = (
 )
 
 
-# The reads a unit may fetch ahead (`Transaction.read_ahead`), each by the tenant's id first.
 PLAN = "SELECT plan_json, updated_at_us FROM plans WHERE tenant_id = %s"
 COUNTERS = (
     "SELECT active_contacts, sends, held_end, held_peak, marketing_end, marketing_peak FROM usage"
@@ -59,7 +58,6 @@ RESULT = (
     f"SELECT fingerprint, reply, {CONTEXT_COLUMNS} FROM request_results"
     " WHERE tenant_id = %s AND rpc = %s AND request_id = %s"
 )
-NOTICES = "SELECT figure, level, cycle_start_us, last_at_us FROM notices WHERE tenant_id = %s"
 
 
 def _contact(row: tuple[Any, ...]) -> ContactRecord:
@@ -81,7 +79,7 @@ def result_of(tenant_id: str, row: tuple[Any, ...] | None) -> StoredResult | Non
 
 
 def notices_of(rows: Iterable[tuple[Any, ...]]) -> dict[int, NoticeState]:
-    """The tenant's notice states by figure."""
+    """The tenant's notice states by figure, from rows of (figure, level, cycle start, last instant)."""
     return {r[0]: NoticeState(r[1], r[2], r[3]) for r in rows}
 
 

@@ -35,6 +35,8 @@ NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 # A CheckSend's unit: BEGIN, the tenant's lock and what the unit reads of the tenant in one
 # round trip; its writes, the tenant's ledger time and COMMIT in another.
 ROUND_TRIPS = 2
+# BEGIN, the lock, the read-ahead; the counted write, the stored result, the ledger time, COMMIT.
+STATEMENTS = 7
 
 
 @pytest.fixture
@@ -83,13 +85,16 @@ def test_a_check_send_is_two_round_trips_for_a_new_and_an_active_contact(wired: 
     """A CheckSend with a request_id (as the Python client sends) of a new contact and of an
     active one, and its retry answered from the stored result: each one round trip to take
     the tenant with everything the unit reads, and one to write and commit. The first call
-    of this engine (no plan remembered yet) may read more; the later ones may not."""
+    of this engine (no plan remembered yet) may read more; the later ones may not. A decision
+    was 11 round trips (new), 10 (active) and 12 statements before the reads were fetched
+    ahead and the writes sent with the COMMIT."""
     engine, count = wired
     assert _send(engine, "warm-up", "r0") is Reason.NEW_CONTACT_COUNTED
     new = _costs(count, lambda: _send(engine, "c1", "r1"))
     active = _costs(count, lambda: _send(engine, "c1", "r2"))
     retry = _costs(count, lambda: _send(engine, "c1", "r2"))
     assert (new[0], active[0], retry[0]) == (ROUND_TRIPS, ROUND_TRIPS, ROUND_TRIPS), (new, active, retry)
+    assert (new[1], active[1]) == (STATEMENTS, STATEMENTS), (new, active)
     assert engine.get_usage(T).sends == 3
 
 

@@ -7,31 +7,20 @@ machine. Each test on a schema of its own, dropped afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from quota_sidecar.server.domain.clock import FakeClock, to_us
-from quota_sidecar.server.domain.model import (
-    Channel,
-    Decision,
-    Enforcement,
-    MessageKind,
-    Metering,
-    PlanInput,
-    Reason,
-)
-from quota_sidecar.server.engine import BatchRequest, Engine, SendRequest
+from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.domain.model import Decision, Reason
+from quota_sidecar.server.engine import Engine
 from quota_sidecar.server.ledger.postgres import PostgresLedger
 
+from support.engine import CAMPAIGN, NOW, T, batch, plan, send
 from support.postgres import schema_for
 from support.wire import WireCount, counting_relay
 
-T = "tenant-wire"
-ANCHOR = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
-NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 # A CheckSend's unit: BEGIN, the tenant's lock and what the unit reads of the tenant in one
 # round trip; its writes, the tenant's ledger time and COMMIT in another.
 ROUND_TRIPS = 2
@@ -51,32 +40,21 @@ def wired(postgres_server: None, tmp_path: Path) -> Iterator[tuple[Engine, WireC
         ledger.open()
         try:
             engine = Engine(ledger, FakeClock(NOW))
-            engine.put_plan(
-                T,
-                PlanInput(
-                    metering=Metering.CYCLE_ACTIVE,
-                    enforcement=Enforcement.HARD,
-                    contact_limit=10,
-                    cycle_anchor_us=to_us(ANCHOR),
-                    counted_kinds=(MessageKind.CAMPAIGN,),
-                    notify_thresholds=(0.5,),
-                ),
-            )
+            engine.put_plan(T, plan(10, counted_kinds=(CAMPAIGN,), notify_thresholds=(0.5,)))
             yield engine, count
         finally:
             ledger.close()
 
 
 def _send(engine: Engine, contact_id: str, request_id: str) -> Reason:
-    outcome = engine.check_send(SendRequest(T, contact_id, Channel.EMAIL, MessageKind.CAMPAIGN, request_id=request_id))
+    outcome = send(engine, contact_id, request_id=request_id)
     assert outcome.decision.decision is Decision.ALLOW
     return outcome.decision.reason
 
 
-def _costs(count: WireCount, call: object) -> tuple[int, int]:
+def _costs(count: WireCount, call: Callable[[], object]) -> tuple[int, int]:
     """The round trips and statements `call()` made."""
     trips, statements = count.round_trips, count.statements
-    assert callable(call)
     call()
     return count.round_trips - trips, count.statements - statements
 
@@ -113,7 +91,6 @@ def test_a_check_send_batch_is_two_round_trips(wired: tuple[Engine, WireCount]):
     """A batch of new and active contacts in one unit: the same two round trips."""
     engine, count = wired
     _send(engine, "a1", "r0")
-    batch = BatchRequest(T, Channel.EMAIL, MessageKind.CAMPAIGN, ["a1", "b1", "b2", "a1"], request_id="rb")
-    trips, _ = _costs(count, lambda: engine.check_send_batch(batch))
+    trips, _ = _costs(count, lambda: batch(engine, ["a1", "b1", "b2", "a1"], request_id="rb"))
     assert trips == ROUND_TRIPS
     assert engine.get_usage(T).active_contacts == 3

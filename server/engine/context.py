@@ -74,9 +74,10 @@ class EngineContext:
 
     def read_ahead(self, tx: LedgerTx, tenant_id: str, contact_ids: Sequence[str], rpc: str, request_id: str) -> None:
         """Tells the ledger what a send decision will read of the tenant: the plan, the
-        notice states, the stored result of the request_id, and, in the cycle of the plan
-        last seen (its figures may have changed since: the ledger checks what it reads,
-        this is only where to look), the figures and which of the contacts are active."""
+        notice states, the stored result of the request_id, and, in the current cycle of
+        the plan this process last read, the figures and which of the contacts are active.
+        That plan may have changed since: the cycle is only where to look, and a read of
+        another cycle goes to the store."""
         cached = self._plans.get(tenant_id)
         cycle = current_cycle(cached[1], self.clock.now_us()) if cached is not None else None
         ahead = ReadAhead(

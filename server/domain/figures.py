@@ -128,6 +128,14 @@ def usage_at(view: LedgerReader, plan: Plan, tenant_id: str, at_us: int) -> Usag
     return usage_of(tenant_id, plan, cycle, tally_of(view, plan, tenant_id, cycle))
 
 
+def current_cycle(plan: Plan, instant_us: int) -> Cycle | None:
+    """The cycle containing `instant_us` when the plan's current anchor covers it (None:
+    it lies before the last re-anchor, and only the ledger's re-anchors place it)."""
+    if plan.anchored_at_us is None or instant_us >= plan.anchored_at_us:
+        return cycle_within(plan.cycle_anchor_us, instant_us, plan.anchored_at_us, None)
+    return None
+
+
 def cycle_of(view: LedgerReader, tenant_id: str, plan: Plan, instant_us: int) -> Cycle:
     """The tenant's cycle containing `instant_us`, `plan` being its current plan (SG-7).
 
@@ -135,8 +143,9 @@ def cycle_of(view: LedgerReader, tenant_id: str, plan: Plan, instant_us: int) ->
     instant, so an instant before the current anchor began (`Plan.anchored_at_us`) lies
     in a cycle of the anchor then in force, cut short by the re-anchor that followed it
     (the ledger's re-anchors). The current cycle costs no read."""
-    if plan.anchored_at_us is None or instant_us >= plan.anchored_at_us:
-        return cycle_within(plan.cycle_anchor_us, instant_us, plan.anchored_at_us, None)
+    current = current_cycle(plan, instant_us)
+    if current is not None:
+        return current
     since, after = view.reanchors_around(tenant_id, instant_us)
     if after is None:
         return cycle_within(plan.cycle_anchor_us, instant_us, since, plan.anchored_at_us)

@@ -20,10 +20,10 @@ from typing import TypeVar
 from ..domain.clock import Clock, LedgerTime
 from ..domain.cycles import Cycle
 from ..domain.errors import NotFound
-from ..domain.figures import cycle_of
+from ..domain.figures import current_cycle, cycle_of
 from ..domain.model import NoticeState, Plan, Usage, UsageEvent, UsageFigure
 from ..domain.notices import evaluate, level_of, ratio_of, settled
-from ..ledger import Ledger, LedgerReader, LedgerTx
+from ..ledger import Ledger, LedgerReader, LedgerTx, ReadAhead
 from ..metrics.board import UsageBoard
 from .deadline import call_deadline
 
@@ -71,6 +71,19 @@ class EngineContext:
         size = self.unit_contacts
         parts = [contact_ids] if len(unique) <= size else [unique[i : i + size] for i in range(0, len(unique), size)]
         return [self.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(parts)]
+
+    def read_ahead(self, tx: LedgerTx, tenant_id: str, contact_ids: Sequence[str], rpc: str, request_id: str) -> None:
+        """Tells the ledger what a send decision will read of the tenant: the plan, the
+        notice states, the stored result of the request_id, and, in the current cycle of
+        the plan this process last read, the figures and which of the contacts are active.
+        That plan may have changed since: the cycle is only where to look, and a read of
+        another cycle goes to the store."""
+        cached = self._plans.get(tenant_id)
+        cycle = current_cycle(cached[1], self.clock.now_us()) if cached is not None else None
+        ahead = ReadAhead(
+            cycle.start_us if cycle is not None else None, contact_ids, (rpc, request_id) if request_id else None
+        )
+        tx.read_ahead(tenant_id, ahead)
 
     def plan(self, reader: LedgerReader, tenant_id: str) -> Plan:
         """The tenant's current plan; NotFound without one."""

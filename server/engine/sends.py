@@ -99,6 +99,7 @@ def check_send(ctx: EngineContext, req: SendRequest) -> SendOutcome:
     fingerprint = partial(replies.fingerprint, req.contact_id, req.channel, req.kind, req.queued_since_us)
 
     def unit(tx: LedgerTx) -> SendOutcome:
+        ctx.read_ahead(tx, req.tenant_id, [req.contact_id], replies.SEND.rpc, req.request_id)
         return replies.once(
             tx, req.tenant_id, replies.SEND, req.request_id, fingerprint, lambda: decide(tx, tx), ctx.clock.now_us
         )
@@ -135,6 +136,7 @@ def check_send_batch(ctx: EngineContext, req: BatchRequest) -> BatchOutcome:
     def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> BatchOutcome:
         request_id = replies.unit_request_id(req.request_id, index)
         codec = replies.batch(ids)
+        ctx.read_ahead(tx, req.tenant_id, ids, codec.rpc, request_id)
         return replies.once(
             tx, req.tenant_id, codec, request_id, fingerprint, lambda: decide(tx, tx, ids), ctx.clock.now_us
         )

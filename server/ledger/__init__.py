@@ -28,6 +28,15 @@ assume:
   did not commit.
 - A unit is not started once its `deadline` has passed: the caller has been told
   DEADLINE_EXCEEDED, so nothing is decided for it (`DeadlineExceeded`).
+- A unit may say, before its first read of a tenant, what it will read of it
+  (`LedgerTx.read_ahead`). That changes no answer: a backend may fetch those rows
+  at once, as it takes the tenant, and answer the unit's reads of exactly them from
+  what it fetched, until the unit writes what they show; it answers every other read
+  from the store, and keeps nothing so fetched past the transaction. A backend whose
+  reads cost no round trip ignores it.
+- A write may take effect in the store later than the call that asks for it, but
+  before the unit's next read and before its commit: the unit sees its own writes,
+  and a write the store refuses fails the unit then, at the latest at its commit.
 
 What a backend may cache, and why: the SQLite backend is the only writer of its
 file (an exclusive flock keeps any other sidecar off it), so its writer keeps
@@ -167,7 +176,23 @@ class LedgerReader(Protocol):
         """Who holds (or last held) the named lease and until when (None: never taken)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReadAhead:
+    """What a unit will read of one tenant (`LedgerTx.read_ahead`): its plan and notice
+    states, and, in the cycle starting at `cycle_start_us` (None: not known yet), its
+    figures and which of `contact_ids` are active; and the stored result of `result`
+    (an rpc and a request_id), if any."""
+
+    cycle_start_us: int | None = None
+    contact_ids: Sequence[str] = ()
+    result: tuple[str, str] | None = None
+
+
 class LedgerTx(LedgerReader, Protocol):
+    def read_ahead(self, tenant_id: str, ahead: ReadAhead) -> None:
+        """What the unit will read of the tenant, told before its first read of it: a hint
+        that changes no answer (see the concurrency contract)."""
+
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
         """Stores the tenant's plan and keeps it as the version in force from `at_us`
         (a plan equal to the one already in force adds no version)."""

@@ -45,7 +45,7 @@ from quota_sidecar.server.domain.model import (
     UsageFigure,
     UsageState,
 )
-from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx
+from quota_sidecar.server.ledger import HELD_SPANS_PER_CONTACT, Ledger, LedgerTx, ReadAhead
 
 from support.backends import BACKENDS, GROUPING, SHARED, SINGLE_WRITER, Backend, _Call, writer_blocked
 from support.waiting import wait_until
@@ -419,6 +419,18 @@ class TestLedgerContract:
             ledger.transact(lambda tx: tx.add_sends(T, C1, "ghost", 1))
         assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 1)
         assert ledger.read(lambda r: r.activation(T, C1, "ghost")) is None
+        assert ledger.ready
+
+    def test_sends_to_contacts_not_all_active_are_refused_and_change_nothing(self, ledger: Ledger):
+        """SG-3, SG-8: `send_to_active` counts only contacts active in the cycle; given one that is
+        not, the unit fails with LookupError (on PostgreSQL once the write is sent, at the commit at
+        the latest) and no figure moves."""
+        ledger.transact(lambda tx: tx.activate(T, C1, [act("a")]))
+        with pytest.raises(LookupError):
+            ledger.transact(lambda tx: tx.send_to_active(T, C1, ["a", "ghost"]))
+        assert ledger.read(lambda r: (r.counters(T, C1), r.activation(T, C1, "a").sends)) == (Counters(1, 1), 1)
+        ledger.transact(lambda tx: tx.send_to_active(T, C1, ["a"]))
+        assert ledger.read(lambda r: r.counters(T, C1)) == Counters(1, 2)
         assert ledger.ready
 
     def test_active_contacts_are_listed_in_contact_id_order_after_a_cursor(self, ledger: Ledger):
@@ -835,15 +847,16 @@ class TestSharedStore:
 
     def test_units_on_two_ledgers_racing_at_the_ceiling_admit_exactly_the_limit(self, fleet: list[Ledger]):
         """SG-2, SG-8: 8 threads on each of two ledgers read the count, decide and activate (the engine's
-        read-decide-write in a unit) for distinct new contacts: exactly the limit is admitted, and the
-        count equals the rows."""
+        read-decide-write in a unit, its reads told ahead as a CheckSend's are) for distinct new
+        contacts: exactly the limit is admitted, and the count equals the rows."""
         limit, per_thread = 25, 10
         admitted: list[str] = []
         lock = threading.Lock()
         start = threading.Barrier(16)
 
         def admit(tx: LedgerTx, contact: str) -> bool:
-            if tx.counters(T, C1).active_contacts >= limit or tx.activation(T, C1, contact) is not None:
+            tx.read_ahead(T, ReadAhead(C1, [contact]))
+            if tx.counters(T, C1).active_contacts >= limit or tx.active_among(T, C1, [contact]):
                 return False
             tx.send_to_new(T, C1, [contact], C1 + 1, "CAMPAIGN")
             return True

@@ -20,12 +20,22 @@ ATTEMPTS times. Every unit may be re-run so: its effects outside the transaction
 the `after_commit` callbacks, and those of an attempt that failed are dropped, never
 run.
 
-Round trips. A unit's BEGIN travels with its first statement, and the ledger time it
-keeps with its COMMIT (pipeline mode); activations and the figures they raise are one
-statement. The tenant's lock stays a statement of its own: under READ COMMITTED a
-statement that waited for a row lock sees the other tables it joins as they were when
-it started, so the reads that follow it are statements of their own, each with a
-fresh snapshot taken once the tenant is held.
+Round trips. A unit's BEGIN travels with its first statement, which is the tenant's lock
+(`SELECT ... FOR UPDATE`, the row inserted first when the tenant is new). What the unit
+said it would read of the tenant (`LedgerTx.read_ahead`: a send decision's plan, notice
+states, stored result, and the figures and activations of the cycle it expects) follows
+the lock in the same pipeline: under READ COMMITTED each statement of a pipeline takes
+its snapshot when it starts, so those reads run once the lock is granted and see every
+commit of the tenant before it (one statement joining the lock to them would not: a
+statement that waited for a row lock sees the other tables as they were when it
+started). The unit's reads of exactly those rows are answered from what was fetched,
+until it writes what they show; anything else is read from the store, and nothing
+fetched outlives the transaction. Writes whose answers the unit does not need (its
+activations and the figures they raise, its stored result, notice states, audit rows)
+are sent with its next statement or, mostly, with the ledger time it keeps and COMMIT,
+in one round trip: a CheckSend is two round trips, one more when it adds an event (its
+sequence is read back). A write the database refuses so fails the unit at the latest
+at its commit, which then does not happen.
 
 A unit that raises is rolled back and its exception reaches the caller; the ledger
 stays ready. A failure of PostgreSQL itself (unreachable, restarting, a connection
@@ -91,6 +101,9 @@ def _configure(conn: psycopg.Connection) -> None:
 class PostgresLedger(Ledger):
     """The ledger in a PostgreSQL database (a libpq URL: `postgresql://user@host:port/db?...`),
     shared by any number of sidecars."""
+
+    # What a unit runs in: the SQL of each read and write, and the tenant locks.
+    transaction = Transaction
 
     def __init__(
         self,
@@ -207,7 +220,7 @@ class PostgresLedger(Ledger):
 
     def _attempt(self, conn: psycopg.Connection, work: Callable[[LedgerTx], T]) -> T:
         """One run of the unit in a new transaction: committed, or rolled back and raised."""
-        tx = Transaction(conn)
+        tx = self.transaction(conn)
         try:
             result = work(tx)
             if tx.ordered:

@@ -6,7 +6,7 @@ A reader keeps nothing between calls: other sidecars write the same rows."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -53,8 +53,38 @@ FOUND_BY_KEY = (
 )
 
 
+PLAN = "SELECT plan_json, updated_at_us FROM plans WHERE tenant_id = %s"
+COUNTERS = (
+    "SELECT active_contacts, sends, held_end, held_peak, marketing_end, marketing_peak FROM usage"
+    " WHERE tenant_id = %s AND cycle_start_us = %s"
+)
+RESULT = (
+    f"SELECT fingerprint, reply, {CONTEXT_COLUMNS} FROM request_results"
+    " WHERE tenant_id = %s AND rpc = %s AND request_id = %s"
+)
+
+
 def _contact(row: tuple[Any, ...]) -> ContactRecord:
     return ContactRecord(*row)
+
+
+def plan_of(row: tuple[Any, ...] | None) -> StoredPlan | None:
+    return StoredPlan(row[0], row[1]) if row else None
+
+
+def counters_of(row: tuple[Any, ...] | None) -> Counters:
+    return Counters(*row) if row else Counters()
+
+
+def result_of(tenant_id: str, row: tuple[Any, ...] | None) -> StoredResult | None:
+    if row is None:
+        return None
+    return StoredResult(bytes(row[0]), bytes(row[1]), UsageContext(tenant_id, *row[2:]))
+
+
+def notices_of(rows: Iterable[tuple[Any, ...]]) -> dict[int, NoticeState]:
+    """The tenant's notice states by figure, from rows of (figure, level, cycle start, last instant)."""
+    return {r[0]: NoticeState(r[1], r[2], r[3]) for r in rows}
 
 
 class Reader:
@@ -74,8 +104,7 @@ class Reader:
 
     def plan(self, tenant_id: str) -> StoredPlan | None:
         self._enter(tenant_id)
-        row = self._one("SELECT plan_json, updated_at_us FROM plans WHERE tenant_id = %s", (tenant_id,))
-        return StoredPlan(row[0], row[1]) if row else None
+        return plan_of(self._one(PLAN, (tenant_id,)))
 
     def plan_at(self, tenant_id: str, before_us: int) -> StoredPlan | None:
         self._enter(tenant_id)
@@ -99,12 +128,7 @@ class Reader:
 
     def counters(self, tenant_id: str, cycle_start_us: int) -> Counters:
         self._enter(tenant_id)
-        row = self._one(
-            "SELECT active_contacts, sends, held_end, held_peak, marketing_end, marketing_peak FROM usage"
-            " WHERE tenant_id = %s AND cycle_start_us = %s",
-            (tenant_id, cycle_start_us),
-        )
-        return Counters(*row) if row else Counters()
+        return counters_of(self._one(COUNTERS, (tenant_id, cycle_start_us)))
 
     def holdings(self, tenant_id: str) -> Holdings | None:
         self._enter(tenant_id)
@@ -190,14 +214,7 @@ class Reader:
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
         self._enter(tenant_id)
-        row = self._one(
-            f"SELECT fingerprint, reply, {CONTEXT_COLUMNS} FROM request_results"
-            " WHERE tenant_id = %s AND rpc = %s AND request_id = %s",
-            (tenant_id, rpc, request_id),
-        )
-        if row is None:
-            return None
-        return StoredResult(bytes(row[0]), bytes(row[1]), UsageContext(tenant_id, *row[2:]))
+        return result_of(tenant_id, self._one(RESULT, (tenant_id, rpc, request_id)))
 
     def tenants(self) -> list[str]:
         return [r[0] for r in self._run("SELECT tenant_id FROM plans ORDER BY tenant_id")]

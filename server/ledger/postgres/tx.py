@@ -1,11 +1,14 @@
 """The writes of the PostgreSQL ledger: the SQL of `LedgerTx` inside one unit's
-transaction, the tenant locks it takes before its first read of a tenant, and what it
-remembers for its commit (the ledger time it noted, its after-commit callbacks)."""
+transaction, the tenant locks it takes before its first read of a tenant (with what the
+unit said it would read of it, `read_ahead`), and what it keeps for later: the writes
+whose answers the unit does not need, sent with its next statement or its COMMIT (a
+pipeline), the ledger time it noted and its after-commit callbacks."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -22,11 +25,19 @@ from ...domain.model import (
     UsageEvent,
     UsageFigure,
 )
-from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, NOW_US, Reader
+from .. import ReadAhead
+from .ahead import Fetched, Fetching, ReaderAhead
+from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, NOW_US
+
+LOCK = "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE"
+# A write kept for later: its SQL, and its arguments (a list of them, run as executemany, when `many`).
+Pending = tuple[str, Sequence[Any], bool]
 
 
-class Transaction(Reader):
+class Transaction(ReaderAhead):
     """A unit's view inside its transaction: reads see the unit's own writes."""
+
+    lock = LOCK
 
     def __init__(self, conn: psycopg.Connection) -> None:
         super().__init__(conn)
@@ -36,35 +47,72 @@ class Transaction(Reader):
         self.wrote = False
         self.ordered = False
         self.held: list[str] = []
+        self.ahead: dict[str, ReadAhead] = {}
+        self.fetched = Fetched()
+        self.pending: list[Pending] = []
+
+    def read_ahead(self, tenant_id: str, ahead: ReadAhead) -> None:
+        if tenant_id not in self.held:
+            self.ahead[tenant_id] = ahead
 
     def _enter(self, tenant_id: str) -> None:
         """Holds the tenant until the commit, before anything of it is read: the unit's
         reads then stay true until it commits (a new tenant's row is inserted first; an
-        insert that meets another's waits for it, and the row is then locked as it is)."""
+        insert that meets another's waits for it, and the row is then locked as it is).
+        What the unit said it would read of the tenant is fetched in the lock's round
+        trip, and kept only if the lock found the row: without it, it was read unheld."""
         if tenant_id in self.held:
             return
-        lock = "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE"
-        if self._one(lock, (tenant_id,)) is None:
+        ahead = self.ahead.pop(tenant_id, None)
+        with self._pipeline():
+            self._send_pending()
+            lock = self.conn.execute(self.lock, (tenant_id,))
+            fetching = Fetching(self.conn, tenant_id, ahead) if ahead is not None else None
+        if lock.fetchone() is not None:
+            if fetching is not None:
+                fetching.into(self.fetched)
+        else:
             added = self._run(
                 "INSERT INTO tenants (tenant_id) VALUES (%s) ON CONFLICT (tenant_id) DO NOTHING", (tenant_id,)
             ).rowcount
             if not added:
-                self._one(lock, (tenant_id,))
+                self._one(self.lock, (tenant_id,))
         self.held.append(tenant_id)
 
-    def _run(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
-        """The unit's transaction begins with its first statement, in the same round trip."""
-        if self.begun:
-            return self.conn.execute(sql, args)
-        self.begun = True
-        with self.conn.pipeline():
-            self.conn.execute("BEGIN")
-            return self.conn.execute(sql, args)
+    @contextmanager
+    def _pipeline(self) -> Iterator[None]:
+        """One round trip. A refused count (`_counted`: a NULL written to `usage.sends`)
+        is the LookupError the SQLite ledger raises at once."""
+        try:
+            with self.conn.pipeline():
+                yield
+        except psycopg.errors.NotNullViolation as exc:
+            raise LookupError(f"a change found other rows than it was given: {exc}") from exc
 
-    def _begin(self) -> None:
+    def _send_pending(self) -> None:
+        """In a pipeline: BEGIN if the transaction has not begun, then the writes kept for later."""
         if not self.begun:
             self.begun = True
             self.conn.execute("BEGIN")
+        for sql, args, many in self.pending:
+            if many:
+                self.conn.cursor().executemany(sql, args)
+            else:
+                self.conn.execute(sql, args)
+        self.pending.clear()
+
+    def _run(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        """A statement whose answer the unit needs: in the round trip of BEGIN, when the
+        transaction has not begun, and of the writes kept for later."""
+        if self.begun and not self.pending:
+            return self.conn.execute(sql, args)
+        with self._pipeline():
+            self._send_pending()
+            return self.conn.execute(sql, args)
+
+    def _later(self, sql: str, args: Sequence[Any], *, many: bool = False) -> None:
+        """A write whose answer the unit does not need: sent before its next statement."""
+        self.pending.append((sql, args, many))
 
     def _write(self, tenant_id: str) -> None:
         self._enter(tenant_id)
@@ -77,11 +125,12 @@ class Transaction(Reader):
         self.noted_us = max(self.noted_us, at_us)
 
     def commit(self) -> int:
-        """Keeps the instant the unit noted, when it wrote, and commits, in one round trip;
-        returns the instant kept (0: none)."""
-        if not self.begun:
+        """Sends the writes kept for later, keeps the instant the unit noted, when it
+        wrote, and commits, in one round trip; returns the instant kept (0: none)."""
+        if not self.begun and not self.pending:
             return 0
-        with self.conn.pipeline():
+        with self._pipeline():
+            self._send_pending()
             stamped = self._stamp()
             self.conn.execute("COMMIT")
         return stamped
@@ -104,7 +153,8 @@ class Transaction(Reader):
 
     def put_plan(self, tenant_id: str, plan_json: str, at_us: int) -> None:
         self._write(tenant_id)
-        self._run(
+        self.fetched.forget(tenant_id, "plan")
+        self._later(
             "INSERT INTO plans (tenant_id, plan_json, updated_at_us) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id) DO UPDATE SET plan_json = excluded.plan_json,"
             " updated_at_us = excluded.updated_at_us",
@@ -113,7 +163,7 @@ class Transaction(Reader):
         latest = self.plan_at(tenant_id, at_us + 1)
         if latest is not None and latest.plan_json == plan_json:
             return
-        self._run(
+        self._later(
             "INSERT INTO plan_versions (tenant_id, effective_us, plan_json) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id, effective_us) DO UPDATE SET plan_json = excluded.plan_json",
             (tenant_id, at_us, plan_json),
@@ -121,7 +171,7 @@ class Transaction(Reader):
 
     def put_reanchor(self, tenant_id: str, reanchor: Reanchor) -> None:
         self._write(tenant_id)
-        self._run(
+        self._later(
             "INSERT INTO reanchors (tenant_id, at_us, anchor_before_us) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id, at_us) DO NOTHING",
             (tenant_id, reanchor.at_us, reanchor.anchor_before_us),
@@ -129,7 +179,7 @@ class Transaction(Reader):
 
     def put_file_entry(self, tenant_id: str, digest: str, at_us: int) -> None:
         self._write(tenant_id)
-        self._run(
+        self._later(
             "INSERT INTO tenant_file_entries (tenant_id, digest, applied_at_us) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id) DO UPDATE SET digest = excluded.digest, applied_at_us = excluded.applied_at_us",
             (tenant_id, digest, at_us),
@@ -137,7 +187,7 @@ class Transaction(Reader):
 
     def put_holdings(self, tenant_id: str, holdings: Holdings) -> None:
         self._write(tenant_id)
-        self._run(
+        self._later(
             "INSERT INTO holdings (tenant_id, cycle_start_us, held, marketing, pending) VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (tenant_id) DO UPDATE SET cycle_start_us = excluded.cycle_start_us,"
             " held = excluded.held, marketing = excluded.marketing, pending = excluded.pending",
@@ -146,7 +196,8 @@ class Transaction(Reader):
 
     def record_held(self, tenant_id: str, cycle_start_us: int, held: int, marketing: int) -> None:
         self._write(tenant_id)
-        self._run(
+        self.fetched.forget(tenant_id, "counters")
+        self._later(
             "INSERT INTO usage (tenant_id, cycle_start_us, held_end, held_peak, marketing_end, marketing_peak)"
             " VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET held_end = excluded.held_end,"
@@ -165,14 +216,15 @@ class Transaction(Reader):
 
     def reschedule_marketing(self, tenant_id: str, until_us: int) -> None:
         self._write(tenant_id)
-        self._run(
+        self._later(
             "UPDATE contacts SET marketing_until_us = %s WHERE tenant_id = %s AND marketing_until_us > 0",
             (until_us, tenant_id),
         )
 
     def count_sends(self, tenant_id: str, cycle_start_us: int, sends: int) -> None:
         self._write(tenant_id)
-        self._run(
+        self.fetched.forget(tenant_id, "counters")
+        self._later(
             "INSERT INTO usage (tenant_id, cycle_start_us, sends) VALUES (%s, %s, %s)"
             " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET sends = usage.sends + excluded.sends",
             (tenant_id, cycle_start_us, sends),
@@ -196,20 +248,20 @@ class Transaction(Reader):
                 [a.sends for a in activations],
             ),
             new=True,
+            rows=len(activations),
         )
 
     def add_sends(self, tenant_id: str, cycle_start_us: int, contact_id: str, sends: int) -> None:
         self._write(tenant_id)
-        changed = self._counted(
+        self._counted(
             tenant_id,
             cycle_start_us,
             "UPDATE activations SET sends = sends + %s WHERE tenant_id = %s AND cycle_start_us = %s"
             " AND contact_id = %s RETURNING %s::bigint AS sends",
             (sends, tenant_id, cycle_start_us, contact_id, sends),
             new=False,
+            rows=1,
         )
-        if changed != 1:
-            raise LookupError(f"no activation of {contact_id!r} to add sends to")
 
     def send_to_new(
         self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str], at_us: int, activity: str
@@ -224,37 +276,42 @@ class Transaction(Reader):
             " SELECT %s, %s, c, %s, %s, 1 FROM unnest(%s::text[]) c RETURNING sends",
             (tenant_id, cycle_start_us, at_us, activity, list(contact_ids)),
             new=True,
+            rows=len(contact_ids),
         )
 
     def send_to_active(self, tenant_id: str, cycle_start_us: int, contact_ids: Sequence[str]) -> None:
         self._write(tenant_id)
         if not contact_ids:
             return
-        changed = self._counted(
+        self._counted(
             tenant_id,
             cycle_start_us,
             f"UPDATE activations SET sends = sends + 1 WHERE ctid = ANY(ARRAY({FOUND_BY_KEY.format(column='ctid')}))"
             " RETURNING 1::bigint AS sends",
             (list(contact_ids), tenant_id, cycle_start_us),
             new=False,
+            rows=len(contact_ids),
         )
-        if changed != len(contact_ids):
-            raise LookupError(f"{len(contact_ids) - changed} of the contacts sent to are not active")
 
-    def _counted(self, tenant_id: str, cycle_start_us: int, change: str, args: Sequence[Any], *, new: bool) -> int:
+    def _counted(
+        self, tenant_id: str, cycle_start_us: int, change: str, args: Sequence[Any], *, new: bool, rows: int
+    ) -> None:
         """Runs `change` (an INSERT or UPDATE of activations returning the sends each row
-        adds) and raises the cycle's figures by what it changed, in one statement: the
-        contacts it activated when `new`, and their sends. Returns how many rows it changed."""
-        row = self._one(
+        adds) and raises the cycle's figures by what it changed, in one statement sent
+        later (`_later`): the contacts it activated when `new`, and their sends. A change
+        that finds other than `rows` rows (a contact sent to that is not active) writes
+        the sends as NULL, which the column refuses: the statement, and with it the
+        unit, fails, as LookupError (`_pipeline`)."""
+        self.fetched.forget(tenant_id, "counters", "active")
+        self._later(
             f"WITH change AS ({change}), n AS (SELECT COUNT(*) AS rows, COALESCE(SUM(sends), 0) AS sends FROM change)"
             " INSERT INTO usage (tenant_id, cycle_start_us, active_contacts, sends)"
-            " SELECT %s, %s, CASE WHEN %s THEN rows ELSE 0 END, sends FROM n WHERE rows > 0"
+            " SELECT %s, %s, CASE WHEN %s THEN rows ELSE 0 END, CASE WHEN rows = %s THEN sends END FROM n"
             " ON CONFLICT (tenant_id, cycle_start_us) DO UPDATE SET"
             " active_contacts = usage.active_contacts + excluded.active_contacts,"
-            " sends = usage.sends + excluded.sends RETURNING (SELECT rows FROM n)",
-            (*args, tenant_id, cycle_start_us, new),
+            " sends = usage.sends + excluded.sends",
+            (*args, tenant_id, cycle_start_us, new, rows),
         )
-        return 0 if row is None else row[0]
 
     def put_contacts(self, tenant_id: str, contacts: Iterable[ContactRecord], at_us: int) -> None:
         self._write(tenant_id)
@@ -275,25 +332,25 @@ class Transaction(Reader):
         ]
         if not rows:
             return
-        self._begin()
-        with self.conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO contacts (tenant_id, contact_id, held, marketing, marketing_until_next_update,"
-                " marketing_source_type, marketing_source_id, updated_at_us, marketing_until_us, held_since_us)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (tenant_id, contact_id) DO UPDATE SET held = excluded.held,"
-                " marketing = excluded.marketing, marketing_until_next_update = excluded.marketing_until_next_update,"
-                " marketing_source_type = excluded.marketing_source_type,"
-                " marketing_source_id = excluded.marketing_source_id, updated_at_us = excluded.updated_at_us,"
-                " marketing_until_us = excluded.marketing_until_us, held_since_us = excluded.held_since_us",
-                rows,
-            )
+        self._later(
+            "INSERT INTO contacts (tenant_id, contact_id, held, marketing, marketing_until_next_update,"
+            " marketing_source_type, marketing_source_id, updated_at_us, marketing_until_us, held_since_us)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (tenant_id, contact_id) DO UPDATE SET held = excluded.held,"
+            " marketing = excluded.marketing, marketing_until_next_update = excluded.marketing_until_next_update,"
+            " marketing_source_type = excluded.marketing_source_type,"
+            " marketing_source_id = excluded.marketing_source_id, updated_at_us = excluded.updated_at_us,"
+            " marketing_until_us = excluded.marketing_until_us, held_since_us = excluded.held_since_us",
+            rows,
+            many=True,
+        )
 
     def store_result(self, tenant_id: str, rpc: str, request_id: str, result: StoredResult, at_us: int) -> None:
         assert result.context is not None
         self._write(tenant_id)
+        self.fetched.forget(tenant_id, "result")
         c = result.context
-        self._run(
+        self._later(
             "INSERT INTO request_results (tenant_id, rpc, request_id, fingerprint, reply,"
             f" {CONTEXT_COLUMNS}, created_at_us)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -327,6 +384,7 @@ class Transaction(Reader):
         return deleted
 
     def prune_results(self, before_us: int, limit: int) -> int:
+        self.fetched.forget(None, "result")
         return self._prune(
             "request_results", "created_at_us, tenant_id, rpc, request_id", "created_at_us", before_us, limit
         )
@@ -341,7 +399,7 @@ class Transaction(Reader):
     def prune_audit(self, before_us: int, limit: int) -> int:
         deleted = self._prune("audit", "seq", "at_us", before_us, limit)
         if deleted:
-            self._run(
+            self._later(
                 "INSERT INTO audit_pruned (id, before_us) VALUES (1, %s)"
                 " ON CONFLICT (id) DO UPDATE SET before_us = GREATEST(audit_pruned.before_us, excluded.before_us)",
                 (before_us,),
@@ -368,17 +426,17 @@ class Transaction(Reader):
         if not rows:
             return
         self.wrote = True
-        self._begin()
-        with self.conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO audit (at_us, tenant_id, cycle_start_us, rpc, request_id, contact_id, decision,"
-                " reason, active_delta, sends_delta, held_delta) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                rows,
-            )
+        self._later(
+            "INSERT INTO audit (at_us, tenant_id, cycle_start_us, rpc, request_id, contact_id, decision,"
+            " reason, active_delta, sends_delta, held_delta) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            rows,
+            many=True,
+        )
 
     def put_notice(self, tenant_id: str, figure: UsageFigure, state: NoticeState) -> None:
         self._write(tenant_id)
-        self._run(
+        self.fetched.put_notice(tenant_id, figure.value, state)
+        self._later(
             "INSERT INTO notices (tenant_id, figure, level, cycle_start_us, last_at_us) VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (tenant_id, figure) DO UPDATE SET level = excluded.level,"
             " cycle_start_us = excluded.cycle_start_us, last_at_us = excluded.last_at_us",
@@ -392,7 +450,7 @@ class Transaction(Reader):
         row = self._one("UPDATE event_sequence SET last = last + 1 WHERE id = 1 RETURNING last", ())
         assert row is not None
         seq: int = row[0]
-        self._run(
+        self._later(
             "INSERT INTO usage_events (tenant_id, seq, event_id, at_us, type, figure, threshold, usage_json)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (
@@ -410,7 +468,7 @@ class Transaction(Reader):
 
     def put_event_cursor(self, consumer: str, seq: int) -> None:
         self.wrote = True
-        self._run(
+        self._later(
             "INSERT INTO event_cursors (consumer, seq) VALUES (%s, %s)"
             " ON CONFLICT (consumer) DO UPDATE SET seq = GREATEST(event_cursors.seq, excluded.seq)",
             (consumer, seq),
@@ -428,7 +486,7 @@ class Transaction(Reader):
         return row is not None
 
     def release_lease(self, name: str, holder: str) -> None:
-        self._run(
+        self._later(
             f"UPDATE leases SET expires_us = LEAST(expires_us, {NOW_US}) WHERE name = %s AND holder = %s",
             (name, holder),
         )

@@ -32,6 +32,7 @@ from ...domain.model import (
     UsageEvent,
     UsageFigure,
 )
+from .. import ReadAhead
 from .dedupe import Builds, CycleFilter, DedupeFilters
 from .rows import CONTEXT_COLUMNS, Reader, active_among, request_key
 
@@ -139,6 +140,10 @@ class Transaction(Reader):
             self._names[code] = found
             self._codes[found] = code
         return found
+
+    def read_ahead(self, tenant_id: str, ahead: ReadAhead) -> None:
+        """Nothing to fetch ahead: a read here is no round trip, and what this writer
+        remembers already spares the repeated ones."""
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.committed.append(callback)

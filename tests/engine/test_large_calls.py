@@ -264,3 +264,20 @@ def test_a_large_batch_answers_every_decision_in_request_order(
     assert [c for c, _ in answer.results] == ids
     assert all(d.decision is Decision.ALLOW for _, d in answer.results)
     assert answer.newly_active == 2000
+
+
+@pytest.mark.parametrize("call", ["batch", "activity"])
+def test_a_large_call_with_a_request_id_is_answered_again_on_every_backend(engine: Engine, call: str) -> None:
+    """SG-8, api.md request_id, issue 16 (every RPC behaves as on SQLite): a call of 1,200
+    contacts (three units, each answer kept under the request_id and the unit's index) with
+    a request_id, then its retry: the same answer, nothing counted twice."""
+    engine.put_plan(T, plan(5000))
+
+    def make() -> Any:
+        if call == "batch":
+            return batch(engine, _ids("c", 1200), request_id="fan-out-1")
+        return record(engine, _ids("c", 1200), request_id="fan-out-1")
+
+    first = make()
+    assert make() == first
+    assert engine.get_usage(T).active_contacts == 1200

@@ -16,7 +16,7 @@ import psycopg
 
 from ...domain.model import Counters, NoticeState, StoredPlan, StoredResult, UsageFigure
 from .. import ReadAhead
-from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, Reader, counters_of, notices_of, plan_of, result_of
+from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, Reader, counters_of, notices_of, plan_of, result_of, stored_id
 
 # What a `Fetched` read answers when it was not fetched ahead: the reader asks the store.
 UNKNOWN: Any = object()
@@ -49,8 +49,9 @@ class Fetching:
         cycle = ahead.cycle_start_us
         self.asked = list(dict.fromkeys(ahead.contact_ids)) if cycle is not None else []
         rpc, request_id = ahead.result if ahead.result is not None else (None, None)
+        kept_as = stored_id(request_id) if request_id is not None else None
         self.fetching = conn.execute(
-            AHEAD, (tenant_id, tenant_id, cycle, self.asked, tenant_id, cycle, tenant_id, tenant_id, rpc, request_id)
+            AHEAD, (tenant_id, tenant_id, cycle, self.asked, tenant_id, cycle, tenant_id, tenant_id, rpc, kept_as)
         )
 
     def into(self, known: Fetched) -> None:

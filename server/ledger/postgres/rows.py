@@ -33,6 +33,15 @@ from .. import Lease
 # The database's clock in microseconds: what leases are timed by, so that sidecars whose
 # clocks differ agree on when one expires.
 NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+
+
+def stored_id(request_id: str) -> str:
+    """A request_id as the text columns keep it. A call's later units keep their answers
+    under the request_id, a NUL and the unit's index (engine/replies.py); PostgreSQL text
+    holds no NUL, so it is written `\\0`, and a backslash `\\\\`: every id stays distinct."""
+    return request_id.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
 CONTEXT_COLUMNS = "cycle_start_us, cycle_end_us, contact_limit, sends_limit, currency, plan_name"
 CONTACT_COLUMNS = (
     "contact_id, held, marketing, marketing_until_next_update, marketing_source_type,"
@@ -214,7 +223,7 @@ class Reader:
 
     def stored_result(self, tenant_id: str, rpc: str, request_id: str) -> StoredResult | None:
         self._enter(tenant_id)
-        return result_of(tenant_id, self._one(RESULT, (tenant_id, rpc, request_id)))
+        return result_of(tenant_id, self._one(RESULT, (tenant_id, rpc, stored_id(request_id))))
 
     def tenants(self) -> list[str]:
         return [r[0] for r in self._run("SELECT tenant_id FROM plans ORDER BY tenant_id")]

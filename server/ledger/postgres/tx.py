@@ -27,7 +27,7 @@ from ...domain.model import (
 )
 from .. import ReadAhead
 from .ahead import Fetched, Fetching, ReaderAhead
-from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, NOW_US
+from .rows import CONTEXT_COLUMNS, FOUND_BY_KEY, NOW_US, stored_id
 
 LOCK = "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE"
 # A write kept for later: its SQL, and its arguments (a list of them, run as executemany, when `many`).
@@ -357,7 +357,7 @@ class Transaction(ReaderAhead):
             (
                 tenant_id,
                 rpc,
-                request_id,
+                stored_id(request_id),
                 result.fingerprint,
                 result.packed,
                 c.cycle_start_us,
@@ -413,7 +413,7 @@ class Transaction(ReaderAhead):
                 e.tenant_id,
                 e.cycle_start_us,
                 e.rpc,
-                e.request_id,
+                stored_id(e.request_id) if e.request_id is not None else None,
                 e.contact_id,
                 e.decision,
                 e.reason,

@@ -13,6 +13,12 @@ import sys
 from pathlib import Path
 
 from quota_sidecar.server.cli import SWITCH_INTERVAL_S
+from quota_sidecar.server.domain.clock import FakeClock
+from quota_sidecar.server.domain.model import Channel, MessageKind
+from quota_sidecar.server.engine import Engine, PlanInput, SendRequest
+from quota_sidecar.server.ledger.sqlite import SQLiteLedger
+
+from support.sidecar import START
 
 SERVE_THEN_REPORT = """
 import sys
@@ -36,3 +42,45 @@ def test_serve_shortens_the_interpreter_switch_interval_of_its_process(tmp_path:
     code, interval = result.stdout.split()
     assert code == "2"
     assert float(interval) == SWITCH_INTERVAL_S
+
+
+SERVE_THEN_COUNT_FROZEN = """
+import gc, os, signal, sys, threading, time
+from quota_sidecar.server.cli import main
+
+def report():
+    deadline = time.monotonic() + 60
+    while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    print(gc.get_freeze_count(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=report, daemon=True).start()
+code = main(["serve", "--address", "127.0.0.1:0", "--metrics-address", "", "--ledger", sys.argv[1]])
+print(code)
+"""
+
+
+def test_serve_keeps_what_it_loaded_at_start_out_of_the_collectors_full_passes(tmp_path: Path) -> None:
+    """Issue 13 item 9: once `serve` has loaded a ledger (2,000 tenants: their plans, figures
+    and dedupe filters), what it loaded is frozen out of the garbage collector's generations
+    (gc.freeze), so no full collection walks it while calls wait; the real entry point, in a
+    process of its own, then stops on SIGTERM with exit 0."""
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    ledger.open()
+    engine = Engine(ledger, FakeClock(START))
+    for n in range(2_000):
+        engine.put_plan(f"t{n}", PlanInput(preset="active-cycle-hard", contact_limit=10))
+        engine.check_send(SendRequest(f"t{n}", "c", Channel.EMAIL, MessageKind.CAMPAIGN))
+    ledger.close()
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_THEN_COUNT_FROZEN, f"sqlite:///{tmp_path / 'l.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    frozen, code = result.stdout.split()
+    assert code == "0"
+    assert int(frozen) > 2_000 * 10, result.stderr

@@ -45,7 +45,7 @@ from .domain.model import Usage, UsageEvent
 from .engine import Engine, Retention
 from .grpc.refused import RefusedCalls
 from .grpc.service import QuotaAdminService, QuotaService, register
-from .ledger import Ledger, LedgerOptions
+from .ledger import HeldLease, Ledger, LedgerOptions
 from .ledger.factory import ledger_as_shown, open_ledger
 from .metrics.prometheus import Metrics, SidecarCollector, TenantFigures
 from .outbox.delivery import WEBHOOK, EventFeed, Webhook
@@ -114,8 +114,7 @@ class Sidecar:
                 now_us=self.clock.now_us,
                 secret=settings.webhook_secret,
                 timeout=settings.webhook_timeout,
-                holder=self.holder,
-                lease_ttl=settings.lease_ttl,
+                lease=HeldLease(self.ledger, WEBHOOK, self.holder, settings.lease_ttl),
             )
             if settings.webhook_url
             else None
@@ -172,15 +171,6 @@ class Sidecar:
         except QuotaError:
             return 0, 0.0
 
-    def _hold(self, lease: str) -> bool:
-        """Takes or renews one of the ledger's leases for --lease-ttl; whether it is held."""
-        ttl = round(self.settings.lease_ttl * MICROS)
-        try:
-            return self.ledger.transact(lambda tx: tx.take_lease(lease, self.holder, ttl))
-        except QuotaError as exc:
-            log.warning("the %s lease cannot be renewed: %s", lease, exc)
-            return False
-
     def _remind(self) -> None:
         """Writes due reminders every --reminder-interval seconds until stopped, while this
         sidecar holds the ledger's `reminders` lease: one sidecar of a fleet sweeps at a
@@ -188,34 +178,25 @@ class Sidecar:
         its transactions it gives way to the calls in flight, for up to SWEEP_YIELD_S: the
         sweep is background work, and its Python work and commits otherwise stalled the
         data plane (issue 13 item 8)."""
-        renewed = 0.0
+        lease = HeldLease(self.ledger, REMINDERS, self.holder, self.settings.lease_ttl)
 
         def pause() -> bool:
-            nonlocal renewed
             if self._stopping.wait(REMINDER_PAUSE):
                 return True
             yielded = time.monotonic() + SWEEP_YIELD_S
             while self.metrics.in_flight and time.monotonic() < yielded:
                 if self._stopping.wait(SWEEP_YIELD_POLL_S):
                     return True
-            if time.monotonic() - renewed > self.settings.lease_ttl / 3:
-                if not self._hold(REMINDERS):
-                    return True
-                renewed = time.monotonic()
-            return False
+            return not lease.hold()
 
         while not self._stopping.wait(self.settings.reminder_interval):
-            if not self._hold(REMINDERS):
+            if not lease.hold():
                 continue
-            renewed = time.monotonic()
             try:
                 self.engine.send_reminders(pause)
             except QuotaError as exc:
                 log.warning("reminders not written this time: %s", exc)
-        try:
-            self.ledger.transact(lambda tx: tx.release_lease(REMINDERS, self.holder))
-        except QuotaError as exc:
-            log.warning("the reminders lease was not let go (%s); it lapses by itself", exc)
+        lease.release()
 
     def _prune(self) -> None:
         """Every --prune-interval seconds deletes what is past its retention."""

@@ -66,10 +66,9 @@ def prune(ctx: EngineContext, retention: Retention, consumers: Sequence[str]) ->
 
     def delivered(r: LedgerReader) -> int:
         following = set(consumers)
-        for name in (WEBHOOK_CONSUMER,):
-            lease = r.lease(name)
-            if lease is not None and lease.now_us - lease.expires_us < retention.events_us:
-                following.add(name)
+        lease = r.lease(WEBHOOK_CONSUMER)
+        if lease is not None and lease.now_us - lease.expires_us < retention.events_us:
+            following.add(WEBHOOK_CONSUMER)
         return min((r.event_cursor(c) for c in following), default=MAX_FIGURE)
 
     through = ctx.ledger.read(delivered)

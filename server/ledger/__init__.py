@@ -49,6 +49,7 @@ between transactions; at most it keeps answers another writer cannot make false.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -57,7 +58,7 @@ from typing import Protocol, TypeVar
 
 from prometheus_client.registry import Collector
 
-from ..domain.errors import DeadlineExceeded
+from ..domain.errors import DeadlineExceeded, QuotaError
 from ..domain.model import (
     Activation,
     AuditEntry,
@@ -89,6 +90,7 @@ class Lease:
 
 
 T = TypeVar("T")
+log = logging.getLogger("quota_sidecar.ledger")
 A = TypeVar("A")
 # Told of each commit: its seconds (0 when it failed), how many units it held, whether it succeeded.
 CommitObserver = Callable[[float, int, bool], None]
@@ -345,6 +347,46 @@ def by_deadline(work: Callable[[A], T], deadline: float | None) -> Callable[[A],
         return work(arg)
 
     return guarded
+
+
+class HeldLease:
+    """One named lease of the ledger as this sidecar holds it (`LedgerTx.take_lease`), for
+    `ttl_s` seconds at a time. `hold()` takes or renews it and says whether it is held; it
+    asks the ledger only once a third of that time has passed since the last renewal (a
+    lease renewed since has two thirds of its time left), so callers may ask before every
+    piece of work. A ledger that cannot be reached holds nothing. `release()` lets it go."""
+
+    def __init__(self, ledger: Ledger, name: str, holder: str, ttl_s: float) -> None:
+        self.ledger = ledger
+        self.name = name
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.held = False
+        self._renewed = 0.0
+
+    def hold(self) -> bool:
+        now = time.monotonic()
+        if self.held and now - self._renewed < self.ttl_s / 3:
+            return True
+        ttl_us = round(self.ttl_s * 1_000_000)
+        try:
+            held = self.ledger.transact(lambda tx: tx.take_lease(self.name, self.holder, ttl_us))
+        except QuotaError as exc:
+            log.warning("the %s lease cannot be renewed: %s", self.name, exc)
+            held = False
+        if held != self.held:
+            log.info("the %s lease is %s", self.name, "held by this sidecar" if held else "held by another sidecar")
+        self.held, self._renewed = held, now
+        return held
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            self.ledger.transact(lambda tx: tx.release_lease(self.name, self.holder))
+        except QuotaError as exc:
+            log.warning("the %s lease was not let go (%s); it lapses by itself", self.name, exc)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ a crash between the answer and that write, never lost; receivers dedupe on
 `event_id`.
 
 Several sidecars sharing a ledger may all be given the webhook: one delivers at a
-time, the holder of the ledger's `webhook` lease, which it renews before each post;
+time, the holder of the ledger's `webhook` lease, which it keeps renewed as it posts;
 the others wait and take the lease over once it lapses (the holder was killed) or is
 let go (it stopped). Delivery continues from the position kept in the ledger, so a
 takeover repeats at most the post the old holder was making, and never skips one.
@@ -37,7 +37,7 @@ from ..domain.clock import MICROS
 from ..domain.model import UsageEvent
 from ..engine.upkeep import WEBHOOK_CONSUMER
 from ..grpc.convert import usage_event_pb
-from ..ledger import Ledger, LedgerReader
+from ..ledger import HeldLease, Ledger, LedgerReader
 from ..metrics.prometheus import Metrics
 
 log = logging.getLogger("quota_sidecar.outbox")
@@ -215,8 +215,8 @@ class Webhook:
     every attempt. A failed post (no answer within `timeout`, a redirect, any other
     non-2xx) is retried with `Backoff` until it succeeds or the sidecar stops; later
     events wait behind it so the receiver sees them in order. Only while it holds the
-    ledger's `webhook` lease (as `holder`, for `lease_ttl` seconds, renewed before each
-    attempt and at least every third of that) does it post.
+    ledger's `webhook` lease (`lease`, renewed before an attempt once a third of its time
+    has passed) does it post.
     """
 
     def __init__(
@@ -230,13 +230,10 @@ class Webhook:
         secret: str | None = None,
         timeout: float = 5.0,
         backoff: Backoff | None = None,
-        holder: str = "",
-        lease_ttl: float = 15.0,
+        lease: HeldLease,
     ) -> None:
         self.ledger = ledger
-        self.holder = holder
-        self.lease_ttl = lease_ttl
-        self._holding = False
+        self.lease = lease
         self.feed = feed
         self.metrics = metrics
         self.now_us = now_us
@@ -259,23 +256,7 @@ class Webhook:
         self.poster.cancel()
         if self._thread is not None:
             self._thread.join(wait)
-        if self._holding:
-            try:
-                self.ledger.transact(lambda tx: tx.release_lease(WEBHOOK, self.holder))
-            except Exception as exc:
-                log.warning("webhook: could not let the delivery lease go (%s); it lapses by itself", exc)
-
-    def _hold(self) -> bool:
-        """Takes or renews the delivery lease; whether this sidecar may post now."""
-        try:
-            held = self.ledger.transact(lambda tx: tx.take_lease(WEBHOOK, self.holder, round(self.lease_ttl * MICROS)))
-        except Exception as exc:
-            log.warning("webhook: cannot renew the delivery lease (%s)", exc)
-            held = False
-        if held != self._holding:
-            log.info("webhook: %s", "this sidecar delivers now" if held else "another sidecar delivers; this one waits")
-        self._holding = held
-        return held
+        self.lease.release()
 
     def pending(self, now_us: int) -> tuple[int, float]:
         """Events not yet delivered, and the age in seconds of the oldest."""
@@ -286,8 +267,8 @@ class Webhook:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            if not self._hold():
-                self._stop.wait(self.lease_ttl / 3)
+            if not self.lease.hold():
+                self._stop.wait(self.lease.ttl_s / 3)
                 continue
             try:
                 seen, events = self.ledger.read(_undelivered)
@@ -297,18 +278,18 @@ class Webhook:
                 self._stop.wait(self.backoff.pause(failures))
                 continue
             if not events:
-                self.feed.wait(seen, timeout=min(5.0, self.lease_ttl / 3))
+                self.feed.wait(seen, timeout=min(5.0, self.lease.ttl_s / 3))
                 continue
             for event in events:
                 failures = self._deliver(event, failures)
-                if self._stop.is_set() or not self._holding:
+                if self._stop.is_set() or not self.lease.held:
                     break
 
     def _deliver(self, event: UsageEvent, failures: int) -> int:
         """Posts one event until it is delivered and its position written; returns
         the failures in a row left after it (0 once delivered)."""
         body = event_json(event)
-        while not self._stop.is_set() and self._hold():
+        while not self._stop.is_set() and self.lease.hold():
             try:
                 status = self.poster.post(body, self._headers(event, body), self.timeout)
                 problem = None if 200 <= status < 300 else _failure(status)

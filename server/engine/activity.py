@@ -48,6 +48,7 @@ def record_activity(ctx: EngineContext, req: ActivityRequest) -> ActivityOutcome
             req.marketing,
             req.source_type,
             req.source_id,
+            *ctx.cut_of(req.contact_ids),
         )
     )
 

@@ -27,10 +27,6 @@ from ..ledger import Ledger, LedgerReader, LedgerTx, ReadAhead
 from ..metrics.board import UsageBoard
 from .deadline import call_deadline
 
-# A CheckSendBatch or RecordActivity over more distinct contacts than this is decided
-# and committed this many at a time, so one large call never holds the single writer
-# for long.
-UNIT_CONTACTS = 500
 R = TypeVar("R")
 
 
@@ -55,22 +51,34 @@ class EngineContext:
     def transact(self, unit: Callable[[LedgerTx], R], *, weight: int = 1) -> R:
         """Runs `unit` in a ledger transaction that keeps the ledger time it decided at;
         `weight` as `Ledger.transact` takes it."""
+        return self.ledger.transact(self._timed(unit), weight=weight, deadline=call_deadline())
 
+    def _timed(self, unit: Callable[[LedgerTx], R]) -> Callable[[LedgerTx], R]:
         def timed(tx: LedgerTx) -> R:
             result = unit(tx)
             tx.note_time(self.clock.latest_us)
             return result
 
-        return self.ledger.transact(timed, weight=weight, deadline=call_deadline())
+        return timed
 
     def in_units(self, contact_ids: Sequence[str], unit: Callable[..., R]) -> list[R]:
         """Commits `unit(tx, ids=, index=)` over the call's contacts: all in one unit, or
         its distinct contacts in request order, `unit_contacts` at a time, each unit
-        committed before the next is decided; returns their answers."""
+        deciding after the ones before it (`Ledger.transact_units`); returns their answers."""
         unique = list(dict.fromkeys(contact_ids))
         size = self.unit_contacts
-        parts = [contact_ids] if len(unique) <= size else [unique[i : i + size] for i in range(0, len(unique), size)]
-        return [self.transact(partial(unit, ids=ids, index=i), weight=len(ids)) for i, ids in enumerate(parts)]
+        if len(unique) <= size:
+            return [self.transact(partial(unit, ids=contact_ids, index=0), weight=len(contact_ids))]
+        parts = [unique[i : i + size] for i in range(0, len(unique), size)]
+        units = [self._timed(partial(unit, ids=ids, index=i)) for i, ids in enumerate(parts)]
+        return self.ledger.transact_units(units, weights=[len(ids) for ids in parts], deadline=call_deadline())
+
+    def cut_of(self, contact_ids: Sequence[str]) -> tuple[int, ...]:
+        """Part of the fingerprint of a call over `contact_ids`: () when it is one unit,
+        (unit_contacts,) when `in_units` cuts it. Each unit's answer is kept by its place
+        in the cut, so a retry cut otherwise (another unit size, on another backend or
+        version) is refused as another request rather than read against other contacts."""
+        return (self.unit_contacts,) if len(set(contact_ids)) > self.unit_contacts else ()
 
     def read_ahead(self, tx: LedgerTx, tenant_id: str, contact_ids: Sequence[str], rpc: str, request_id: str) -> None:
         """Tells the ledger what a send decision will read of the tenant: the plan, the

@@ -36,7 +36,7 @@ from ..domain.model import (
 from ..ledger import Ledger
 from ..metrics.board import UsageBoard
 from . import activity, contacts, plans, reads, sends, upkeep
-from .context import UNIT_CONTACTS, EngineContext
+from .context import EngineContext
 from .requests import ActivityRequest, BatchRequest, ContactAddRequest, Retention, SendRequest
 
 
@@ -49,9 +49,10 @@ class Engine:
         clock: Clock,
         on_events: Callable[[Sequence[UsageEvent]], None] | None = None,
         *,
-        unit_contacts: int = UNIT_CONTACTS,
+        unit_contacts: int | None = None,
     ) -> None:
-        self.context = EngineContext(ledger, clock, on_events, unit_contacts)
+        """`unit_contacts`: contacts per unit of a large call; the ledger's own by default."""
+        self.context = EngineContext(ledger, clock, on_events, unit_contacts or ledger.unit_contacts)
 
     @property
     def ledger(self) -> Ledger:

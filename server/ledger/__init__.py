@@ -288,6 +288,10 @@ class LedgerTx(LedgerReader, Protocol):
 class Ledger(ABC):
     """A durable store of plans, contacts, activations, figures, results and audit."""
 
+    #: Contacts per unit of a large call (`EngineContext.in_units`): a unit holds what
+    #: the others wait for (here its tenant's lock) until it commits.
+    unit_contacts = 500
+
     @abstractmethod
     def open(self) -> None:
         """Creates or migrates the schema and makes the ledger ready for work."""
@@ -303,6 +307,16 @@ class Ledger(ABC):
         that groups units keeps heavy ones from holding light ones back. `deadline`
         (a `time.monotonic()` instant): `work` is not started at or after it, and the
         call raises DeadlineExceeded (`by_deadline`)."""
+
+    def transact_units(
+        self, units: Sequence[Callable[[LedgerTx], T]], *, weights: Sequence[int], deadline: float | None = None
+    ) -> list[T]:
+        """Runs `units` in order, each atomically, and returns their answers once every one
+        is durably committed (`transact`, with each its `weights` entry). When one fails,
+        those after it are not run and the call raises; those before it may be committed.
+        Here each unit is a transaction of its own."""
+        pairs = zip(units, weights, strict=True)
+        return [self.transact(unit, weight=weight, deadline=deadline) for unit, weight in pairs]
 
     @abstractmethod
     def read(self, work: Callable[[LedgerReader], T]) -> T:

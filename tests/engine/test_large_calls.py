@@ -194,23 +194,43 @@ def test_a_request_id_reused_for_another_large_request_is_refused_before_anythin
     assert _figures(cut) == before
 
 
-def test_a_small_call_of_another_tenant_commits_between_the_units_of_a_large_one(
-    tmp_path: Path, clock: FakeClock
-) -> None:
-    """The writer held, a RecordActivity of 2,000 contacts queues its first unit, then a CheckSend of
-    another tenant queues: the CheckSend is committed while the large call has not finished."""
+def _commits_seen(tmp_path: Path, **options: Any) -> tuple[DiskFullAt, list[tuple[int, int]]]:
+    """A ledger whose every commit is seen as (T's active contacts, OTHER's sends) after it."""
     seen: list[tuple[int, int]] = []
-    holder: list[SQLiteLedger] = []
+    holder: list[DiskFullAt] = []
 
     def observe(seconds: float, units: int, ok: bool) -> None:
-        figures = holder[0].read(lambda r: (r.counters(T, CYCLE).active_contacts, r.counters(OTHER, CYCLE).sends))
-        seen.append(figures)
+        seen.append(holder[0].read(lambda r: (r.counters(T, CYCLE).active_contacts, r.counters(OTHER, CYCLE).sends)))
 
-    ledger = _open(tmp_path / "ledger.db", on_commit=observe)
-    holder.append(ledger)
+    holder.append(_open(tmp_path / "ledger.db", on_commit=observe, **options))
+    return holder[0], seen
+
+
+def test_alone_a_large_call_in_small_units_commits_as_rarely_as_in_large_ones(tmp_path: Path, clock: FakeClock) -> None:
+    """Issue 13 item 7: on SQLite a unit is 100 contacts, and with no small call about, consecutive
+    units of a call share a transaction up to 512 contacts: RecordActivity of 2,000 contacts in 4
+    commits (20, a commit per unit, would halve what a large call does per second)."""
+    ledger, seen = _commits_seen(tmp_path, light_recent_s=0)
     try:
-        engine = Engine(ledger, clock, unit_contacts=UNIT)
-        engine.put_plan(T, plan(limit=10))
+        engine = Engine(ledger, clock)
+        assert engine.unit_contacts == SQLiteLedger.unit_contacts == 100
+        engine.put_plan(T, plan(limit=10_000))
+        seen.clear()
+        assert record(engine, _ids("c", 2000)).newly_active == 2000
+        assert [active for active, _ in seen] == [500, 1000, 1500, 2000]
+        assert_figures_equal_rows(ledger)
+    finally:
+        ledger.close()
+
+
+def test_a_small_call_queued_behind_a_large_one_waits_for_one_small_unit(tmp_path: Path, clock: FakeClock) -> None:
+    """Issue 13 item 7: the writer held, a RecordActivity of 2,000 contacts (units of 100) queues,
+    then a CheckSend of another tenant: the large call's first transaction stops after one unit,
+    and the CheckSend is committed next, after 100 of the contacts, not 500."""
+    ledger, seen = _commits_seen(tmp_path, light_recent_s=0)
+    try:
+        engine = Engine(ledger, clock)
+        engine.put_plan(T, plan(limit=10_000))
         engine.put_plan(OTHER, plan(limit=10))
         calls: list[threading.Thread] = []
         with writer_blocked(ledger):
@@ -221,8 +241,53 @@ def test_a_small_call_of_another_tenant_commits_between_the_units_of_a_large_one
         for thread in calls:
             thread.join(30)
         assert seen[-1] == (2000, 1)
-        first_with_send = next(active for active, sends in seen if sends == 1)
-        assert first_with_send < 2000
+        assert next(active for active, sends in seen if sends == 1) == 100
+    finally:
+        ledger.close()
+
+
+def test_among_small_calls_a_large_call_commits_unit_by_unit(tmp_path: Path, clock: FakeClock) -> None:
+    """Issue 13 item 7: small calls were committed in the last `light_recent_s` seconds (here a
+    minute, so that no timing decides the test), so they keep coming: a RecordActivity of 2,000
+    contacts commits each unit of 100 on its own, and the next small call waits for one at most."""
+    ledger, seen = _commits_seen(tmp_path, light_recent_s=60)
+    try:
+        engine = Engine(ledger, clock)
+        engine.put_plan(T, plan(limit=10_000))
+        engine.put_plan(OTHER, plan(limit=10))
+        send(engine, "x", CAMPAIGN, tenant=OTHER)
+        seen.clear()
+        assert record(engine, _ids("c", 2000)).newly_active == 2000
+        assert [active for active, _ in seen] == list(range(100, 2001, 100))
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("call", ["batch", "activity"])
+def test_a_retry_cut_into_other_units_is_refused_not_read_against_other_contacts(
+    tmp_path: Path, clock: FakeClock, call: str
+) -> None:
+    """SG-8, api.md request_id: each unit's answer is kept by its place in the cut. A call of 1,200
+    contacts cut into units of 500 (as before this version), retried where units are 100: the
+    retry is refused as another request (INVALID_ARGUMENT naming request_id) and counts nothing,
+    rather than reading the first unit's 500 answers against 100 contacts."""
+    ledger = _open(tmp_path / "ledger.db")
+    try:
+        before, now = Engine(ledger, clock, unit_contacts=500), Engine(ledger, clock)
+
+        def make(engine: Engine) -> Any:
+            if call == "batch":
+                return batch(engine, _ids("c", 1200), request_id="fan-out-1")
+            return record(engine, _ids("c", 1200), request_id="fan-out-1")
+
+        before.put_plan(T, plan(5000))
+        make(before)
+        figures = _figures(now)
+        with pytest.raises(InvalidArgument, match="request_id"):
+            make(now)
+        assert _figures(now) == figures
+        again = make(before)
+        assert (again.recorded if call == "activity" else again.allowed) == 1200
     finally:
         ledger.close()
 
@@ -269,7 +334,7 @@ def test_a_large_batch_answers_every_decision_in_request_order(
 @pytest.mark.parametrize("call", ["batch", "activity"])
 def test_a_large_call_with_a_request_id_is_answered_again_on_every_backend(engine: Engine, call: str) -> None:
     """SG-8, api.md request_id, issue 16 (every RPC behaves as on SQLite): a call of 1,200
-    contacts (three units, each answer kept under the request_id and the unit's index) with
+    contacts (several units, each answer kept under the request_id and the unit's index) with
     a request_id, then its retry: the same answer, nothing counted twice."""
     engine.put_plan(T, plan(5000))
 

@@ -19,14 +19,14 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from prometheus_client.registry import Collector
 
 from ...domain.errors import LedgerUnavailable
-from .. import CommitObserver, Ledger, LedgerReader, LedgerTx
+from .. import CommitObserver, Ledger, LedgerReader, LedgerTx, by_deadline
 from ..verification import Mismatch
 from .dedupe import Builds, DedupeCollector, DedupeFilters, FilterBuilder, request_latest
 from .files import LedgerFile
@@ -34,7 +34,7 @@ from .rows import Reader
 from .schema import migrate
 from .tx import Transaction
 from .verify import find_mismatches
-from .writer import Writer
+from .writer import COMMIT_WEIGHT, LIGHT_RECENT_S, Writer
 
 T = TypeVar("T")
 log = logging.getLogger("quota_sidecar.ledger")
@@ -44,7 +44,13 @@ STARTUP_TENANTS_LOGGED = 20
 
 
 class SQLiteLedger(Ledger):
-    """The embedded default ledger in one SQLite file (WAL mode)."""
+    """The embedded default ledger in one SQLite file (WAL mode).
+
+    One writer serves every tenant, so a unit of a large call is what a small call of
+    any tenant may wait for: units are small (`unit_contacts`), and consecutive units of
+    a call share a transaction while no other unit waits (`transact_units`)."""
+
+    unit_contacts = 100
 
     def __init__(
         self,
@@ -56,6 +62,7 @@ class SQLiteLedger(Ledger):
         on_commit: CommitObserver | None = None,
         on_ready: Callable[[bool], None] | None = None,
         check_interval: float = 0.5,
+        light_recent_s: float = LIGHT_RECENT_S,
     ) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
@@ -72,7 +79,12 @@ class SQLiteLedger(Ledger):
         self._failing = False
         self._builds = Builds(self.filters)
         self._writer = Writer(
-            self._builds, max_batch=max_batch, heal=self._heal, failing=self._set_failing, on_commit=on_commit
+            self._builds,
+            max_batch=max_batch,
+            heal=self._heal,
+            failing=self._set_failing,
+            on_commit=on_commit,
+            light_recent_s=light_recent_s,
         )
         self._builder = FilterBuilder(
             self._builds,
@@ -262,6 +274,32 @@ class SQLiteLedger(Ledger):
 
     def transact(self, work: Callable[[LedgerTx], T], *, weight: int = 1, deadline: float | None = None) -> T:
         return self._writer.transact(work, weight=weight, deadline=deadline)
+
+    def transact_units(
+        self, units: Sequence[Callable[[LedgerTx], T]], *, weights: Sequence[int], deadline: float | None = None
+    ) -> list[T]:
+        """Consecutive units share a transaction, weighing up to COMMIT_WEIGHT together,
+        while no other unit waits for the writer and no small call was committed in the
+        last `light_recent_s` seconds: alone, a large call commits as rarely as one cut
+        into units of COMMIT_WEIGHT would; among small calls, it commits unit by unit,
+        and a small call waits for one unit and its commit, not for a group. A unit
+        failing rolls back its group's transaction."""
+        answers: list[T] = []
+        while len(answers) < len(units):
+            first = len(answers)
+
+            def group(tx: LedgerTx, first: int = first) -> list[T]:
+                done: list[T] = []
+                weight = 0
+                for unit, unit_weight in zip(units[first:], weights[first:], strict=True):
+                    if done and (weight + unit_weight > COMMIT_WEIGHT or self._writer.light_waits):
+                        break
+                    done.append(by_deadline(unit, deadline)(tx))
+                    weight += unit_weight
+                return done
+
+            answers += self.transact(group, weight=min(sum(weights[first:]), COMMIT_WEIGHT), deadline=deadline)
+        return answers
 
     def read(self, work: Callable[[LedgerReader], T]) -> T:
         if not self._writer.open:

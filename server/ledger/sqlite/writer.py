@@ -36,9 +36,12 @@ log = logging.getLogger("quota_sidecar.ledger")
 
 # A transaction holds units of at most SMALL_UNIT, or heavier ones weighing at most
 # COMMIT_WEIGHT together (always one); the rest wait for the next transaction, light
-# ones first: one large call's unit at a time holds the writer.
+# ones first: one large call's unit at a time holds the writer. While light units keep
+# coming (one taken in the last LIGHT_RECENT_S seconds), a large call commits unit by
+# unit (SQLiteLedger.transact_units), so the next light one waits for one unit at most.
 COMMIT_WEIGHT = 512
 SMALL_UNIT = 32
+LIGHT_RECENT_S = 0.1
 
 
 class _Stop:
@@ -74,11 +77,14 @@ class Writer:
         heal: Callable[[], str | None],
         failing: FailingObserver,
         on_commit: CommitObserver | None,
+        light_recent_s: float = LIGHT_RECENT_S,
     ) -> None:
         self.max_batch = max_batch
         self.on_commit = on_commit
         self.tx: Transaction | None = None
         self.time_us = 0
+        self.light_recent_s = light_recent_s
+        self.light_at = float("-inf")
         self.open = False
         # Held by whoever commits (the writer thread or a caller leading), and by the
         # ledger's watcher while it probes or writes the file back.
@@ -133,6 +139,12 @@ class Writer:
             if not self.open:
                 return False
         return True
+
+    @property
+    def light_waits(self) -> bool:
+        """Whether a unit waits for the writer, or a light one was taken in the last
+        `light_recent_s` seconds (small calls are coming: the next may be on its way)."""
+        return bool(self.queued_units) or time.monotonic() - self.light_at < self.light_recent_s
 
     @property
     def queued_units(self) -> int:
@@ -233,6 +245,7 @@ class Writer:
         heavy units, -1 when it holds light ones, 0 when it is empty."""
         work, future, weight = unit
         if weight <= SMALL_UNIT:
+            self.light_at = time.monotonic()
             fits, after = heavy <= 0, -1
         else:
             fits, after = heavy == 0 or 0 < heavy <= COMMIT_WEIGHT - weight, max(heavy, 0) + weight

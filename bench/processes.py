@@ -183,6 +183,16 @@ class SidecarProcess:
                 return None
             time.sleep(FILTERS_POLL_S)
 
+    def wait_logged(self, text: str, timeout: float) -> bool:
+        """Whether the process's log shows `text` within `timeout` seconds (polled every FILTERS_POLL_S)."""
+        assert self.log is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(FILTERS_POLL_S)
+        return True
+
     def channel(self) -> grpc.Channel:
         assert self._channel is not None, "start() first"
         return self._channel

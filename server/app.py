@@ -24,7 +24,6 @@ import os
 import secrets
 import socket
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -59,11 +58,26 @@ log = logging.getLogger("quota_sidecar")
 BOARD_CHUNK = 100
 BOARD_PAUSE = 0.002
 REMINDER_PAUSE = 0.002
-# How long the reminder sweep waits, before each transaction, for the calls in flight to
-# end (and how often it looks): it starts the transaction then in any case, so that a
-# sidecar never idle still sends its reminders.
-SWEEP_YIELD_S = 0.05
+# Before each transaction the reminder sweep waits for a quiet moment: no call in flight
+# and none started or ended for SWEEP_QUIET_S (a caller sending calls back to back leaves
+# gaps shorter than that). It starts the transaction after SWEEP_YIELD_S in any case, so
+# that a sidecar never quiet still sends its reminders. It looks every SWEEP_YIELD_POLL_S.
+SWEEP_QUIET_S = 0.001
+SWEEP_YIELD_S = 0.2
 SWEEP_YIELD_POLL_S = 0.0005
+
+
+def give_way(metrics: Metrics, sleep: Callable[[float], bool], *, quiet_s: float, patience_s: float) -> bool:
+    """Waits, by `sleep`, until the data plane is quiet (no call in flight, none started or
+    ended in the last `quiet_s` seconds of `metrics.clock`) or `patience_s` have passed.
+    True when `sleep` says to stop (it returns True: the sidecar is stopping)."""
+    clock = metrics.clock
+    until = clock() + patience_s
+    while (metrics.in_flight or clock() - metrics.active_at < quiet_s) and clock() < until:
+        if sleep(SWEEP_YIELD_POLL_S):
+            return True
+    return False
+
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["QuotaService"].full_name,
@@ -175,18 +189,16 @@ class Sidecar:
         """Writes due reminders every --reminder-interval seconds until stopped, while this
         sidecar holds the ledger's `reminders` lease: one sidecar of a fleet sweeps at a
         time. A sweep renews the lease as it goes and stops if it lost it. Before each of
-        its transactions it gives way to the calls in flight, for up to SWEEP_YIELD_S: the
-        sweep is background work, and its Python work and commits otherwise stalled the
-        data plane (issue 13 item 8)."""
+        its transactions it waits for a quiet moment of the data plane, for up to
+        SWEEP_YIELD_S (`give_way`): the sweep is background work, and its Python work and
+        commits otherwise stalled the data plane (issue 13 item 8)."""
         lease = HeldLease(self.ledger, REMINDERS, self.holder, self.settings.lease_ttl)
 
         def pause() -> bool:
             if self._stopping.wait(REMINDER_PAUSE):
                 return True
-            yielded = time.monotonic() + SWEEP_YIELD_S
-            while self.metrics.in_flight and time.monotonic() < yielded:
-                if self._stopping.wait(SWEEP_YIELD_POLL_S):
-                    return True
+            if give_way(self.metrics, self._stopping.wait, quiet_s=SWEEP_QUIET_S, patience_s=SWEEP_YIELD_S):
+                return True
             return not lease.hold()
 
         while not self._stopping.wait(self.settings.reminder_interval):

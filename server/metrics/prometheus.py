@@ -9,6 +9,7 @@ not from the hot path.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,8 +54,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
+        self.clock = clock
         # The process's own series: process_* (resident memory, against the manifests'
         # memory limit; CPU; open files against their limit), python_info and python_gc_*.
         ProcessCollector(registry=registry)
@@ -120,8 +122,10 @@ class Metrics:
         )
         self._timers: dict[str, Any] = {}
         self._busy = threading.Lock()
-        # Handled calls under way now: background work (the reminder sweep) gives way to them.
+        # Handled calls under way now, and when one last started or ended (`clock`):
+        # background work (the reminder sweep) gives way to them (`give_way`).
         self.in_flight = 0
+        self.active_at = float("-inf")
         Gauge(
             "quota_calls_in_flight", "gRPC calls being handled now (streams excluded)", registry=registry
         ).set_function(lambda: self.in_flight)
@@ -140,10 +144,12 @@ class Metrics:
     def call_started(self) -> None:
         with self._busy:
             self.in_flight += 1
+            self.active_at = self.clock()
 
     def call_ended(self) -> None:
         with self._busy:
             self.in_flight -= 1
+            self.active_at = self.clock()
 
     def call_refused(self, method: str) -> None:
         self.refused.labels(method).inc()

@@ -13,7 +13,7 @@ import json
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -21,13 +21,16 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
+from prometheus_client import CollectorRegistry
 
 from quota_sidecar.api.v1 import quota_pb2 as pb
 from quota_sidecar.client import AsyncQuotaClient, NotFound, QuotaClient
 from quota_sidecar.client.cli import main as quotactl_main
+from quota_sidecar.server.app import SWEEP_QUIET_S, SWEEP_YIELD_POLL_S, SWEEP_YIELD_S, give_way
 from quota_sidecar.server.domain.clock import MICROS, FakeClock
 from quota_sidecar.server.domain.model import ActivityKind, Enforcement, UsageEvent, UsageEventType, UsageFigure
 from quota_sidecar.server.engine import Engine
+from quota_sidecar.server.metrics.prometheus import Metrics
 
 from support.engine import batch, plan, record, send
 from support.held import T as HELD
@@ -649,3 +652,49 @@ def test_the_async_client_watch_reads_the_backlog_and_names_errors(sidecar: Runn
 
     events = asyncio.run(read())
     assert [e.threshold for e in events] == [0.8, 1.0] and {e.tenant_id for e in events} == {"acme"}
+
+
+class _DataPlane:
+    """The real Metrics on a fake monotonic clock, which `sleep` moves on; while `busy`, one
+    call starts and ends during every sleep (a caller sending calls back to back: never in
+    flight when the sweep looks, never SWEEP_QUIET_S apart)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.busy = False
+        self.metrics = Metrics(CollectorRegistry(), clock=lambda: self.now)
+
+    def sleep(self, seconds: float) -> bool:
+        self.now += seconds
+        if self.busy:
+            self.metrics.call_started()
+            self.metrics.call_ended()
+        return False
+
+    def waited(self, sleep: Callable[[float], bool] | None = None) -> tuple[float, bool]:
+        """How long the sweep's wait before a transaction took, and whether it said to stop."""
+        start = self.now
+        stop = give_way(self.metrics, sleep or self.sleep, quiet_s=SWEEP_QUIET_S, patience_s=SWEEP_YIELD_S)
+        return self.now - start, stop
+
+
+def test_ac1_item8_the_reminder_sweep_waits_for_a_quiet_moment_of_the_data_plane() -> None:
+    """Issue 13 item 8, AC-1: before each transaction the reminder sweep waits until no call is in
+    flight and none started or ended for SWEEP_QUIET_S. Calls back to back hold it for
+    SWEEP_YIELD_S, after which it goes on (reminders are still sent); a quiet data plane costs it
+    no wait; a stopping sidecar ends the wait."""
+    plane = _DataPlane()
+    assert plane.waited() == (0.0, False)
+    plane.busy = True
+    plane.sleep(0.0)
+    waited, stop = plane.waited()
+    assert SWEEP_YIELD_S <= waited < SWEEP_YIELD_S + 2 * SWEEP_YIELD_POLL_S and not stop
+    plane.busy = False
+    plane.metrics.call_started()
+    plane.metrics.call_ended()
+    waited, stop = plane.waited()
+    assert SWEEP_QUIET_S <= waited < SWEEP_QUIET_S + 2 * SWEEP_YIELD_POLL_S and not stop
+    plane.metrics.call_started()
+    assert plane.waited()[0] >= SWEEP_YIELD_S
+    assert plane.waited(lambda seconds: True) == (0.0, True)
+    plane.metrics.call_ended()

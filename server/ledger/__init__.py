@@ -288,8 +288,8 @@ class LedgerTx(LedgerReader, Protocol):
 class Ledger(ABC):
     """A durable store of plans, contacts, activations, figures, results and audit."""
 
-    #: Contacts per unit of a large call (`EngineContext.in_units`): a unit holds what
-    #: the others wait for (here its tenant's lock) until it commits.
+    #: Contacts per unit of a large call (`EngineContext.in_units`): until a unit
+    #: commits, it holds what other calls may wait for (on PostgreSQL, its tenant's lock).
     unit_contacts = 500
 
     @abstractmethod

@@ -68,8 +68,8 @@ SWEEP_YIELD_POLL_S = 0.0005
 
 
 def give_way(metrics: Metrics, sleep: Callable[[float], bool], *, quiet_s: float, patience_s: float) -> bool:
-    """Waits, by `sleep`, until the data plane is quiet (no call in flight, none started or
-    ended in the last `quiet_s` seconds of `metrics.clock`) or `patience_s` have passed.
+    """Waits, by `sleep`, until the data plane is quiet (no call in flight, none ended in
+    the last `quiet_s` seconds of `metrics.clock`) or `patience_s` have passed.
     True when `sleep` says to stop (it returns True: the sidecar is stopping)."""
     clock = metrics.clock
     until = clock() + patience_s

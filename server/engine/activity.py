@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import cache, partial
+from functools import cache
 
 from ..domain.clock import MICROS
 from ..domain.errors import InvalidArgument
@@ -40,8 +40,7 @@ def record_activity(ctx: EngineContext, req: ActivityRequest) -> ActivityOutcome
             raise InvalidArgument("occurred_at", "is before 1970")
     kind: ActivityKind = req.kind  # type: ignore[assignment]
     fingerprint = cache(
-        partial(
-            replies.fingerprint,
+        lambda: replies.fingerprint(
             req.kind,
             list(req.contact_ids),
             req.occurred_at_us,

@@ -132,7 +132,7 @@ def check_send_batch(ctx: EngineContext, req: BatchRequest) -> BatchOutcome:
         return ctx.ledger.read(lambda r: decide(r, None, req.contact_ids))
     # Computed once, though every unit of a large call compares or stores it.
     fingerprint = cache(
-        partial(replies.fingerprint, list(req.contact_ids), req.channel, req.kind, *ctx.cut_of(req.contact_ids))
+        lambda: replies.fingerprint(list(req.contact_ids), req.channel, req.kind, *ctx.cut_of(req.contact_ids))
     )
 
     def unit(tx: LedgerTx, ids: Sequence[str], index: int) -> BatchOutcome:

@@ -26,7 +26,7 @@ own SQL dialect).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,20 @@ WITH cycles AS ({cycles})
 SELECT u.tenant_id, u.cycle_start_us, u.held_peak, u.held_end, u.marketing_peak, u.marketing_end
 FROM cycles c JOIN usage u ON u.tenant_id = c.tenant_id AND u.cycle_start_us = c.cycle_start_us
 WHERE u.held_peak < u.held_end OR u.marketing_peak < u.marketing_end
+"""
+
+# Each tenant's holdings against its contacts, given `counted` (per tenant: held,
+# marketing and pending contacts), which each dialect counts in its own way.
+HOLDINGS = """
+WITH counted AS ({counted})
+SELECT t.tenant_id, h.cycle_start_us, h.held, h.marketing, h.pending,
+       COALESCE(n.held, 0), COALESCE(n.marketing, 0), COALESCE(n.pending, 0),
+       u.tenant_id IS NOT NULL, u.held_end, u.marketing_end,
+       (SELECT MAX(cycle_start_us) FROM usage WHERE tenant_id = t.tenant_id)
+FROM (SELECT tenant_id FROM holdings UNION SELECT tenant_id FROM counted WHERE held > 0) t
+LEFT JOIN holdings h ON h.tenant_id = t.tenant_id
+LEFT JOIN counted n ON n.tenant_id = t.tenant_id
+LEFT JOIN usage u ON u.tenant_id = t.tenant_id AND u.cycle_start_us = h.cycle_start_us
 """
 
 USAGE_COLUMNS = {
@@ -80,6 +94,18 @@ class Mismatch:
             "stored": self.stored,
             "from_rows": self.from_rows,
         }
+
+
+def mismatches(
+    rows: Callable[[str], Sequence[Sequence[Any]]], counters: str, holdings: str, cycles: str
+) -> list[Mismatch]:
+    """Every stored figure that disagrees with its rows, `rows(sql)` running a dialect's
+    queries: `counters` (a template of `cycles` and HELD_SENDS), `holdings` and PEAKS."""
+    return compare(
+        rows(counters.format(cycles=cycles, held_sends=HELD_SENDS)),
+        rows(holdings),
+        rows(PEAKS.format(cycles=cycles)),
+    )
 
 
 def compare(

@@ -122,8 +122,8 @@ class Metrics:
         )
         self._timers: dict[str, Any] = {}
         self._busy = threading.Lock()
-        # Handled calls under way now, and when one last started or ended (`clock`):
-        # background work (the reminder sweep) gives way to them (`give_way`).
+        # Handled calls under way now, and when one last ended (`clock`): background work
+        # (the reminder sweep) gives way to them (`give_way`).
         self.in_flight = 0
         self.active_at = float("-inf")
         Gauge(
@@ -144,7 +144,6 @@ class Metrics:
     def call_started(self) -> None:
         with self._busy:
             self.in_flight += 1
-            self.active_at = self.clock()
 
     def call_ended(self) -> None:
         with self._busy:

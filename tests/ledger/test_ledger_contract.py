@@ -60,6 +60,15 @@ def act(contact_id: str, sends: int = 1, at: int = C1 + 1, activity: str = "CAMP
     return Activation(contact_id, at, activity, sends)
 
 
+def _race(fleet: list[Ledger], racer: Callable[[Ledger, str], None], racers: int = 16) -> None:
+    """Runs `racer(ledger, name)` in `racers` threads at once, dealt round the fleet's ledgers."""
+    threads = [threading.Thread(target=racer, args=(fleet[n % len(fleet)], f"r{n}")) for n in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     chosen: Backend = request.param
@@ -869,11 +878,7 @@ class TestSharedStore:
                     with lock:
                         admitted.append(contact)
 
-        threads = [threading.Thread(target=racer, args=(fleet[n % 2], f"r{n}")) for n in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _race(fleet, racer)
         rows = fleet[0].read(lambda r: r.active_contacts(T, C1, "", 1000))
         assert (len(admitted), len(rows)) == (limit, limit)
         assert sorted(a.contact_id for a in rows) == sorted(admitted)
@@ -904,11 +909,7 @@ class TestSharedStore:
             if lg.transact(lambda tx: tx.take_lease("sweep", name, 60_000_000)):
                 won.append(name)
 
-        threads = [threading.Thread(target=racer, args=(fleet[n % 2], f"r{n}")) for n in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _race(fleet, racer)
         (winner,) = won
         lease = first.read(lambda r: r.lease("sweep"))
         assert lease is not None and lease.holder == winner

@@ -28,18 +28,18 @@ print(code, sys.getswitchinterval())
 """
 
 
+def _run(script: str, ledger: str, *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`script` in a Python process of its own, given the ledger as its argument; it must exit 0."""
+    return subprocess.run(
+        [sys.executable, "-c", script, ledger], capture_output=True, text=True, timeout=timeout, check=True
+    )
+
+
 def test_serve_shortens_the_interpreter_switch_interval_of_its_process(tmp_path: Path) -> None:
     """Issue 13 item 7: the real `serve` entry point, in a process of its own, leaves the
     switch interval at SWITCH_INTERVAL_S (a start refused for a bad setting still ran it)."""
     assert sys.getswitchinterval() > SWITCH_INTERVAL_S
-    result = subprocess.run(
-        [sys.executable, "-c", SERVE_THEN_REPORT, str(tmp_path / "l.db")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    code, interval = result.stdout.split()
+    code, interval = _run(SERVE_THEN_REPORT, str(tmp_path / "l.db"), timeout=60).stdout.split()
     assert code == "2"
     assert float(interval) == SWITCH_INTERVAL_S
 
@@ -74,13 +74,7 @@ def test_serve_keeps_what_it_loaded_at_start_out_of_the_collectors_full_passes(t
         engine.put_plan(f"t{n}", PlanInput(preset="active-cycle-hard", contact_limit=10))
         engine.check_send(SendRequest(f"t{n}", "c", Channel.EMAIL, MessageKind.CAMPAIGN))
     ledger.close()
-    result = subprocess.run(
-        [sys.executable, "-c", SERVE_THEN_COUNT_FROZEN, f"sqlite:///{tmp_path / 'l.db'}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = _run(SERVE_THEN_COUNT_FROZEN, f"sqlite:///{tmp_path / 'l.db'}", timeout=120)
     frozen, code = result.stdout.split()
     assert code == "0"
     assert int(frozen) > 2_000 * 10, result.stderr

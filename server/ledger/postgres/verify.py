@@ -13,7 +13,7 @@ from __future__ import annotations
 import psycopg
 import psycopg.errors
 
-from ..verification import HELD_SENDS, PEAKS, Mismatch, Report, VerifyError, compare, repairs
+from ..verification import HELD_SENDS, HOLDINGS, Mismatch, Report, VerifyError, mismatches, repairs
 from .schema import SCHEMA_VERSION
 
 _CURRENT = (
@@ -47,31 +47,20 @@ LEFT JOIN counted n ON n.tenant_id = c.tenant_id AND n.cycle_start_us = c.cycle_
 LEFT JOIN audited d ON d.tenant_id = c.tenant_id AND d.cycle_start_us = c.cycle_start_us
 """
 
-_HOLDINGS = """
-WITH counted AS (
+_HOLDINGS = HOLDINGS.format(
+    counted="""
     SELECT tenant_id, COUNT(*) FILTER (WHERE held) AS held, COUNT(*) FILTER (WHERE held AND marketing) AS marketing,
            COUNT(*) FILTER (WHERE held AND marketing AND marketing_until_next_update) AS pending
     FROM contacts GROUP BY tenant_id
-)
-SELECT t.tenant_id, h.cycle_start_us, h.held, h.marketing, h.pending,
-       COALESCE(n.held, 0), COALESCE(n.marketing, 0), COALESCE(n.pending, 0),
-       u.tenant_id IS NOT NULL, u.held_end, u.marketing_end,
-       (SELECT MAX(cycle_start_us) FROM usage WHERE tenant_id = t.tenant_id)
-FROM (SELECT tenant_id FROM holdings UNION SELECT tenant_id FROM counted WHERE held > 0) t
-LEFT JOIN holdings h ON h.tenant_id = t.tenant_id
-LEFT JOIN counted n ON n.tenant_id = t.tenant_id
-LEFT JOIN usage u ON u.tenant_id = t.tenant_id AND u.cycle_start_us = h.cycle_start_us
 """
+)
 
 
 def find_mismatches(conn: psycopg.Connection, *, every_cycle: bool) -> list[Mismatch]:
     """Every stored figure that disagrees with its rows: of each tenant's latest cycle
     and its holdings, or (`every_cycle`) of every cycle the ledger holds."""
-    cycles = _EVERY if every_cycle else _CURRENT
-    return compare(
-        conn.execute(_COUNTERS.format(cycles=cycles, held_sends=HELD_SENDS)).fetchall(),
-        conn.execute(_HOLDINGS).fetchall(),
-        conn.execute(PEAKS.format(cycles=cycles)).fetchall(),
+    return mismatches(
+        lambda sql: conn.execute(sql).fetchall(), _COUNTERS, _HOLDINGS, _EVERY if every_cycle else _CURRENT
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..verification import HELD_SENDS, PEAKS, Mismatch, Report, VerifyError, compare, repairs
+from ..verification import HELD_SENDS, HOLDINGS, Mismatch, Report, VerifyError, mismatches, repairs
 
 _CURRENT = (
     "SELECT tenant_id, MAX(cycle_start_us) AS cycle_start_us FROM"
@@ -48,31 +48,20 @@ LEFT JOIN counted n ON n.cycle_key = k.cycle_key
 LEFT JOIN audited d ON d.tenant_id = c.tenant_id AND d.cycle_start_us = c.cycle_start_us
 """
 
-_HOLDINGS = """
-WITH counted AS (
+_HOLDINGS = HOLDINGS.format(
+    counted="""
     SELECT tenant_id, SUM(held) AS held, SUM(held * marketing) AS marketing,
            SUM(held * marketing * marketing_until_next_update) AS pending
     FROM contacts GROUP BY tenant_id
-)
-SELECT t.tenant_id, h.cycle_start_us, h.held, h.marketing, h.pending,
-       COALESCE(n.held, 0), COALESCE(n.marketing, 0), COALESCE(n.pending, 0),
-       u.tenant_id IS NOT NULL, u.held_end, u.marketing_end,
-       (SELECT MAX(cycle_start_us) FROM usage WHERE tenant_id = t.tenant_id)
-FROM (SELECT tenant_id FROM holdings UNION SELECT tenant_id FROM counted WHERE held > 0) t
-LEFT JOIN holdings h ON h.tenant_id = t.tenant_id
-LEFT JOIN counted n ON n.tenant_id = t.tenant_id
-LEFT JOIN usage u ON u.tenant_id = t.tenant_id AND u.cycle_start_us = h.cycle_start_us
 """
+)
 
 
 def find_mismatches(conn: sqlite3.Connection, *, every_cycle: bool) -> list[Mismatch]:
     """Every stored figure that disagrees with its rows: of each tenant's latest cycle
     and its holdings, or (`every_cycle`) of every cycle the ledger holds."""
-    cycles = _EVERY if every_cycle else _CURRENT
-    return compare(
-        conn.execute(_COUNTERS.format(cycles=cycles, held_sends=HELD_SENDS)).fetchall(),
-        conn.execute(_HOLDINGS).fetchall(),
-        conn.execute(PEAKS.format(cycles=cycles)).fetchall(),
+    return mismatches(
+        lambda sql: conn.execute(sql).fetchall(), _COUNTERS, _HOLDINGS, _EVERY if every_cycle else _CURRENT
     )
 
 
